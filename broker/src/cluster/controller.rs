@@ -1,0 +1,113 @@
+//! The controller: shard 0 alone changes cluster metadata. It validates a change against the
+//! current image, persists the new image (fsync + rename) before anyone sees it, then sends it
+//! to every shard and waits until each has opened or deleted its partitions. Only then does the
+//! request that asked for the change get its answer, so a client that created a topic can
+//! produce to it at once.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures::channel::oneshot;
+
+use super::metadata::{self, Image, TopicError, TopicMeta};
+use crate::config::{PARTITIONS_PER_BROKER_MAX, PARTITIONS_PER_TOPIC_MAX};
+use crate::shard::{ControlOp, ControlReply, Shard, ShardMsg};
+use crate::storage::log::blocking;
+
+pub const CONTROLLER_SHARD: usize = 0;
+
+pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
+    assert_eq!(s.id, CONTROLLER_SHARD, "metadata changes run on the controller shard");
+    let _permit = s.control_lock.acquire_permit(1).await;
+    let mut image: Image = (*s.image()).clone();
+    let mut changed = false;
+    let results: ControlReply = match op {
+        ControlOp::CreateTopics(topics, validate_only) => topics
+            .into_iter()
+            .map(|t| {
+                let (partitions, rf) = metadata::check_new_topic(&image, &s.config, &t)?;
+                if !validate_only {
+                    let parts = metadata::assign_shards(&mut image, partitions as usize, s.count);
+                    image.topics.insert(
+                        t.name.clone(),
+                        TopicMeta { id: uuid::Uuid::new_v4(), partitions: parts, configs: t.configs, internal: false },
+                    );
+                    changed = true;
+                }
+                Ok((partitions, rf))
+            })
+            .collect(),
+        ControlOp::DeleteTopics(names) => names
+            .into_iter()
+            .map(|n| match image.topics.remove(&n) {
+                Some(t) => {
+                    changed = true;
+                    Ok((t.partitions.len() as i32, 1))
+                }
+                None => Err(TopicError::Unknown),
+            })
+            .collect(),
+        ControlOp::CreatePartitions(list, validate_only) => list
+            .into_iter()
+            .map(|(name, count)| {
+                let current = image.topics.get(&name).ok_or(TopicError::Unknown)?.partitions.len() as i32;
+                if count < current {
+                    return Err(TopicError::InvalidPartitions(format!(
+                        "Topic currently has {current} partitions, which is higher than the requested {count}."
+                    )));
+                }
+                if count == current {
+                    return Err(TopicError::InvalidPartitions(format!("Topic already has {current} partitions.")));
+                }
+                if count > PARTITIONS_PER_TOPIC_MAX || image.partition_count() + (count - current) as usize > PARTITIONS_PER_BROKER_MAX {
+                    return Err(TopicError::InvalidPartitions(format!(
+                        "{count} partitions exceed Weir's limits ({PARTITIONS_PER_TOPIC_MAX} per topic, {PARTITIONS_PER_BROKER_MAX} per broker)."
+                    )));
+                }
+                if !validate_only {
+                    let parts = metadata::assign_shards(&mut image, (count - current) as usize, s.count);
+                    image.topics.get_mut(&name).expect("checked above").partitions.extend(parts);
+                    changed = true;
+                }
+                Ok((count, 1))
+            })
+            .collect(),
+    };
+    if !changed {
+        return results;
+    }
+    image.version += 1;
+    let image = Arc::new(image);
+    let (dir, to_store) = (s.config.data_dir.clone(), image.clone());
+    if let Err(e) = blocking(move || metadata::store(&dir, &to_store)).await {
+        tracing::error!("persisting metadata failed: {e:#}");
+        let msg = format!("The broker could not persist metadata: {e}");
+        return results.into_iter().map(|r| r.and(Err(TopicError::InvalidRequest(msg.clone())))).collect();
+    }
+    broadcast(s, image).await;
+    results
+}
+
+/// Sends a new image to every shard and waits for each to apply it.
+pub async fn broadcast(s: &Rc<Shard>, image: Arc<Image>) {
+    let mut replies = Vec::with_capacity(s.count);
+    for target in 0..s.count {
+        let (tx, rx) = oneshot::channel();
+        s.send(target, ShardMsg::Apply { image: image.clone(), reply: tx }).await;
+        replies.push((target, rx));
+    }
+    for (target, rx) in replies {
+        match rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(shard = target, "applying metadata failed: {e}"),
+            Err(_) => tracing::warn!(shard = target, "shard did not answer a metadata change (shutting down?)"),
+        }
+    }
+}
+
+/// Asks the controller for a change, from any shard.
+pub async fn request(s: &Rc<Shard>, op: ControlOp) -> Option<ControlReply> {
+    let (tx, rx) = oneshot::channel();
+    s.send(CONTROLLER_SHARD, ShardMsg::Control { op, reply: tx }).await;
+    rx.await.ok()
+}

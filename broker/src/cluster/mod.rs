@@ -1,0 +1,4 @@
+//! The cluster: metadata image, shard table and the controller.
+
+pub mod controller;
+pub mod metadata;

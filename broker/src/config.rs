@@ -1,0 +1,331 @@
+//! Broker configuration: command-line flags plus the subset of Kafka's `server.properties`
+//! keys that apply to Weir. Everything here is plain data, shared read-only by every shard.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+/// Hard ceilings that no configuration may exceed. They bound memory per request.
+pub const SOCKET_REQUEST_BYTES_CEILING: usize = 1 << 30;
+pub const MESSAGE_BYTES_CEILING: usize = 256 << 20;
+/// Upper bound on partitions in one topic and on the whole broker, so one CreateTopics
+/// cannot ask for unbounded files and memory.
+pub const PARTITIONS_PER_TOPIC_MAX: i32 = 10_000;
+pub const PARTITIONS_PER_BROKER_MAX: usize = 50_000;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// host:port announced to clients in Metadata.
+    pub advertised_host: String,
+    pub advertised_port: i32,
+    pub data_dir: PathBuf,
+    pub shards: usize,
+    pub node_id: i32,
+    /// Bytes of recent record batches each shard keeps in memory.
+    pub cache_bytes: usize,
+    pub num_partitions: i32,
+    pub default_replication_factor: i16,
+    pub auto_create_topics: bool,
+    pub log: LogConfig,
+    pub socket_request_bytes_max: usize,
+    /// Interval of the retention check, Kafka's log.retention.check.interval.ms.
+    pub retention_check_interval_ms: u64,
+    /// Connections accepted per shard before new ones are refused.
+    pub connections_per_shard_max: usize,
+}
+
+/// Per-log settings. Topic-level configs override these field by field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    pub segment_bytes: u64,
+    pub roll_ms: u64,
+    /// -1: keep forever.
+    pub retention_ms: i64,
+    /// -1: no size limit.
+    pub retention_bytes: i64,
+    pub index_interval_bytes: u32,
+    pub message_bytes_max: usize,
+    pub log_append_time: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            segment_bytes: 1 << 30,
+            roll_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            index_interval_bytes: 4096,
+            message_bytes_max: 1_048_588,
+            log_append_time: false,
+        }
+    }
+}
+
+/// Topic config keys Weir understands, with how each maps onto [`LogConfig`].
+pub const TOPIC_CONFIG_KEYS: &[&str] = &[
+    "cleanup.policy",
+    "retention.ms",
+    "retention.bytes",
+    "segment.bytes",
+    "segment.ms",
+    "segment.index.bytes",
+    "index.interval.bytes",
+    "max.message.bytes",
+    "message.timestamp.type",
+    "min.insync.replicas",
+    "compression.type",
+];
+
+impl LogConfig {
+    /// Applies topic-level overrides. Returns an error naming the first bad key or value.
+    pub fn with_topic_overrides(&self, overrides: &BTreeMap<String, String>) -> Result<LogConfig> {
+        let mut c = self.clone();
+        for (k, v) in overrides {
+            c.apply_topic_key(k, v)?;
+        }
+        Ok(c)
+    }
+
+    fn apply_topic_key(&mut self, key: &str, value: &str) -> Result<()> {
+        match key {
+            "retention.ms" => self.retention_ms = parse_i64_min(value, -1)?,
+            "retention.bytes" => self.retention_bytes = parse_i64_min(value, -1)?,
+            "segment.bytes" => self.segment_bytes = parse_segment_bytes(value)?,
+            "segment.ms" => self.roll_ms = parse_i64_min(value, 1)? as u64,
+            "index.interval.bytes" => self.index_interval_bytes = parse_index_interval(value)?,
+            "max.message.bytes" => self.message_bytes_max = parse_message_bytes(value)?,
+            "message.timestamp.type" => {
+                self.log_append_time = match value {
+                    "CreateTime" => false,
+                    "LogAppendTime" => true,
+                    _ => bail!("message.timestamp.type must be CreateTime or LogAppendTime"),
+                }
+            }
+            "cleanup.policy" => {
+                if value != "delete" {
+                    bail!("cleanup.policy={value} is not supported: Weir only deletes whole segments (cleanup.policy=delete)");
+                }
+            }
+            "compression.type" => {
+                if value != "producer" {
+                    bail!("compression.type={value} is not supported: Weir stores batches as the producer compressed them (compression.type=producer)");
+                }
+            }
+            "min.insync.replicas" => {
+                parse_i64_min(value, 1)?;
+            }
+            "segment.index.bytes" => {
+                parse_i64_min(value, 4096)?;
+            }
+            _ => bail!("unknown topic config {key}"),
+        }
+        Ok(())
+    }
+
+    /// The effective value of a topic config key, as DescribeConfigs reports it.
+    pub fn describe(&self, key: &str) -> Option<String> {
+        Some(match key {
+            "cleanup.policy" => "delete".into(),
+            "retention.ms" => self.retention_ms.to_string(),
+            "retention.bytes" => self.retention_bytes.to_string(),
+            "segment.bytes" => self.segment_bytes.to_string(),
+            "segment.ms" => self.roll_ms.to_string(),
+            "segment.index.bytes" => "10485760".into(),
+            "index.interval.bytes" => self.index_interval_bytes.to_string(),
+            "max.message.bytes" => self.message_bytes_max.to_string(),
+            "message.timestamp.type" => {
+                if self.log_append_time { "LogAppendTime" } else { "CreateTime" }.into()
+            }
+            "min.insync.replicas" => "1".into(),
+            "compression.type" => "producer".into(),
+            _ => return None,
+        })
+    }
+}
+
+fn parse_i64_min(v: &str, min: i64) -> Result<i64> {
+    let n: i64 = v.trim().parse().with_context(|| format!("{v:?} is not an integer"))?;
+    if n < min {
+        bail!("{n} is below the minimum {min}");
+    }
+    Ok(n)
+}
+
+fn parse_segment_bytes(v: &str) -> Result<u64> {
+    let n = parse_i64_min(v, 14)?;
+    if n > i32::MAX as i64 {
+        bail!("segment bytes {n} exceeds {}", i32::MAX);
+    }
+    Ok(n as u64)
+}
+
+fn parse_index_interval(v: &str) -> Result<u32> {
+    let n = parse_i64_min(v, 0)?;
+    Ok(n.min(i32::MAX as i64) as u32)
+}
+
+fn parse_message_bytes(v: &str) -> Result<usize> {
+    let n = parse_i64_min(v, 0)? as usize;
+    if n > MESSAGE_BYTES_CEILING {
+        bail!("max message bytes {n} exceeds Weir's ceiling {MESSAGE_BYTES_CEILING}");
+    }
+    Ok(n)
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, shards: usize) -> Config {
+        Config {
+            listen,
+            advertised_host: listen.ip().to_string(),
+            advertised_port: listen.port() as i32,
+            data_dir,
+            shards,
+            node_id: 0,
+            cache_bytes: 256 << 20,
+            num_partitions: 1,
+            default_replication_factor: 1,
+            auto_create_topics: true,
+            log: LogConfig::default(),
+            socket_request_bytes_max: 104_857_600,
+            retention_check_interval_ms: 300_000,
+            connections_per_shard_max: 10_000,
+        }
+    }
+
+    /// Applies a Kafka server.properties file. Unknown keys are logged and ignored, as Kafka
+    /// does; a known key with a bad value is an error.
+    pub fn apply_properties(&mut self, text: &str) -> Result<()> {
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once(['=', ':']) else {
+                bail!("line {}: expected key=value", n + 1);
+            };
+            let (k, v) = (k.trim(), v.trim());
+            self.apply_property(k, v).with_context(|| format!("line {}: {k}", n + 1))?;
+        }
+        Ok(())
+    }
+
+    pub fn apply_property(&mut self, k: &str, v: &str) -> Result<()> {
+        match k {
+            "num.partitions" => {
+                self.num_partitions = parse_i64_min(v, 1)?.min(PARTITIONS_PER_TOPIC_MAX as i64) as i32
+            }
+            "default.replication.factor" => {
+                self.default_replication_factor = parse_i64_min(v, 1)?.min(i16::MAX as i64) as i16
+            }
+            "auto.create.topics.enable" => self.auto_create_topics = parse_bool(v)?,
+            "log.segment.bytes" => self.log.segment_bytes = parse_segment_bytes(v)?,
+            "log.roll.ms" => self.log.roll_ms = parse_i64_min(v, 1)? as u64,
+            "log.roll.hours" => self.log.roll_ms = parse_i64_min(v, 1)? as u64 * 3_600_000,
+            "log.retention.ms" => self.log.retention_ms = parse_i64_min(v, -1)?,
+            "log.retention.minutes" => self.log.retention_ms = parse_i64_min(v, -1)?.saturating_mul(60_000),
+            "log.retention.hours" => self.log.retention_ms = parse_i64_min(v, -1)?.saturating_mul(3_600_000),
+            "log.retention.bytes" => self.log.retention_bytes = parse_i64_min(v, -1)?,
+            "log.retention.check.interval.ms" => {
+                self.retention_check_interval_ms = parse_i64_min(v, 1)? as u64
+            }
+            "log.index.interval.bytes" => self.log.index_interval_bytes = parse_index_interval(v)?,
+            "log.message.timestamp.type" => {
+                self.log.apply_topic_key("message.timestamp.type", v)?
+            }
+            "socket.request.max.bytes" => {
+                let n = parse_i64_min(v, 1024)? as usize;
+                if n > SOCKET_REQUEST_BYTES_CEILING {
+                    bail!("{n} exceeds Weir's ceiling {SOCKET_REQUEST_BYTES_CEILING}");
+                }
+                self.socket_request_bytes_max = n;
+            }
+            "message.max.bytes" => self.log.message_bytes_max = parse_message_bytes(v)?,
+            "node.id" | "broker.id" => self.node_id = parse_i64_min(v, 0)?.min(i32::MAX as i64) as i32,
+            "log.dirs" | "log.dir" => {
+                self.data_dir = PathBuf::from(v.split(',').next().unwrap_or(v).trim())
+            }
+            "max.connections" => self.connections_per_shard_max = parse_i64_min(v, 1)? as usize,
+            "listeners" | "advertised.listeners" => {
+                let (host, port) = parse_listener(v)?;
+                if k == "listeners" {
+                    self.listen = format!("{host}:{port}")
+                        .parse()
+                        .with_context(|| format!("listener {v} is not an ip:port"))?;
+                }
+                self.advertised_host = host;
+                self.advertised_port = port;
+            }
+            _ => tracing::warn!(key = k, "ignoring server.properties key Weir does not use"),
+        }
+        Ok(())
+    }
+}
+
+fn parse_bool(v: &str) -> Result<bool> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => bail!("expected true or false, got {v:?}"),
+    }
+}
+
+/// Parses `PLAINTEXT://host:port` or `host:port`.
+pub fn parse_listener(v: &str) -> Result<(String, i32)> {
+    let v = v.split(',').next().unwrap_or(v).trim();
+    let v = v.rsplit_once("://").map(|(_, rest)| rest).unwrap_or(v);
+    let (host, port) = v.rsplit_once(':').context("listener needs host:port")?;
+    let port: u16 = port.parse().with_context(|| format!("bad port in {v}"))?;
+    let host = if host.is_empty() { "127.0.0.1" } else { host };
+    Ok((host.trim_matches(['[', ']']).to_string(), port as i32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::new("127.0.0.1:9092".parse().unwrap(), "d".into(), 1)
+    }
+
+    #[test]
+    fn properties_apply_known_keys_and_reject_bad_values() {
+        let mut c = cfg();
+        c.apply_properties(
+            "# comment\nnum.partitions=6\nlog.segment.bytes = 1048576\nauto.create.topics.enable=false\nsocket.request.max.bytes=2000\nsome.unknown=1\n",
+        )
+        .unwrap();
+        assert_eq!(c.num_partitions, 6);
+        assert_eq!(c.log.segment_bytes, 1 << 20);
+        assert!(!c.auto_create_topics);
+        assert_eq!(c.socket_request_bytes_max, 2000);
+        assert!(c.apply_properties("num.partitions=zero").is_err());
+        assert!(c.apply_properties("message.max.bytes=999999999999").is_err());
+    }
+
+    #[test]
+    fn topic_overrides() {
+        let base = LogConfig::default();
+        let mut o = BTreeMap::new();
+        o.insert("retention.ms".to_string(), "1000".to_string());
+        o.insert("message.timestamp.type".to_string(), "LogAppendTime".to_string());
+        let c = base.with_topic_overrides(&o).unwrap();
+        assert_eq!(c.retention_ms, 1000);
+        assert!(c.log_append_time);
+        o.insert("cleanup.policy".to_string(), "compact".to_string());
+        assert!(base.with_topic_overrides(&o).is_err());
+        let mut bad = BTreeMap::new();
+        bad.insert("no.such.key".to_string(), "1".to_string());
+        assert!(base.with_topic_overrides(&bad).is_err());
+    }
+
+    #[test]
+    fn listeners() {
+        assert_eq!(parse_listener("PLAINTEXT://localhost:9093").unwrap(), ("localhost".into(), 9093));
+        assert_eq!(parse_listener("10.0.0.1:1").unwrap(), ("10.0.0.1".into(), 1));
+        assert!(parse_listener("nohost").is_err());
+    }
+}

@@ -1,0 +1,56 @@
+//! Kafka API handlers. Each request runs in two stages:
+//!
+//! 1. `dispatch` does the work that must happen in request order on a connection (decoding,
+//!    routing, appending) and returns;
+//! 2. the returned `Pending` future finishes the response (for acks=all produce: waiting for
+//!    the group-commit fsync) while the connection already reads its next request.
+//!
+//! Responses are written in request order by the connection's writer.
+
+pub mod admin;
+pub mod errors;
+pub mod fetch;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+
+use bytes::Bytes;
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
+use kafka_protocol::messages::ApiKey;
+use kafka_protocol::protocol::Encodable;
+
+use crate::protocol::{encode_response, OutBuf, RequestFrame};
+
+/// A response frame as buffers, or None (acks=0 produce has no response).
+pub type Response = Option<Vec<Bytes>>;
+pub type Pending = LocalBoxFuture<'static, Response>;
+
+/// Stage one of a request. Err: the request is malformed; close the connection.
+pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
+    let ready = |r: Result<Response, String>| r.map(|resp| futures::future::ready(resp).boxed_local());
+    match frame.api_key {
+        ApiKey::Produce => produce::handle(frame).await,
+        ApiKey::Fetch => ready(fetch::handle(frame).await),
+        ApiKey::ListOffsets => ready(list_offsets::handle(frame).await),
+        ApiKey::Metadata => ready(metadata::handle_metadata(frame).await),
+        ApiKey::ApiVersions => ready(metadata::handle_api_versions(frame)),
+        ApiKey::DescribeCluster => ready(metadata::handle_describe_cluster(frame)),
+        ApiKey::CreateTopics => ready(admin::handle_create_topics(frame).await),
+        ApiKey::DeleteTopics => ready(admin::handle_delete_topics(frame).await),
+        ApiKey::CreatePartitions => ready(admin::handle_create_partitions(frame).await),
+        ApiKey::DescribeConfigs => ready(admin::handle_describe_configs(frame)),
+        other => Err(format!("API {other:?} is not supported")),
+    }
+}
+
+/// Encodes `body` as the response to `frame`.
+pub fn respond<T: Encodable>(frame: &RequestFrame, out: OutBuf, body: &T) -> Result<Response, String> {
+    encode_response(out, frame.api_key, frame.api_version, frame.header.correlation_id, body)
+        .map(Some)
+        .map_err(|e| format!("encoding {:?} v{} response: {e:#}", frame.api_key, frame.api_version))
+}
+
+pub fn decode<T: kafka_protocol::protocol::Decodable>(frame: &RequestFrame) -> Result<T, String> {
+    crate::protocol::decode_body(frame).map_err(|e| format!("{e:#}"))
+}

@@ -1,0 +1,182 @@
+//! Produce v3-9. Batches are validated on the shard that read the request (CRC32C and header
+//! checks, no record decoding), grouped by owner shard, and appended there in one message per
+//! shard. acks=all answers after the owner's group-commit fdatasync.
+
+use std::collections::BTreeMap;
+
+use futures::channel::oneshot;
+use futures::FutureExt;
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::protocol::StrBytes;
+
+use super::errors::*;
+use super::{decode, respond, Pending};
+use crate::cluster::controller;
+use crate::cluster::metadata::{self, NewTopic};
+use crate::protocol::{OutBuf, RequestFrame};
+use crate::shard::{shard, ControlOp, ProduceItem, ShardMsg};
+use crate::storage::batch::{self, BatchError};
+
+fn partition_error(index: i32, code: i16, message: Option<String>, version: i16) -> PartitionProduceResponse {
+    PartitionProduceResponse::default()
+        .with_index(index)
+        .with_error_code(code)
+        .with_base_offset(-1)
+        .with_log_append_time_ms(-1)
+        .with_log_start_offset(-1)
+        .with_error_message(message.filter(|_| version >= 8).map(StrBytes::from_string))
+}
+
+/// Creates the topics a request names that do not exist yet, when auto-creation is on.
+pub async fn auto_create(names: Vec<String>) {
+    let s = shard();
+    if !s.config.auto_create_topics || names.is_empty() {
+        return;
+    }
+    let topics = names
+        .into_iter()
+        .filter(|n| metadata::validate_topic_name(n).is_ok())
+        .map(|name| NewTopic { name, num_partitions: -1, replication_factor: -1, configs: BTreeMap::new(), has_assignments: false })
+        .collect::<Vec<_>>();
+    if topics.is_empty() {
+        return;
+    }
+    if let Some(results) = controller::request(&s, ControlOp::CreateTopics(topics, false)).await {
+        for r in results {
+            if let Err(e) = r {
+                if e != metadata::TopicError::AlreadyExists {
+                    tracing::warn!("auto-creating a topic failed: {}", e.message());
+                }
+            }
+        }
+    }
+}
+
+pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
+    let req: ProduceRequest = decode(&frame)?;
+    let s = shard();
+    let acks = req.acks;
+
+    let mut image = s.image();
+    let missing: Vec<String> = req
+        .topic_data
+        .iter()
+        .map(|t| t.name.0.to_string())
+        .filter(|n| !image.topics.contains_key(n))
+        .collect();
+    if !missing.is_empty() {
+        auto_create(missing).await;
+        image = s.image();
+    }
+
+    // results[t][p], filled in request order.
+    let mut results: Vec<Vec<PartitionProduceResponse>> = Vec::with_capacity(req.topic_data.len());
+    let mut per_shard: BTreeMap<usize, (Vec<ProduceItem>, Vec<(usize, usize)>)> = BTreeMap::new();
+    for (ti, t) in req.topic_data.iter().enumerate() {
+        let name = t.name.0.to_string();
+        let log_cfg = image.log_config(&s.config.log, &name);
+        let mut row = Vec::with_capacity(t.partition_data.len());
+        for (pi, p) in t.partition_data.iter().enumerate() {
+            if !matches!(acks, -1..=1) {
+                row.push(partition_error(p.index, INVALID_REQUIRED_ACKS, None, frame.api_version));
+                continue;
+            }
+            let Some(owner) = image.owner(&name, p.index) else {
+                row.push(partition_error(p.index, UNKNOWN_TOPIC_OR_PARTITION, None, frame.api_version));
+                continue;
+            };
+            let Some(records) = p.records.clone() else {
+                row.push(partition_error(p.index, CORRUPT_MESSAGE, Some("no records".into()), frame.api_version));
+                continue;
+            };
+            let infos = match batch::validate_produce(&records, log_cfg.message_bytes_max) {
+                Ok(i) => i,
+                Err(e) => {
+                    let (code, msg) = match e {
+                        BatchError::Corrupt(m) => (CORRUPT_MESSAGE, m.to_string()),
+                        BatchError::OldMagic(m) => (UNSUPPORTED_FOR_MESSAGE_FORMAT, format!("magic {m} is not supported; use magic 2")),
+                        BatchError::TooLarge { bytes, max } => (MESSAGE_TOO_LARGE, format!("batch of {bytes} bytes exceeds max.message.bytes {max}")),
+                        BatchError::Invalid(m) => (INVALID_RECORD, m.to_string()),
+                    };
+                    tracing::debug!(topic = %name, partition = p.index, "refused batch: {msg}");
+                    row.push(partition_error(p.index, code, Some(msg), frame.api_version));
+                    continue;
+                }
+            };
+            row.push(partition_error(p.index, REQUEST_TIMED_OUT, None, frame.api_version));
+            let entry = per_shard.entry(owner as usize).or_default();
+            entry.0.push(ProduceItem { topic: name.clone(), partition: p.index, records, infos });
+            entry.1.push((ti, pi));
+        }
+        results.push(row);
+    }
+
+    // Stage one: every owner appends (in memory) before the next request on this connection.
+    let mut replies = Vec::with_capacity(per_shard.len());
+    for (target, (items, slots)) in per_shard {
+        let (tx, rx) = oneshot::channel();
+        s.send(target, ShardMsg::Produce { acks, items, reply: tx }).await;
+        replies.push((rx, slots));
+    }
+    let mut durable = Vec::new();
+    for (rx, slots) in replies {
+        match rx.await {
+            Ok(reply) => {
+                for (r, &(ti, pi)) in reply.results.iter().zip(&slots) {
+                    let slot = &mut results[ti][pi];
+                    slot.error_code = r.error;
+                    slot.base_offset = r.base_offset;
+                    slot.log_append_time_ms = r.log_append_time_ms;
+                    if frame.api_version >= 5 {
+                        slot.log_start_offset = r.log_start_offset;
+                    }
+                }
+                if let Some(d) = reply.durable {
+                    durable.push((d, slots));
+                }
+            }
+            Err(_) => {
+                for &(ti, pi) in &slots {
+                    results[ti][pi].error_code = NOT_LEADER_OR_FOLLOWER;
+                }
+            }
+        }
+    }
+    if acks == 0 {
+        return Ok(futures::future::ready(None).boxed_local());
+    }
+
+    // Stage two: acks=all waits for the owners' fdatasync.
+    let names: Vec<_> = req.topic_data.into_iter().map(|t| t.name).collect();
+    Ok(async move {
+        for (d, slots) in durable {
+            let code = match d.await {
+                Ok(Ok(())) => NONE,
+                Ok(Err(code)) => code,
+                Err(_) => NOT_LEADER_OR_FOLLOWER,
+            };
+            if code != NONE {
+                for (ti, pi) in slots {
+                    results[ti][pi].error_code = code;
+                    results[ti][pi].base_offset = -1;
+                }
+            }
+        }
+        let resp = ProduceResponse::default().with_responses(
+            names
+                .into_iter()
+                .zip(results)
+                .map(|(name, partition_responses)| TopicProduceResponse::default().with_name(name).with_partition_responses(partition_responses))
+                .collect(),
+        );
+        match respond(&frame, OutBuf::new(), &resp) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e}");
+                None
+            }
+        }
+    }
+    .boxed_local())
+}

@@ -1,0 +1,35 @@
+//! The APIs and versions Weir advertises in ApiVersions. Every version listed is implemented in
+//! full by its handler in `kafka/`.
+
+use kafka_protocol::messages::ApiKey;
+
+/// (API, min version, max version).
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 1, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 5),
+    (ApiKey::DeleteTopics, 1, 4),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::CreatePartitions, 0, 2),
+    (ApiKey::DescribeCluster, 0, 0),
+];
+
+pub fn supported(key: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED.iter().find(|(k, _, _)| *k == key).map(|&(_, lo, hi)| (lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_versions_are_within_what_the_codec_knows() {
+        for &(k, lo, hi) in SUPPORTED {
+            let codec = k.valid_versions();
+            assert!(codec.min <= lo && hi <= codec.max, "{k:?} {lo}-{hi} outside {codec:?}");
+        }
+    }
+}

@@ -1,0 +1,840 @@
+//! One shard: the state a core owns (its partitions, its batch cache, its flusher) and the
+//! operations other shards ask of it over glommio's channel mesh.
+//!
+//! A shard's state lives in a thread-local `Rc<Shard>`; nothing here is shared between threads
+//! except the immutable metadata image and the messages themselves. No `RefCell` borrow is held
+//! across an `.await`: every borrow below ends in the statement that takes it or is dropped
+//! before the next await.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::Bytes;
+use event_listener::Event;
+use futures::channel::oneshot;
+use futures::future::{select, Either};
+use glommio::channels::channel_mesh::Senders;
+use glommio::sync::Semaphore;
+
+use crate::cluster::metadata::{self, Image};
+use crate::config::Config;
+use crate::kafka::errors::*;
+use crate::storage::batch::{BatchInfo, Header};
+use crate::storage::cache::{CachedBatch, Evicted, PartitionCache, ShardCache};
+use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog};
+
+/// Unwritten bytes a shard holds before appends wait for the flusher (backpressure).
+pub const PENDING_BYTES_MAX: u64 = 64 << 20;
+/// The flusher writes at least this often when nothing asks for a sync.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(5);
+/// Operations from one peer shard handled at once; further messages wait in the channel.
+pub const PEER_OPS_MAX: u64 = 4096;
+
+pub struct Partition {
+    pub id: u64,
+    pub topic: String,
+    pub index: i32,
+    pub topic_id: uuid::Uuid,
+    pub log: RefCell<PartitionLog>,
+    pub cache: RefCell<PartitionCache>,
+    /// Serialises disk writes, syncs and rolls of this log.
+    io_lock: Semaphore,
+    /// Notified on every append (wakes long-polling fetches) and on deletion.
+    pub appended: Event,
+    in_dirty: Cell<bool>,
+    in_unsynced: Cell<bool>,
+    /// An I/O error happened: the partition answers KAFKA_STORAGE_ERROR from now on.
+    pub failed: Cell<bool>,
+    pub deleted: Cell<bool>,
+}
+
+/// Counters of what a shard served, logged at shutdown and used by the ownership test.
+#[derive(Default)]
+pub struct Stats {
+    pub produced_batches: HashMap<String, u64>,
+    pub fetched_partitions: HashMap<String, u64>,
+    pub remote_ops_in: u64,
+    pub remote_ops_out: u64,
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    pub config: Arc<Config>,
+    pub cluster_id: Arc<String>,
+    image: RefCell<Arc<Image>>,
+    partitions: RefCell<HashMap<(String, i32), Rc<Partition>>>,
+    by_id: RefCell<HashMap<u64, Rc<Partition>>>,
+    next_pid: Cell<u64>,
+    cache: RefCell<ShardCache>,
+    senders: Senders<ShardMsg>,
+    dirty: RefCell<Vec<Rc<Partition>>>,
+    unsynced: RefCell<Vec<Rc<Partition>>>,
+    pending_bytes: Cell<u64>,
+    flush_wanted: Event,
+    sync_requested: Cell<bool>,
+    flushed: Event,
+    /// Serialises metadata changes (used on the controller, shard 0).
+    pub control_lock: Semaphore,
+    /// Bytes of request frames being read or handled on this shard.
+    pub request_memory: Rc<Semaphore>,
+    pub stats: RefCell<Stats>,
+    pub shutting_down: Cell<bool>,
+    pub stopped: Event,
+}
+
+thread_local! {
+    static SHARD: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// This thread's shard. Panics outside a shard thread (a programming error).
+pub fn shard() -> Rc<Shard> {
+    SHARD.with(|s| s.borrow().clone().expect("called on a shard thread"))
+}
+
+/// Produce work for one partition, validated on the receiving shard.
+pub struct ProduceItem {
+    pub topic: String,
+    pub partition: i32,
+    pub records: Bytes,
+    pub infos: Vec<BatchInfo>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProduceResult {
+    pub error: i16,
+    pub base_offset: i64,
+    pub log_append_time_ms: i64,
+    pub log_start_offset: i64,
+}
+
+pub struct ProduceReply {
+    pub results: Vec<ProduceResult>,
+    /// For acks=all: resolves once every appended batch is fdatasynced (or with an error code).
+    pub durable: Option<oneshot::Receiver<Result<(), i16>>>,
+}
+
+pub struct FetchItem {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub partition_max_bytes: usize,
+    pub current_leader_epoch: i32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FetchResult {
+    pub error: i16,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    pub records: Vec<Bytes>,
+}
+
+impl FetchResult {
+    pub fn bytes(&self) -> usize {
+        self.records.iter().map(|b| b.len()).sum()
+    }
+    fn error(e: i16) -> FetchResult {
+        FetchResult { error: e, high_watermark: -1, log_start_offset: -1, records: Vec::new() }
+    }
+}
+
+pub struct ListOffsetItem {
+    pub topic: String,
+    pub partition: i32,
+    pub timestamp: i64,
+    pub current_leader_epoch: i32,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListOffsetResult {
+    pub error: i16,
+    pub timestamp: i64,
+    pub offset: i64,
+    pub leader_epoch: i32,
+}
+
+/// Requests the controller (shard 0) serves.
+pub enum ControlOp {
+    CreateTopics(Vec<metadata::NewTopic>, bool),
+    DeleteTopics(Vec<String>),
+    CreatePartitions(Vec<(String, i32)>, bool),
+}
+
+pub type ControlReply = Vec<Result<(i32, i16), metadata::TopicError>>;
+
+/// Messages between shards. One message carries all the work for its target shard from one
+/// request: batched, one wake-up per request and shard, never one per record.
+pub enum ShardMsg {
+    Produce { acks: i16, items: Vec<ProduceItem>, reply: oneshot::Sender<ProduceReply> },
+    Fetch { items: Vec<FetchItem>, max_bytes: usize, wait_until: Option<Instant>, reply: oneshot::Sender<Vec<FetchResult>> },
+    ListOffsets { items: Vec<ListOffsetItem>, reply: oneshot::Sender<Vec<ListOffsetResult>> },
+    Apply { image: Arc<Image>, reply: oneshot::Sender<Result<(), String>> },
+    Control { op: ControlOp, reply: oneshot::Sender<ControlReply> },
+    Stats { reply: oneshot::Sender<String> },
+}
+
+impl Shard {
+    pub fn install(id: usize, count: usize, config: Arc<Config>, cluster_id: Arc<String>, image: Arc<Image>, senders: Senders<ShardMsg>) -> Rc<Shard> {
+        let request_bytes = (config.socket_request_bytes_max as u64).max(256 << 20);
+        let s = Rc::new(Shard {
+            id,
+            count,
+            cache: RefCell::new(ShardCache::new(config.cache_bytes)),
+            config,
+            cluster_id,
+            image: RefCell::new(image),
+            partitions: RefCell::new(HashMap::new()),
+            by_id: RefCell::new(HashMap::new()),
+            next_pid: Cell::new(1),
+            senders,
+            dirty: RefCell::new(Vec::new()),
+            unsynced: RefCell::new(Vec::new()),
+            pending_bytes: Cell::new(0),
+            flush_wanted: Event::new(),
+            sync_requested: Cell::new(false),
+            flushed: Event::new(),
+            control_lock: Semaphore::new(1),
+            request_memory: Rc::new(Semaphore::new(request_bytes)),
+            stats: RefCell::new(Stats::default()),
+            shutting_down: Cell::new(false),
+            stopped: Event::new(),
+        });
+        SHARD.with(|cell| *cell.borrow_mut() = Some(s.clone()));
+        s
+    }
+
+    pub fn image(&self) -> Arc<Image> {
+        self.image.borrow().clone()
+    }
+
+    pub fn partition(&self, topic: &str, index: i32) -> Option<Rc<Partition>> {
+        // Allocation-free lookup would need a borrowed key type; topic names are short.
+        self.partitions.borrow().get(&(topic.to_string(), index)).cloned()
+    }
+
+    pub fn partition_count(&self) -> usize {
+        self.partitions.borrow().len()
+    }
+
+    /// Sends `msg` to shard `target` (handled in place when it is this shard).
+    pub async fn send(self: &Rc<Self>, target: usize, msg: ShardMsg) {
+        if target == self.id {
+            glommio::spawn_local(handle_msg(msg)).detach();
+            return;
+        }
+        self.stats.borrow_mut().remote_ops_out += 1;
+        if let Err(e) = self.senders.send_to(target, msg).await {
+            // The peer is gone (shutdown): dropping the message cancels its reply.
+            tracing::debug!(target, "cross-shard send failed: {e}");
+        }
+    }
+
+    // ---- applying metadata ----
+
+    /// Makes this shard's open partitions match `image`: opens the ones it now owns, closes
+    /// and deletes the ones whose topic is gone.
+    pub async fn apply_image(self: &Rc<Self>, image: Arc<Image>, clean: bool) -> Result<()> {
+        *self.image.borrow_mut() = image.clone();
+        let stale: Vec<Rc<Partition>> = self
+            .partitions
+            .borrow()
+            .values()
+            .filter(|p| {
+                image.topics.get(&p.topic).is_none_or(|t| t.id != p.topic_id || p.index as usize >= t.partitions.len())
+            })
+            .cloned()
+            .collect();
+        for p in stale {
+            self.partitions.borrow_mut().remove(&(p.topic.clone(), p.index));
+            self.by_id.borrow_mut().remove(&p.id);
+            p.deleted.set(true);
+            p.appended.notify(usize::MAX);
+            let _permit = p.io_lock.acquire_permit(1).await;
+            let dir = p.log.borrow().dir.clone();
+            let pending = p.log.borrow().pending_bytes();
+            self.pending_bytes.set(self.pending_bytes.get().saturating_sub(pending));
+            blocking(move || std::fs::remove_dir_all(&dir)).await.or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+            })?;
+            tracing::info!(topic = %p.topic, partition = p.index, shard = self.id, "deleted partition");
+        }
+        for (name, t) in &image.topics {
+            for (i, pm) in t.partitions.iter().enumerate() {
+                if pm.shard as usize != self.id || self.partition(name, i as i32).is_some() {
+                    continue;
+                }
+                let dir = metadata::partition_dir(&self.config.data_dir, name, i as i32);
+                let cfg = image.log_config(&self.config.log, name);
+                let log = PartitionLog::open(dir, cfg, pm.leader_epoch, clean).await?;
+                let id = self.next_pid.get();
+                self.next_pid.set(id + 1);
+                let p = Rc::new(Partition {
+                    id,
+                    topic: name.clone(),
+                    index: i as i32,
+                    topic_id: t.id,
+                    log: RefCell::new(log),
+                    cache: RefCell::new(PartitionCache::default()),
+                    io_lock: Semaphore::new(1),
+                    appended: Event::new(),
+                    in_dirty: Cell::new(false),
+                    in_unsynced: Cell::new(false),
+                    failed: Cell::new(false),
+                    deleted: Cell::new(false),
+                });
+                self.by_id.borrow_mut().insert(id, p.clone());
+                self.partitions.borrow_mut().insert((name.clone(), i as i32), p);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- produce ----
+
+    async fn wait_for_room(&self) {
+        while self.pending_bytes.get() > PENDING_BYTES_MAX {
+            let l = self.flushed.listen();
+            if self.pending_bytes.get() <= PENDING_BYTES_MAX {
+                break;
+            }
+            self.flush_wanted.notify(1);
+            l.await;
+        }
+    }
+
+    /// Appends one partition's validated batches; returns (base offset, log append time).
+    async fn append(self: &Rc<Self>, p: &Rc<Partition>, item: &ProduceItem) -> Result<(i64, i64), i16> {
+        self.wait_for_room().await;
+        loop {
+            if p.deleted.get() {
+                return Err(UNKNOWN_TOPIC_OR_PARTITION);
+            }
+            if p.failed.get() {
+                return Err(KAFKA_STORAGE_ERROR);
+            }
+            let now = now_ms();
+            let r = p.log.borrow_mut().append(&item.records, &item.infos, now);
+            match r {
+                Ok(a) => {
+                    let append_time = if p.log.borrow().config.log_append_time { now } else { -1 };
+                    let bytes: u64 = a.batches.iter().map(|(_, _, b)| b.len() as u64).sum();
+                    {
+                        let mut cache = self.cache.borrow_mut();
+                        let mut pc = p.cache.borrow_mut();
+                        for (base, last, b) in a.batches {
+                            cache.insert(p.id, &mut pc, CachedBatch { base, last, bytes: b });
+                        }
+                    }
+                    self.pending_bytes.set(self.pending_bytes.get() + bytes);
+                    self.mark_dirty(p);
+                    self.evict();
+                    *self.stats.borrow_mut().produced_batches.entry(format!("{}-{}", p.topic, p.index)).or_default() += item.infos.len() as u64;
+                    p.appended.notify(usize::MAX);
+                    return Ok((a.base_offset, append_time));
+                }
+                Err(AppendError::NeedsRoll) => {
+                    let _permit = p.io_lock.acquire_permit(1).await;
+                    let incoming: u64 = item.infos.iter().map(|i| i.bytes as u64).sum();
+                    if p.deleted.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
+                        continue;
+                    }
+                    let before = p.log.borrow().pending_bytes();
+                    let r = PartitionLog::roll(&p.log).await;
+                    self.pending_bytes.set(self.pending_bytes.get().saturating_sub(before));
+                    if let Err(e) = r {
+                        tracing::error!(topic = %p.topic, partition = p.index, "segment roll failed: {e:#}");
+                        p.failed.set(true);
+                    }
+                }
+            }
+        }
+    }
+
+    fn mark_dirty(&self, p: &Rc<Partition>) {
+        if !p.in_dirty.replace(true) {
+            self.dirty.borrow_mut().push(p.clone());
+        }
+        self.flush_wanted.notify(1);
+    }
+
+    fn evict(&self) {
+        let by_id = self.by_id.borrow();
+        let done = self.cache.borrow_mut().evict(|pid, base| match by_id.get(&pid) {
+            None => Evicted::Gone,
+            Some(p) => {
+                if base < p.log.borrow().written_offset {
+                    p.cache.borrow_mut().pop_front_if(base);
+                    Evicted::Dropped
+                } else {
+                    Evicted::Pinned
+                }
+            }
+        });
+        if !done {
+            self.flush_wanted.notify(1);
+        }
+    }
+
+    async fn produce(self: Rc<Self>, acks: i16, items: Vec<ProduceItem>, reply: oneshot::Sender<ProduceReply>) {
+        let mut results = Vec::with_capacity(items.len());
+        let mut waits = Vec::new();
+        for item in &items {
+            let Some(p) = self.partition(&item.topic, item.partition) else {
+                results.push(ProduceResult { error: NOT_LEADER_OR_FOLLOWER, base_offset: -1, log_append_time_ms: -1, log_start_offset: -1 });
+                continue;
+            };
+            match self.append(&p, item).await {
+                Ok((base, append_time)) => {
+                    let (start, end) = {
+                        let l = p.log.borrow();
+                        (l.log_start_offset, l.log_end_offset)
+                    };
+                    results.push(ProduceResult { error: NONE, base_offset: base, log_append_time_ms: append_time, log_start_offset: start });
+                    waits.push((p.clone(), end));
+                }
+                Err(e) => results.push(ProduceResult { error: e, base_offset: -1, log_append_time_ms: -1, log_start_offset: -1 }),
+            }
+        }
+        let durable = if acks == -1 && !waits.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                let r = me.wait_durable(&waits).await;
+                let _ = tx.send(r);
+            })
+            .detach();
+            Some(rx)
+        } else {
+            None
+        };
+        let _ = reply.send(ProduceReply { results, durable });
+    }
+
+    /// Group commit: waits until every (partition, end offset) is fdatasynced. All produce
+    /// requests waiting on this shard share the flusher's next sync.
+    async fn wait_durable(&self, waits: &[(Rc<Partition>, i64)]) -> Result<(), i16> {
+        loop {
+            let l = self.flushed.listen();
+            let mut all = true;
+            for (p, end) in waits {
+                if p.deleted.get() {
+                    return Err(UNKNOWN_TOPIC_OR_PARTITION);
+                }
+                if p.failed.get() {
+                    return Err(KAFKA_STORAGE_ERROR);
+                }
+                if p.log.borrow().durable_offset < *end {
+                    all = false;
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            self.sync_requested.set(true);
+            self.flush_wanted.notify(1);
+            l.await;
+        }
+    }
+
+    // ---- the flusher ----
+
+    /// Writes pending batches and, when a producer waits for durability, fdatasyncs. One round
+    /// covers every dirty partition of the shard; requests that arrive during a round share the
+    /// next one.
+    pub async fn flusher(self: Rc<Self>) {
+        loop {
+            while self.dirty.borrow().is_empty() && !self.sync_requested.get() {
+                let l = self.flush_wanted.listen();
+                if !self.dirty.borrow().is_empty() || self.sync_requested.get() {
+                    break;
+                }
+                if self.shutting_down.get() && self.partitions.borrow().is_empty() {
+                    return;
+                }
+                l.await;
+            }
+            if !self.sync_requested.get() && self.pending_bytes.get() < log::WRITE_CHUNK_BYTES as u64 && !self.shutting_down.get() {
+                let l = self.flush_wanted.listen();
+                if !self.sync_requested.get() {
+                    let _ = select(Box::pin(glommio::timer::sleep(FLUSH_INTERVAL)), l).await;
+                }
+            }
+            self.flush_round().await;
+        }
+    }
+
+    pub async fn flush_round(&self) {
+        let sync = self.sync_requested.replace(false);
+        let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.dirty.borrow_mut());
+        for p in &parts {
+            p.in_dirty.set(false);
+        }
+        let writes = parts.iter().map(|p| self.write_partition(p));
+        futures::future::join_all(writes).await;
+        for p in parts {
+            if !p.in_unsynced.replace(true) {
+                self.unsynced.borrow_mut().push(p);
+            }
+        }
+        if sync {
+            let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.unsynced.borrow_mut());
+            for p in &parts {
+                p.in_unsynced.set(false);
+            }
+            futures::future::join_all(parts.iter().map(|p| self.sync_partition(p))).await;
+        }
+        self.evict();
+        self.flushed.notify(usize::MAX);
+    }
+
+    async fn write_partition(&self, p: &Rc<Partition>) {
+        let _permit = p.io_lock.acquire_permit(1).await;
+        if p.deleted.get() || p.failed.get() {
+            return;
+        }
+        let before = p.log.borrow().pending_bytes();
+        let r = PartitionLog::write_all(&p.log).await;
+        let after = p.log.borrow().pending_bytes();
+        self.pending_bytes.set(self.pending_bytes.get().saturating_sub(before - after));
+        if let Err(e) = r {
+            tracing::error!(topic = %p.topic, partition = p.index, "log write failed, partition offline: {e:#}");
+            p.failed.set(true);
+        }
+    }
+
+    async fn sync_partition(&self, p: &Rc<Partition>) {
+        let _permit = p.io_lock.acquire_permit(1).await;
+        if p.deleted.get() || p.failed.get() {
+            return;
+        }
+        let (files, written) = {
+            let l = p.log.borrow();
+            (l.files_to_sync(), l.written_offset)
+        };
+        for f in files {
+            if let Err(e) = f.fdatasync().await {
+                tracing::error!(topic = %p.topic, partition = p.index, "fdatasync failed, partition offline: {e:#}");
+                p.failed.set(true);
+                return;
+            }
+        }
+        let mut l = p.log.borrow_mut();
+        l.durable_offset = l.durable_offset.max(written);
+    }
+
+    /// Clean shutdown of this shard's logs: write and sync everything, truncate active
+    /// segments to their logical size, write their indexes.
+    pub async fn close_all(&self) -> Result<()> {
+        self.sync_requested.set(true);
+        for p in self.partitions.borrow().values() {
+            if !p.in_dirty.replace(true) {
+                self.dirty.borrow_mut().push(p.clone());
+            }
+        }
+        self.flush_round().await;
+        let parts: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
+        let mut result = Ok(());
+        for p in parts {
+            let _permit = p.io_lock.acquire_permit(1).await;
+            if p.failed.get() {
+                result = Err(anyhow::anyhow!("partition {}-{} had an I/O error", p.topic, p.index));
+                continue;
+            }
+            if let Err(e) = PartitionLog::close(&p.log).await {
+                tracing::error!(topic = %p.topic, partition = p.index, "closing log failed: {e:#}");
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    // ---- retention ----
+
+    pub async fn retention(self: Rc<Self>) {
+        let every = Duration::from_millis(self.config.retention_check_interval_ms);
+        loop {
+            glommio::timer::sleep(every).await;
+            if self.shutting_down.get() {
+                return;
+            }
+            self.enforce_retention().await;
+        }
+    }
+
+    pub async fn enforce_retention(&self) {
+        let parts: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
+        for p in parts {
+            let expired = p.log.borrow().expired_segments(now_ms());
+            if expired.is_empty() {
+                continue;
+            }
+            let _permit = p.io_lock.acquire_permit(1).await;
+            for base in expired {
+                let removed = p.log.borrow_mut().remove_segment(base);
+                let Some((file, path)) = removed else { continue };
+                drop(file);
+                let r = blocking(move || -> std::io::Result<()> {
+                    std::fs::remove_file(&path)?;
+                    for ext in ["index", "timeindex"] {
+                        let _ = std::fs::remove_file(path.with_extension(ext));
+                    }
+                    Ok(())
+                })
+                .await;
+                match r {
+                    Ok(()) => tracing::info!(topic = %p.topic, partition = p.index, base, "deleted segment by retention"),
+                    Err(e) => tracing::warn!(topic = %p.topic, partition = p.index, base, "deleting segment: {e}"),
+                }
+            }
+        }
+    }
+
+    // ---- fetch ----
+
+    /// Reads a partition for a fetch: from the cache when the offset is recent, else from disk.
+    async fn read_partition(&self, p: &Rc<Partition>, item: &FetchItem, max_bytes: usize) -> FetchResult {
+        if p.failed.get() {
+            return FetchResult::error(KAFKA_STORAGE_ERROR);
+        }
+        let (start, end, epoch) = {
+            let l = p.log.borrow();
+            (l.log_start_offset, l.log_end_offset, l.leader_epoch)
+        };
+        let mut r = FetchResult { error: NONE, high_watermark: end, log_start_offset: start, records: Vec::new() };
+        if item.current_leader_epoch >= 0 && item.current_leader_epoch != epoch {
+            r.error = if item.current_leader_epoch > epoch { UNKNOWN_LEADER_EPOCH } else { FENCED_LEADER_EPOCH };
+            return r;
+        }
+        if item.offset < start || item.offset > end {
+            r.error = OFFSET_OUT_OF_RANGE;
+            return r;
+        }
+        if item.offset == end || max_bytes == 0 {
+            return r;
+        }
+        let cache_start = p.cache.borrow().start(end);
+        if item.offset >= cache_start {
+            r.records = p.cache.borrow().read(item.offset, max_bytes);
+            return r;
+        }
+        match read_disk(p, item.offset, max_bytes).await {
+            Ok(b) => r.records = b.into_iter().collect(),
+            Err(e) => {
+                tracing::error!(topic = %p.topic, partition = p.index, "read failed: {e:#}");
+                r.error = KAFKA_STORAGE_ERROR;
+            }
+        }
+        r
+    }
+
+    async fn fetch(self: Rc<Self>, items: Vec<FetchItem>, max_bytes: usize, wait_until: Option<Instant>, mut reply: oneshot::Sender<Vec<FetchResult>>) {
+        let parts: Vec<Option<Rc<Partition>>> = items.iter().map(|i| self.partition(&i.topic, i.partition)).collect();
+        loop {
+            // Listen before reading, so an append between the read and the wait is not missed.
+            let listeners: Vec<_> = parts.iter().flatten().map(|p| p.appended.listen()).collect();
+            let mut results = Vec::with_capacity(items.len());
+            let mut total = 0usize;
+            for (item, p) in items.iter().zip(&parts) {
+                let r = match p {
+                    None => FetchResult::error(NOT_LEADER_OR_FOLLOWER),
+                    Some(p) if p.deleted.get() => FetchResult::error(UNKNOWN_TOPIC_OR_PARTITION),
+                    Some(p) => {
+                        let budget = if total == 0 { max_bytes.max(1) } else { max_bytes.saturating_sub(total) };
+                        self.read_partition(p, item, item.partition_max_bytes.min(budget)).await
+                    }
+                };
+                total += r.bytes();
+                results.push(r);
+            }
+            let has_news = total > 0 || results.iter().any(|r| r.error != NONE);
+            let deadline = match wait_until {
+                Some(d) if !has_news && d > Instant::now() && !listeners.is_empty() => d,
+                _ => {
+                    for (item, r) in items.iter().zip(&results) {
+                        if !r.records.is_empty() {
+                            *self.stats.borrow_mut().fetched_partitions.entry(format!("{}-{}", item.topic, item.partition)).or_default() += 1;
+                        }
+                    }
+                    let _ = reply.send(results);
+                    return;
+                }
+            };
+            let any_append = futures::future::select_all(listeners);
+            let timer = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+            let cancelled = reply.cancellation();
+            let woke = match select(Box::pin(any_append), select(Box::pin(timer), cancelled)).await {
+                Either::Left(_) => Wake::Append,
+                Either::Right((Either::Left(_), _)) => Wake::Deadline,
+                Either::Right((Either::Right(_), _)) => Wake::Cancelled,
+            };
+            match woke {
+                Wake::Append => {}
+                // Deadline: one last read, with no more waiting.
+                Wake::Deadline => return Box::pin(self.fetch(items, max_bytes, None, reply)).await,
+                Wake::Cancelled => return,
+            }
+        }
+    }
+
+    // ---- list offsets ----
+
+    async fn list_offsets(self: Rc<Self>, items: Vec<ListOffsetItem>, reply: oneshot::Sender<Vec<ListOffsetResult>>) {
+        let mut out = Vec::with_capacity(items.len());
+        for item in &items {
+            let r = match self.partition(&item.topic, item.partition) {
+                None => ListOffsetResult { error: NOT_LEADER_OR_FOLLOWER, timestamp: -1, offset: -1, leader_epoch: -1 },
+                Some(p) => self.list_offset(&p, item).await,
+            };
+            out.push(r);
+        }
+        let _ = reply.send(out);
+    }
+
+    async fn list_offset(&self, p: &Rc<Partition>, item: &ListOffsetItem) -> ListOffsetResult {
+        let (start, end, epoch, max_ts) = {
+            let l = p.log.borrow();
+            (l.log_start_offset, l.log_end_offset, l.leader_epoch, l.max_timestamp)
+        };
+        let mut r = ListOffsetResult { error: NONE, timestamp: -1, offset: -1, leader_epoch: epoch };
+        if item.current_leader_epoch >= 0 && item.current_leader_epoch != epoch {
+            r.error = if item.current_leader_epoch > epoch { UNKNOWN_LEADER_EPOCH } else { FENCED_LEADER_EPOCH };
+            return r;
+        }
+        match item.timestamp {
+            -2 => r.offset = start,
+            -1 => r.offset = end,
+            -3 => {
+                if max_ts.1 >= start {
+                    (r.timestamp, r.offset) = max_ts;
+                }
+            }
+            ts if ts >= 0 => match self.offset_for_timestamp(p, ts).await {
+                Ok(Some((t, o))) => (r.timestamp, r.offset) = (t, o),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(topic = %p.topic, partition = p.index, "timestamp lookup failed: {e:#}");
+                    r.error = KAFKA_STORAGE_ERROR;
+                }
+            },
+            _ => r.error = INVALID_REQUEST,
+        }
+        r
+    }
+
+    /// The first record with timestamp >= `ts`: the time index finds where to start, batch
+    /// headers find the batch, and only that one batch is decoded to find the record.
+    async fn offset_for_timestamp(&self, p: &Rc<Partition>, ts: i64) -> Result<Option<(i64, i64)>> {
+        let (mut offset, end, start) = {
+            let l = p.log.borrow();
+            match l.offset_scan_start_for_time(ts) {
+                Some(o) => (o.max(l.log_start_offset), l.log_end_offset, l.log_start_offset),
+                None => return Ok(None),
+            }
+        };
+        let _ = start;
+        // Bounded: every step moves `offset` forward by at least one batch.
+        while offset < end {
+            let item = FetchItem { topic: String::new(), partition: 0, offset, partition_max_bytes: 1 << 20, current_leader_epoch: -1 };
+            let r = self.read_partition(p, &item, 1 << 20).await;
+            if r.error != NONE {
+                anyhow::bail!("read error {}", r.error);
+            }
+            if r.records.is_empty() {
+                return Ok(None);
+            }
+            for chunk in &r.records {
+                let mut at = 0;
+                while at < chunk.len() {
+                    let h = Header::new(&chunk[at..]).ok_or_else(|| anyhow::anyhow!("truncated batch"))?;
+                    let total = h.total_bytes().ok_or_else(|| anyhow::anyhow!("bad batch length"))?;
+                    if h.last_offset() >= offset && h.max_timestamp() >= ts {
+                        let batch = chunk.slice(at..at + total);
+                        if let Some(found) = first_record_at_or_after(batch, ts, offset)? {
+                            return Ok(Some(found));
+                        }
+                    }
+                    offset = offset.max(h.last_offset() + 1);
+                    at += total;
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Decodes one batch (decompressing if needed) and returns (timestamp, offset) of the first
+/// record at or after `min_offset` whose timestamp is >= `ts`.
+fn first_record_at_or_after(batch: Bytes, ts: i64, min_offset: i64) -> Result<Option<(i64, i64)>> {
+    use kafka_protocol::records::RecordBatchDecoder;
+    let mut b = batch;
+    let set = RecordBatchDecoder::decode(&mut b)?;
+    Ok(set.records.iter().filter(|r| r.offset >= min_offset).find(|r| r.timestamp >= ts).map(|r| (r.timestamp, r.offset)))
+}
+
+/// Reads from disk starting at `offset`, stepping over segments that end before it.
+async fn read_disk(p: &Rc<Partition>, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
+    let mut range = p.log.borrow().locate(offset);
+    // Bounded by the number of segments.
+    while let Some(r) = range {
+        if let Some(b) = log::read_from_disk(&r, offset, max_bytes).await? {
+            return Ok(Some(b));
+        }
+        range = r.next_segment.and_then(|next| p.log.borrow().locate_segment(next));
+    }
+    Ok(None)
+}
+
+enum Wake {
+    Append,
+    Deadline,
+    Cancelled,
+}
+
+/// Handles one message on its target shard.
+pub async fn handle_msg(msg: ShardMsg) {
+    let s = shard();
+    match msg {
+        ShardMsg::Produce { acks, items, reply } => s.produce(acks, items, reply).await,
+        ShardMsg::Fetch { items, max_bytes, wait_until, reply } => s.fetch(items, max_bytes, wait_until, reply).await,
+        ShardMsg::ListOffsets { items, reply } => s.list_offsets(items, reply).await,
+        ShardMsg::Apply { image, reply } => {
+            let r = s.apply_image(image, false).await.map_err(|e| format!("{e:#}"));
+            let _ = reply.send(r);
+        }
+        ShardMsg::Control { op, reply } => {
+            let r = crate::cluster::controller::handle(&s, op).await;
+            let _ = reply.send(r);
+        }
+        ShardMsg::Stats { reply } => {
+            let _ = reply.send(s.stats_line());
+        }
+    }
+}
+
+impl Shard {
+    /// One line describing what this shard served; the ownership test reads it.
+    pub fn stats_line(&self) -> String {
+        let st = self.stats.borrow();
+        let mut produced: Vec<_> = st.produced_batches.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        produced.sort();
+        let mut fetched: Vec<_> = st.fetched_partitions.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        fetched.sort();
+        format!(
+            "shard={} produced=[{}] fetched=[{}] remote_in={} remote_out={}",
+            self.id,
+            produced.join(","),
+            fetched.join(","),
+            st.remote_ops_in,
+            st.remote_ops_out
+        )
+    }
+
+    pub fn count_remote_in(&self) {
+        self.stats.borrow_mut().remote_ops_in += 1;
+    }
+}

@@ -1,0 +1,162 @@
+//! Sparse offset index and time index of one segment, in Kafka's file formats:
+//!
+//! ```text
+//! <base>.index       entries of 8 bytes:  | relative offset u32 BE | file position u32 BE |
+//! <base>.timeindex   entries of 12 bytes: | max timestamp i64 BE   | relative offset u32 BE |
+//! ```
+//!
+//! One entry is added per `index.interval.bytes` of log written. Both live in memory for the
+//! active segment and are written out whole when a segment rolls and at clean shutdown; after an
+//! unclean stop the active segment's indexes are rebuilt while its tail is scanned.
+
+/// At most this many entries per index: Kafka's segment.index.bytes default (10 MiB) / 8.
+/// The segment rolls when either index is full.
+pub const INDEX_ENTRIES_MAX: usize = 10 * 1024 * 1024 / 8;
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SegmentIndex {
+    /// (relative offset, position), strictly increasing in both.
+    pub offsets: Vec<(u32, u32)>,
+    /// (max timestamp so far, relative offset), strictly increasing timestamps.
+    pub times: Vec<(i64, u32)>,
+    bytes_since_entry: u64,
+}
+
+impl SegmentIndex {
+    /// Records a batch appended at `position` in the segment. Entries are sparse: one per
+    /// `interval_bytes` written.
+    pub fn on_append(&mut self, rel_offset: u32, position: u32, batch_bytes: u32, max_ts: i64, interval_bytes: u32) {
+        if self.bytes_since_entry >= interval_bytes as u64 || self.offsets.is_empty() {
+            if self.offsets.last().is_none_or(|&(o, p)| o < rel_offset && p < position) {
+                self.offsets.push((rel_offset, position));
+            }
+            if self.times.last().is_none_or(|&(t, _)| max_ts > t) {
+                self.times.push((max_ts, rel_offset));
+            }
+            self.bytes_since_entry = 0;
+        }
+        self.bytes_since_entry += batch_bytes as u64;
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.offsets.len() >= INDEX_ENTRIES_MAX || self.times.len() >= INDEX_ENTRIES_MAX
+    }
+
+    /// The file position to start scanning from for `rel_offset`: the largest indexed entry at
+    /// or below it, else the start of the segment.
+    pub fn position_for(&self, rel_offset: u32) -> u32 {
+        match self.offsets.partition_point(|&(o, _)| o <= rel_offset) {
+            0 => 0,
+            i => self.offsets[i - 1].1,
+        }
+    }
+
+    /// The relative offset to start scanning from for the first record with timestamp >=
+    /// `ts`: the entry just before the first one whose max timestamp reaches `ts`.
+    pub fn offset_for_time(&self, ts: i64) -> u32 {
+        match self.times.partition_point(|&(t, _)| t < ts) {
+            0 => 0,
+            i => self.times[i - 1].1,
+        }
+    }
+
+    pub fn encode_offsets(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.offsets.len() * 8);
+        for &(o, p) in &self.offsets {
+            v.extend_from_slice(&o.to_be_bytes());
+            v.extend_from_slice(&p.to_be_bytes());
+        }
+        v
+    }
+
+    pub fn encode_times(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.times.len() * 12);
+        for &(t, o) in &self.times {
+            v.extend_from_slice(&t.to_be_bytes());
+            v.extend_from_slice(&o.to_be_bytes());
+        }
+        v
+    }
+
+    /// Decodes both files and checks them against the segment: entries strictly increasing,
+    /// positions inside the segment. None means "inconsistent: rebuild".
+    pub fn decode(offsets: &[u8], times: &[u8], segment_bytes: u64) -> Option<SegmentIndex> {
+        if offsets.len() % 8 != 0 || times.len() % 12 != 0 {
+            return None;
+        }
+        if offsets.len() / 8 > INDEX_ENTRIES_MAX || times.len() / 12 > INDEX_ENTRIES_MAX {
+            return None;
+        }
+        let mut idx = SegmentIndex::default();
+        for e in offsets.chunks_exact(8) {
+            let o = u32::from_be_bytes(e[0..4].try_into().ok()?);
+            let p = u32::from_be_bytes(e[4..8].try_into().ok()?);
+            if p as u64 >= segment_bytes.max(1) {
+                return None;
+            }
+            if let Some(&(lo, lp)) = idx.offsets.last() {
+                if o <= lo || p <= lp {
+                    return None;
+                }
+            }
+            idx.offsets.push((o, p));
+        }
+        for e in times.chunks_exact(12) {
+            let t = i64::from_be_bytes(e[0..8].try_into().ok()?);
+            let o = u32::from_be_bytes(e[8..12].try_into().ok()?);
+            if let Some(&(lt, lo)) = idx.times.last() {
+                if t <= lt || o < lo {
+                    return None;
+                }
+            }
+            idx.times.push((t, o));
+        }
+        if segment_bytes > 0 && idx.offsets.is_empty() {
+            return None;
+        }
+        Some(idx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_entries_and_lookup() {
+        let mut idx = SegmentIndex::default();
+        // 10 batches of 1000 bytes, 10 offsets each, interval 4096 bytes.
+        for i in 0..10u32 {
+            idx.on_append(i * 10, i * 1000, 1000, 100 + i as i64, 4096);
+        }
+        assert_eq!(idx.offsets, vec![(0, 0), (50, 5000)]);
+        assert_eq!(idx.position_for(0), 0);
+        assert_eq!(idx.position_for(49), 0);
+        assert_eq!(idx.position_for(55), 5000);
+        assert_eq!(idx.offset_for_time(104), 0);
+        assert_eq!(idx.offset_for_time(106), 50);
+        let back = SegmentIndex::decode(&idx.encode_offsets(), &idx.encode_times(), 10_000).unwrap();
+        assert_eq!(back.offsets, idx.offsets);
+        assert_eq!(back.times, idx.times);
+    }
+
+    #[test]
+    fn rejects_inconsistent_files() {
+        let mut idx = SegmentIndex::default();
+        idx.on_append(0, 0, 5000, 1, 100);
+        idx.on_append(5, 5000, 5000, 2, 100);
+        let o = idx.encode_offsets();
+        assert!(SegmentIndex::decode(&o, &idx.encode_times(), 10_000).is_some());
+        // Position beyond the segment.
+        assert!(SegmentIndex::decode(&o, &[], 4000).is_none());
+        // Torn entry.
+        assert!(SegmentIndex::decode(&o[..o.len() - 3], &[], 10_000).is_none());
+        // Not increasing.
+        let mut swapped = o[8..16].to_vec();
+        swapped.extend_from_slice(&o[0..8]);
+        assert!(SegmentIndex::decode(&swapped, &[], 10_000).is_none());
+        // A non-empty segment with an empty index is suspicious: rebuild.
+        assert!(SegmentIndex::decode(&[], &[], 10).is_none());
+        assert!(SegmentIndex::decode(&[], &[], 0).is_some());
+    }
+}

@@ -1,0 +1,874 @@
+//! One partition's log: a directory of segments named by base offset, written with O_DIRECT
+//! through glommio DMA files.
+//!
+//! Appends are synchronous and in memory: a batch gets its offset, joins the active segment's
+//! `pending` list and the shard cache, and is visible to consumers at once. The shard's flusher
+//! later writes pending bytes to disk (`write_pending`) and fdatasyncs (`sync`). Disk writes go
+//! into space preallocated `PREALLOCATE_STEP_BYTES` at a time, because writes that grow an ext4
+//! file serialise on the inode lock; the logical end of each segment is tracked here, and files
+//! are truncated to it when a segment rolls and at clean shutdown.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use glommio::io::{DmaFile, OpenOptions};
+
+use super::batch::{self, BatchInfo, Header, Stored};
+use super::index::SegmentIndex;
+use crate::config::LogConfig;
+
+/// Disk space is reserved ahead of writes in steps of this many bytes (or segment.bytes when
+/// smaller): one fallocate per 16 MiB written instead of an inode-locked extension per write.
+pub const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
+/// One DMA write carries at most this many bytes of pending batches (plus one batch).
+pub const WRITE_CHUNK_BYTES: usize = 4 << 20;
+/// Recovery reads segments in chunks of this size.
+const SCAN_CHUNK_BYTES: usize = 4 << 20;
+
+pub fn segment_file_name(base: i64, ext: &str) -> String {
+    format!("{base:020}.{ext}")
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// glommio's error type is not `Sync`, so it cannot travel inside `anyhow::Error`; `.io()`
+/// turns it into a `std::io::Error` first.
+pub trait IoResult<T> {
+    fn io(self) -> std::io::Result<T>;
+}
+
+impl<T> IoResult<T> for glommio::Result<T, ()> {
+    fn io(self) -> std::io::Result<T> {
+        self.map_err(std::io::Error::from)
+    }
+}
+
+/// Bytes of the probe file that primes glommio's DMA reads on a thread.
+pub const PROBE_BYTES: usize = 4096;
+
+/// The first DMA file a glommio thread opens must not be empty: on this kernel an empty first
+/// file makes every later DMA read fail with EOPNOTSUPP. Each thread that does DMA I/O opens and
+/// reads a non-empty probe file first.
+pub async fn prime_dma(dir: &Path, name: &str) -> Result<()> {
+    let path = dir.join(name);
+    let p = path.clone();
+    blocking(move || std::fs::write(&p, vec![0u8; PROBE_BYTES])).await?;
+    let probe = DmaFile::open(&path).await.io()?;
+    probe.read_at(0, PROBE_BYTES).await.io()?;
+    probe.close().await.io()?;
+    Ok(())
+}
+
+/// Runs a blocking filesystem call off the executor thread.
+pub async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    glommio::executor().spawn_blocking(f).await
+}
+
+pub struct Segment {
+    pub base_offset: i64,
+    file: Rc<DmaFile>,
+    path: PathBuf,
+    /// Logical bytes in the segment, pending ones included.
+    pub size: u64,
+    /// Bytes already written to the file.
+    written: u64,
+    /// Bytes the file has reserved (its size on disk while active).
+    preallocated: u64,
+    /// Bytes of the last, partial block already written: rewritten together with the next data.
+    tail_block: Vec<u8>,
+    /// Batches appended but not yet written, in order.
+    pending: VecDeque<Bytes>,
+    pending_bytes: u64,
+    pub index: SegmentIndex,
+    /// Offset after the last batch of the segment.
+    pub next_offset: i64,
+    pub max_timestamp: i64,
+    created_ms: i64,
+}
+
+impl Segment {
+    fn rel(&self, offset: i64) -> u32 {
+        debug_assert!(offset >= self.base_offset);
+        (offset - self.base_offset) as u32
+    }
+}
+
+/// What `append` needs before it can go on.
+pub enum AppendError {
+    /// The active segment must roll first (size, age or a full index).
+    NeedsRoll,
+}
+
+pub struct Appended {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// The stamped batches, to be cached.
+    pub batches: Vec<(i64, i64, Bytes)>,
+}
+
+pub struct PartitionLog {
+    pub dir: PathBuf,
+    pub config: LogConfig,
+    segments: BTreeMap<i64, Segment>,
+    pub log_start_offset: i64,
+    /// Offset the next batch gets (Kafka's LEO). Equals the high watermark on a single node.
+    pub log_end_offset: i64,
+    /// Every batch below this offset has been written to disk.
+    pub written_offset: i64,
+    /// Every batch below this offset has been fdatasynced.
+    pub durable_offset: i64,
+    pub leader_epoch: i32,
+    /// (max timestamp, offset of the batch's last record) over the whole log, for ListOffsets -3.
+    pub max_timestamp: (i64, i64),
+}
+
+impl PartitionLog {
+    fn active(&self) -> &Segment {
+        self.segments.values().next_back().expect("a log always has an active segment")
+    }
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments.values_mut().next_back().expect("a log always has an active segment")
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.size).sum()
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.pending_bytes).sum()
+    }
+
+    /// Opens the log in `dir`, creating it when absent. `clean` says the broker stopped cleanly:
+    /// then the tail is only checked from the last index entry; otherwise the active segment is
+    /// scanned batch by batch, truncated at the first torn or corrupt batch, and its indexes
+    /// rebuilt.
+    pub async fn open(dir: PathBuf, config: LogConfig, leader_epoch: i32, clean: bool) -> Result<PartitionLog> {
+        let d = dir.clone();
+        let listing: Vec<(i64, u64)> = blocking(move || -> Result<Vec<(i64, u64)>> {
+            if !d.exists() {
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                if let Some(parent) = d.parent() {
+                    std::fs::File::open(parent)?.sync_all()?;
+                }
+            }
+            let mut v = Vec::new();
+            for e in std::fs::read_dir(&d)? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().to_string();
+                if let Some(stem) = name.strip_suffix(".log") {
+                    if let Ok(base) = stem.parse::<i64>() {
+                        v.push((base, e.metadata()?.len()));
+                    }
+                }
+                if name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            v.sort();
+            Ok(v)
+        })
+        .await?;
+
+        let mut log = PartitionLog {
+            dir: dir.clone(),
+            config,
+            segments: BTreeMap::new(),
+            log_start_offset: 0,
+            log_end_offset: 0,
+            written_offset: 0,
+            durable_offset: 0,
+            leader_epoch,
+            max_timestamp: (-1, -1),
+        };
+        let count = listing.len();
+        for (i, &(base, file_bytes)) in listing.iter().enumerate() {
+            let is_last = i + 1 == count;
+            let seg = open_segment(&dir, base, file_bytes, !is_last || clean).await?;
+            if let Some(prev) = log.segments.values().next_back() {
+                if seg.base_offset < prev.next_offset {
+                    bail!("{}: segment {} overlaps the previous one (ends at {})", dir.display(), base, prev.next_offset);
+                }
+            }
+            log.segments.insert(base, seg);
+        }
+        if log.segments.is_empty() {
+            let seg = create_segment(&dir, 0).await?;
+            log.segments.insert(0, seg);
+        }
+        let first = log.segments.values().next().expect("one segment");
+        log.log_start_offset = first.base_offset;
+        let last = log.active();
+        log.log_end_offset = last.next_offset;
+        log.written_offset = log.log_end_offset;
+        log.durable_offset = log.log_end_offset;
+        log.max_timestamp = log
+            .segments
+            .values()
+            .filter(|s| s.size > 0)
+            .map(|s| (s.max_timestamp, s.next_offset - 1))
+            .max_by_key(|&(t, _)| t)
+            .unwrap_or((-1, -1));
+        Ok(log)
+    }
+
+    /// Whether the active segment must roll before `incoming_bytes` more are appended.
+    pub fn needs_roll(&self, incoming_bytes: u64, now_ms: i64) -> bool {
+        let a = self.active();
+        a.size > 0
+            && (a.size + incoming_bytes > self.config.segment_bytes
+                || now_ms - a.created_ms >= self.config.roll_ms as i64
+                || a.index.is_full()
+                || self.log_end_offset - a.base_offset + 1_000_000 > u32::MAX as i64)
+    }
+
+    /// Assigns offsets to validated batches and appends them in memory. No I/O happens here.
+    pub fn append(&mut self, records: &[u8], infos: &[BatchInfo], now_ms: i64) -> Result<Appended, AppendError> {
+        let incoming: u64 = infos.iter().map(|i| i.bytes as u64).sum();
+        if self.needs_roll(incoming, now_ms) {
+            return Err(AppendError::NeedsRoll);
+        }
+        let epoch = self.leader_epoch;
+        let append_time = self.config.log_append_time.then_some(now_ms);
+        let interval = self.config.index_interval_bytes;
+        let base_offset = self.log_end_offset;
+        let mut batches = Vec::with_capacity(infos.len());
+        let mut max_ts = self.max_timestamp;
+        let mut next = self.log_end_offset;
+        let seg = self.active_mut();
+        for info in infos {
+            let raw = &records[info.start..info.start + info.bytes];
+            let stamped = batch::stamp(raw, next, epoch, append_time);
+            let last = next + info.offset_count as i64 - 1;
+            let ts = append_time.unwrap_or(info.max_timestamp);
+            seg.index.on_append(seg.rel(next), seg.size as u32, info.bytes as u32, ts, interval);
+            seg.size += info.bytes as u64;
+            seg.pending_bytes += info.bytes as u64;
+            seg.pending.push_back(stamped.clone());
+            seg.next_offset = last + 1;
+            seg.max_timestamp = seg.max_timestamp.max(ts);
+            if ts > max_ts.0 {
+                max_ts = (ts, last);
+            }
+            batches.push((next, last, stamped));
+            next = last + 1;
+        }
+        self.max_timestamp = max_ts;
+        self.log_end_offset = next;
+        Ok(Appended { base_offset, last_offset: next - 1, batches })
+    }
+
+    /// Takes up to one write's worth of pending batches from the oldest segment that has any.
+    /// Returns what to write where; `finish_write` records it once the write completed.
+    pub fn take_write(&mut self) -> Option<PendingWrite> {
+        let seg = self.segments.values_mut().find(|s| !s.pending.is_empty())?;
+        let start = seg.written - seg.tail_block.len() as u64;
+        let mut chunks = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(b) = seg.pending.front() {
+            if bytes > 0 && bytes + b.len() > WRITE_CHUNK_BYTES {
+                break;
+            }
+            bytes += b.len();
+            chunks.push(seg.pending.pop_front().expect("front exists"));
+        }
+        seg.pending_bytes -= bytes as u64;
+        let end_offset = chunks.last().and_then(|b| Header::new(b)).map(|h| h.last_offset() + 1).expect("batches");
+        Some(PendingWrite {
+            segment_base: seg.base_offset,
+            file: seg.file.clone(),
+            file_pos: start,
+            head: std::mem::take(&mut seg.tail_block),
+            chunks,
+            bytes,
+            end_offset,
+            preallocated: seg.preallocated,
+            segment_bytes: self.config.segment_bytes,
+        })
+    }
+
+    pub fn finish_write(&mut self, w: &PendingWrite, tail_block: Vec<u8>, preallocated: u64) {
+        if let Some(seg) = self.segments.get_mut(&w.segment_base) {
+            seg.written += w.bytes as u64;
+            seg.tail_block = tail_block;
+            seg.preallocated = seg.preallocated.max(preallocated);
+            debug_assert!(seg.tail_block.len() < 4096 && seg.written >= seg.tail_block.len() as u64);
+        }
+        debug_assert!(w.end_offset > self.written_offset);
+        self.written_offset = w.end_offset;
+    }
+
+    /// The files with data written since the last sync, for fdatasync.
+    pub fn files_to_sync(&self) -> Vec<Rc<DmaFile>> {
+        if self.durable_offset >= self.written_offset {
+            return Vec::new();
+        }
+        self.segments
+            .values()
+            .filter(|s| s.next_offset > self.durable_offset && s.written > 0)
+            .map(|s| s.file.clone())
+            .collect()
+    }
+
+    /// Writes every pending batch. The caller holds the partition's I/O lock, so no other write
+    /// to the same tail block can be in flight.
+    pub async fn write_all(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        loop {
+            let w = log.borrow_mut().take_write();
+            let Some(w) = w else { return Ok(()) };
+            let (tail, preallocated) = w.run().await?;
+            log.borrow_mut().finish_write(&w, tail, preallocated);
+        }
+    }
+
+    /// Closes the active segment (after writing what is pending), truncates it to its logical
+    /// size, syncs it, writes its indexes, and opens a new active segment at the log end. The
+    /// caller holds the I/O lock; appends meanwhile see `needs_roll` and wait for it.
+    pub async fn roll(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        PartitionLog::write_all(log).await?;
+        let (file, size, dir, base, offsets, times) = {
+            let l = log.borrow();
+            let a = l.active();
+            assert!(a.pending.is_empty(), "roll with unwritten batches");
+            (a.file.clone(), a.size, l.dir.clone(), a.base_offset, a.index.encode_offsets(), a.index.encode_times())
+        };
+        file.truncate(size).await.io()?;
+        file.fdatasync().await.io()?;
+        write_index_files(dir.clone(), base, offsets, times).await?;
+        let new_base = log.borrow().log_end_offset;
+        let seg = create_segment(&dir, new_base).await?;
+        let mut l = log.borrow_mut();
+        if let Some(old) = l.segments.values_mut().next_back() {
+            old.preallocated = size;
+        }
+        l.segments.insert(new_base, seg);
+        l.durable_offset = l.durable_offset.max(new_base.min(l.written_offset));
+        Ok(())
+    }
+
+    /// Clean shutdown of a fully written and synced log: truncate the active file to its logical
+    /// size and write its indexes, so the next start needs no scan.
+    pub async fn close(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        let (file, size, dir, base, offsets, times) = {
+            let l = log.borrow();
+            let a = l.active();
+            (a.file.clone(), a.size, l.dir.clone(), a.base_offset, a.index.encode_offsets(), a.index.encode_times())
+        };
+        file.truncate(size).await.io()?;
+        file.fdatasync().await.io()?;
+        write_index_files(dir, base, offsets, times).await?;
+        Ok(())
+    }
+
+    /// Segments to delete under the retention rules: whole segments, never the active one.
+    pub fn expired_segments(&self, now_ms: i64) -> Vec<i64> {
+        let mut out = Vec::new();
+        let mut total = self.size_bytes() as i64;
+        let active = self.active().base_offset;
+        for s in self.segments.values() {
+            if s.base_offset == active {
+                break;
+            }
+            let by_size = self.config.retention_bytes >= 0 && total - s.size as i64 >= self.config.retention_bytes;
+            let by_time = self.config.retention_ms >= 0 && s.size > 0 && now_ms - s.max_timestamp > self.config.retention_ms;
+            if !(by_size || by_time) {
+                break;
+            }
+            total -= s.size as i64;
+            out.push(s.base_offset);
+        }
+        out
+    }
+
+    /// Removes a segment from the log (files are deleted by the caller) and advances the start.
+    pub fn remove_segment(&mut self, base: i64) -> Option<(Rc<DmaFile>, PathBuf)> {
+        if self.segments.len() <= 1 {
+            return None;
+        }
+        let seg = self.segments.remove(&base)?;
+        let first = self.segments.values().next().expect("active remains");
+        self.log_start_offset = self.log_start_offset.max(first.base_offset);
+        Some((seg.file, seg.path))
+    }
+
+    /// Where to read from disk for a fetch at `offset`: the segment holding it and the position
+    /// to start scanning at, bounded by what is written. None: nothing written there yet.
+    pub fn locate(&self, offset: i64) -> Option<DiskRange> {
+        let (_, seg) = self.segments.range(..=offset).next_back().or_else(|| self.segments.iter().next())?;
+        let pos = if offset >= seg.base_offset { seg.index.position_for(seg.rel(offset)) as u64 } else { 0 };
+        let end = seg.written.min(seg.size);
+        (pos < end).then(|| DiskRange { file: seg.file.clone(), pos, end, next_segment: self.segments.range(seg.base_offset + 1..).next().map(|(b, _)| *b) })
+    }
+
+    /// Like `locate`, starting at a given segment base (used to step over an empty tail).
+    pub fn locate_segment(&self, base: i64) -> Option<DiskRange> {
+        let seg = self.segments.get(&base)?;
+        let end = seg.written.min(seg.size);
+        (end > 0).then(|| DiskRange { file: seg.file.clone(), pos: 0, end, next_segment: self.segments.range(base + 1..).next().map(|(b, _)| *b) })
+    }
+
+    /// For ListOffsets by timestamp: where to start scanning for the first record with a
+    /// timestamp >= `ts`, as an offset. None when no batch reaches `ts`.
+    pub fn offset_scan_start_for_time(&self, ts: i64) -> Option<i64> {
+        let seg = self.segments.values().find(|s| s.size > 0 && s.max_timestamp >= ts)?;
+        Some(seg.base_offset + seg.index.offset_for_time(ts) as i64)
+    }
+}
+
+pub struct DiskRange {
+    pub file: Rc<DmaFile>,
+    pub pos: u64,
+    pub end: u64,
+    pub next_segment: Option<i64>,
+}
+
+pub struct PendingWrite {
+    segment_base: i64,
+    file: Rc<DmaFile>,
+    file_pos: u64,
+    head: Vec<u8>,
+    chunks: Vec<Bytes>,
+    bytes: usize,
+    pub end_offset: i64,
+    preallocated: u64,
+    segment_bytes: u64,
+}
+
+impl PendingWrite {
+    /// Performs the write: one aligned DMA write covering the old partial block and the new
+    /// batches, zero-padded to the block size. Returns the new partial tail block and the
+    /// preallocated size.
+    pub async fn run(&self) -> Result<(Vec<u8>, u64)> {
+        let align = self.file.alignment() as usize;
+        debug_assert_eq!(self.file_pos % align as u64, 0);
+        let logical = self.head.len() + self.bytes;
+        let padded = logical.div_ceil(align) * align;
+        let write_end = self.file_pos + padded as u64;
+        let mut preallocated = self.preallocated;
+        if write_end > preallocated {
+            let step = PREALLOCATE_STEP_BYTES.min(self.segment_bytes.div_ceil(align as u64) * align as u64).max(align as u64);
+            let target = write_end.div_ceil(step) * step;
+            self.file.pre_allocate(target, false).await.io()?;
+            preallocated = target;
+        }
+        let mut buf = self.file.alloc_dma_buffer(padded);
+        let dst = buf.as_bytes_mut();
+        dst[..self.head.len()].copy_from_slice(&self.head);
+        let mut at = self.head.len();
+        for c in &self.chunks {
+            dst[at..at + c.len()].copy_from_slice(c);
+            at += c.len();
+        }
+        dst[at..].fill(0);
+        let tail_len = logical % align;
+        let tail = dst[logical - tail_len..logical].to_vec();
+        let n = self.file.write_at(buf, self.file_pos).await.io()?;
+        if n < padded {
+            bail!("short DMA write: {n} of {padded} bytes");
+        }
+        Ok((tail, preallocated))
+    }
+}
+
+async fn open_rw(path: &Path) -> Result<DmaFile> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .dma_open(path)
+        .await
+        .io()
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+async fn create_segment(dir: &Path, base: i64) -> Result<Segment> {
+    let path = dir.join(segment_file_name(base, "log"));
+    let file = open_rw(&path).await?;
+    file.truncate(0).await.io()?;
+    // The new file's directory entry must be durable before any batch in it is acknowledged.
+    let d = dir.to_path_buf();
+    blocking(move || std::fs::File::open(&d)?.sync_all()).await?;
+    Ok(Segment {
+        base_offset: base,
+        file: Rc::new(file),
+        path,
+        size: 0,
+        written: 0,
+        preallocated: 0,
+        tail_block: Vec::new(),
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        index: SegmentIndex::default(),
+        next_offset: base,
+        max_timestamp: -1,
+        created_ms: now_ms(),
+    })
+}
+
+async fn write_index_files(dir: PathBuf, base: i64, offsets: Vec<u8>, times: Vec<u8>) -> Result<()> {
+    blocking(move || -> Result<()> {
+        for (ext, data) in [("index", offsets), ("timeindex", times)] {
+            let path = dir.join(segment_file_name(base, ext));
+            let tmp = dir.join(format!("{}.tmp", segment_file_name(base, ext)));
+            std::fs::write(&tmp, &data)?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Opens one segment. With `trust_index` the index files are used when consistent and only the
+/// bytes after the last index entry are scanned; otherwise the whole file is scanned and the
+/// indexes rebuilt. Either way the file ends at the last valid batch afterwards.
+async fn open_segment(dir: &Path, base: i64, file_bytes: u64, trust_index: bool) -> Result<Segment> {
+    let path = dir.join(segment_file_name(base, "log"));
+    let file = Rc::new(open_rw(&path).await?);
+    let index = if trust_index {
+        let (d, b) = (dir.to_path_buf(), base);
+        let (o, t) = blocking(move || {
+            (
+                std::fs::read(d.join(segment_file_name(b, "index"))).ok(),
+                std::fs::read(d.join(segment_file_name(b, "timeindex"))).ok(),
+            )
+        })
+        .await;
+        match (o, t) {
+            (Some(o), Some(t)) => SegmentIndex::decode(&o, &t, file_bytes),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let interval = 4096;
+    let (scan_from, scan_offset, mut index, rebuild) = match index {
+        Some(idx) if !idx.offsets.is_empty() => {
+            let &(rel, pos) = idx.offsets.last().expect("non-empty");
+            (pos as u64, base + rel as i64, idx, false)
+        }
+        Some(idx) if file_bytes == 0 => (0, base, idx, false),
+        _ => (0, base, SegmentIndex::default(), true),
+    };
+    let scan = scan_segment(&file, scan_from, scan_offset, file_bytes, if rebuild { Some((&mut index, interval)) } else { None }).await?;
+    // An index whose last entry does not point at a batch with the right offset is rebuilt.
+    let scan = if !rebuild && scan.valid_end == scan_from && file_bytes > scan_from {
+        tracing::warn!(segment = %path.display(), "index does not match the log; rebuilding");
+        index = SegmentIndex::default();
+        scan_segment(&file, 0, base, file_bytes, Some((&mut index, interval))).await?
+    } else {
+        scan
+    };
+    if scan.valid_end < file_bytes {
+        tracing::warn!(
+            segment = %path.display(),
+            valid_bytes = scan.valid_end,
+            file_bytes,
+            "truncating torn or corrupt tail"
+        );
+    }
+    if scan.valid_end != file_bytes {
+        file.truncate(scan.valid_end).await.io()?;
+        file.fdatasync().await.io()?;
+    }
+    let mut max_ts = scan.max_timestamp;
+    if !rebuild {
+        max_ts = max_ts.max(index.times.last().map(|&(t, _)| t).unwrap_or(-1));
+    }
+    let size = scan.valid_end;
+    let align = file.alignment();
+    let tail_len = (size % align) as usize;
+    let tail_block = if tail_len > 0 {
+        file.read_at(size - tail_len as u64, tail_len).await.io()?.to_vec()
+    } else {
+        Vec::new()
+    };
+    Ok(Segment {
+        base_offset: base,
+        file,
+        path,
+        size,
+        written: size,
+        preallocated: size,
+        tail_block,
+        pending: VecDeque::new(),
+        pending_bytes: 0,
+        index,
+        next_offset: scan.next_offset,
+        max_timestamp: max_ts,
+        created_ms: now_ms(),
+    })
+}
+
+pub struct ScanResult {
+    pub valid_end: u64,
+    pub next_offset: i64,
+    pub max_timestamp: i64,
+}
+
+/// Walks batches from `pos` (holding offset `expected`) to `end`, checking each one, optionally
+/// rebuilding the index. Stops at the first batch that is torn, corrupt or out of sequence.
+async fn scan_segment(
+    file: &DmaFile,
+    mut pos: u64,
+    mut expected: i64,
+    end: u64,
+    mut rebuild: Option<(&mut SegmentIndex, u32)>,
+) -> Result<ScanResult> {
+    let base = expected;
+    let mut max_ts = -1i64;
+    while pos < end {
+        let want = ((end - pos) as usize).min(SCAN_CHUNK_BYTES);
+        let chunk = file.read_at(pos, want).await.io()?;
+        let mut at = 0usize;
+        let mut progressed = false;
+        while at < chunk.len() {
+            match batch::check_stored(&chunk[at..], Some(expected)) {
+                Stored::Valid { bytes } => {
+                    let h = Header::new(&chunk[at..]).expect("valid batch has a header");
+                    if let Some((idx, interval)) = rebuild.as_mut() {
+                        idx.on_append((expected - base) as u32, (pos + at as u64) as u32, bytes as u32, h.max_timestamp(), *interval);
+                    }
+                    max_ts = max_ts.max(h.max_timestamp());
+                    expected = h.last_offset() + 1;
+                    at += bytes;
+                    progressed = true;
+                }
+                Stored::Incomplete => {
+                    // The batch may continue past this chunk: read again from its start, unless
+                    // the file itself ends here (a torn tail).
+                    let h = Header::new(&chunk[at..]);
+                    let needed = h.and_then(|h| h.total_bytes()).unwrap_or(batch::HEADER_BYTES) as u64;
+                    if pos + at as u64 + needed > end {
+                        return Ok(ScanResult { valid_end: pos + at as u64, next_offset: expected, max_timestamp: max_ts });
+                    }
+                    if !progressed {
+                        // A single batch larger than the chunk: read it whole.
+                        let whole = file.read_at(pos + at as u64, needed as usize).await.io()?;
+                        match batch::check_stored(&whole, Some(expected)) {
+                            Stored::Valid { bytes } => {
+                                let h = Header::new(&whole).expect("valid");
+                                if let Some((idx, interval)) = rebuild.as_mut() {
+                                    idx.on_append((expected - base) as u32, (pos + at as u64) as u32, bytes as u32, h.max_timestamp(), *interval);
+                                }
+                                max_ts = max_ts.max(h.max_timestamp());
+                                expected = h.last_offset() + 1;
+                                at += bytes;
+                            }
+                            _ => return Ok(ScanResult { valid_end: pos + at as u64, next_offset: expected, max_timestamp: max_ts }),
+                        }
+                    }
+                    break;
+                }
+                Stored::Corrupt => {
+                    return Ok(ScanResult { valid_end: pos + at as u64, next_offset: expected, max_timestamp: max_ts });
+                }
+            }
+        }
+        pos += at as u64;
+    }
+    Ok(ScanResult { valid_end: pos, next_offset: expected, max_timestamp: max_ts })
+}
+
+/// Reads batches from disk for a fetch at `offset`: skips whole batches below it and returns
+/// the batches from there (at least one, then up to `max_bytes`), as one contiguous `Bytes`.
+pub async fn read_from_disk(range: &DiskRange, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
+    let mut pos = range.pos;
+    loop {
+        if pos >= range.end {
+            return Ok(None);
+        }
+        let want = ((range.end - pos) as usize).min(max_bytes.max(64 << 10));
+        let chunk = range.file.read_at(pos, want).await.io()?;
+        let mut at = 0usize;
+        let mut start = None;
+        while at < chunk.len() {
+            let Some(h) = Header::new(&chunk[at..]) else { break };
+            let Some(total) = h.total_bytes() else { bail!("corrupt batch on disk at {}", pos + at as u64) };
+            if start.is_none() && h.last_offset() < offset {
+                if at + total > chunk.len() {
+                    break;
+                }
+                at += total;
+                continue;
+            }
+            let s = *start.get_or_insert(at);
+            if at + total > chunk.len() {
+                if at == s {
+                    // The first batch is larger than what was read: read exactly it.
+                    let whole = range.file.read_at(pos + at as u64, total).await.io()?;
+                    if whole.len() < total {
+                        bail!("short read of a batch on disk");
+                    }
+                    return Ok(Some(Bytes::copy_from_slice(&whole)));
+                }
+                break;
+            }
+            if at > s && at + total - s > max_bytes {
+                break;
+            }
+            at += total;
+        }
+        match start {
+            Some(s) if at > s => return Ok(Some(Bytes::copy_from_slice(&chunk[s..at]))),
+            _ => {
+                if at == 0 {
+                    bail!("cannot parse batch on disk at {pos}");
+                }
+                pos += at as u64;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::batch::test_batches::make;
+    use std::cell::RefCell;
+
+    fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(move || async move {
+                let probe_dir = tempfile::tempdir().unwrap();
+                prime_dma(probe_dir.path(), "probe").await.unwrap();
+                f().await
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    async fn append_n(log: &RefCell<PartitionLog>, n: usize) {
+        for i in 0..n {
+            let b = make(4, 100, 1_000 + i as i64);
+            let infos = batch::validate_produce(&b, 1 << 20).unwrap();
+            loop {
+                let r = log.borrow_mut().append(&b, &infos, now_ms());
+                match r {
+                    Ok(_) => break,
+                    Err(AppendError::NeedsRoll) => {
+                        PartitionLog::roll(log).await.unwrap();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush(log: &RefCell<PartitionLog>) {
+        PartitionLog::write_all(log).await.unwrap();
+        let files = log.borrow().files_to_sync();
+        for f in files {
+            f.fdatasync().await.unwrap();
+        }
+        let mut l = log.borrow_mut();
+        l.durable_offset = l.written_offset;
+    }
+
+    #[test]
+    fn append_roll_read_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 10_000;
+            cfg.index_interval_bytes = 1000;
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, true).await.unwrap());
+            append_n(&log, 100).await;
+            flush(&log).await;
+            assert_eq!(log.borrow().log_end_offset, 400);
+            assert!(log.borrow().segments.len() >= 5);
+            // Read offset 201 (inside the batch at 200) from disk.
+            let range = log.borrow().locate(201).unwrap();
+            let got = read_from_disk(&range, 201, 1).await.unwrap().unwrap();
+            let h = Header::new(&got).unwrap();
+            assert_eq!(h.base_offset(), 200);
+            assert_eq!(batch::check_stored(&got, Some(200)), Stored::Valid { bytes: got.len() });
+            PartitionLog::close(&log).await.unwrap();
+            drop(log);
+            // Clean reopen.
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, true).await.unwrap());
+            assert_eq!(log.borrow().log_end_offset, 400);
+            // Unclean reopen: everything is scanned again, same result.
+            drop(log);
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, false).await.unwrap());
+            assert_eq!(log.borrow().log_end_offset, 400);
+            assert_eq!(log.borrow().max_timestamp.0, 1_099 + 3);
+            // Appending after reopen continues the offsets and the partial tail block.
+            append_n(&log, 3).await;
+            flush(&log).await;
+            drop(log);
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg, 0, false).await.unwrap());
+            assert_eq!(log.borrow().log_end_offset, 412);
+        });
+    }
+
+    #[test]
+    fn torn_and_flipped_tails_are_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, true).await.unwrap());
+            append_n(&log, 10).await;
+            flush(&log).await;
+            drop(log);
+            let seg = path.join(segment_file_name(0, "log"));
+            let p2 = seg.clone();
+            // The file is preallocated: zeros follow the data. Tear the last batch in half.
+            let full = blocking(move || std::fs::read(&p2).unwrap()).await;
+            let batch_len = make(4, 100, 0).len();
+            let p3 = seg.clone();
+            blocking(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&p3).unwrap();
+                f.set_len((batch_len * 10 - batch_len / 2) as u64).unwrap();
+            })
+            .await;
+            assert!(full.len() > batch_len * 10);
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, false).await.unwrap());
+            assert_eq!(log.borrow().log_end_offset, 36);
+            drop(log);
+            // Flip one bit inside batch 5: batches 5.. are dropped.
+            let p4 = seg.clone();
+            blocking(move || {
+                let mut d = std::fs::read(&p4).unwrap();
+                d[batch_len * 5 + 70] ^= 1;
+                std::fs::write(&p4, d).unwrap();
+            })
+            .await;
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg, 0, false).await.unwrap());
+            assert_eq!(log.borrow().log_end_offset, 20);
+            let size = blocking(move || std::fs::metadata(&seg).unwrap().len()).await;
+            assert_eq!(size, (batch_len * 5) as u64);
+        });
+    }
+
+    #[test]
+    fn retention_by_size_keeps_active_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 5_000;
+            cfg.retention_bytes = 6_000;
+            let log = RefCell::new(PartitionLog::open(path.clone(), cfg, 0, true).await.unwrap());
+            append_n(&log, 40).await;
+            flush(&log).await;
+            let expired = log.borrow().expired_segments(now_ms());
+            assert!(!expired.is_empty());
+            for b in expired {
+                log.borrow_mut().remove_segment(b).unwrap();
+            }
+            let l = log.borrow();
+            assert!(l.size_bytes() <= 6_000 + 5_000);
+            assert!(l.log_start_offset > 0);
+            assert!(l.locate(0).is_some()); // reads below the start land on the first segment
+        });
+    }
+}

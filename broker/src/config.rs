@@ -137,9 +137,12 @@ impl LogConfig {
             "segment.index.bytes" => "10485760".into(),
             "index.interval.bytes" => self.index_interval_bytes.to_string(),
             "max.message.bytes" => self.message_bytes_max.to_string(),
-            "message.timestamp.type" => {
-                if self.log_append_time { "LogAppendTime" } else { "CreateTime" }.into()
+            "message.timestamp.type" => if self.log_append_time {
+                "LogAppendTime"
+            } else {
+                "CreateTime"
             }
+            .into(),
             "min.insync.replicas" => "1".into(),
             "compression.type" => "producer".into(),
             _ => return None,
@@ -148,7 +151,10 @@ impl LogConfig {
 }
 
 fn parse_i64_min(v: &str, min: i64) -> Result<i64> {
-    let n: i64 = v.trim().parse().with_context(|| format!("{v:?} is not an integer"))?;
+    let n: i64 = v
+        .trim()
+        .parse()
+        .with_context(|| format!("{v:?} is not an integer"))?;
     if n < min {
         bail!("{n} is below the minimum {min}");
     }
@@ -208,7 +214,8 @@ impl Config {
                 bail!("line {}: expected key=value", n + 1);
             };
             let (k, v) = (k.trim(), v.trim());
-            self.apply_property(k, v).with_context(|| format!("line {}: {k}", n + 1))?;
+            self.apply_property(k, v)
+                .with_context(|| format!("line {}: {k}", n + 1))?;
         }
         Ok(())
     }
@@ -216,7 +223,8 @@ impl Config {
     pub fn apply_property(&mut self, k: &str, v: &str) -> Result<()> {
         match k {
             "num.partitions" => {
-                self.num_partitions = parse_i64_min(v, 1)?.min(PARTITIONS_PER_TOPIC_MAX as i64) as i32
+                self.num_partitions =
+                    parse_i64_min(v, 1)?.min(PARTITIONS_PER_TOPIC_MAX as i64) as i32
             }
             "default.replication.factor" => {
                 self.default_replication_factor = parse_i64_min(v, 1)?.min(i16::MAX as i64) as i16
@@ -226,8 +234,12 @@ impl Config {
             "log.roll.ms" => self.log.roll_ms = parse_i64_min(v, 1)? as u64,
             "log.roll.hours" => self.log.roll_ms = parse_i64_min(v, 1)? as u64 * 3_600_000,
             "log.retention.ms" => self.log.retention_ms = parse_i64_min(v, -1)?,
-            "log.retention.minutes" => self.log.retention_ms = parse_i64_min(v, -1)?.saturating_mul(60_000),
-            "log.retention.hours" => self.log.retention_ms = parse_i64_min(v, -1)?.saturating_mul(3_600_000),
+            "log.retention.minutes" => {
+                self.log.retention_ms = parse_i64_min(v, -1)?.saturating_mul(60_000)
+            }
+            "log.retention.hours" => {
+                self.log.retention_ms = parse_i64_min(v, -1)?.saturating_mul(3_600_000)
+            }
             "log.retention.bytes" => self.log.retention_bytes = parse_i64_min(v, -1)?,
             "log.retention.check.interval.ms" => {
                 self.retention_check_interval_ms = parse_i64_min(v, 1)? as u64
@@ -244,7 +256,9 @@ impl Config {
                 self.socket_request_bytes_max = n;
             }
             "message.max.bytes" => self.log.message_bytes_max = parse_message_bytes(v)?,
-            "node.id" | "broker.id" => self.node_id = parse_i64_min(v, 0)?.min(i32::MAX as i64) as i32,
+            "node.id" | "broker.id" => {
+                self.node_id = parse_i64_min(v, 0)?.min(i32::MAX as i64) as i32
+            }
             "log.dirs" | "log.dir" => {
                 self.data_dir = PathBuf::from(v.split(',').next().unwrap_or(v).trim())
             }
@@ -303,7 +317,9 @@ mod tests {
         assert!(!c.auto_create_topics);
         assert_eq!(c.socket_request_bytes_max, 2000);
         assert!(c.apply_properties("num.partitions=zero").is_err());
-        assert!(c.apply_properties("message.max.bytes=999999999999").is_err());
+        assert!(c
+            .apply_properties("message.max.bytes=999999999999")
+            .is_err());
     }
 
     #[test]
@@ -311,7 +327,10 @@ mod tests {
         let base = LogConfig::default();
         let mut o = BTreeMap::new();
         o.insert("retention.ms".to_string(), "1000".to_string());
-        o.insert("message.timestamp.type".to_string(), "LogAppendTime".to_string());
+        o.insert(
+            "message.timestamp.type".to_string(),
+            "LogAppendTime".to_string(),
+        );
         let c = base.with_topic_overrides(&o).unwrap();
         assert_eq!(c.retention_ms, 1000);
         assert!(c.log_append_time);
@@ -324,8 +343,14 @@ mod tests {
 
     #[test]
     fn listeners() {
-        assert_eq!(parse_listener("PLAINTEXT://localhost:9093").unwrap(), ("localhost".into(), 9093));
-        assert_eq!(parse_listener("10.0.0.1:1").unwrap(), ("10.0.0.1".into(), 1));
+        assert_eq!(
+            parse_listener("PLAINTEXT://localhost:9093").unwrap(),
+            ("localhost".into(), 9093)
+        );
+        assert_eq!(
+            parse_listener("10.0.0.1:1").unwrap(),
+            ("10.0.0.1".into(), 1)
+        );
         assert!(parse_listener("nohost").is_err());
     }
 }

@@ -8,7 +8,11 @@ use clap::Parser;
 use weir_broker::config::{parse_listener, Config};
 
 #[derive(Parser, Debug)]
-#[command(name = "broker", version, about = "Weir: a Kafka-compatible event-streaming broker")]
+#[command(
+    name = "broker",
+    version,
+    about = "Weir: a Kafka-compatible event-streaming broker"
+)]
 struct Args {
     /// Address to accept Kafka clients on.
     #[arg(long, default_value = "127.0.0.1:9092")]
@@ -35,7 +39,9 @@ struct Args {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run() {
@@ -47,12 +53,22 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    let shards = args.shards.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    anyhow::ensure!((1..=256).contains(&shards), "--shards must be between 1 and 256");
+    let shards = args.shards.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    anyhow::ensure!(
+        (1..=256).contains(&shards),
+        "--shards must be between 1 and 256"
+    );
     let mut config = Config::new(args.listen, args.data_dir.clone(), shards);
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        config.apply_properties(&text).with_context(|| format!("in {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        config
+            .apply_properties(&text)
+            .with_context(|| format!("in {}", path.display()))?;
     }
     // Command-line flags override the file.
     if args.listen.to_string() != "127.0.0.1:9092" || args.config.is_none() {

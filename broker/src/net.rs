@@ -54,13 +54,19 @@ pub async fn accept_loop(listener: TcpListener) {
         match accepted {
             Ok(stream) => {
                 if open_connections() >= s.config.connections_per_shard_max {
-                    tracing::warn!(limit = s.config.connections_per_shard_max, "connection limit reached; refusing a connection");
+                    tracing::warn!(
+                        limit = s.config.connections_per_shard_max,
+                        "connection limit reached; refusing a connection"
+                    );
                     drop(stream);
                     continue;
                 }
                 CONNECTIONS.with(|c| c.set(c.get() + 1));
                 glommio::spawn_local(async move {
-                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let peer = stream
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
                     if let Err(e) = connection(stream).await {
                         tracing::debug!(%peer, "connection ended: {e}");
                     }
@@ -82,12 +88,20 @@ enum Read<T> {
 }
 
 /// Reads exactly `buf.len()` bytes, giving up on shutdown (only between frames) or timeout.
-async fn read_exact_or_stop<R: futures::AsyncRead + Unpin>(r: &mut R, buf: &mut [u8], s: &Shard, between_frames: bool, timeout: Duration) -> io::Result<Read<()>> {
+async fn read_exact_or_stop<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    s: &Shard,
+    between_frames: bool,
+    timeout: Duration,
+) -> io::Result<Read<()>> {
     let stop = s.stopped.listen();
     if between_frames && s.shutting_down.get() {
         return Ok(Read::Stop);
     }
-    let read = glommio::timer::timeout(timeout, async { r.read_exact(buf).await.map_err(glommio::GlommioError::from) });
+    let read = glommio::timer::timeout(timeout, async {
+        r.read_exact(buf).await.map_err(glommio::GlommioError::from)
+    });
     if between_frames {
         match select(Box::pin(read), stop).await {
             Either::Left((r, _)) => r.map(Read::Done).map_err(io::Error::from),
@@ -128,7 +142,11 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
         }
         let size = i32::from_be_bytes(size);
         if size <= 0 || size as usize > max {
-            tracing::warn!(size, max, "closing connection: frame size out of range (socket.request.max.bytes)");
+            tracing::warn!(
+                size,
+                max,
+                "closing connection: frame size out of range (socket.request.max.bytes)"
+            );
             break Ok(());
         }
         let size = size as usize;
@@ -186,7 +204,11 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
 
 /// Writes `parts` with as few syscalls as the socket allows: one non-blocking `sendmsg` of up
 /// to IOVECS_PER_WRITE_MAX buffers; when the socket is full, glommio's write waits for room.
-async fn write_vectored(fd: RawFd, w: &mut WriteHalf<TcpStream>, parts: Vec<Bytes>) -> io::Result<()> {
+async fn write_vectored(
+    fd: RawFd,
+    w: &mut WriteHalf<TcpStream>,
+    parts: Vec<Bytes>,
+) -> io::Result<()> {
     let mut idx = 0usize;
     let mut off = 0usize;
     while idx < parts.len() {
@@ -196,7 +218,10 @@ async fn write_vectored(fd: RawFd, w: &mut WriteHalf<TcpStream>, parts: Vec<Byte
             .enumerate()
             .map(|(i, p)| {
                 let skip = if i == 0 { off } else { 0 };
-                libc::iovec { iov_base: p[skip..].as_ptr() as *mut libc::c_void, iov_len: p.len() - skip }
+                libc::iovec {
+                    iov_base: p[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: p.len() - skip,
+                }
             })
             .collect();
         // SAFETY: msghdr is plain data; zeroed is a valid empty header.

@@ -31,23 +31,38 @@ const RINGS_PER_EXECUTOR: usize = 3;
 /// Registration is an optimisation: without it glommio uses ordinary buffers.
 fn plan_io_memory(shards: usize) -> usize {
     let need = (IO_MEMORY_BYTES * RINGS_PER_EXECUTOR * shards) as u64 + (1 << 20);
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we own.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
         return IO_MEMORY_BYTES;
     }
     if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < need {
-        let raised = libc::rlimit { rlim_cur: need, rlim_max: lim.rlim_max.max(need) };
-        let capped = libc::rlimit { rlim_cur: lim.rlim_max.min(need), rlim_max: lim.rlim_max };
+        let raised = libc::rlimit {
+            rlim_cur: need,
+            rlim_max: lim.rlim_max.max(need),
+        };
+        let capped = libc::rlimit {
+            rlim_cur: lim.rlim_max.min(need),
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: setrlimit reads the struct; failure leaves the limit unchanged.
         if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0 {
-            tracing::info!(from = lim.rlim_cur, to = need, "raised RLIMIT_MEMLOCK for io_uring buffer registration");
+            tracing::info!(
+                from = lim.rlim_cur,
+                to = need,
+                "raised RLIMIT_MEMLOCK for io_uring buffer registration"
+            );
             return IO_MEMORY_BYTES;
         }
         // SAFETY: as above.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &capped) };
         let have = lim.rlim_max.min(need).max(lim.rlim_cur);
-        let per = (have.saturating_sub(1 << 20) / (RINGS_PER_EXECUTOR * shards) as u64) as usize / 4096 * 4096;
+        let per = (have.saturating_sub(1 << 20) / (RINGS_PER_EXECUTOR * shards) as u64) as usize
+            / 4096
+            * 4096;
         tracing::warn!(
             memlock_bytes = have,
             needed_bytes = need,
@@ -63,7 +78,11 @@ fn plan_io_memory(shards: usize) -> usize {
 }
 
 fn cpus(shards: usize) -> Vec<usize> {
-    let ids: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    let ids: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     if ids.is_empty() {
         return (0..shards).collect();
     }
@@ -72,7 +91,8 @@ fn cpus(shards: usize) -> Vec<usize> {
 
 pub fn run(config: Config) -> Result<()> {
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let cluster_id = Arc::new(metadata::cluster_id(&config.data_dir, config.node_id)?);
     let image: Arc<Image> = Arc::new(metadata::load(&config.data_dir, config.shards)?);
     let marker = config.data_dir.join(CLEAN_SHUTDOWN_MARKER);
@@ -93,12 +113,20 @@ pub fn run(config: Config) -> Result<()> {
     let drained = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(config.shards);
     for (i, cpu) in cpus(config.shards).into_iter().enumerate() {
-        let (config, cluster_id, image, mesh, stop, drained) =
-            (config.clone(), cluster_id.clone(), image.clone(), mesh.clone(), stop.clone(), drained.clone());
+        let (config, cluster_id, image, mesh, stop, drained) = (
+            config.clone(),
+            cluster_id.clone(),
+            image.clone(),
+            mesh.clone(),
+            stop.clone(),
+            drained.clone(),
+        );
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("weir-shard-{i}"))
             .io_memory(io_memory)
-            .spawn(move || async move { shard_main(config, cluster_id, image, mesh, clean, stop, drained).await })
+            .spawn(move || async move {
+                shard_main(config, cluster_id, image, mesh, clean, stop, drained).await
+            })
             .io()
             .with_context(|| format!("starting shard {i} on cpu {cpu}"))?;
         handles.push(h);
@@ -140,17 +168,29 @@ async fn shard_main(
     stop: Arc<AtomicBool>,
     drained: Arc<AtomicUsize>,
 ) -> Result<()> {
-    let (senders, mut receivers) = mesh.join().await.map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
+    let (senders, mut receivers) = mesh
+        .join()
+        .await
+        .map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
     let id = senders.peer_id();
     let count = config.shards;
     crate::storage::log::prime_dma(&config.data_dir, &format!(".probe-{id}")).await?;
-    let s: Rc<Shard> = Shard::install(id, count, config.clone(), cluster_id, image.clone(), senders);
+    let s: Rc<Shard> = Shard::install(
+        id,
+        count,
+        config.clone(),
+        cluster_id,
+        image.clone(),
+        senders,
+    );
 
     for (peer, rx) in receivers.streams() {
         let ops = Rc::new(glommio::sync::Semaphore::new(PEER_OPS_MAX));
         glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
-                let Ok(permit) = ops.acquire_static_permit(1).await else { break };
+                let Ok(permit) = ops.acquire_static_permit(1).await else {
+                    break;
+                };
                 shard::shard().count_remote_in();
                 glommio::spawn_local(async move {
                     shard::handle_msg(msg).await;
@@ -163,8 +203,14 @@ async fn shard_main(
         .detach();
     }
 
-    s.apply_image(image, clean).await.with_context(|| format!("shard {id}: opening partitions"))?;
-    tracing::info!(shard = id, partitions = s.partition_count(), "partitions open");
+    s.apply_image(image, clean)
+        .await
+        .with_context(|| format!("shard {id}: opening partitions"))?;
+    tracing::info!(
+        shard = id,
+        partitions = s.partition_count(),
+        "partitions open"
+    );
     glommio::spawn_local(s.clone().flusher()).detach();
     glommio::spawn_local(s.clone().retention()).detach();
 

@@ -139,7 +139,12 @@ impl FetchResult {
         self.records.iter().map(|b| b.len()).sum()
     }
     fn error(e: i16) -> FetchResult {
-        FetchResult { error: e, high_watermark: -1, log_start_offset: -1, records: Vec::new() }
+        FetchResult {
+            error: e,
+            high_watermark: -1,
+            log_start_offset: -1,
+            records: Vec::new(),
+        }
     }
 }
 
@@ -170,16 +175,43 @@ pub type ControlReply = Vec<Result<(i32, i16), metadata::TopicError>>;
 /// Messages between shards. One message carries all the work for its target shard from one
 /// request: batched, one wake-up per request and shard, never one per record.
 pub enum ShardMsg {
-    Produce { acks: i16, items: Vec<ProduceItem>, reply: oneshot::Sender<ProduceReply> },
-    Fetch { items: Vec<FetchItem>, max_bytes: usize, wait_until: Option<Instant>, reply: oneshot::Sender<Vec<FetchResult>> },
-    ListOffsets { items: Vec<ListOffsetItem>, reply: oneshot::Sender<Vec<ListOffsetResult>> },
-    Apply { image: Arc<Image>, reply: oneshot::Sender<Result<(), String>> },
-    Control { op: ControlOp, reply: oneshot::Sender<ControlReply> },
-    Stats { reply: oneshot::Sender<String> },
+    Produce {
+        acks: i16,
+        items: Vec<ProduceItem>,
+        reply: oneshot::Sender<ProduceReply>,
+    },
+    Fetch {
+        items: Vec<FetchItem>,
+        max_bytes: usize,
+        wait_until: Option<Instant>,
+        reply: oneshot::Sender<Vec<FetchResult>>,
+    },
+    ListOffsets {
+        items: Vec<ListOffsetItem>,
+        reply: oneshot::Sender<Vec<ListOffsetResult>>,
+    },
+    Apply {
+        image: Arc<Image>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Control {
+        op: ControlOp,
+        reply: oneshot::Sender<ControlReply>,
+    },
+    Stats {
+        reply: oneshot::Sender<String>,
+    },
 }
 
 impl Shard {
-    pub fn install(id: usize, count: usize, config: Arc<Config>, cluster_id: Arc<String>, image: Arc<Image>, senders: Senders<ShardMsg>) -> Rc<Shard> {
+    pub fn install(
+        id: usize,
+        count: usize,
+        config: Arc<Config>,
+        cluster_id: Arc<String>,
+        image: Arc<Image>,
+        senders: Senders<ShardMsg>,
+    ) -> Rc<Shard> {
         let request_bytes = (config.socket_request_bytes_max as u64).max(256 << 20);
         let s = Rc::new(Shard {
             id,
@@ -214,7 +246,10 @@ impl Shard {
 
     pub fn partition(&self, topic: &str, index: i32) -> Option<Rc<Partition>> {
         // Allocation-free lookup would need a borrowed key type; topic names are short.
-        self.partitions.borrow().get(&(topic.to_string(), index)).cloned()
+        self.partitions
+            .borrow()
+            .get(&(topic.to_string(), index))
+            .cloned()
     }
 
     pub fn partition_count(&self) -> usize {
@@ -240,27 +275,38 @@ impl Shard {
     /// and deletes the ones whose topic is gone.
     pub async fn apply_image(self: &Rc<Self>, image: Arc<Image>, clean: bool) -> Result<()> {
         *self.image.borrow_mut() = image.clone();
-        let stale: Vec<Rc<Partition>> = self
-            .partitions
-            .borrow()
-            .values()
-            .filter(|p| {
-                image.topics.get(&p.topic).is_none_or(|t| t.id != p.topic_id || p.index as usize >= t.partitions.len())
-            })
-            .cloned()
-            .collect();
+        let stale: Vec<Rc<Partition>> =
+            self.partitions
+                .borrow()
+                .values()
+                .filter(|p| {
+                    image.topics.get(&p.topic).is_none_or(|t| {
+                        t.id != p.topic_id || p.index as usize >= t.partitions.len()
+                    })
+                })
+                .cloned()
+                .collect();
         for p in stale {
-            self.partitions.borrow_mut().remove(&(p.topic.clone(), p.index));
+            self.partitions
+                .borrow_mut()
+                .remove(&(p.topic.clone(), p.index));
             self.by_id.borrow_mut().remove(&p.id);
             p.deleted.set(true);
             p.appended.notify(usize::MAX);
             let _permit = p.io_lock.acquire_permit(1).await;
             let dir = p.log.borrow().dir.clone();
             let pending = p.log.borrow().pending_bytes();
-            self.pending_bytes.set(self.pending_bytes.get().saturating_sub(pending));
-            blocking(move || std::fs::remove_dir_all(&dir)).await.or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
-            })?;
+            self.pending_bytes
+                .set(self.pending_bytes.get().saturating_sub(pending));
+            blocking(move || std::fs::remove_dir_all(&dir))
+                .await
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
             tracing::info!(topic = %p.topic, partition = p.index, shard = self.id, "deleted partition");
         }
         for (name, t) in &image.topics {
@@ -288,7 +334,9 @@ impl Shard {
                     deleted: Cell::new(false),
                 });
                 self.by_id.borrow_mut().insert(id, p.clone());
-                self.partitions.borrow_mut().insert((name.clone(), i as i32), p);
+                self.partitions
+                    .borrow_mut()
+                    .insert((name.clone(), i as i32), p);
             }
         }
         Ok(())
@@ -308,7 +356,11 @@ impl Shard {
     }
 
     /// Appends one partition's validated batches; returns (base offset, log append time).
-    async fn append(self: &Rc<Self>, p: &Rc<Partition>, item: &ProduceItem) -> Result<(i64, i64), i16> {
+    async fn append(
+        self: &Rc<Self>,
+        p: &Rc<Partition>,
+        item: &ProduceItem,
+    ) -> Result<(i64, i64), i16> {
         self.wait_for_room().await;
         loop {
             if p.deleted.get() {
@@ -321,19 +373,36 @@ impl Shard {
             let r = p.log.borrow_mut().append(&item.records, &item.infos, now);
             match r {
                 Ok(a) => {
-                    let append_time = if p.log.borrow().config.log_append_time { now } else { -1 };
+                    let append_time = if p.log.borrow().config.log_append_time {
+                        now
+                    } else {
+                        -1
+                    };
                     let bytes: u64 = a.batches.iter().map(|(_, _, b)| b.len() as u64).sum();
                     {
                         let mut cache = self.cache.borrow_mut();
                         let mut pc = p.cache.borrow_mut();
                         for (base, last, b) in a.batches {
-                            cache.insert(p.id, &mut pc, CachedBatch { base, last, bytes: b });
+                            cache.insert(
+                                p.id,
+                                &mut pc,
+                                CachedBatch {
+                                    base,
+                                    last,
+                                    bytes: b,
+                                },
+                            );
                         }
                     }
                     self.pending_bytes.set(self.pending_bytes.get() + bytes);
                     self.mark_dirty(p);
                     self.evict();
-                    *self.stats.borrow_mut().produced_batches.entry(format!("{}-{}", p.topic, p.index)).or_default() += item.infos.len() as u64;
+                    *self
+                        .stats
+                        .borrow_mut()
+                        .produced_batches
+                        .entry(format!("{}-{}", p.topic, p.index))
+                        .or_default() += item.infos.len() as u64;
                     p.appended.notify(usize::MAX);
                     return Ok((a.base_offset, append_time));
                 }
@@ -345,7 +414,8 @@ impl Shard {
                     }
                     let before = p.log.borrow().pending_bytes();
                     let r = PartitionLog::roll(&p.log).await;
-                    self.pending_bytes.set(self.pending_bytes.get().saturating_sub(before));
+                    self.pending_bytes
+                        .set(self.pending_bytes.get().saturating_sub(before));
                     if let Err(e) = r {
                         tracing::error!(topic = %p.topic, partition = p.index, "segment roll failed: {e:#}");
                         p.failed.set(true);
@@ -364,28 +434,41 @@ impl Shard {
 
     fn evict(&self) {
         let by_id = self.by_id.borrow();
-        let done = self.cache.borrow_mut().evict(|pid, base| match by_id.get(&pid) {
-            None => Evicted::Gone,
-            Some(p) => {
-                if base < p.log.borrow().written_offset {
-                    p.cache.borrow_mut().pop_front_if(base);
-                    Evicted::Dropped
-                } else {
-                    Evicted::Pinned
+        let done = self
+            .cache
+            .borrow_mut()
+            .evict(|pid, base| match by_id.get(&pid) {
+                None => Evicted::Gone,
+                Some(p) => {
+                    if base < p.log.borrow().written_offset {
+                        p.cache.borrow_mut().pop_front_if(base);
+                        Evicted::Dropped
+                    } else {
+                        Evicted::Pinned
+                    }
                 }
-            }
-        });
+            });
         if !done {
             self.flush_wanted.notify(1);
         }
     }
 
-    async fn produce(self: Rc<Self>, acks: i16, items: Vec<ProduceItem>, reply: oneshot::Sender<ProduceReply>) {
+    async fn produce(
+        self: Rc<Self>,
+        acks: i16,
+        items: Vec<ProduceItem>,
+        reply: oneshot::Sender<ProduceReply>,
+    ) {
         let mut results = Vec::with_capacity(items.len());
         let mut waits = Vec::new();
         for item in &items {
             let Some(p) = self.partition(&item.topic, item.partition) else {
-                results.push(ProduceResult { error: NOT_LEADER_OR_FOLLOWER, base_offset: -1, log_append_time_ms: -1, log_start_offset: -1 });
+                results.push(ProduceResult {
+                    error: NOT_LEADER_OR_FOLLOWER,
+                    base_offset: -1,
+                    log_append_time_ms: -1,
+                    log_start_offset: -1,
+                });
                 continue;
             };
             match self.append(&p, item).await {
@@ -394,10 +477,20 @@ impl Shard {
                         let l = p.log.borrow();
                         (l.log_start_offset, l.log_end_offset)
                     };
-                    results.push(ProduceResult { error: NONE, base_offset: base, log_append_time_ms: append_time, log_start_offset: start });
+                    results.push(ProduceResult {
+                        error: NONE,
+                        base_offset: base,
+                        log_append_time_ms: append_time,
+                        log_start_offset: start,
+                    });
                     waits.push((p.clone(), end));
                 }
-                Err(e) => results.push(ProduceResult { error: e, base_offset: -1, log_append_time_ms: -1, log_start_offset: -1 }),
+                Err(e) => results.push(ProduceResult {
+                    error: e,
+                    base_offset: -1,
+                    log_append_time_ms: -1,
+                    log_start_offset: -1,
+                }),
             }
         }
         let durable = if acks == -1 && !waits.is_empty() {
@@ -458,7 +551,10 @@ impl Shard {
                 }
                 l.await;
             }
-            if !self.sync_requested.get() && self.pending_bytes.get() < log::WRITE_CHUNK_BYTES as u64 && !self.shutting_down.get() {
+            if !self.sync_requested.get()
+                && self.pending_bytes.get() < log::WRITE_CHUNK_BYTES as u64
+                && !self.shutting_down.get()
+            {
                 let l = self.flush_wanted.listen();
                 if !self.sync_requested.get() {
                     let _ = select(Box::pin(glommio::timer::sleep(FLUSH_INTERVAL)), l).await;
@@ -500,7 +596,8 @@ impl Shard {
         let before = p.log.borrow().pending_bytes();
         let r = PartitionLog::write_all(&p.log).await;
         let after = p.log.borrow().pending_bytes();
-        self.pending_bytes.set(self.pending_bytes.get().saturating_sub(before - after));
+        self.pending_bytes
+            .set(self.pending_bytes.get().saturating_sub(before - after));
         if let Err(e) = r {
             tracing::error!(topic = %p.topic, partition = p.index, "log write failed, partition offline: {e:#}");
             p.failed.set(true);
@@ -542,7 +639,11 @@ impl Shard {
         for p in parts {
             let _permit = p.io_lock.acquire_permit(1).await;
             if p.failed.get() {
-                result = Err(anyhow::anyhow!("partition {}-{} had an I/O error", p.topic, p.index));
+                result = Err(anyhow::anyhow!(
+                    "partition {}-{} had an I/O error",
+                    p.topic,
+                    p.index
+                ));
                 continue;
             }
             if let Err(e) = PartitionLog::close(&p.log).await {
@@ -576,7 +677,9 @@ impl Shard {
             let _permit = p.io_lock.acquire_permit(1).await;
             for base in expired {
                 let removed = p.log.borrow_mut().remove_segment(base);
-                let Some((file, path)) = removed else { continue };
+                let Some((file, path)) = removed else {
+                    continue;
+                };
                 drop(file);
                 let r = blocking(move || -> std::io::Result<()> {
                     std::fs::remove_file(&path)?;
@@ -587,8 +690,12 @@ impl Shard {
                 })
                 .await;
                 match r {
-                    Ok(()) => tracing::info!(topic = %p.topic, partition = p.index, base, "deleted segment by retention"),
-                    Err(e) => tracing::warn!(topic = %p.topic, partition = p.index, base, "deleting segment: {e}"),
+                    Ok(()) => {
+                        tracing::info!(topic = %p.topic, partition = p.index, base, "deleted segment by retention")
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %p.topic, partition = p.index, base, "deleting segment: {e}")
+                    }
                 }
             }
         }
@@ -597,7 +704,12 @@ impl Shard {
     // ---- fetch ----
 
     /// Reads a partition for a fetch: from the cache when the offset is recent, else from disk.
-    async fn read_partition(&self, p: &Rc<Partition>, item: &FetchItem, max_bytes: usize) -> FetchResult {
+    async fn read_partition(
+        &self,
+        p: &Rc<Partition>,
+        item: &FetchItem,
+        max_bytes: usize,
+    ) -> FetchResult {
         if p.failed.get() {
             return FetchResult::error(KAFKA_STORAGE_ERROR);
         }
@@ -605,9 +717,18 @@ impl Shard {
             let l = p.log.borrow();
             (l.log_start_offset, l.log_end_offset, l.leader_epoch)
         };
-        let mut r = FetchResult { error: NONE, high_watermark: end, log_start_offset: start, records: Vec::new() };
+        let mut r = FetchResult {
+            error: NONE,
+            high_watermark: end,
+            log_start_offset: start,
+            records: Vec::new(),
+        };
         if item.current_leader_epoch >= 0 && item.current_leader_epoch != epoch {
-            r.error = if item.current_leader_epoch > epoch { UNKNOWN_LEADER_EPOCH } else { FENCED_LEADER_EPOCH };
+            r.error = if item.current_leader_epoch > epoch {
+                UNKNOWN_LEADER_EPOCH
+            } else {
+                FENCED_LEADER_EPOCH
+            };
             return r;
         }
         if item.offset < start || item.offset > end {
@@ -632,11 +753,24 @@ impl Shard {
         r
     }
 
-    async fn fetch(self: Rc<Self>, items: Vec<FetchItem>, max_bytes: usize, wait_until: Option<Instant>, mut reply: oneshot::Sender<Vec<FetchResult>>) {
-        let parts: Vec<Option<Rc<Partition>>> = items.iter().map(|i| self.partition(&i.topic, i.partition)).collect();
+    async fn fetch(
+        self: Rc<Self>,
+        items: Vec<FetchItem>,
+        max_bytes: usize,
+        wait_until: Option<Instant>,
+        mut reply: oneshot::Sender<Vec<FetchResult>>,
+    ) {
+        let parts: Vec<Option<Rc<Partition>>> = items
+            .iter()
+            .map(|i| self.partition(&i.topic, i.partition))
+            .collect();
         loop {
             // Listen before reading, so an append between the read and the wait is not missed.
-            let listeners: Vec<_> = parts.iter().flatten().map(|p| p.appended.listen()).collect();
+            let listeners: Vec<_> = parts
+                .iter()
+                .flatten()
+                .map(|p| p.appended.listen())
+                .collect();
             let mut results = Vec::with_capacity(items.len());
             let mut total = 0usize;
             for (item, p) in items.iter().zip(&parts) {
@@ -644,8 +778,13 @@ impl Shard {
                     None => FetchResult::error(NOT_LEADER_OR_FOLLOWER),
                     Some(p) if p.deleted.get() => FetchResult::error(UNKNOWN_TOPIC_OR_PARTITION),
                     Some(p) => {
-                        let budget = if total == 0 { max_bytes.max(1) } else { max_bytes.saturating_sub(total) };
-                        self.read_partition(p, item, item.partition_max_bytes.min(budget)).await
+                        let budget = if total == 0 {
+                            max_bytes.max(1)
+                        } else {
+                            max_bytes.saturating_sub(total)
+                        };
+                        self.read_partition(p, item, item.partition_max_bytes.min(budget))
+                            .await
                     }
                 };
                 total += r.bytes();
@@ -657,7 +796,12 @@ impl Shard {
                 _ => {
                     for (item, r) in items.iter().zip(&results) {
                         if !r.records.is_empty() {
-                            *self.stats.borrow_mut().fetched_partitions.entry(format!("{}-{}", item.topic, item.partition)).or_default() += 1;
+                            *self
+                                .stats
+                                .borrow_mut()
+                                .fetched_partitions
+                                .entry(format!("{}-{}", item.topic, item.partition))
+                                .or_default() += 1;
                         }
                     }
                     let _ = reply.send(results);
@@ -667,7 +811,8 @@ impl Shard {
             let any_append = futures::future::select_all(listeners);
             let timer = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
             let cancelled = reply.cancellation();
-            let woke = match select(Box::pin(any_append), select(Box::pin(timer), cancelled)).await {
+            let woke = match select(Box::pin(any_append), select(Box::pin(timer), cancelled)).await
+            {
                 Either::Left(_) => Wake::Append,
                 Either::Right((Either::Left(_), _)) => Wake::Deadline,
                 Either::Right((Either::Right(_), _)) => Wake::Cancelled,
@@ -683,11 +828,20 @@ impl Shard {
 
     // ---- list offsets ----
 
-    async fn list_offsets(self: Rc<Self>, items: Vec<ListOffsetItem>, reply: oneshot::Sender<Vec<ListOffsetResult>>) {
+    async fn list_offsets(
+        self: Rc<Self>,
+        items: Vec<ListOffsetItem>,
+        reply: oneshot::Sender<Vec<ListOffsetResult>>,
+    ) {
         let mut out = Vec::with_capacity(items.len());
         for item in &items {
             let r = match self.partition(&item.topic, item.partition) {
-                None => ListOffsetResult { error: NOT_LEADER_OR_FOLLOWER, timestamp: -1, offset: -1, leader_epoch: -1 },
+                None => ListOffsetResult {
+                    error: NOT_LEADER_OR_FOLLOWER,
+                    timestamp: -1,
+                    offset: -1,
+                    leader_epoch: -1,
+                },
                 Some(p) => self.list_offset(&p, item).await,
             };
             out.push(r);
@@ -698,11 +852,25 @@ impl Shard {
     async fn list_offset(&self, p: &Rc<Partition>, item: &ListOffsetItem) -> ListOffsetResult {
         let (start, end, epoch, max_ts) = {
             let l = p.log.borrow();
-            (l.log_start_offset, l.log_end_offset, l.leader_epoch, l.max_timestamp)
+            (
+                l.log_start_offset,
+                l.log_end_offset,
+                l.leader_epoch,
+                l.max_timestamp,
+            )
         };
-        let mut r = ListOffsetResult { error: NONE, timestamp: -1, offset: -1, leader_epoch: epoch };
+        let mut r = ListOffsetResult {
+            error: NONE,
+            timestamp: -1,
+            offset: -1,
+            leader_epoch: epoch,
+        };
         if item.current_leader_epoch >= 0 && item.current_leader_epoch != epoch {
-            r.error = if item.current_leader_epoch > epoch { UNKNOWN_LEADER_EPOCH } else { FENCED_LEADER_EPOCH };
+            r.error = if item.current_leader_epoch > epoch {
+                UNKNOWN_LEADER_EPOCH
+            } else {
+                FENCED_LEADER_EPOCH
+            };
             return r;
         }
         match item.timestamp {
@@ -732,14 +900,24 @@ impl Shard {
         let (mut offset, end, start) = {
             let l = p.log.borrow();
             match l.offset_scan_start_for_time(ts) {
-                Some(o) => (o.max(l.log_start_offset), l.log_end_offset, l.log_start_offset),
+                Some(o) => (
+                    o.max(l.log_start_offset),
+                    l.log_end_offset,
+                    l.log_start_offset,
+                ),
                 None => return Ok(None),
             }
         };
         let _ = start;
         // Bounded: every step moves `offset` forward by at least one batch.
         while offset < end {
-            let item = FetchItem { topic: String::new(), partition: 0, offset, partition_max_bytes: 1 << 20, current_leader_epoch: -1 };
+            let item = FetchItem {
+                topic: String::new(),
+                partition: 0,
+                offset,
+                partition_max_bytes: 1 << 20,
+                current_leader_epoch: -1,
+            };
             let r = self.read_partition(p, &item, 1 << 20).await;
             if r.error != NONE {
                 anyhow::bail!("read error {}", r.error);
@@ -750,8 +928,11 @@ impl Shard {
             for chunk in &r.records {
                 let mut at = 0;
                 while at < chunk.len() {
-                    let h = Header::new(&chunk[at..]).ok_or_else(|| anyhow::anyhow!("truncated batch"))?;
-                    let total = h.total_bytes().ok_or_else(|| anyhow::anyhow!("bad batch length"))?;
+                    let h = Header::new(&chunk[at..])
+                        .ok_or_else(|| anyhow::anyhow!("truncated batch"))?;
+                    let total = h
+                        .total_bytes()
+                        .ok_or_else(|| anyhow::anyhow!("bad batch length"))?;
                     if h.last_offset() >= offset && h.max_timestamp() >= ts {
                         let batch = chunk.slice(at..at + total);
                         if let Some(found) = first_record_at_or_after(batch, ts, offset)? {
@@ -773,7 +954,12 @@ fn first_record_at_or_after(batch: Bytes, ts: i64, min_offset: i64) -> Result<Op
     use kafka_protocol::records::RecordBatchDecoder;
     let mut b = batch;
     let set = RecordBatchDecoder::decode(&mut b)?;
-    Ok(set.records.iter().filter(|r| r.offset >= min_offset).find(|r| r.timestamp >= ts).map(|r| (r.timestamp, r.offset)))
+    Ok(set
+        .records
+        .iter()
+        .filter(|r| r.offset >= min_offset)
+        .find(|r| r.timestamp >= ts)
+        .map(|r| (r.timestamp, r.offset)))
 }
 
 /// Reads from disk starting at `offset`, stepping over segments that end before it.
@@ -784,7 +970,9 @@ async fn read_disk(p: &Rc<Partition>, offset: i64, max_bytes: usize) -> Result<O
         if let Some(b) = log::read_from_disk(&r, offset, max_bytes).await? {
             return Ok(Some(b));
         }
-        range = r.next_segment.and_then(|next| p.log.borrow().locate_segment(next));
+        range = r
+            .next_segment
+            .and_then(|next| p.log.borrow().locate_segment(next));
     }
     Ok(None)
 }
@@ -800,10 +988,18 @@ pub async fn handle_msg(msg: ShardMsg) {
     let s = shard();
     match msg {
         ShardMsg::Produce { acks, items, reply } => s.produce(acks, items, reply).await,
-        ShardMsg::Fetch { items, max_bytes, wait_until, reply } => s.fetch(items, max_bytes, wait_until, reply).await,
+        ShardMsg::Fetch {
+            items,
+            max_bytes,
+            wait_until,
+            reply,
+        } => s.fetch(items, max_bytes, wait_until, reply).await,
         ShardMsg::ListOffsets { items, reply } => s.list_offsets(items, reply).await,
         ShardMsg::Apply { image, reply } => {
-            let r = s.apply_image(image, false).await.map_err(|e| format!("{e:#}"));
+            let r = s
+                .apply_image(image, false)
+                .await
+                .map_err(|e| format!("{e:#}"));
             let _ = reply.send(r);
         }
         ShardMsg::Control { op, reply } => {
@@ -820,9 +1016,17 @@ impl Shard {
     /// One line describing what this shard served; the ownership test reads it.
     pub fn stats_line(&self) -> String {
         let st = self.stats.borrow();
-        let mut produced: Vec<_> = st.produced_batches.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        let mut produced: Vec<_> = st
+            .produced_batches
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
         produced.sort();
-        let mut fetched: Vec<_> = st.fetched_partitions.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+        let mut fetched: Vec<_> = st
+            .fetched_partitions
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
         fetched.sort();
         format!(
             "shard={} produced=[{}] fetched=[{}] remote_in={} remote_out={}",

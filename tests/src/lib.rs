@@ -1,1 +1,264 @@
+//! Helpers for end-to-end tests: start the real `broker` binary on a free port with a
+//! temporary data directory, stop it (SIGTERM or SIGKILL), restart it on the same data, and
+//! build librdkafka clients pointed at it.
 
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+
+pub use rdkafka;
+
+/// Where cargo put the broker binary (the test script builds it before running tests).
+pub fn broker_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/broker");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--bin", "broker"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the broker failed");
+    }
+    bin
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Broker {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub shards: usize,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+    log_path: PathBuf,
+    starts: usize,
+}
+
+impl Broker {
+    /// Starts a broker with `shards` shards and waits until it accepts connections.
+    pub fn start(shards: usize) -> Broker {
+        Broker::start_with(shards, &[])
+    }
+
+    pub fn start_with(shards: usize, extra: &[&str]) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("broker.log");
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            shards,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log_path,
+            starts: 0,
+        };
+        b.restart();
+        b
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the broker process on the same port and data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(broker_binary())
+            .arg("--listen")
+            .arg(self.bootstrap())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--shards")
+            .arg(self.shards.to_string())
+            .arg("--cache-bytes")
+            .arg((64 << 20).to_string())
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting broker");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if TcpStream::connect(self.bootstrap()).is_ok() {
+                // Every shard binds the port; give the last ones a moment after the first.
+                std::thread::sleep(Duration::from_millis(200));
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("broker exited at start with {status}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("broker did not start listening:\n{}", self.log());
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc_kill(child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or write the clean-shutdown marker.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// Everything the broker logged so far (all starts).
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap());
+        c.set("broker.address.family", "v4");
+        c
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Waits for `cond` up to `timeout`, polling.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+pub mod workload;
+
+pub mod admin {
+    //! Topic administration through librdkafka's AdminClient.
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::error::RDKafkaErrorCode;
+
+    use super::Broker;
+
+    pub fn client(b: &Broker) -> AdminClient<DefaultClientContext> {
+        b.client_config().create().expect("admin client")
+    }
+
+    pub fn opts() -> AdminOptions {
+        AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)))
+    }
+
+    /// Creates a topic; returns the per-topic result code.
+    pub fn create(
+        b: &Broker,
+        name: &str,
+        partitions: i32,
+        rf: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<(), RDKafkaErrorCode> {
+        let a = client(b);
+        let mut t = NewTopic::new(name, partitions, TopicReplication::Fixed(rf));
+        for (k, v) in configs {
+            t = t.set(k, v);
+        }
+        let r = futures::executor::block_on(a.create_topics([&t], &opts()))
+            .expect("CreateTopics request");
+        r.into_iter()
+            .next()
+            .expect("one result")
+            .map(|_| ())
+            .map_err(|(_, e)| e)
+    }
+
+    pub fn delete(b: &Broker, name: &str) -> Result<(), RDKafkaErrorCode> {
+        let a = client(b);
+        let r = futures::executor::block_on(a.delete_topics(&[name], &opts()))
+            .expect("DeleteTopics request");
+        r.into_iter()
+            .next()
+            .expect("one result")
+            .map(|_| ())
+            .map_err(|(_, e)| e)
+    }
+
+    pub fn add_partitions(b: &Broker, name: &str, total: usize) -> Result<(), RDKafkaErrorCode> {
+        let a = client(b);
+        let p = NewPartitions::new(name, total);
+        let r = futures::executor::block_on(a.create_partitions([&p], &opts()))
+            .expect("CreatePartitions request");
+        r.into_iter()
+            .next()
+            .expect("one result")
+            .map(|_| ())
+            .map_err(|(_, e)| e)
+    }
+}

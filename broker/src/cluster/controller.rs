@@ -17,7 +17,10 @@ use crate::storage::log::blocking;
 pub const CONTROLLER_SHARD: usize = 0;
 
 pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
-    assert_eq!(s.id, CONTROLLER_SHARD, "metadata changes run on the controller shard");
+    assert_eq!(
+        s.id, CONTROLLER_SHARD,
+        "metadata changes run on the controller shard"
+    );
     let _permit = s.control_lock.acquire_permit(1).await;
     let mut image: Image = (*s.image()).clone();
     let mut changed = false;
@@ -82,7 +85,10 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
     if let Err(e) = blocking(move || metadata::store(&dir, &to_store)).await {
         tracing::error!("persisting metadata failed: {e:#}");
         let msg = format!("The broker could not persist metadata: {e}");
-        return results.into_iter().map(|r| r.and(Err(TopicError::InvalidRequest(msg.clone())))).collect();
+        return results
+            .into_iter()
+            .map(|r| r.and(Err(TopicError::InvalidRequest(msg.clone()))))
+            .collect();
     }
     broadcast(s, image).await;
     results
@@ -93,14 +99,24 @@ pub async fn broadcast(s: &Rc<Shard>, image: Arc<Image>) {
     let mut replies = Vec::with_capacity(s.count);
     for target in 0..s.count {
         let (tx, rx) = oneshot::channel();
-        s.send(target, ShardMsg::Apply { image: image.clone(), reply: tx }).await;
+        s.send(
+            target,
+            ShardMsg::Apply {
+                image: image.clone(),
+                reply: tx,
+            },
+        )
+        .await;
         replies.push((target, rx));
     }
     for (target, rx) in replies {
         match rx.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(shard = target, "applying metadata failed: {e}"),
-            Err(_) => tracing::warn!(shard = target, "shard did not answer a metadata change (shutting down?)"),
+            Err(_) => tracing::warn!(
+                shard = target,
+                "shard did not answer a metadata change (shutting down?)"
+            ),
         }
     }
 }
@@ -108,6 +124,7 @@ pub async fn broadcast(s: &Rc<Shard>, image: Arc<Image>) {
 /// Asks the controller for a change, from any shard.
 pub async fn request(s: &Rc<Shard>, op: ControlOp) -> Option<ControlReply> {
     let (tx, rx) = oneshot::channel();
-    s.send(CONTROLLER_SHARD, ShardMsg::Control { op, reply: tx }).await;
+    s.send(CONTROLLER_SHARD, ShardMsg::Control { op, reply: tx })
+        .await;
     rx.await.ok()
 }

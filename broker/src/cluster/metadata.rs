@@ -50,7 +50,10 @@ impl Image {
 
     pub fn owner(&self, topic: &str, partition: i32) -> Option<u32> {
         let t = self.topics.get(topic)?;
-        usize::try_from(partition).ok().and_then(|p| t.partitions.get(p)).map(|p| p.shard)
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| t.partitions.get(p))
+            .map(|p| p.shard)
     }
 
     /// Effective log config of a topic: broker defaults plus the topic's overrides.
@@ -107,17 +110,24 @@ impl TopicError {
 /// Kafka's topic name rules: 1..=249 chars of [a-zA-Z0-9._-], not "." or "..".
 pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
     if name.is_empty() {
-        return Err(TopicError::InvalidName("Topic name is illegal, it can't be empty".into()));
+        return Err(TopicError::InvalidName(
+            "Topic name is illegal, it can't be empty".into(),
+        ));
     }
     if name == "." || name == ".." {
-        return Err(TopicError::InvalidName("Topic name cannot be \".\" or \"..\"".into()));
+        return Err(TopicError::InvalidName(
+            "Topic name cannot be \".\" or \"..\"".into(),
+        ));
     }
     if name.len() > TOPIC_NAME_BYTES_MAX {
         return Err(TopicError::InvalidName(format!(
             "Topic name is illegal, it can't be longer than {TOPIC_NAME_BYTES_MAX} characters"
         )));
     }
-    if !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-') {
+    if !name
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
+    {
         return Err(TopicError::InvalidName(format!(
             "Topic name \"{name}\" is illegal, it contains a character other than ASCII alphanumerics, '.', '_' and '-'"
         )));
@@ -134,17 +144,29 @@ pub struct NewTopic {
 }
 
 /// Validates a new topic against the image and the broker config; resolves -1 defaults.
-pub fn check_new_topic(image: &Image, cfg: &Config, t: &NewTopic) -> Result<(i32, i16), TopicError> {
+pub fn check_new_topic(
+    image: &Image,
+    cfg: &Config,
+    t: &NewTopic,
+) -> Result<(i32, i16), TopicError> {
     validate_topic_name(&t.name)?;
     if image.topics.contains_key(&t.name) {
         return Err(TopicError::AlreadyExists);
     }
     if t.has_assignments {
-        return Err(TopicError::InvalidRequest("Manual replica assignments are not supported on a single-node Weir".into()));
+        return Err(TopicError::InvalidRequest(
+            "Manual replica assignments are not supported on a single-node Weir".into(),
+        ));
     }
-    let partitions = if t.num_partitions == -1 { cfg.num_partitions } else { t.num_partitions };
+    let partitions = if t.num_partitions == -1 {
+        cfg.num_partitions
+    } else {
+        t.num_partitions
+    };
     if partitions <= 0 {
-        return Err(TopicError::InvalidPartitions("Number of partitions must be larger than 0.".into()));
+        return Err(TopicError::InvalidPartitions(
+            "Number of partitions must be larger than 0.".into(),
+        ));
     }
     if partitions > PARTITIONS_PER_TOPIC_MAX {
         return Err(TopicError::InvalidPartitions(format!(
@@ -156,16 +178,24 @@ pub fn check_new_topic(image: &Image, cfg: &Config, t: &NewTopic) -> Result<(i32
             "The broker would host more than {PARTITIONS_PER_BROKER_MAX} partitions."
         )));
     }
-    let rf = if t.replication_factor == -1 { cfg.default_replication_factor } else { t.replication_factor };
+    let rf = if t.replication_factor == -1 {
+        cfg.default_replication_factor
+    } else {
+        t.replication_factor
+    };
     if rf <= 0 {
-        return Err(TopicError::InvalidReplicationFactor("Replication factor must be larger than 0.".into()));
+        return Err(TopicError::InvalidReplicationFactor(
+            "Replication factor must be larger than 0.".into(),
+        ));
     }
     if rf > 1 {
         return Err(TopicError::InvalidReplicationFactor(format!(
             "Unable to replicate the partition {rf} time(s): The target replication factor of {rf} cannot be reached because only 1 broker(s) are registered."
         )));
     }
-    cfg.log.with_topic_overrides(&t.configs).map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+    cfg.log
+        .with_topic_overrides(&t.configs)
+        .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
     Ok((partitions, rf))
 }
 
@@ -176,7 +206,10 @@ pub fn assign_shards(image: &mut Image, count: usize, shards: usize) -> Vec<Part
         .map(|_| {
             let shard = image.next_shard % shards;
             image.next_shard = (image.next_shard + 1) % shards;
-            PartitionMeta { shard, leader_epoch: 0 }
+            PartitionMeta {
+                shard,
+                leader_epoch: 0,
+            }
         })
         .collect()
 }
@@ -186,7 +219,9 @@ pub fn assign_shards(image: &mut Image, count: usize, shards: usize) -> Vec<Part
 pub fn load(data_dir: &Path, shards: usize) -> Result<Image> {
     let path = data_dir.join(METADATA_FILE);
     let mut image: Image = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?,
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Image::default(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
@@ -233,7 +268,11 @@ pub fn cluster_id(data_dir: &Path, node_id: i32) -> Result<String> {
             }
             if let Some(v) = line.strip_prefix("node.id=") {
                 if v.trim() != node_id.to_string() {
-                    anyhow::bail!("{} belongs to node.id {}, not {node_id}", path.display(), v.trim());
+                    anyhow::bail!(
+                        "{} belongs to node.id {}, not {node_id}",
+                        path.display(),
+                        v.trim()
+                    );
                 }
             }
         }
@@ -264,24 +303,74 @@ mod tests {
     }
 
     fn nt(name: &str, p: i32, rf: i16) -> NewTopic {
-        NewTopic { name: name.into(), num_partitions: p, replication_factor: rf, configs: BTreeMap::new(), has_assignments: false }
+        NewTopic {
+            name: name.into(),
+            num_partitions: p,
+            replication_factor: rf,
+            configs: BTreeMap::new(),
+            has_assignments: false,
+        }
     }
 
     #[test]
     fn topic_rules_match_kafka() {
         let mut image = Image::default();
         let c = cfg();
-        assert_eq!(check_new_topic(&image, &c, &nt("ok.name_1-x", 3, 1)), Ok((3, 1)));
+        assert_eq!(
+            check_new_topic(&image, &c, &nt("ok.name_1-x", 3, 1)),
+            Ok((3, 1))
+        );
         assert_eq!(check_new_topic(&image, &c, &nt("d", -1, -1)), Ok((1, 1)));
-        assert_eq!(check_new_topic(&image, &c, &nt("bad name", 1, 1)).unwrap_err().code(), 17);
-        assert_eq!(check_new_topic(&image, &c, &nt("..", 1, 1)).unwrap_err().code(), 17);
-        assert_eq!(check_new_topic(&image, &c, &nt(&"x".repeat(250), 1, 1)).unwrap_err().code(), 17);
-        assert_eq!(check_new_topic(&image, &c, &nt("t", 0, 1)).unwrap_err().code(), 37);
-        assert_eq!(check_new_topic(&image, &c, &nt("t", 1, 3)).unwrap_err().code(), 38);
+        assert_eq!(
+            check_new_topic(&image, &c, &nt("bad name", 1, 1))
+                .unwrap_err()
+                .code(),
+            17
+        );
+        assert_eq!(
+            check_new_topic(&image, &c, &nt("..", 1, 1))
+                .unwrap_err()
+                .code(),
+            17
+        );
+        assert_eq!(
+            check_new_topic(&image, &c, &nt(&"x".repeat(250), 1, 1))
+                .unwrap_err()
+                .code(),
+            17
+        );
+        assert_eq!(
+            check_new_topic(&image, &c, &nt("t", 0, 1))
+                .unwrap_err()
+                .code(),
+            37
+        );
+        assert_eq!(
+            check_new_topic(&image, &c, &nt("t", 1, 3))
+                .unwrap_err()
+                .code(),
+            38
+        );
         let parts = assign_shards(&mut image, 3, 2);
-        assert_eq!(parts.iter().map(|p| p.shard).collect::<Vec<_>>(), vec![0, 1, 0]);
-        image.topics.insert("t".into(), TopicMeta { id: uuid::Uuid::new_v4(), partitions: parts, configs: BTreeMap::new(), internal: false });
-        assert_eq!(check_new_topic(&image, &c, &nt("t", 1, 1)).unwrap_err().code(), 36);
+        assert_eq!(
+            parts.iter().map(|p| p.shard).collect::<Vec<_>>(),
+            vec![0, 1, 0]
+        );
+        image.topics.insert(
+            "t".into(),
+            TopicMeta {
+                id: uuid::Uuid::new_v4(),
+                partitions: parts,
+                configs: BTreeMap::new(),
+                internal: false,
+            },
+        );
+        assert_eq!(
+            check_new_topic(&image, &c, &nt("t", 1, 1))
+                .unwrap_err()
+                .code(),
+            36
+        );
         assert_eq!(image.owner("t", 2), Some(0));
         assert_eq!(image.owner("t", 3), None);
         assert_eq!(image.owner("t", -1), None);
@@ -292,7 +381,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut image = Image::default();
         let parts = assign_shards(&mut image, 4, 4);
-        image.topics.insert("t".into(), TopicMeta { id: uuid::Uuid::new_v4(), partitions: parts, configs: BTreeMap::new(), internal: false });
+        image.topics.insert(
+            "t".into(),
+            TopicMeta {
+                id: uuid::Uuid::new_v4(),
+                partitions: parts,
+                configs: BTreeMap::new(),
+                internal: false,
+            },
+        );
         store(dir.path(), &image).unwrap();
         assert_eq!(load(dir.path(), 4).unwrap(), image);
         let fewer = load(dir.path(), 2).unwrap();

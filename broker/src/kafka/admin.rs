@@ -4,12 +4,16 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
-use kafka_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use kafka_protocol::messages::create_topics_response::{
+    CreatableTopicConfigs, CreatableTopicResult,
+};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
-use kafka_protocol::messages::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
 use kafka_protocol::messages::{
-    CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
-    DeleteTopicsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
+    CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
+    DeleteTopicsRequest, DeleteTopicsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -41,19 +45,26 @@ fn names_seen_twice<'a>(names: impl Iterator<Item = &'a str>) -> std::collection
     for n in names {
         *count.entry(n).or_default() += 1;
     }
-    count.into_iter().filter(|&(_, c)| c > 1).map(|(n, _)| n.to_string()).collect()
+    count
+        .into_iter()
+        .filter(|&(_, c)| c > 1)
+        .map(|(n, _)| n.to_string())
+        .collect()
 }
 
 pub async fn handle_create_topics(frame: RequestFrame) -> Result<Response, String> {
     let req: CreateTopicsRequest = decode(&frame)?;
     let sh = shard();
     let dupes = names_seen_twice(req.topics.iter().map(|t| t.name.0.as_str()));
-    let mut results: Vec<Option<Result<(i32, i16), TopicError>>> = Vec::with_capacity(req.topics.len());
+    let mut results: Vec<Option<Result<(i32, i16), TopicError>>> =
+        Vec::with_capacity(req.topics.len());
     let mut asks = Vec::new();
     for t in &req.topics {
         let name = t.name.0.to_string();
         if dupes.contains(&name) {
-            results.push(Some(Err(TopicError::InvalidRequest(format!("Create topic request contains duplicate topic name {name}")))));
+            results.push(Some(Err(TopicError::InvalidRequest(format!(
+                "Create topic request contains duplicate topic name {name}"
+            )))));
             continue;
         }
         let mut configs = BTreeMap::new();
@@ -63,7 +74,12 @@ pub async fn handle_create_topics(frame: RequestFrame) -> Result<Response, Strin
                 Some(v) => {
                     configs.insert(c.name.to_string(), v.to_string());
                 }
-                None => bad = Some(format!("Null value not supported for topic config {}", c.name.as_str())),
+                None => {
+                    bad = Some(format!(
+                        "Null value not supported for topic config {}",
+                        c.name.as_str()
+                    ))
+                }
             }
         }
         if let Some(m) = bad {
@@ -82,13 +98,19 @@ pub async fn handle_create_topics(frame: RequestFrame) -> Result<Response, Strin
     let mut answers = if asks.is_empty() {
         Vec::new()
     } else {
-        controller::request(&sh, ControlOp::CreateTopics(asks, req.validate_only)).await.unwrap_or_default()
+        controller::request(&sh, ControlOp::CreateTopics(asks, req.validate_only))
+            .await
+            .unwrap_or_default()
     }
     .into_iter();
     let image = sh.image();
     let mut topics = Vec::with_capacity(req.topics.len());
     for (t, r) in req.topics.iter().zip(results) {
-        let r = r.or_else(|| answers.next()).unwrap_or(Err(TopicError::InvalidRequest("the controller is unavailable".into())));
+        let r = r
+            .or_else(|| answers.next())
+            .unwrap_or(Err(TopicError::InvalidRequest(
+                "the controller is unavailable".into(),
+            )));
         let name = t.name.0.to_string();
         let mut out = CreatableTopicResult::default().with_name(t.name.clone());
         match r {
@@ -96,31 +118,51 @@ pub async fn handle_create_topics(frame: RequestFrame) -> Result<Response, Strin
                 out = out.with_error_code(NONE);
                 if frame.api_version >= 5 {
                     let cfg = image.log_config(&sh.config.log, &name);
-                    let overrides = image.topics.get(&name).map(|m| m.configs.clone()).unwrap_or_default();
-                    out = out.with_num_partitions(partitions).with_replication_factor(rf).with_configs(Some(
-                        TOPIC_CONFIG_KEYS
-                            .iter()
-                            .filter_map(|k| cfg.describe(k).map(|v| (k, v)))
-                            .map(|(k, v)| {
-                                CreatableTopicConfigs::default()
-                                    .with_name(s(*k))
-                                    .with_value(Some(s(v)))
-                                    .with_config_source(if overrides.contains_key(*k) { SOURCE_DYNAMIC_TOPIC } else { SOURCE_DEFAULT })
-                            })
-                            .collect(),
-                    ));
+                    let overrides = image
+                        .topics
+                        .get(&name)
+                        .map(|m| m.configs.clone())
+                        .unwrap_or_default();
+                    out = out
+                        .with_num_partitions(partitions)
+                        .with_replication_factor(rf)
+                        .with_configs(Some(
+                            TOPIC_CONFIG_KEYS
+                                .iter()
+                                .filter_map(|k| cfg.describe(k).map(|v| (k, v)))
+                                .map(|(k, v)| {
+                                    CreatableTopicConfigs::default()
+                                        .with_name(s(*k))
+                                        .with_value(Some(s(v)))
+                                        .with_config_source(if overrides.contains_key(*k) {
+                                            SOURCE_DYNAMIC_TOPIC
+                                        } else {
+                                            SOURCE_DEFAULT
+                                        })
+                                })
+                                .collect(),
+                        ));
                 }
             }
             Err(e) => {
-                out = out.with_error_code(e.code()).with_error_message(Some(s(e.message())));
+                out = out
+                    .with_error_code(e.code())
+                    .with_error_message(Some(s(e.message())));
                 if frame.api_version >= 5 {
-                    out = out.with_num_partitions(-1).with_replication_factor(-1).with_configs(None);
+                    out = out
+                        .with_num_partitions(-1)
+                        .with_replication_factor(-1)
+                        .with_configs(None);
                 }
             }
         }
         topics.push(out);
     }
-    respond(&frame, OutBuf::new(), &CreateTopicsResponse::default().with_topics(topics))
+    respond(
+        &frame,
+        OutBuf::new(),
+        &CreateTopicsResponse::default().with_topics(topics),
+    )
 }
 
 pub async fn handle_delete_topics(frame: RequestFrame) -> Result<Response, String> {
@@ -128,11 +170,17 @@ pub async fn handle_delete_topics(frame: RequestFrame) -> Result<Response, Strin
     let sh = shard();
     let names: Vec<String> = req.topic_names.iter().map(|n| n.0.to_string()).collect();
     let dupes = names_seen_twice(names.iter().map(|n| n.as_str()));
-    let asks: Vec<String> = names.iter().filter(|n| !dupes.contains(*n)).cloned().collect();
+    let asks: Vec<String> = names
+        .iter()
+        .filter(|n| !dupes.contains(*n))
+        .cloned()
+        .collect();
     let mut answers = if asks.is_empty() {
         Vec::new()
     } else {
-        controller::request(&sh, ControlOp::DeleteTopics(asks)).await.unwrap_or_default()
+        controller::request(&sh, ControlOp::DeleteTopics(asks))
+            .await
+            .unwrap_or_default()
     }
     .into_iter();
     let mut responses = Vec::with_capacity(names.len());
@@ -146,9 +194,17 @@ pub async fn handle_delete_topics(frame: RequestFrame) -> Result<Response, Strin
                 None => UNKNOWN_SERVER_ERROR,
             }
         };
-        responses.push(DeletableTopicResult::default().with_name(Some(raw)).with_error_code(code));
+        responses.push(
+            DeletableTopicResult::default()
+                .with_name(Some(raw))
+                .with_error_code(code),
+        );
     }
-    respond(&frame, OutBuf::new(), &DeleteTopicsResponse::default().with_responses(responses))
+    respond(
+        &frame,
+        OutBuf::new(),
+        &DeleteTopicsResponse::default().with_responses(responses),
+    )
 }
 
 pub async fn handle_create_partitions(frame: RequestFrame) -> Result<Response, String> {
@@ -160,11 +216,18 @@ pub async fn handle_create_partitions(frame: RequestFrame) -> Result<Response, S
     let mut asks = Vec::new();
     for t in &req.topics {
         let name = t.name.0.to_string();
-        let bad_assignment = t.assignments.as_ref().is_some_and(|a| a.iter().any(|x| x.broker_ids.iter().any(|b| b.0 != node)));
+        let bad_assignment = t
+            .assignments
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| x.broker_ids.iter().any(|b| b.0 != node)));
         if dupes.contains(&name) {
-            early.push(Some(TopicError::InvalidRequest(format!("Duplicate topic {name} in the request"))));
+            early.push(Some(TopicError::InvalidRequest(format!(
+                "Duplicate topic {name} in the request"
+            ))));
         } else if bad_assignment {
-            early.push(Some(TopicError::InvalidRequest(format!("Replica assignments may only name broker {node}"))));
+            early.push(Some(TopicError::InvalidRequest(format!(
+                "Replica assignments may only name broker {node}"
+            ))));
         } else {
             early.push(None);
             asks.push((name, t.count));
@@ -173,7 +236,9 @@ pub async fn handle_create_partitions(frame: RequestFrame) -> Result<Response, S
     let mut answers = if asks.is_empty() {
         Vec::new()
     } else {
-        controller::request(&sh, ControlOp::CreatePartitions(asks, req.validate_only)).await.unwrap_or_default()
+        controller::request(&sh, ControlOp::CreatePartitions(asks, req.validate_only))
+            .await
+            .unwrap_or_default()
     }
     .into_iter();
     let results = req
@@ -183,22 +248,34 @@ pub async fn handle_create_partitions(frame: RequestFrame) -> Result<Response, S
         .map(|(t, e)| {
             let r = match e {
                 Some(e) => Err(e),
-                None => answers.next().unwrap_or(Err(TopicError::InvalidRequest("the controller is unavailable".into()))),
+                None => answers.next().unwrap_or(Err(TopicError::InvalidRequest(
+                    "the controller is unavailable".into(),
+                ))),
             };
             let out = CreatePartitionsTopicResult::default().with_name(t.name.clone());
             match r {
                 Ok(_) => out.with_error_code(NONE),
-                Err(e) => out.with_error_code(e.code()).with_error_message(Some(s(e.message()))),
+                Err(e) => out
+                    .with_error_code(e.code())
+                    .with_error_message(Some(s(e.message()))),
             }
         })
         .collect();
-    respond(&frame, OutBuf::new(), &CreatePartitionsResponse::default().with_results(results))
+    respond(
+        &frame,
+        OutBuf::new(),
+        &CreatePartitionsResponse::default().with_results(results),
+    )
 }
 
 fn topic_config_type(key: &str) -> i8 {
     match key {
         "retention.ms" | "retention.bytes" | "segment.ms" => CONFIG_TYPE_LONG,
-        "segment.bytes" | "segment.index.bytes" | "index.interval.bytes" | "max.message.bytes" | "min.insync.replicas" => CONFIG_TYPE_INT,
+        "segment.bytes"
+        | "segment.index.bytes"
+        | "index.interval.bytes"
+        | "max.message.bytes"
+        | "min.insync.replicas" => CONFIG_TYPE_INT,
         "cleanup.policy" => CONFIG_TYPE_LIST,
         _ => CONFIG_TYPE_STRING,
     }
@@ -209,7 +286,10 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
     let sh = shard();
     let image = sh.image();
     let c = &sh.config;
-    let wanted = |keys: &Option<Vec<StrBytes>>, k: &str| keys.as_ref().is_none_or(|ks| ks.iter().any(|x| x.as_str() == k));
+    let wanted = |keys: &Option<Vec<StrBytes>>, k: &str| {
+        keys.as_ref()
+            .is_none_or(|ks| ks.iter().any(|x| x.as_str() == k))
+    };
     let entry = |k: &str, v: String, source: i8, ty: i8| {
         DescribeConfigsResourceResult::default()
             .with_name(s(k))
@@ -229,7 +309,10 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
                 None => {
                     out = out
                         .with_error_code(UNKNOWN_TOPIC_OR_PARTITION)
-                        .with_error_message(Some(s(format!("Topic {} does not exist", r.resource_name.as_str()))));
+                        .with_error_message(Some(s(format!(
+                            "Topic {} does not exist",
+                            r.resource_name.as_str()
+                        ))));
                 }
                 Some(t) => {
                     let cfg = image.log_config(&c.log, r.resource_name.as_str());
@@ -237,8 +320,13 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
                         .iter()
                         .filter(|k| wanted(&r.configuration_keys, k))
                         .filter_map(|k| {
-                            let source = if t.configs.contains_key(*k) { SOURCE_DYNAMIC_TOPIC } else { SOURCE_DEFAULT };
-                            cfg.describe(k).map(|v| entry(k, v, source, topic_config_type(k)))
+                            let source = if t.configs.contains_key(*k) {
+                                SOURCE_DYNAMIC_TOPIC
+                            } else {
+                                SOURCE_DEFAULT
+                            };
+                            cfg.describe(k)
+                                .map(|v| entry(k, v, source, topic_config_type(k)))
                         })
                         .collect();
                 }
@@ -246,21 +334,63 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
             RESOURCE_BROKER => {
                 let name = r.resource_name.as_str();
                 if !name.is_empty() && name != c.node_id.to_string() {
-                    out = out.with_error_code(INVALID_REQUEST).with_error_message(Some(s(format!("Unexpected broker id {name}"))));
+                    out = out
+                        .with_error_code(INVALID_REQUEST)
+                        .with_error_message(Some(s(format!("Unexpected broker id {name}"))));
                 } else {
                     let broker: [(&str, String, i8); 12] = [
                         ("broker.id", c.node_id.to_string(), CONFIG_TYPE_INT),
-                        ("num.partitions", c.num_partitions.to_string(), CONFIG_TYPE_INT),
-                        ("default.replication.factor", c.default_replication_factor.to_string(), CONFIG_TYPE_INT),
-                        ("auto.create.topics.enable", c.auto_create_topics.to_string(), CONFIG_TYPE_BOOLEAN),
-                        ("log.dirs", c.data_dir.display().to_string(), CONFIG_TYPE_STRING),
-                        ("log.segment.bytes", c.log.segment_bytes.to_string(), CONFIG_TYPE_INT),
+                        (
+                            "num.partitions",
+                            c.num_partitions.to_string(),
+                            CONFIG_TYPE_INT,
+                        ),
+                        (
+                            "default.replication.factor",
+                            c.default_replication_factor.to_string(),
+                            CONFIG_TYPE_INT,
+                        ),
+                        (
+                            "auto.create.topics.enable",
+                            c.auto_create_topics.to_string(),
+                            CONFIG_TYPE_BOOLEAN,
+                        ),
+                        (
+                            "log.dirs",
+                            c.data_dir.display().to_string(),
+                            CONFIG_TYPE_STRING,
+                        ),
+                        (
+                            "log.segment.bytes",
+                            c.log.segment_bytes.to_string(),
+                            CONFIG_TYPE_INT,
+                        ),
                         ("log.roll.ms", c.log.roll_ms.to_string(), CONFIG_TYPE_LONG),
-                        ("log.retention.ms", c.log.retention_ms.to_string(), CONFIG_TYPE_LONG),
-                        ("log.retention.bytes", c.log.retention_bytes.to_string(), CONFIG_TYPE_LONG),
-                        ("log.index.interval.bytes", c.log.index_interval_bytes.to_string(), CONFIG_TYPE_INT),
-                        ("socket.request.max.bytes", c.socket_request_bytes_max.to_string(), CONFIG_TYPE_INT),
-                        ("message.max.bytes", c.log.message_bytes_max.to_string(), CONFIG_TYPE_INT),
+                        (
+                            "log.retention.ms",
+                            c.log.retention_ms.to_string(),
+                            CONFIG_TYPE_LONG,
+                        ),
+                        (
+                            "log.retention.bytes",
+                            c.log.retention_bytes.to_string(),
+                            CONFIG_TYPE_LONG,
+                        ),
+                        (
+                            "log.index.interval.bytes",
+                            c.log.index_interval_bytes.to_string(),
+                            CONFIG_TYPE_INT,
+                        ),
+                        (
+                            "socket.request.max.bytes",
+                            c.socket_request_bytes_max.to_string(),
+                            CONFIG_TYPE_INT,
+                        ),
+                        (
+                            "message.max.bytes",
+                            c.log.message_bytes_max.to_string(),
+                            CONFIG_TYPE_INT,
+                        ),
                     ];
                     out.configs = broker
                         .into_iter()
@@ -272,10 +402,16 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
             other => {
                 out = out
                     .with_error_code(INVALID_REQUEST)
-                    .with_error_message(Some(s(format!("Resource type {other} is not supported by Weir"))));
+                    .with_error_message(Some(s(format!(
+                        "Resource type {other} is not supported by Weir"
+                    ))));
             }
         }
         results.push(out);
     }
-    respond(&frame, OutBuf::new(), &DescribeConfigsResponse::default().with_results(results))
+    respond(
+        &frame,
+        OutBuf::new(),
+        &DescribeConfigsResponse::default().with_results(results),
+    )
 }

@@ -24,7 +24,11 @@ const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
 
 type Plan = BTreeMap<usize, Vec<(usize, usize, FetchItem)>>;
 
-async fn run_plan(plan: &Plan, max_bytes: usize, wait_until: Option<Instant>) -> Vec<(usize, oneshot::Receiver<Vec<FetchResult>>)> {
+async fn run_plan(
+    plan: &Plan,
+    max_bytes: usize,
+    wait_until: Option<Instant>,
+) -> Vec<(usize, oneshot::Receiver<Vec<FetchResult>>)> {
     let s = shard();
     let mut rxs = Vec::with_capacity(plan.len());
     for (&target, items) in plan {
@@ -39,7 +43,16 @@ async fn run_plan(plan: &Plan, max_bytes: usize, wait_until: Option<Instant>) ->
                 current_leader_epoch: i.current_leader_epoch,
             })
             .collect();
-        s.send(target, ShardMsg::Fetch { items, max_bytes, wait_until, reply: tx }).await;
+        s.send(
+            target,
+            ShardMsg::Fetch {
+                items,
+                max_bytes,
+                wait_until,
+                reply: tx,
+            },
+        )
+        .await;
         rxs.push((target, rx));
     }
     rxs
@@ -55,12 +68,19 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     let req: FetchRequest = decode(&frame)?;
     let s = shard();
     let image = s.image();
-    let max_bytes = if frame.api_version >= 3 { req.max_bytes.max(1) as usize } else { usize::MAX }.min(FETCH_RESPONSE_BYTES_MAX);
+    let max_bytes = if frame.api_version >= 3 {
+        req.max_bytes.max(1) as usize
+    } else {
+        usize::MAX
+    }
+    .min(FETCH_RESPONSE_BYTES_MAX);
     let max_wait = Duration::from_millis(req.max_wait_ms.clamp(0, FETCH_WAIT_MS_MAX) as u64);
     let min_bytes = req.min_bytes.max(0) as usize;
 
     if req.session_id != 0 {
-        let resp = FetchResponse::default().with_error_code(FETCH_SESSION_ID_NOT_FOUND).with_session_id(0);
+        let resp = FetchResponse::default()
+            .with_error_code(FETCH_SESSION_ID_NOT_FOUND)
+            .with_session_id(0);
         return respond(&frame, OutBuf::new(), &resp);
     }
 
@@ -70,9 +90,16 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         let name = t.topic.0.to_string();
         let mut row = Vec::with_capacity(t.partitions.len());
         for (pi, p) in t.partitions.iter().enumerate() {
-            let unknown = FetchResult { error: UNKNOWN_TOPIC_OR_PARTITION, high_watermark: -1, log_start_offset: -1, records: Vec::new() };
+            let unknown = FetchResult {
+                error: UNKNOWN_TOPIC_OR_PARTITION,
+                high_watermark: -1,
+                log_start_offset: -1,
+                records: Vec::new(),
+            };
             row.push(unknown);
-            let Some(owner) = image.owner(&name, p.partition) else { continue };
+            let Some(owner) = image.owner(&name, p.partition) else {
+                continue;
+            };
             plan.entry(owner as usize).or_default().push((
                 ti,
                 pi,
@@ -81,7 +108,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                     partition: p.partition,
                     offset: p.fetch_offset,
                     partition_max_bytes: (p.partition_max_bytes.max(0) as usize).min(max_bytes),
-                    current_leader_epoch: if frame.api_version >= 9 { p.current_leader_epoch } else { -1 },
+                    current_leader_epoch: if frame.api_version >= 9 {
+                        p.current_leader_epoch
+                    } else {
+                        -1
+                    },
                 },
             ));
         }
@@ -103,7 +134,8 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         let mut pending = run_plan(&plan, max_bytes, Some(deadline)).await;
         // Bounded by the number of owner shards.
         while !pending.is_empty() {
-            let (got, i, _) = futures::future::select_all(pending.iter_mut().map(|(_, rx)| rx)).await;
+            let (got, i, _) =
+                futures::future::select_all(pending.iter_mut().map(|(_, rx)| rx)).await;
             let (target, _) = pending.swap_remove(i);
             if let Ok(got) = got {
                 let news = got.iter().any(|r| !r.records.is_empty() || r.error != NONE);
@@ -136,14 +168,28 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                     .with_error_code(r.error)
                     .with_high_watermark(hw)
                     .with_last_stable_offset(hw)
-                    .with_log_start_offset(if frame.api_version >= 5 { r.log_start_offset } else { -1 })
-                    .with_aborted_transactions(if req.isolation_level == 1 { Some(Vec::new()) } else { None })
+                    .with_log_start_offset(if frame.api_version >= 5 {
+                        r.log_start_offset
+                    } else {
+                        -1
+                    })
+                    .with_aborted_transactions(if req.isolation_level == 1 {
+                        Some(Vec::new())
+                    } else {
+                        None
+                    })
                     .with_preferred_read_replica((-1).into())
                     .with_records(Some(out.splice(r.records))),
             );
         }
-        topics.push(FetchableTopicResponse::default().with_topic(t.topic.clone()).with_partitions(partitions));
+        topics.push(
+            FetchableTopicResponse::default()
+                .with_topic(t.topic.clone())
+                .with_partitions(partitions),
+        );
     }
-    let resp = FetchResponse::default().with_session_id(0).with_responses(topics);
+    let resp = FetchResponse::default()
+        .with_session_id(0)
+        .with_responses(topics);
     respond(&frame, out, &resp)
 }

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use futures::channel::oneshot;
-use kafka_protocol::messages::list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 
 use super::errors::*;
@@ -39,7 +41,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                     topic: name.clone(),
                     partition: p.partition_index,
                     timestamp: p.timestamp,
-                    current_leader_epoch: if frame.api_version >= 4 { p.current_leader_epoch } else { -1 },
+                    current_leader_epoch: if frame.api_version >= 4 {
+                        p.current_leader_epoch
+                    } else {
+                        -1
+                    },
                 });
                 e.1.push((ti, pi));
             }
@@ -50,7 +56,8 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     let mut rxs = Vec::with_capacity(plan.len());
     for (target, (items, slots)) in plan {
         let (tx, rx) = oneshot::channel();
-        s.send(target, ShardMsg::ListOffsets { items, reply: tx }).await;
+        s.send(target, ShardMsg::ListOffsets { items, reply: tx })
+            .await;
         rxs.push((rx, slots));
     }
     for (rx, slots) in rxs {
@@ -69,7 +76,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         req.topics
             .into_iter()
             .zip(rows)
-            .map(|(t, partitions)| ListOffsetsTopicResponse::default().with_name(t.name).with_partitions(partitions))
+            .map(|(t, partitions)| {
+                ListOffsetsTopicResponse::default()
+                    .with_name(t.name)
+                    .with_partitions(partitions)
+            })
             .collect(),
     );
     respond(&frame, OutBuf::new(), &resp)

@@ -2,9 +2,12 @@
 
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
-use kafka_protocol::messages::metadata_response::{MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic};
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, MetadataRequest, MetadataResponse, TopicName,
+    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, MetadataRequest,
+    MetadataResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -18,12 +21,19 @@ use crate::shard::shard;
 const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
 
 fn api_versions_body(error: i16) -> ApiVersionsResponse {
-    ApiVersionsResponse::default().with_error_code(error).with_api_keys(
-        versions::SUPPORTED
-            .iter()
-            .map(|&(k, lo, hi)| ApiVersion::default().with_api_key(k as i16).with_min_version(lo).with_max_version(hi))
-            .collect(),
-    )
+    ApiVersionsResponse::default()
+        .with_error_code(error)
+        .with_api_keys(
+            versions::SUPPORTED
+                .iter()
+                .map(|&(k, lo, hi)| {
+                    ApiVersion::default()
+                        .with_api_key(k as i16)
+                        .with_min_version(lo)
+                        .with_max_version(hi)
+                })
+                .collect(),
+        )
 }
 
 pub fn handle_api_versions(frame: RequestFrame) -> Result<Response, String> {
@@ -34,15 +44,25 @@ pub fn handle_api_versions(frame: RequestFrame) -> Result<Response, String> {
 /// KIP-511: an ApiVersions request at a version we do not know gets a v0 response with
 /// UNSUPPORTED_VERSION and our supported versions, so the client can retry at one of them.
 pub fn unsupported_api_versions(correlation_id: i32) -> Vec<bytes::Bytes> {
-    encode_response(OutBuf::new(), ApiKey::ApiVersions, 0, correlation_id, &api_versions_body(UNSUPPORTED_VERSION))
-        .expect("ApiVersions v0 always encodes")
+    encode_response(
+        OutBuf::new(),
+        ApiKey::ApiVersions,
+        0,
+        correlation_id,
+        &api_versions_body(UNSUPPORTED_VERSION),
+    )
+    .expect("ApiVersions v0 always encodes")
 }
 
 fn topic_entry(name: &str, t: &TopicMeta, node: i32, version: i16) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_error_code(NONE)
         .with_name(Some(TopicName(StrBytes::from_string(name.to_string()))))
-        .with_topic_id(if version >= 10 { t.id } else { uuid::Uuid::nil() })
+        .with_topic_id(if version >= 10 {
+            t.id
+        } else {
+            uuid::Uuid::nil()
+        })
         .with_is_internal(t.internal)
         .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
         .with_partitions(
@@ -77,9 +97,15 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
     let node = s.config.node_id;
     let version = frame.api_version;
     let mut image = s.image();
-    let auto = s.config.auto_create_topics && (frame.api_version < 4 || req.allow_auto_topic_creation);
+    let auto =
+        s.config.auto_create_topics && (frame.api_version < 4 || req.allow_auto_topic_creation);
     let topics: Vec<MetadataResponseTopic> = match &req.topics {
-        None => image.topics.iter().filter(|(_, t)| !t.internal).map(|(n, t)| topic_entry(n, t, node, version)).collect(),
+        None => image
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.internal)
+            .map(|(n, t)| topic_entry(n, t, node, version))
+            .collect(),
         Some(list) => {
             if auto {
                 let missing: Vec<String> = list
@@ -92,7 +118,17 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
                     image = s.image();
                 }
             }
-            list.iter().map(|t| lookup(&image, t.name.as_ref().map(|n| n.0.to_string()), t.topic_id, node, version)).collect()
+            list.iter()
+                .map(|t| {
+                    lookup(
+                        &image,
+                        t.name.as_ref().map(|n| n.0.to_string()),
+                        t.topic_id,
+                        node,
+                        version,
+                    )
+                })
+                .collect()
         }
     };
     let resp = MetadataResponse::default()
@@ -107,12 +143,22 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
     respond(&frame, OutBuf::new(), &resp)
 }
 
-fn lookup(image: &Image, name: Option<String>, id: uuid::Uuid, node: i32, version: i16) -> MetadataResponseTopic {
+fn lookup(
+    image: &Image,
+    name: Option<String>,
+    id: uuid::Uuid,
+    node: i32,
+    version: i16,
+) -> MetadataResponseTopic {
     match name {
         Some(n) => match image.topics.get(&n) {
             Some(t) => topic_entry(&n, t, node, version),
             None => {
-                let code = if validate_topic_name(&n).is_err() { INVALID_TOPIC_EXCEPTION } else { UNKNOWN_TOPIC_OR_PARTITION };
+                let code = if validate_topic_name(&n).is_err() {
+                    INVALID_TOPIC_EXCEPTION
+                } else {
+                    UNKNOWN_TOPIC_OR_PARTITION
+                };
                 topic_error(Some(n), uuid::Uuid::nil(), code)
             }
         },

@@ -28,7 +28,8 @@ pub type Pending = LocalBoxFuture<'static, Response>;
 
 /// Stage one of a request. Err: the request is malformed; close the connection.
 pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
-    let ready = |r: Result<Response, String>| r.map(|resp| futures::future::ready(resp).boxed_local());
+    let ready =
+        |r: Result<Response, String>| r.map(|resp| futures::future::ready(resp).boxed_local());
     match frame.api_key {
         ApiKey::Produce => produce::handle(frame).await,
         ApiKey::Fetch => ready(fetch::handle(frame).await),
@@ -45,10 +46,25 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
 }
 
 /// Encodes `body` as the response to `frame`.
-pub fn respond<T: Encodable>(frame: &RequestFrame, out: OutBuf, body: &T) -> Result<Response, String> {
-    encode_response(out, frame.api_key, frame.api_version, frame.header.correlation_id, body)
-        .map(Some)
-        .map_err(|e| format!("encoding {:?} v{} response: {e:#}", frame.api_key, frame.api_version))
+pub fn respond<T: Encodable>(
+    frame: &RequestFrame,
+    out: OutBuf,
+    body: &T,
+) -> Result<Response, String> {
+    encode_response(
+        out,
+        frame.api_key,
+        frame.api_version,
+        frame.header.correlation_id,
+        body,
+    )
+    .map(Some)
+    .map_err(|e| {
+        format!(
+            "encoding {:?} v{} response: {e:#}",
+            frame.api_key, frame.api_version
+        )
+    })
 }
 
 pub fn decode<T: kafka_protocol::protocol::Decodable>(frame: &RequestFrame) -> Result<T, String> {

@@ -18,7 +18,12 @@ use crate::protocol::{OutBuf, RequestFrame};
 use crate::shard::{shard, ControlOp, ProduceItem, ShardMsg};
 use crate::storage::batch::{self, BatchError};
 
-fn partition_error(index: i32, code: i16, message: Option<String>, version: i16) -> PartitionProduceResponse {
+fn partition_error(
+    index: i32,
+    code: i16,
+    message: Option<String>,
+    version: i16,
+) -> PartitionProduceResponse {
     PartitionProduceResponse::default()
         .with_index(index)
         .with_error_code(code)
@@ -37,7 +42,13 @@ pub async fn auto_create(names: Vec<String>) {
     let topics = names
         .into_iter()
         .filter(|n| metadata::validate_topic_name(n).is_ok())
-        .map(|name| NewTopic { name, num_partitions: -1, replication_factor: -1, configs: BTreeMap::new(), has_assignments: false })
+        .map(|name| NewTopic {
+            name,
+            num_partitions: -1,
+            replication_factor: -1,
+            configs: BTreeMap::new(),
+            has_assignments: false,
+        })
         .collect::<Vec<_>>();
     if topics.is_empty() {
         return;
@@ -79,15 +90,30 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
         let mut row = Vec::with_capacity(t.partition_data.len());
         for (pi, p) in t.partition_data.iter().enumerate() {
             if !matches!(acks, -1..=1) {
-                row.push(partition_error(p.index, INVALID_REQUIRED_ACKS, None, frame.api_version));
+                row.push(partition_error(
+                    p.index,
+                    INVALID_REQUIRED_ACKS,
+                    None,
+                    frame.api_version,
+                ));
                 continue;
             }
             let Some(owner) = image.owner(&name, p.index) else {
-                row.push(partition_error(p.index, UNKNOWN_TOPIC_OR_PARTITION, None, frame.api_version));
+                row.push(partition_error(
+                    p.index,
+                    UNKNOWN_TOPIC_OR_PARTITION,
+                    None,
+                    frame.api_version,
+                ));
                 continue;
             };
             let Some(records) = p.records.clone() else {
-                row.push(partition_error(p.index, CORRUPT_MESSAGE, Some("no records".into()), frame.api_version));
+                row.push(partition_error(
+                    p.index,
+                    CORRUPT_MESSAGE,
+                    Some("no records".into()),
+                    frame.api_version,
+                ));
                 continue;
             };
             let infos = match batch::validate_produce(&records, log_cfg.message_bytes_max) {
@@ -95,8 +121,14 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                 Err(e) => {
                     let (code, msg) = match e {
                         BatchError::Corrupt(m) => (CORRUPT_MESSAGE, m.to_string()),
-                        BatchError::OldMagic(m) => (UNSUPPORTED_FOR_MESSAGE_FORMAT, format!("magic {m} is not supported; use magic 2")),
-                        BatchError::TooLarge { bytes, max } => (MESSAGE_TOO_LARGE, format!("batch of {bytes} bytes exceeds max.message.bytes {max}")),
+                        BatchError::OldMagic(m) => (
+                            UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                            format!("magic {m} is not supported; use magic 2"),
+                        ),
+                        BatchError::TooLarge { bytes, max } => (
+                            MESSAGE_TOO_LARGE,
+                            format!("batch of {bytes} bytes exceeds max.message.bytes {max}"),
+                        ),
                         BatchError::Invalid(m) => (INVALID_RECORD, m.to_string()),
                     };
                     tracing::debug!(topic = %name, partition = p.index, "refused batch: {msg}");
@@ -104,9 +136,19 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                     continue;
                 }
             };
-            row.push(partition_error(p.index, REQUEST_TIMED_OUT, None, frame.api_version));
+            row.push(partition_error(
+                p.index,
+                REQUEST_TIMED_OUT,
+                None,
+                frame.api_version,
+            ));
             let entry = per_shard.entry(owner as usize).or_default();
-            entry.0.push(ProduceItem { topic: name.clone(), partition: p.index, records, infos });
+            entry.0.push(ProduceItem {
+                topic: name.clone(),
+                partition: p.index,
+                records,
+                infos,
+            });
             entry.1.push((ti, pi));
         }
         results.push(row);
@@ -116,7 +158,15 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
     let mut replies = Vec::with_capacity(per_shard.len());
     for (target, (items, slots)) in per_shard {
         let (tx, rx) = oneshot::channel();
-        s.send(target, ShardMsg::Produce { acks, items, reply: tx }).await;
+        s.send(
+            target,
+            ShardMsg::Produce {
+                acks,
+                items,
+                reply: tx,
+            },
+        )
+        .await;
         replies.push((rx, slots));
     }
     let mut durable = Vec::new();
@@ -167,7 +217,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
             names
                 .into_iter()
                 .zip(results)
-                .map(|(name, partition_responses)| TopicProduceResponse::default().with_name(name).with_partition_responses(partition_responses))
+                .map(|(name, partition_responses)| {
+                    TopicProduceResponse::default()
+                        .with_name(name)
+                        .with_partition_responses(partition_responses)
+                })
                 .collect(),
         );
         match respond(&frame, OutBuf::new(), &resp) {

@@ -37,7 +37,10 @@ pub enum FrameError {
 /// Parses the request header of one frame (without the 4-byte size prefix).
 pub fn parse_frame(mut frame: Bytes) -> Result<RequestFrame, FrameError> {
     if frame.len() < 8 {
-        return Err(FrameError::Close(format!("frame of {} bytes is shorter than a request header", frame.len())));
+        return Err(FrameError::Close(format!(
+            "frame of {} bytes is shorter than a request header",
+            frame.len()
+        )));
     }
     let key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
@@ -46,18 +49,28 @@ pub fn parse_frame(mut frame: Bytes) -> Result<RequestFrame, FrameError> {
         return Err(FrameError::Close(format!("unknown API key {key}")));
     };
     let Some(range) = versions::supported(api_key) else {
-        return Err(FrameError::Close(format!("API {api_key:?} is not supported")));
+        return Err(FrameError::Close(format!(
+            "API {api_key:?} is not supported"
+        )));
     };
     if version < range.0 || version > range.1 {
         if api_key == ApiKey::ApiVersions {
             return Err(FrameError::UnsupportedApiVersions { correlation_id });
         }
-        return Err(FrameError::Close(format!("{api_key:?} v{version} is not supported (we support v{}-{})", range.0, range.1)));
+        return Err(FrameError::Close(format!(
+            "{api_key:?} v{version} is not supported (we support v{}-{})",
+            range.0, range.1
+        )));
     }
     let header_version = api_key.request_header_version(version);
     let header = RequestHeader::decode(&mut frame, header_version)
         .map_err(|e| FrameError::Close(format!("undecodable request header: {e}")))?;
-    Ok(RequestFrame { api_key, api_version: version, header, body: frame })
+    Ok(RequestFrame {
+        api_key,
+        api_version: version,
+        header,
+        body: frame,
+    })
 }
 
 /// Decodes a request body, or explains why it could not be.
@@ -65,7 +78,11 @@ pub fn decode_body<T: Decodable>(frame: &RequestFrame) -> Result<T> {
     let mut b = frame.body.clone();
     match T::decode(&mut b, frame.api_version) {
         Ok(v) => Ok(v),
-        Err(e) => bail!("undecodable {:?} v{} body: {e}", frame.api_key, frame.api_version),
+        Err(e) => bail!(
+            "undecodable {:?} v{} body: {e}",
+            frame.api_key,
+            frame.api_version
+        ),
     }
 }
 
@@ -109,9 +126,18 @@ mod tests {
 
     #[test]
     fn header_errors() {
-        assert!(matches!(parse_frame(Bytes::from_static(&[0, 1, 2])), Err(FrameError::Close(_))));
-        assert!(matches!(parse_frame(frame(999, 0, &[])), Err(FrameError::Close(_))));
-        assert!(matches!(parse_frame(frame(0, 1, &[0, 0])), Err(FrameError::Close(_))));
+        assert!(matches!(
+            parse_frame(Bytes::from_static(&[0, 1, 2])),
+            Err(FrameError::Close(_))
+        ));
+        assert!(matches!(
+            parse_frame(frame(999, 0, &[])),
+            Err(FrameError::Close(_))
+        ));
+        assert!(matches!(
+            parse_frame(frame(0, 1, &[0, 0])),
+            Err(FrameError::Close(_))
+        ));
         assert!(matches!(
             parse_frame(frame(18, 99, &[])),
             Err(FrameError::UnsupportedApiVersions { correlation_id: 7 })
@@ -126,7 +152,8 @@ mod tests {
             .with_request_api_version(3)
             .with_correlation_id(5)
             .with_client_id(Some(StrBytes::from_static_str("c")));
-        h.encode(&mut buf, ApiKey::ApiVersions.request_header_version(3)).unwrap();
+        h.encode(&mut buf, ApiKey::ApiVersions.request_header_version(3))
+            .unwrap();
         ApiVersionsRequest::default()
             .with_client_software_name(StrBytes::from_static_str("x"))
             .encode(&mut buf, 3)

@@ -62,7 +62,13 @@ const SPLICE_BYTES_MIN: usize = 512;
 
 impl OutBuf {
     pub fn new() -> OutBuf {
-        OutBuf { done: Vec::new(), done_bytes: 0, cur: BytesMut::with_capacity(4096), splices: HashMap::new(), next_placeholder: 0 }
+        OutBuf {
+            done: Vec::new(),
+            done_bytes: 0,
+            cur: BytesMut::with_capacity(4096),
+            splices: HashMap::new(),
+            next_placeholder: 0,
+        }
     }
 
     /// Registers a partition's batches; returns the `Bytes` to put in the response's `records`
@@ -74,7 +80,8 @@ impl OutBuf {
         }
         if batches.len() == 1 {
             let b = batches.into_iter().next().expect("one");
-            self.splices.insert(b.as_ptr() as usize, (len, vec![b.clone()]));
+            self.splices
+                .insert(b.as_ptr() as usize, (len, vec![b.clone()]));
             return b;
         }
         match placeholder_region() {
@@ -154,11 +161,17 @@ impl ByteBufMut for OutBuf {
     /// kafka-protocol's message encoders never seek (they compute sizes up front); seeking is
     /// only supported inside the current chunk.
     fn seek(&mut self, offset: usize) {
-        assert!(offset >= self.done_bytes, "OutBuf cannot seek before a spliced batch");
+        assert!(
+            offset >= self.done_bytes,
+            "OutBuf cannot seek before a spliced batch"
+        );
         self.cur.resize(offset - self.done_bytes, 0);
     }
     fn range(&mut self, r: Range<usize>) -> &mut [u8] {
-        assert!(r.start >= self.done_bytes, "OutBuf cannot revisit a spliced batch");
+        assert!(
+            r.start >= self.done_bytes,
+            "OutBuf cannot revisit a spliced batch"
+        );
         &mut self.cur[r.start - self.done_bytes..r.end - self.done_bytes]
     }
 }
@@ -166,7 +179,9 @@ impl ByteBufMut for OutBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kafka_protocol::messages::fetch_response::{FetchResponse, FetchableTopicResponse, PartitionData};
+    use kafka_protocol::messages::fetch_response::{
+        FetchResponse, FetchableTopicResponse, PartitionData,
+    };
     use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
     #[test]
@@ -181,22 +196,34 @@ mod tests {
             FetchResponse::default().with_responses(vec![FetchableTopicResponse::default()
                 .with_topic(StrBytes::from_static_str("t").into())
                 .with_partitions(vec![
-                    PartitionData::default().with_partition_index(0).with_records(Some(r0)),
-                    PartitionData::default().with_partition_index(1).with_records(Some(r1)),
+                    PartitionData::default()
+                        .with_partition_index(0)
+                        .with_records(Some(r0)),
+                    PartitionData::default()
+                        .with_partition_index(1)
+                        .with_records(Some(r1)),
                 ])])
         };
         resp(p0, p1).encode(&mut out, 12).unwrap();
         let parts = out.finish();
-        assert!(parts.iter().any(|p| p.as_ptr() == a.as_ptr()), "batch referenced, not copied");
+        assert!(
+            parts.iter().any(|p| p.as_ptr() == a.as_ptr()),
+            "batch referenced, not copied"
+        );
         let spliced: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
         let mut concat = BytesMut::new();
         concat.extend_from_slice(&a);
         concat.extend_from_slice(&b);
         concat.extend_from_slice(&c);
         let mut plain = BytesMut::new();
-        resp(concat.freeze(), b.clone()).encode(&mut plain, 12).unwrap();
+        resp(concat.freeze(), b.clone())
+            .encode(&mut plain, 12)
+            .unwrap();
         assert_eq!(spliced, plain.to_vec());
         let back = FetchResponse::decode(&mut Bytes::from(spliced), 12).unwrap();
-        assert_eq!(back.responses[0].partitions[1].records.as_ref().unwrap(), &b);
+        assert_eq!(
+            back.responses[0].partitions[1].records.as_ref().unwrap(),
+            &b
+        );
     }
 }

@@ -18,7 +18,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
 ];
 
 pub fn supported(key: ApiKey) -> Option<(i16, i16)> {
-    SUPPORTED.iter().find(|(k, _, _)| *k == key).map(|&(_, lo, hi)| (lo, hi))
+    SUPPORTED
+        .iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|&(_, lo, hi)| (lo, hi))
 }
 
 #[cfg(test)]
@@ -29,7 +32,10 @@ mod tests {
     fn advertised_versions_are_within_what_the_codec_knows() {
         for &(k, lo, hi) in SUPPORTED {
             let codec = k.valid_versions();
-            assert!(codec.min <= lo && hi <= codec.max, "{k:?} {lo}-{hi} outside {codec:?}");
+            assert!(
+                codec.min <= lo && hi <= codec.max,
+                "{k:?} {lo}-{hi} outside {codec:?}"
+            );
         }
     }
 }

@@ -130,7 +130,10 @@ pub struct BatchInfo {
 
 /// Validates every batch in a Produce partition's `records` as a producer may send them.
 /// Checks lengths, magic, CRC32C and record counts without decoding any record.
-pub fn validate_produce(records: &[u8], message_bytes_max: usize) -> Result<Vec<BatchInfo>, BatchError> {
+pub fn validate_produce(
+    records: &[u8],
+    message_bytes_max: usize,
+) -> Result<Vec<BatchInfo>, BatchError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     if records.is_empty() {
@@ -149,9 +152,14 @@ pub fn validate_produce(records: &[u8], message_bytes_max: usize) -> Result<Vec<
             return Err(BatchError::Corrupt("unknown magic"));
         }
         let h = Header::new(rest).ok_or(BatchError::Corrupt("truncated batch header"))?;
-        let total = h.total_bytes().ok_or(BatchError::Corrupt("batch length below header size"))?;
+        let total = h
+            .total_bytes()
+            .ok_or(BatchError::Corrupt("batch length below header size"))?;
         if total > message_bytes_max {
-            return Err(BatchError::TooLarge { bytes: total, max: message_bytes_max });
+            return Err(BatchError::TooLarge {
+                bytes: total,
+                max: message_bytes_max,
+            });
         }
         if total > rest.len() {
             return Err(BatchError::Corrupt("batch length exceeds records"));
@@ -162,12 +170,21 @@ pub fn validate_produce(records: &[u8], message_bytes_max: usize) -> Result<Vec<
         }
         let count = h.record_count();
         if count <= 0 || h.last_offset_delta() != count - 1 {
-            return Err(BatchError::Corrupt("record count does not match lastOffsetDelta"));
+            return Err(BatchError::Corrupt(
+                "record count does not match lastOffsetDelta",
+            ));
         }
         if h.is_control() {
-            return Err(BatchError::Invalid("producers may not write control batches"));
+            return Err(BatchError::Invalid(
+                "producers may not write control batches",
+            ));
         }
-        out.push(BatchInfo { start: pos, bytes: total, offset_count: count as u32, max_timestamp: h.max_timestamp() });
+        out.push(BatchInfo {
+            start: pos,
+            bytes: total,
+            offset_count: count as u32,
+            max_timestamp: h.max_timestamp(),
+        });
         pos += total;
     }
     Ok(out)
@@ -180,7 +197,12 @@ pub fn validate_produce(records: &[u8], message_bytes_max: usize) -> Result<Vec<
 /// This is the one copy a produced batch gets (a memcpy: about 50 µs for a 1 MiB batch, next to a
 /// multi-millisecond fdatasync). It gives the cache an exact byte count: a slice of the request
 /// frame would pin the whole frame, up to socket.request.max.bytes, for as long as it is cached.
-pub fn stamp(batch: &[u8], base_offset: i64, leader_epoch: i32, log_append_time_ms: Option<i64>) -> Bytes {
+pub fn stamp(
+    batch: &[u8],
+    base_offset: i64,
+    leader_epoch: i32,
+    log_append_time_ms: Option<i64>,
+) -> Bytes {
     debug_assert!(batch.len() >= HEADER_BYTES);
     let mut b = BytesMut::with_capacity(batch.len());
     b.extend_from_slice(batch);
@@ -211,11 +233,15 @@ pub enum Stored {
 
 /// Checks the batch at the start of `b` as stored: magic, length, CRC, count.
 pub fn check_stored(b: &[u8], expected_base: Option<i64>) -> Stored {
-    let Some(h) = Header::new(b) else { return Stored::Incomplete };
+    let Some(h) = Header::new(b) else {
+        return Stored::Incomplete;
+    };
     if h.magic() != 2 {
         return Stored::Corrupt;
     }
-    let Some(total) = h.total_bytes() else { return Stored::Corrupt };
+    let Some(total) = h.total_bytes() else {
+        return Stored::Corrupt;
+    };
     if total > MESSAGE_BYTES_STORED_MAX {
         return Stored::Corrupt;
     }
@@ -267,7 +293,10 @@ pub mod test_batches {
         RecordBatchEncoder::encode(
             &mut buf,
             &records,
-            &RecordEncodeOptions { version: 2, compression: Compression::None },
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
         )
         .unwrap();
         buf.freeze()
@@ -289,7 +318,10 @@ mod tests {
         assert_eq!(infos[0].max_timestamp, 1002);
         let s = stamp(&b, 42, 7, None);
         let h = Header::new(&s).unwrap();
-        assert_eq!((h.base_offset(), h.leader_epoch(), h.last_offset()), (42, 7, 44));
+        assert_eq!(
+            (h.base_offset(), h.leader_epoch(), h.last_offset()),
+            (42, 7, 44)
+        );
         assert_eq!(check_stored(&s, Some(42)), Stored::Valid { bytes: s.len() });
         let t = stamp(&b, 5, 0, Some(99_999));
         let h = Header::new(&t).unwrap();
@@ -304,7 +336,10 @@ mod tests {
         two.extend_from_slice(&make(2, 1, 0));
         two.extend_from_slice(&make(5, 1, 0));
         let infos = validate_produce(&two, 1 << 20).unwrap();
-        assert_eq!(infos.iter().map(|i| i.offset_count).collect::<Vec<_>>(), vec![2, 5]);
+        assert_eq!(
+            infos.iter().map(|i| i.offset_count).collect::<Vec<_>>(),
+            vec![2, 5]
+        );
         assert_eq!(infos[1].start, infos[0].bytes);
     }
 
@@ -314,14 +349,26 @@ mod tests {
         let mut flipped = b.to_vec();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x40;
-        assert_eq!(validate_produce(&flipped, 1 << 20), Err(BatchError::Corrupt("CRC32C mismatch")));
+        assert_eq!(
+            validate_produce(&flipped, 1 << 20),
+            Err(BatchError::Corrupt("CRC32C mismatch"))
+        );
         assert_eq!(check_stored(&flipped, None), Stored::Corrupt);
-        assert!(matches!(validate_produce(&b[..b.len() - 1], 1 << 20), Err(BatchError::Corrupt(_))));
+        assert!(matches!(
+            validate_produce(&b[..b.len() - 1], 1 << 20),
+            Err(BatchError::Corrupt(_))
+        ));
         assert_eq!(check_stored(&b[..b.len() - 1], None), Stored::Incomplete);
-        assert!(matches!(validate_produce(&b, 10), Err(BatchError::TooLarge { .. })));
+        assert!(matches!(
+            validate_produce(&b, 10),
+            Err(BatchError::TooLarge { .. })
+        ));
         let mut old = b.to_vec();
         old[MAGIC_OFFSET] = 1;
-        assert_eq!(validate_produce(&old, 1 << 20), Err(BatchError::OldMagic(1)));
+        assert_eq!(
+            validate_produce(&old, 1 << 20),
+            Err(BatchError::OldMagic(1))
+        );
         assert_eq!(check_stored(&[0u8; 100], None), Stored::Corrupt);
         assert!(validate_produce(&[], 100).is_err());
         assert!(validate_produce(&[0u8; 5], 100).is_err());

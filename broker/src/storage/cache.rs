@@ -24,11 +24,17 @@ impl PartitionCache {
     /// The first offset served from memory. With nothing cached, everything below the log end
     /// is on disk.
     pub fn start(&self, log_end_offset: i64) -> i64 {
-        self.batches.front().map(|b| b.base).unwrap_or(log_end_offset)
+        self.batches
+            .front()
+            .map(|b| b.base)
+            .unwrap_or(log_end_offset)
     }
 
     pub fn push(&mut self, b: CachedBatch) {
-        debug_assert!(self.batches.back().is_none_or(|l| l.last + 1 == b.base), "cache must stay contiguous");
+        debug_assert!(
+            self.batches.back().is_none_or(|l| l.last + 1 == b.base),
+            "cache must stay contiguous"
+        );
         self.batches.push_back(b);
     }
 
@@ -87,7 +93,11 @@ pub enum Evicted {
 
 impl ShardCache {
     pub fn new(limit_bytes: usize) -> ShardCache {
-        ShardCache { limit_bytes, bytes: 0, fifo: VecDeque::new() }
+        ShardCache {
+            limit_bytes,
+            bytes: 0,
+            fifo: VecDeque::new(),
+        }
     }
 
     pub fn insert(&mut self, partition_id: u64, cache: &mut PartitionCache, b: CachedBatch) {
@@ -105,7 +115,9 @@ impl ShardCache {
     /// applies backpressure).
     pub fn evict(&mut self, mut evict_one: impl FnMut(u64, i64) -> Evicted) -> bool {
         while self.bytes > self.limit_bytes {
-            let Some(&(pid, base, len)) = self.fifo.front() else { return true };
+            let Some(&(pid, base, len)) = self.fifo.front() else {
+                return true;
+            };
             if let Evicted::Pinned = evict_one(pid, base) {
                 return false;
             }
@@ -121,7 +133,11 @@ mod tests {
     use super::*;
 
     fn b(base: i64, n: i64, len: usize) -> CachedBatch {
-        CachedBatch { base, last: base + n - 1, bytes: Bytes::from(vec![0u8; len]) }
+        CachedBatch {
+            base,
+            last: base + n - 1,
+            bytes: Bytes::from(vec![0u8; len]),
+        }
     }
 
     #[test]
@@ -133,7 +149,11 @@ mod tests {
         }
         assert_eq!(p.read(15, 200).len(), 2);
         assert_eq!(p.read(15, 150).len(), 1);
-        assert_eq!(p.read(15, 1).len(), 1, "at least one batch even above max_bytes");
+        assert_eq!(
+            p.read(15, 1).len(),
+            1,
+            "at least one batch even above max_bytes"
+        );
         assert_eq!(p.read(40, 1000).len(), 0);
         assert_eq!(p.start(40), 0);
         // Only the first batch is written: eviction stops at the second.

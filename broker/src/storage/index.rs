@@ -25,9 +25,20 @@ pub struct SegmentIndex {
 impl SegmentIndex {
     /// Records a batch appended at `position` in the segment. Entries are sparse: one per
     /// `interval_bytes` written.
-    pub fn on_append(&mut self, rel_offset: u32, position: u32, batch_bytes: u32, max_ts: i64, interval_bytes: u32) {
+    pub fn on_append(
+        &mut self,
+        rel_offset: u32,
+        position: u32,
+        batch_bytes: u32,
+        max_ts: i64,
+        interval_bytes: u32,
+    ) {
         if self.bytes_since_entry >= interval_bytes as u64 || self.offsets.is_empty() {
-            if self.offsets.last().is_none_or(|&(o, p)| o < rel_offset && p < position) {
+            if self
+                .offsets
+                .last()
+                .is_none_or(|&(o, p)| o < rel_offset && p < position)
+            {
                 self.offsets.push((rel_offset, position));
             }
             if self.times.last().is_none_or(|&(t, _)| max_ts > t) {
@@ -135,7 +146,8 @@ mod tests {
         assert_eq!(idx.position_for(55), 5000);
         assert_eq!(idx.offset_for_time(104), 0);
         assert_eq!(idx.offset_for_time(106), 50);
-        let back = SegmentIndex::decode(&idx.encode_offsets(), &idx.encode_times(), 10_000).unwrap();
+        let back =
+            SegmentIndex::decode(&idx.encode_offsets(), &idx.encode_times(), 10_000).unwrap();
         assert_eq!(back.offsets, idx.offsets);
         assert_eq!(back.times, idx.times);
     }

@@ -132,10 +132,16 @@ pub struct PartitionLog {
 
 impl PartitionLog {
     fn active(&self) -> &Segment {
-        self.segments.values().next_back().expect("a log always has an active segment")
+        self.segments
+            .values()
+            .next_back()
+            .expect("a log always has an active segment")
     }
     fn active_mut(&mut self) -> &mut Segment {
-        self.segments.values_mut().next_back().expect("a log always has an active segment")
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a log always has an active segment")
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -150,7 +156,12 @@ impl PartitionLog {
     /// then the tail is only checked from the last index entry; otherwise the active segment is
     /// scanned batch by batch, truncated at the first torn or corrupt batch, and its indexes
     /// rebuilt.
-    pub async fn open(dir: PathBuf, config: LogConfig, leader_epoch: i32, clean: bool) -> Result<PartitionLog> {
+    pub async fn open(
+        dir: PathBuf,
+        config: LogConfig,
+        leader_epoch: i32,
+        clean: bool,
+    ) -> Result<PartitionLog> {
         let d = dir.clone();
         let listing: Vec<(i64, u64)> = blocking(move || -> Result<Vec<(i64, u64)>> {
             if !d.exists() {
@@ -194,7 +205,12 @@ impl PartitionLog {
             let seg = open_segment(&dir, base, file_bytes, !is_last || clean).await?;
             if let Some(prev) = log.segments.values().next_back() {
                 if seg.base_offset < prev.next_offset {
-                    bail!("{}: segment {} overlaps the previous one (ends at {})", dir.display(), base, prev.next_offset);
+                    bail!(
+                        "{}: segment {} overlaps the previous one (ends at {})",
+                        dir.display(),
+                        base,
+                        prev.next_offset
+                    );
                 }
             }
             log.segments.insert(base, seg);
@@ -230,7 +246,12 @@ impl PartitionLog {
     }
 
     /// Assigns offsets to validated batches and appends them in memory. No I/O happens here.
-    pub fn append(&mut self, records: &[u8], infos: &[BatchInfo], now_ms: i64) -> Result<Appended, AppendError> {
+    pub fn append(
+        &mut self,
+        records: &[u8],
+        infos: &[BatchInfo],
+        now_ms: i64,
+    ) -> Result<Appended, AppendError> {
         let incoming: u64 = infos.iter().map(|i| i.bytes as u64).sum();
         if self.needs_roll(incoming, now_ms) {
             return Err(AppendError::NeedsRoll);
@@ -248,7 +269,13 @@ impl PartitionLog {
             let stamped = batch::stamp(raw, next, epoch, append_time);
             let last = next + info.offset_count as i64 - 1;
             let ts = append_time.unwrap_or(info.max_timestamp);
-            seg.index.on_append(seg.rel(next), seg.size as u32, info.bytes as u32, ts, interval);
+            seg.index.on_append(
+                seg.rel(next),
+                seg.size as u32,
+                info.bytes as u32,
+                ts,
+                interval,
+            );
             seg.size += info.bytes as u64;
             seg.pending_bytes += info.bytes as u64;
             seg.pending.push_back(stamped.clone());
@@ -262,7 +289,11 @@ impl PartitionLog {
         }
         self.max_timestamp = max_ts;
         self.log_end_offset = next;
-        Ok(Appended { base_offset, last_offset: next - 1, batches })
+        Ok(Appended {
+            base_offset,
+            last_offset: next - 1,
+            batches,
+        })
     }
 
     /// Takes up to one write's worth of pending batches from the oldest segment that has any.
@@ -280,7 +311,11 @@ impl PartitionLog {
             chunks.push(seg.pending.pop_front().expect("front exists"));
         }
         seg.pending_bytes -= bytes as u64;
-        let end_offset = chunks.last().and_then(|b| Header::new(b)).map(|h| h.last_offset() + 1).expect("batches");
+        let end_offset = chunks
+            .last()
+            .and_then(|b| Header::new(b))
+            .map(|h| h.last_offset() + 1)
+            .expect("batches");
         Some(PendingWrite {
             segment_base: seg.base_offset,
             file: seg.file.clone(),
@@ -299,7 +334,9 @@ impl PartitionLog {
             seg.written += w.bytes as u64;
             seg.tail_block = tail_block;
             seg.preallocated = seg.preallocated.max(preallocated);
-            debug_assert!(seg.tail_block.len() < 4096 && seg.written >= seg.tail_block.len() as u64);
+            debug_assert!(
+                seg.tail_block.len() < 4096 && seg.written >= seg.tail_block.len() as u64
+            );
         }
         debug_assert!(w.end_offset > self.written_offset);
         self.written_offset = w.end_offset;
@@ -337,7 +374,14 @@ impl PartitionLog {
             let l = log.borrow();
             let a = l.active();
             assert!(a.pending.is_empty(), "roll with unwritten batches");
-            (a.file.clone(), a.size, l.dir.clone(), a.base_offset, a.index.encode_offsets(), a.index.encode_times())
+            (
+                a.file.clone(),
+                a.size,
+                l.dir.clone(),
+                a.base_offset,
+                a.index.encode_offsets(),
+                a.index.encode_times(),
+            )
         };
         file.truncate(size).await.io()?;
         file.fdatasync().await.io()?;
@@ -359,7 +403,14 @@ impl PartitionLog {
         let (file, size, dir, base, offsets, times) = {
             let l = log.borrow();
             let a = l.active();
-            (a.file.clone(), a.size, l.dir.clone(), a.base_offset, a.index.encode_offsets(), a.index.encode_times())
+            (
+                a.file.clone(),
+                a.size,
+                l.dir.clone(),
+                a.base_offset,
+                a.index.encode_offsets(),
+                a.index.encode_times(),
+            )
         };
         file.truncate(size).await.io()?;
         file.fdatasync().await.io()?;
@@ -376,8 +427,11 @@ impl PartitionLog {
             if s.base_offset == active {
                 break;
             }
-            let by_size = self.config.retention_bytes >= 0 && total - s.size as i64 >= self.config.retention_bytes;
-            let by_time = self.config.retention_ms >= 0 && s.size > 0 && now_ms - s.max_timestamp > self.config.retention_ms;
+            let by_size = self.config.retention_bytes >= 0
+                && total - s.size as i64 >= self.config.retention_bytes;
+            let by_time = self.config.retention_ms >= 0
+                && s.size > 0
+                && now_ms - s.max_timestamp > self.config.retention_ms;
             if !(by_size || by_time) {
                 break;
             }
@@ -401,23 +455,48 @@ impl PartitionLog {
     /// Where to read from disk for a fetch at `offset`: the segment holding it and the position
     /// to start scanning at, bounded by what is written. None: nothing written there yet.
     pub fn locate(&self, offset: i64) -> Option<DiskRange> {
-        let (_, seg) = self.segments.range(..=offset).next_back().or_else(|| self.segments.iter().next())?;
-        let pos = if offset >= seg.base_offset { seg.index.position_for(seg.rel(offset)) as u64 } else { 0 };
+        let (_, seg) = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .or_else(|| self.segments.iter().next())?;
+        let pos = if offset >= seg.base_offset {
+            seg.index.position_for(seg.rel(offset)) as u64
+        } else {
+            0
+        };
         let end = seg.written.min(seg.size);
-        (pos < end).then(|| DiskRange { file: seg.file.clone(), pos, end, next_segment: self.segments.range(seg.base_offset + 1..).next().map(|(b, _)| *b) })
+        (pos < end).then(|| DiskRange {
+            file: seg.file.clone(),
+            pos,
+            end,
+            next_segment: self
+                .segments
+                .range(seg.base_offset + 1..)
+                .next()
+                .map(|(b, _)| *b),
+        })
     }
 
     /// Like `locate`, starting at a given segment base (used to step over an empty tail).
     pub fn locate_segment(&self, base: i64) -> Option<DiskRange> {
         let seg = self.segments.get(&base)?;
         let end = seg.written.min(seg.size);
-        (end > 0).then(|| DiskRange { file: seg.file.clone(), pos: 0, end, next_segment: self.segments.range(base + 1..).next().map(|(b, _)| *b) })
+        (end > 0).then(|| DiskRange {
+            file: seg.file.clone(),
+            pos: 0,
+            end,
+            next_segment: self.segments.range(base + 1..).next().map(|(b, _)| *b),
+        })
     }
 
     /// For ListOffsets by timestamp: where to start scanning for the first record with a
     /// timestamp >= `ts`, as an offset. None when no batch reaches `ts`.
     pub fn offset_scan_start_for_time(&self, ts: i64) -> Option<i64> {
-        let seg = self.segments.values().find(|s| s.size > 0 && s.max_timestamp >= ts)?;
+        let seg = self
+            .segments
+            .values()
+            .find(|s| s.size > 0 && s.max_timestamp >= ts)?;
         Some(seg.base_offset + seg.index.offset_for_time(ts) as i64)
     }
 }
@@ -453,7 +532,9 @@ impl PendingWrite {
         let write_end = self.file_pos + padded as u64;
         let mut preallocated = self.preallocated;
         if write_end > preallocated {
-            let step = PREALLOCATE_STEP_BYTES.min(self.segment_bytes.div_ceil(align as u64) * align as u64).max(align as u64);
+            let step = PREALLOCATE_STEP_BYTES
+                .min(self.segment_bytes.div_ceil(align as u64) * align as u64)
+                .max(align as u64);
             let target = write_end.div_ceil(step) * step;
             self.file.pre_allocate(target, false).await.io()?;
             preallocated = target;
@@ -512,7 +593,12 @@ async fn create_segment(dir: &Path, base: i64) -> Result<Segment> {
     })
 }
 
-async fn write_index_files(dir: PathBuf, base: i64, offsets: Vec<u8>, times: Vec<u8>) -> Result<()> {
+async fn write_index_files(
+    dir: PathBuf,
+    base: i64,
+    offsets: Vec<u8>,
+    times: Vec<u8>,
+) -> Result<()> {
     blocking(move || -> Result<()> {
         for (ext, data) in [("index", offsets), ("timeindex", times)] {
             let path = dir.join(segment_file_name(base, ext));
@@ -528,7 +614,12 @@ async fn write_index_files(dir: PathBuf, base: i64, offsets: Vec<u8>, times: Vec
 /// Opens one segment. With `trust_index` the index files are used when consistent and only the
 /// bytes after the last index entry are scanned; otherwise the whole file is scanned and the
 /// indexes rebuilt. Either way the file ends at the last valid batch afterwards.
-async fn open_segment(dir: &Path, base: i64, file_bytes: u64, trust_index: bool) -> Result<Segment> {
+async fn open_segment(
+    dir: &Path,
+    base: i64,
+    file_bytes: u64,
+    trust_index: bool,
+) -> Result<Segment> {
     let path = dir.join(segment_file_name(base, "log"));
     let file = Rc::new(open_rw(&path).await?);
     let index = if trust_index {
@@ -556,7 +647,18 @@ async fn open_segment(dir: &Path, base: i64, file_bytes: u64, trust_index: bool)
         Some(idx) if file_bytes == 0 => (0, base, idx, false),
         _ => (0, base, SegmentIndex::default(), true),
     };
-    let scan = scan_segment(&file, scan_from, scan_offset, file_bytes, if rebuild { Some((&mut index, interval)) } else { None }).await?;
+    let scan = scan_segment(
+        &file,
+        scan_from,
+        scan_offset,
+        file_bytes,
+        if rebuild {
+            Some((&mut index, interval))
+        } else {
+            None
+        },
+    )
+    .await?;
     // An index whose last entry does not point at a batch with the right offset is rebuilt.
     let scan = if !rebuild && scan.valid_end == scan_from && file_bytes > scan_from {
         tracing::warn!(segment = %path.display(), "index does not match the log; rebuilding");
@@ -585,7 +687,10 @@ async fn open_segment(dir: &Path, base: i64, file_bytes: u64, trust_index: bool)
     let align = file.alignment();
     let tail_len = (size % align) as usize;
     let tail_block = if tail_len > 0 {
-        file.read_at(size - tail_len as u64, tail_len).await.io()?.to_vec()
+        file.read_at(size - tail_len as u64, tail_len)
+            .await
+            .io()?
+            .to_vec()
     } else {
         Vec::new()
     };
@@ -633,7 +738,13 @@ async fn scan_segment(
                 Stored::Valid { bytes } => {
                     let h = Header::new(&chunk[at..]).expect("valid batch has a header");
                     if let Some((idx, interval)) = rebuild.as_mut() {
-                        idx.on_append((expected - base) as u32, (pos + at as u64) as u32, bytes as u32, h.max_timestamp(), *interval);
+                        idx.on_append(
+                            (expected - base) as u32,
+                            (pos + at as u64) as u32,
+                            bytes as u32,
+                            h.max_timestamp(),
+                            *interval,
+                        );
                     }
                     max_ts = max_ts.max(h.max_timestamp());
                     expected = h.last_offset() + 1;
@@ -644,9 +755,15 @@ async fn scan_segment(
                     // The batch may continue past this chunk: read again from its start, unless
                     // the file itself ends here (a torn tail).
                     let h = Header::new(&chunk[at..]);
-                    let needed = h.and_then(|h| h.total_bytes()).unwrap_or(batch::HEADER_BYTES) as u64;
+                    let needed = h
+                        .and_then(|h| h.total_bytes())
+                        .unwrap_or(batch::HEADER_BYTES) as u64;
                     if pos + at as u64 + needed > end {
-                        return Ok(ScanResult { valid_end: pos + at as u64, next_offset: expected, max_timestamp: max_ts });
+                        return Ok(ScanResult {
+                            valid_end: pos + at as u64,
+                            next_offset: expected,
+                            max_timestamp: max_ts,
+                        });
                     }
                     if !progressed {
                         // A single batch larger than the chunk: read it whole.
@@ -655,30 +772,54 @@ async fn scan_segment(
                             Stored::Valid { bytes } => {
                                 let h = Header::new(&whole).expect("valid");
                                 if let Some((idx, interval)) = rebuild.as_mut() {
-                                    idx.on_append((expected - base) as u32, (pos + at as u64) as u32, bytes as u32, h.max_timestamp(), *interval);
+                                    idx.on_append(
+                                        (expected - base) as u32,
+                                        (pos + at as u64) as u32,
+                                        bytes as u32,
+                                        h.max_timestamp(),
+                                        *interval,
+                                    );
                                 }
                                 max_ts = max_ts.max(h.max_timestamp());
                                 expected = h.last_offset() + 1;
                                 at += bytes;
                             }
-                            _ => return Ok(ScanResult { valid_end: pos + at as u64, next_offset: expected, max_timestamp: max_ts }),
+                            _ => {
+                                return Ok(ScanResult {
+                                    valid_end: pos + at as u64,
+                                    next_offset: expected,
+                                    max_timestamp: max_ts,
+                                })
+                            }
                         }
                     }
                     break;
                 }
                 Stored::Corrupt => {
-                    return Ok(ScanResult { valid_end: pos + at as u64, next_offset: expected, max_timestamp: max_ts });
+                    return Ok(ScanResult {
+                        valid_end: pos + at as u64,
+                        next_offset: expected,
+                        max_timestamp: max_ts,
+                    });
                 }
             }
         }
         pos += at as u64;
     }
-    Ok(ScanResult { valid_end: pos, next_offset: expected, max_timestamp: max_ts })
+    Ok(ScanResult {
+        valid_end: pos,
+        next_offset: expected,
+        max_timestamp: max_ts,
+    })
 }
 
 /// Reads batches from disk for a fetch at `offset`: skips whole batches below it and returns
 /// the batches from there (at least one, then up to `max_bytes`), as one contiguous `Bytes`.
-pub async fn read_from_disk(range: &DiskRange, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
+pub async fn read_from_disk(
+    range: &DiskRange,
+    offset: i64,
+    max_bytes: usize,
+) -> Result<Option<Bytes>> {
     let mut pos = range.pos;
     loop {
         if pos >= range.end {
@@ -689,8 +830,12 @@ pub async fn read_from_disk(range: &DiskRange, offset: i64, max_bytes: usize) ->
         let mut at = 0usize;
         let mut start = None;
         while at < chunk.len() {
-            let Some(h) = Header::new(&chunk[at..]) else { break };
-            let Some(total) = h.total_bytes() else { bail!("corrupt batch on disk at {}", pos + at as u64) };
+            let Some(h) = Header::new(&chunk[at..]) else {
+                break;
+            };
+            let Some(total) = h.total_bytes() else {
+                bail!("corrupt batch on disk at {}", pos + at as u64)
+            };
             if start.is_none() && h.last_offset() < offset {
                 if at + total > chunk.len() {
                     break;
@@ -779,7 +924,11 @@ mod tests {
             let mut cfg = LogConfig::default();
             cfg.segment_bytes = 10_000;
             cfg.index_interval_bytes = 1000;
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, true).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
+                    .await
+                    .unwrap(),
+            );
             append_n(&log, 100).await;
             flush(&log).await;
             assert_eq!(log.borrow().log_end_offset, 400);
@@ -789,22 +938,37 @@ mod tests {
             let got = read_from_disk(&range, 201, 1).await.unwrap().unwrap();
             let h = Header::new(&got).unwrap();
             assert_eq!(h.base_offset(), 200);
-            assert_eq!(batch::check_stored(&got, Some(200)), Stored::Valid { bytes: got.len() });
+            assert_eq!(
+                batch::check_stored(&got, Some(200)),
+                Stored::Valid { bytes: got.len() }
+            );
             PartitionLog::close(&log).await.unwrap();
             drop(log);
             // Clean reopen.
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, true).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
+                    .await
+                    .unwrap(),
+            );
             assert_eq!(log.borrow().log_end_offset, 400);
             // Unclean reopen: everything is scanned again, same result.
             drop(log);
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, false).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, false)
+                    .await
+                    .unwrap(),
+            );
             assert_eq!(log.borrow().log_end_offset, 400);
             assert_eq!(log.borrow().max_timestamp.0, 1_099 + 3);
             // Appending after reopen continues the offsets and the partial tail block.
             append_n(&log, 3).await;
             flush(&log).await;
             drop(log);
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg, 0, false).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg, 0, false)
+                    .await
+                    .unwrap(),
+            );
             assert_eq!(log.borrow().log_end_offset, 412);
         });
     }
@@ -815,7 +979,11 @@ mod tests {
         let path = dir.path().join("t-0");
         run(move || async move {
             let cfg = LogConfig::default();
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, true).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
+                    .await
+                    .unwrap(),
+            );
             append_n(&log, 10).await;
             flush(&log).await;
             drop(log);
@@ -831,7 +999,11 @@ mod tests {
             })
             .await;
             assert!(full.len() > batch_len * 10);
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg.clone(), 0, false).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, false)
+                    .await
+                    .unwrap(),
+            );
             assert_eq!(log.borrow().log_end_offset, 36);
             drop(log);
             // Flip one bit inside batch 5: batches 5.. are dropped.
@@ -842,7 +1014,11 @@ mod tests {
                 std::fs::write(&p4, d).unwrap();
             })
             .await;
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg, 0, false).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg, 0, false)
+                    .await
+                    .unwrap(),
+            );
             assert_eq!(log.borrow().log_end_offset, 20);
             let size = blocking(move || std::fs::metadata(&seg).unwrap().len()).await;
             assert_eq!(size, (batch_len * 5) as u64);
@@ -857,7 +1033,11 @@ mod tests {
             let mut cfg = LogConfig::default();
             cfg.segment_bytes = 5_000;
             cfg.retention_bytes = 6_000;
-            let log = RefCell::new(PartitionLog::open(path.clone(), cfg, 0, true).await.unwrap());
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg, 0, true)
+                    .await
+                    .unwrap(),
+            );
             append_n(&log, 40).await;
             flush(&log).await;
             let expired = log.borrow().expired_segments(now_ms());

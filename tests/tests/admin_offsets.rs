@@ -1,0 +1,249 @@
+//! Topic administration and ListOffsets through librdkafka against a real broker process.
+
+use std::time::Duration;
+
+use rdkafka::admin::{OwnedResourceSpecifier, ResourceSpecifier};
+use rdkafka::consumer::Consumer;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use weir_tests::workload::{self, base_timestamp_ms, consume, produce};
+use weir_tests::{admin, eventually, Broker};
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn create_alter_delete_topics_with_kafka_errors() {
+    let b = Broker::start(2);
+    assert_eq!(
+        admin::create(&b, "orders", 3, 1, &[("retention.ms", "1234567")]),
+        Ok(())
+    );
+    assert_eq!(
+        admin::create(&b, "orders", 3, 1, &[]),
+        Err(RDKafkaErrorCode::TopicAlreadyExists)
+    );
+    assert_eq!(
+        admin::create(&b, "bad name!", 1, 1, &[]),
+        Err(RDKafkaErrorCode::InvalidTopic)
+    );
+    assert_eq!(
+        admin::create(&b, &"x".repeat(250), 1, 1, &[]),
+        Err(RDKafkaErrorCode::InvalidTopic)
+    );
+    assert_eq!(
+        admin::create(&b, "zero", 0, 1, &[]),
+        Err(RDKafkaErrorCode::InvalidPartitions)
+    );
+    assert_eq!(
+        admin::create(&b, "three-replicas", 1, 3, &[]),
+        Err(RDKafkaErrorCode::InvalidReplicationFactor)
+    );
+    assert_eq!(
+        admin::create(&b, "bad-config", 1, 1, &[("no.such.config", "1")]),
+        Err(RDKafkaErrorCode::InvalidConfig)
+    );
+    assert_eq!(
+        admin::create(&b, "compacted", 1, 1, &[("cleanup.policy", "compact")]),
+        Err(RDKafkaErrorCode::InvalidConfig)
+    );
+
+    // DescribeConfigs: the override and the defaults.
+    let a = admin::client(&b);
+    let res = futures::executor::block_on(
+        a.describe_configs([&ResourceSpecifier::Topic("orders")], &admin::opts()),
+    )
+    .unwrap();
+    let res = res.into_iter().next().unwrap().unwrap();
+    assert_eq!(
+        res.specifier,
+        OwnedResourceSpecifier::Topic("orders".into())
+    );
+    let m = res.entry_map();
+    assert_eq!(m["retention.ms"].value.as_deref(), Some("1234567"));
+    assert_eq!(m["cleanup.policy"].value.as_deref(), Some("delete"));
+    assert!(m["retention.ms"].source == rdkafka::admin::ConfigSource::DynamicTopic);
+    let unknown = futures::executor::block_on(
+        a.describe_configs([&ResourceSpecifier::Topic("nope")], &admin::opts()),
+    )
+    .unwrap();
+    // rust-rdkafka drops per-resource error codes; the raw protocol test checks the code.
+    assert!(unknown
+        .into_iter()
+        .next()
+        .unwrap()
+        .is_ok_and(|r| r.entries.is_empty()));
+
+    // CreatePartitions only increases.
+    assert_eq!(admin::add_partitions(&b, "orders", 5), Ok(()));
+    assert_eq!(
+        admin::add_partitions(&b, "orders", 2),
+        Err(RDKafkaErrorCode::InvalidPartitions)
+    );
+    assert_eq!(
+        admin::add_partitions(&b, "orders", 5),
+        Err(RDKafkaErrorCode::InvalidPartitions)
+    );
+    assert_eq!(
+        admin::add_partitions(&b, "missing", 5),
+        Err(RDKafkaErrorCode::UnknownTopicOrPartition)
+    );
+    let c = workload::consumer(&b.client_config());
+    let md = c.fetch_metadata(Some("orders"), T).unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 5);
+    // The new partition takes writes.
+    let acked = produce(&b.client_config(), "orders", 0..200, &[("acks", "all")]);
+    assert!(acked.iter().any(|a| a.partition == 4));
+
+    // DeleteTopics removes the data; the name can be reused and starts empty.
+    assert!(b.data_dir().join("orders-4").exists());
+    assert_eq!(admin::delete(&b, "orders"), Ok(()));
+    assert!(
+        !b.data_dir().join("orders-0").exists(),
+        "partition data deleted"
+    );
+    assert!(!b.data_dir().join("orders-4").exists());
+    assert_eq!(
+        admin::delete(&b, "orders"),
+        Err(RDKafkaErrorCode::UnknownTopicOrPartition)
+    );
+    assert_eq!(admin::create(&b, "orders", 1, 1, &[]), Ok(()));
+    assert_eq!(c.fetch_watermarks("orders", 0, T).unwrap(), (0, 0));
+
+    // Topics survive a restart; deleted ones stay deleted.
+    let mut b = b;
+    assert!(b.stop(), "clean stop");
+    b.restart();
+    let c = workload::consumer(&b.client_config());
+    let md = c.fetch_metadata(None, T).unwrap();
+    let names: Vec<&str> = md.topics().iter().map(|t| t.name()).collect();
+    assert_eq!(names, vec!["orders"]);
+    assert_eq!(md.topics()[0].partitions().len(), 1);
+}
+
+fn offset_for_time(c: &rdkafka::consumer::BaseConsumer, topic: &str, ts: i64) -> Offset {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(ts))
+        .unwrap();
+    let r = c.offsets_for_times(tpl, T).unwrap();
+    r.find_partition(topic, 0).unwrap().offset()
+}
+
+#[test]
+fn list_offsets_earliest_latest_and_by_timestamp() {
+    let mut b = Broker::start(2);
+    // Small segments and index interval so lookups cross segments and index entries.
+    admin::create(
+        &b,
+        "times",
+        1,
+        1,
+        &[("segment.bytes", "20000"), ("index.interval.bytes", "1000")],
+    )
+    .unwrap();
+    produce(
+        &b.client_config(),
+        "times",
+        0..3000,
+        &[
+            ("acks", "all"),
+            ("linger.ms", "1"),
+            ("batch.num.messages", "50"),
+        ],
+    );
+    for round in 0..2 {
+        let c = workload::consumer(&b.client_config());
+        assert_eq!(
+            c.fetch_watermarks("times", 0, T).unwrap(),
+            (0, 3000),
+            "round {round}"
+        );
+        // Record i has timestamp BASE + i: the first offset at or after BASE + i is i.
+        for i in [0usize, 1, 49, 50, 51, 777, 1500, 2999] {
+            assert_eq!(
+                offset_for_time(&c, "times", base_timestamp_ms() + i as i64),
+                Offset::Offset(i as i64),
+                "ts of {i}, round {round}"
+            );
+        }
+        assert_eq!(offset_for_time(&c, "times", 0), Offset::Offset(0));
+        assert_eq!(
+            offset_for_time(&c, "times", base_timestamp_ms() + 10_000),
+            Offset::End
+        );
+        // Round two reads from disk only: the cache is empty after a restart.
+        assert!(b.stop());
+        b.restart();
+    }
+    let segments = std::fs::read_dir(b.data_dir().join("times-0"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count();
+    assert!(segments > 5, "lookups crossed {segments} segments");
+}
+
+#[test]
+fn retention_deletes_whole_old_segments() {
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("server.properties");
+    std::fs::write(&path, "log.retention.check.interval.ms=200\n").unwrap();
+    let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
+    // Size-based retention only: time-based would also apply to old timestamps.
+    admin::create(
+        &b,
+        "short",
+        1,
+        1,
+        &[
+            ("segment.bytes", "10000"),
+            ("retention.bytes", "30000"),
+            ("retention.ms", "-1"),
+        ],
+    )
+    .unwrap();
+    produce(
+        &b.client_config(),
+        "short",
+        0..3000,
+        &[
+            ("acks", "all"),
+            ("linger.ms", "1"),
+            ("batch.num.messages", "20"),
+        ],
+    );
+    let c = workload::consumer(&b.client_config());
+    let log_bytes = || -> u64 {
+        std::fs::read_dir(b.data_dir().join("short-0"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum()
+    };
+    // Retained: at most retention.bytes plus the active segment (preallocated to a block).
+    assert!(
+        eventually(Duration::from_secs(20), || log_bytes() <= 30_000 + 12_288),
+        "retained {} bytes",
+        log_bytes()
+    );
+    let (low, high) = c.fetch_watermarks("short", 0, T).unwrap();
+    assert!(low > 0, "log start advanced");
+    assert_eq!(high, 3000);
+    // Reading from the beginning starts at the new log start and still ends at the end.
+    let got = consume(
+        &b.client_config(),
+        "short",
+        1,
+        (high - low) as usize,
+        Duration::from_secs(30),
+    );
+    let recs = &got[&0];
+    assert_eq!(recs.len() as i64, high - low);
+    assert_eq!(recs[0].offset, low);
+    recs.iter().for_each(|r| r.check());
+}

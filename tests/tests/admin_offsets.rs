@@ -247,3 +247,79 @@ fn retention_deletes_whole_old_segments() {
     assert_eq!(recs[0].offset, low);
     recs.iter().for_each(|r| r.check());
 }
+
+#[test]
+fn log_append_time_auto_create_and_time_based_roll() {
+    let b = Broker::start(2);
+    // LogAppendTime: the broker's clock replaces the producer's timestamps.
+    admin::create(
+        &b,
+        "appended",
+        1,
+        1,
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    produce(&b.client_config(), "appended", 0..100, &[("acks", "all")]);
+    let c = workload::consumer(&b.client_config());
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("appended", 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut seen = 0;
+    let deadline = std::time::Instant::now() + T;
+    while seen < 100 && std::time::Instant::now() < deadline {
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            let m = m.unwrap();
+            use rdkafka::Message;
+            match m.timestamp() {
+                rdkafka::Timestamp::LogAppendTime(t) => {
+                    assert!(t >= before - 1000, "stamped by the broker")
+                }
+                other => panic!("expected LogAppendTime, got {other:?}"),
+            }
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 100);
+
+    // Auto-creation on produce, with the broker's num.partitions (1).
+    let acked = produce(
+        &b.client_config(),
+        "made-on-demand",
+        0..10,
+        &[("acks", "all")],
+    );
+    assert_eq!(acked.len(), 10);
+    let md = c.fetch_metadata(Some("made-on-demand"), T).unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 1);
+
+    // segment.ms: a segment older than 300 ms rolls on the next append.
+    admin::create(&b, "rolling", 1, 1, &[("segment.ms", "300")]).unwrap();
+    for round in 0..3 {
+        produce(
+            &b.client_config(),
+            "rolling",
+            round * 10..round * 10 + 10,
+            &[("acks", "all")],
+        );
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let logs = std::fs::read_dir(b.data_dir().join("rolling-0"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count();
+    assert!(logs >= 3, "{logs} segments");
+    let got = consume(&b.client_config(), "rolling", 1, 30, T);
+    assert_eq!(got[&0].len(), 30);
+}

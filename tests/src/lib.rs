@@ -69,6 +69,21 @@ impl Broker {
         b
     }
 
+    /// A handle on a broker started elsewhere (no process to manage), for its client helpers.
+    pub fn attach(port: u16) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("broker.log");
+        Broker {
+            port,
+            dir,
+            shards: 0,
+            extra_args: Vec::new(),
+            child: None,
+            log_path,
+            starts: 0,
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

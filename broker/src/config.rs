@@ -35,6 +35,8 @@ pub struct Config {
     pub retention_check_interval_ms: u64,
     /// Connections accepted per shard before new ones are refused.
     pub connections_per_shard_max: usize,
+    /// Idempotent producers idle this long are forgotten (Kafka's producer.id.expiration.ms).
+    pub producer_id_expiration_ms: i64,
 }
 
 /// Per-log settings. Topic-level configs override these field by field.
@@ -199,6 +201,7 @@ impl Config {
             socket_request_bytes_max: 104_857_600,
             retention_check_interval_ms: 300_000,
             connections_per_shard_max: 10_000,
+            producer_id_expiration_ms: 86_400_000,
         }
     }
 
@@ -262,6 +265,7 @@ impl Config {
             "log.dirs" | "log.dir" => {
                 self.data_dir = PathBuf::from(v.split(',').next().unwrap_or(v).trim())
             }
+            "producer.id.expiration.ms" => self.producer_id_expiration_ms = parse_i64_min(v, 1)?,
             "max.connections" => self.connections_per_shard_max = parse_i64_min(v, 1)? as usize,
             "listeners" | "advertised.listeners" => {
                 let (host, port) = parse_listener(v)?;

@@ -67,8 +67,16 @@ pub async fn accept_loop(listener: TcpListener) {
                         .peer_addr()
                         .map(|a| a.to_string())
                         .unwrap_or_default();
-                    if let Err(e) = connection(stream).await {
-                        tracing::debug!(%peer, "connection ended: {e}");
+                    // A bug in a handler must cost one connection, not the shard.
+                    match std::panic::AssertUnwindSafe(connection(stream))
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(%peer, "connection ended: {e}"),
+                        Err(_) => {
+                            tracing::error!(%peer, "request handler panicked; connection closed")
+                        }
                     }
                     CONNECTIONS.with(|c| c.set(c.get() - 1));
                 })

@@ -193,7 +193,7 @@ async fn shard_main(
                 };
                 shard::shard().count_remote_in();
                 glommio::spawn_local(async move {
-                    shard::handle_msg(msg).await;
+                    shard::handle_msg_guarded(msg).await;
                     drop(permit);
                 })
                 .detach();

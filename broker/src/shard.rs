@@ -85,6 +85,8 @@ pub struct Shard {
     pub stats: RefCell<Stats>,
     pub shutting_down: Cell<bool>,
     pub stopped: Event,
+    /// Controller only: the next producer id of the reserved block.
+    pub producer_id_next: Cell<i64>,
 }
 
 thread_local! {
@@ -201,6 +203,9 @@ pub enum ShardMsg {
     Stats {
         reply: oneshot::Sender<String>,
     },
+    AllocateProducerId {
+        reply: oneshot::Sender<Option<i64>>,
+    },
 }
 
 impl Shard {
@@ -235,6 +240,7 @@ impl Shard {
             stats: RefCell::new(Stats::default()),
             shutting_down: Cell::new(false),
             stopped: Event::new(),
+            producer_id_next: Cell::new(i64::MAX),
         });
         SHARD.with(|cell| *cell.borrow_mut() = Some(s.clone()));
         s
@@ -242,6 +248,10 @@ impl Shard {
 
     pub fn image(&self) -> Arc<Image> {
         self.image.borrow().clone()
+    }
+
+    pub fn set_image(&self, image: Arc<Image>) {
+        *self.image.borrow_mut() = image;
     }
 
     pub fn partition(&self, topic: &str, index: i32) -> Option<Rc<Partition>> {
@@ -259,7 +269,7 @@ impl Shard {
     /// Sends `msg` to shard `target` (handled in place when it is this shard).
     pub async fn send(self: &Rc<Self>, target: usize, msg: ShardMsg) {
         if target == self.id {
-            glommio::spawn_local(handle_msg(msg)).detach();
+            glommio::spawn_local(handle_msg_guarded(msg)).detach();
             return;
         }
         self.stats.borrow_mut().remote_ops_out += 1;
@@ -372,6 +382,10 @@ impl Shard {
             let now = now_ms();
             let r = p.log.borrow_mut().append(&item.records, &item.infos, now);
             match r {
+                Ok(a) if a.duplicate => {
+                    tracing::debug!(topic = %p.topic, partition = p.index, offset = a.base_offset, "duplicate batch from an idempotent producer");
+                    return Ok((a.base_offset, -1));
+                }
                 Ok(a) => {
                     let append_time = if p.log.borrow().config.log_append_time {
                         now
@@ -406,6 +420,7 @@ impl Shard {
                     p.appended.notify(usize::MAX);
                     return Ok((a.base_offset, append_time));
                 }
+                Err(AppendError::Refused(code)) => return Err(code),
                 Err(AppendError::NeedsRoll) => {
                     let _permit = p.io_lock.acquire_permit(1).await;
                     let incoming: u64 = item.infos.iter().map(|i| i.bytes as u64).sum();
@@ -670,6 +685,13 @@ impl Shard {
     pub async fn enforce_retention(&self) {
         let parts: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
         for p in parts {
+            let gone = p
+                .log
+                .borrow_mut()
+                .expire_producers(now_ms(), self.config.producer_id_expiration_ms);
+            if gone > 0 {
+                tracing::debug!(topic = %p.topic, partition = p.index, gone, "expired idle producer ids");
+            }
             let expired = p.log.borrow().expired_segments(now_ms());
             if expired.is_empty() {
                 continue;
@@ -983,6 +1005,18 @@ enum Wake {
     Cancelled,
 }
 
+/// Handles a message; a panic in it is logged and contained to that operation.
+pub async fn handle_msg_guarded(msg: ShardMsg) {
+    use futures::FutureExt;
+    if std::panic::AssertUnwindSafe(handle_msg(msg))
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        tracing::error!("a shard operation panicked");
+    }
+}
+
 /// Handles one message on its target shard.
 pub async fn handle_msg(msg: ShardMsg) {
     let s = shard();
@@ -1008,6 +1042,16 @@ pub async fn handle_msg(msg: ShardMsg) {
         }
         ShardMsg::Stats { reply } => {
             let _ = reply.send(s.stats_line());
+        }
+        ShardMsg::AllocateProducerId { reply } => {
+            let id = match crate::cluster::controller::allocate_producer_id(&s).await {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::error!("allocating a producer id failed: {e:#}");
+                    None
+                }
+            };
+            let _ = reply.send(id);
         }
     }
 }

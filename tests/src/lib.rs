@@ -12,21 +12,25 @@ use rdkafka::config::ClientConfig;
 
 pub use rdkafka;
 
-/// Where cargo put the broker binary (the test script builds it before running tests).
+/// The broker binary, rebuilt once per test process so a test never runs a stale broker
+/// (`cargo test -p weir-tests` alone does not rebuild another package's binary).
 pub fn broker_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/broker");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--bin", "broker"])
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building the broker failed");
-    }
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "--bin", "broker"])
+                .current_dir(&root)
+                .status()
+                .expect("running cargo build");
+            assert!(status.success(), "building the broker failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target.join("debug/broker")
+        })
+        .clone()
 }
 
 pub fn free_port() -> u16 {
@@ -214,6 +218,7 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+pub mod raw;
 pub mod workload;
 
 pub mod admin {

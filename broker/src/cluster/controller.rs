@@ -94,6 +94,31 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
     results
 }
 
+/// Producer ids are reserved in blocks of this many: one metadata write per block.
+pub const PRODUCER_ID_BLOCK: i64 = 1000;
+
+/// Hands out a producer id that was never handed out before, across restarts: ids come from a
+/// block whose end is persisted before any id in it is used.
+pub async fn allocate_producer_id(s: &Rc<Shard>) -> anyhow::Result<i64> {
+    assert_eq!(s.id, CONTROLLER_SHARD);
+    let _permit = s.control_lock.acquire_permit(1).await;
+    let mut image: Image = (*s.image()).clone();
+    if s.producer_id_next.get() >= image.producer_id_block_end {
+        // Ids at or above the persisted block end were never handed out.
+        let start = image.producer_id_block_end;
+        image.producer_id_block_end = start + PRODUCER_ID_BLOCK;
+        image.version += 1;
+        let image = Arc::new(image);
+        let (dir, to_store) = (s.config.data_dir.clone(), image.clone());
+        blocking(move || metadata::store(&dir, &to_store)).await?;
+        s.set_image(image);
+        s.producer_id_next.set(start);
+    }
+    let id = s.producer_id_next.get();
+    s.producer_id_next.set(id + 1);
+    Ok(id)
+}
+
 /// Sends a new image to every shard and waits for each to apply it.
 pub async fn broadcast(s: &Rc<Shard>, image: Arc<Image>) {
     let mut replies = Vec::with_capacity(s.count);

@@ -41,6 +41,9 @@ pub struct Image {
     pub topics: BTreeMap<String, TopicMeta>,
     /// Rotates the first shard of each new topic so partitions spread evenly.
     pub next_shard: u32,
+    /// Producer ids below this have been handed out (or reserved): never reused.
+    #[serde(default)]
+    pub producer_id_block_end: i64,
 }
 
 impl Image {

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod errors;
 pub mod fetch;
+pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
@@ -41,6 +42,7 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::DeleteTopics => ready(admin::handle_delete_topics(frame).await),
         ApiKey::CreatePartitions => ready(admin::handle_create_partitions(frame).await),
         ApiKey::DescribeConfigs => ready(admin::handle_describe_configs(frame)),
+        ApiKey::InitProducerId => ready(init_producer_id::handle(frame).await),
         other => Err(format!("API {other:?} is not supported")),
     }
 }

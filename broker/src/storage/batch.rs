@@ -126,6 +126,10 @@ pub struct BatchInfo {
     /// Offsets the batch spans: lastOffsetDelta + 1.
     pub offset_count: u32,
     pub max_timestamp: i64,
+    /// -1 for a producer without idempotence.
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
 }
 
 /// Validates every batch in a Produce partition's `records` as a producer may send them.
@@ -179,11 +183,19 @@ pub fn validate_produce(
                 "producers may not write control batches",
             ));
         }
+        if h.is_transactional() {
+            return Err(BatchError::Invalid(
+                "transactional batches are not supported yet",
+            ));
+        }
         out.push(BatchInfo {
             start: pos,
             bytes: total,
             offset_count: count as u32,
             max_timestamp: h.max_timestamp(),
+            producer_id: h.producer_id(),
+            producer_epoch: h.producer_epoch(),
+            base_sequence: h.base_sequence(),
         });
         pos += total;
     }
@@ -271,18 +283,34 @@ pub mod test_batches {
 
     /// Builds an uncompressed batch with `n` records with the kafka-protocol crate's encoder.
     pub fn make(n: usize, value_bytes: usize, timestamp: i64) -> Bytes {
+        make_with(n, value_bytes, timestamp, -1, -1, 0)
+    }
+
+    /// An idempotent producer's batch: producer id, epoch and first sequence.
+    pub fn make_idempotent(n: usize, pid: i64, epoch: i16, seq: i32) -> Bytes {
+        make_with(n, 10, 1_000, pid, epoch, seq)
+    }
+
+    fn make_with(
+        n: usize,
+        value_bytes: usize,
+        timestamp: i64,
+        pid: i64,
+        epoch: i16,
+        seq: i32,
+    ) -> Bytes {
         use kafka_protocol::records::*;
         let records: Vec<Record> = (0..n)
             .map(|i| Record {
                 transactional: false,
                 control: false,
                 partition_leader_epoch: 0,
-                producer_id: -1,
-                producer_epoch: -1,
+                producer_id: pid,
+                producer_epoch: epoch,
                 timestamp_type: TimestampType::Creation,
                 delete_horizon: false,
                 offset: i as i64,
-                sequence: i as i32,
+                sequence: seq + i as i32,
                 timestamp: timestamp + i as i64,
                 key: Some(Bytes::from(format!("k{i}"))),
                 value: Some(Bytes::from(vec![b'v'; value_bytes])),

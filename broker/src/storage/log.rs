@@ -18,6 +18,7 @@ use glommio::io::{DmaFile, OpenOptions};
 
 use super::batch::{self, BatchInfo, Header, Stored};
 use super::index::SegmentIndex;
+use super::producer_state::{self, BatchMeta, Check, ProducerStates};
 use crate::config::LogConfig;
 
 /// Disk space is reserved ahead of writes in steps of this many bytes (or segment.bytes when
@@ -105,13 +106,17 @@ impl Segment {
 pub enum AppendError {
     /// The active segment must roll first (size, age or a full index).
     NeedsRoll,
+    /// Refused with this Kafka error code (producer epoch or sequence).
+    Refused(i16),
 }
 
 pub struct Appended {
     pub base_offset: i64,
     pub last_offset: i64,
-    /// The stamped batches, to be cached.
+    /// The stamped batches, to be cached. Empty for a duplicate.
     pub batches: Vec<(i64, i64, Bytes)>,
+    /// An idempotent producer's retry of a batch already in the log: nothing was written.
+    pub duplicate: bool,
 }
 
 pub struct PartitionLog {
@@ -128,6 +133,8 @@ pub struct PartitionLog {
     pub leader_epoch: i32,
     /// (max timestamp, offset of the batch's last record) over the whole log, for ListOffsets -3.
     pub max_timestamp: (i64, i64),
+    /// Idempotent producers' sequence state.
+    pub producers: ProducerStates,
 }
 
 impl PartitionLog {
@@ -198,6 +205,7 @@ impl PartitionLog {
             durable_offset: 0,
             leader_epoch,
             max_timestamp: (-1, -1),
+            producers: ProducerStates::default(),
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {
@@ -232,7 +240,89 @@ impl PartitionLog {
             .map(|s| (s.max_timestamp, s.next_offset - 1))
             .max_by_key(|&(t, _)| t)
             .unwrap_or((-1, -1));
+        log.load_producer_state().await?;
         Ok(log)
+    }
+
+    /// Loads the newest producer-state snapshot not past the log end (dropping newer ones,
+    /// left by a truncated tail) and replays the batch headers after it.
+    async fn load_producer_state(&mut self) -> Result<()> {
+        let (dir, end) = (self.dir.clone(), self.log_end_offset);
+        let loaded = blocking(move || -> Result<Option<(i64, ProducerStates)>> {
+            let mut snaps: Vec<(i64, PathBuf)> = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    name.strip_suffix(".snapshot").and_then(|s| s.parse::<i64>().ok()).map(|o| (o, e.path()))
+                })
+                .collect();
+            snaps.sort();
+            while let Some((offset, path)) = snaps.pop() {
+                if offset > end {
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+                match std::fs::read(&path).ok().and_then(|b| ProducerStates::decode(&b)) {
+                    Some((o, s)) if o == offset => return Ok(Some((o, s))),
+                    _ => {
+                        tracing::warn!(snapshot = %path.display(), "ignoring unreadable producer-state snapshot");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+            Ok(None)
+        })
+        .await?;
+        let (offset, state) = loaded.unwrap_or((self.log_start_offset, ProducerStates::default()));
+        self.producers = state;
+        let mut offset = offset.max(self.log_start_offset);
+        // Replay: bounded by the log end; every step moves `offset` past at least one batch.
+        while offset < self.log_end_offset {
+            let Some(chunk) = self.read_batches(offset, 1 << 20).await? else {
+                break;
+            };
+            let mut at = 0;
+            while let Some(h) = Header::new(&chunk[at..]) {
+                let Some(total) = h.total_bytes() else { break };
+                if h.producer_id() >= 0 && h.last_offset() >= offset {
+                    self.producers
+                        .record(h.producer_id(), h.producer_epoch(), batch_meta(&h));
+                }
+                offset = offset.max(h.last_offset() + 1);
+                at += total;
+                if at >= chunk.len() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads batches from disk from `offset`, stepping over segments that end before it.
+    pub async fn read_batches(&self, offset: i64, max_bytes: usize) -> Result<Option<Bytes>> {
+        let mut range = self.locate(offset);
+        // Bounded by the number of segments.
+        while let Some(r) = range {
+            if let Some(b) = read_from_disk(&r, offset, max_bytes).await? {
+                return Ok(Some(b));
+            }
+            range = r.next_segment.and_then(|next| self.locate_segment(next));
+        }
+        Ok(None)
+    }
+
+    /// Forgets idle producers and producers whose data retention removed.
+    pub fn expire_producers(&mut self, now_ms: i64, expiration_ms: i64) -> usize {
+        self.producers
+            .expire(now_ms, expiration_ms, self.log_start_offset)
+    }
+
+    /// The producer-state snapshot of the whole log, named by the log end offset.
+    pub fn producer_snapshot(&self) -> (i64, Vec<u8>) {
+        (
+            self.log_end_offset,
+            self.producers.encode(self.log_end_offset),
+        )
     }
 
     /// Whether the active segment must roll before `incoming_bytes` more are appended.
@@ -252,6 +342,32 @@ impl PartitionLog {
         infos: &[BatchInfo],
         now_ms: i64,
     ) -> Result<Appended, AppendError> {
+        if infos.iter().any(|i| i.producer_id >= 0) {
+            // Idempotent producers send one batch per partition.
+            let [i] = infos else {
+                return Err(AppendError::Refused(crate::kafka::errors::INVALID_RECORD));
+            };
+            let last_seq =
+                producer_state::last_sequence(i.base_sequence, i.offset_count as i32 - 1);
+            match self
+                .producers
+                .check(i.producer_id, i.producer_epoch, i.base_sequence, last_seq)
+            {
+                Check::Append => {}
+                Check::Duplicate {
+                    first_offset,
+                    last_offset,
+                } => {
+                    return Ok(Appended {
+                        base_offset: first_offset,
+                        last_offset,
+                        batches: Vec::new(),
+                        duplicate: true,
+                    });
+                }
+                Check::Refuse(code) => return Err(AppendError::Refused(code)),
+            }
+        }
         let incoming: u64 = infos.iter().map(|i| i.bytes as u64).sum();
         if self.needs_roll(incoming, now_ms) {
             return Err(AppendError::NeedsRoll);
@@ -261,6 +377,7 @@ impl PartitionLog {
         let interval = self.config.index_interval_bytes;
         let base_offset = self.log_end_offset;
         let mut batches = Vec::with_capacity(infos.len());
+        let mut producer_batches = Vec::new();
         let mut max_ts = self.max_timestamp;
         let mut next = self.log_end_offset;
         let seg = self.active_mut();
@@ -284,8 +401,23 @@ impl PartitionLog {
             if ts > max_ts.0 {
                 max_ts = (ts, last);
             }
+            if info.producer_id >= 0 {
+                let last_seq =
+                    producer_state::last_sequence(info.base_sequence, info.offset_count as i32 - 1);
+                let meta = BatchMeta {
+                    first_seq: info.base_sequence,
+                    last_seq,
+                    first_offset: next,
+                    last_offset: last,
+                    max_timestamp: ts,
+                };
+                producer_batches.push((info.producer_id, info.producer_epoch, meta));
+            }
             batches.push((next, last, stamped));
             next = last + 1;
+        }
+        for (pid, epoch, meta) in producer_batches {
+            self.producers.record(pid, epoch, meta);
         }
         self.max_timestamp = max_ts;
         self.log_end_offset = next;
@@ -293,6 +425,7 @@ impl PartitionLog {
             base_offset,
             last_offset: next - 1,
             batches,
+            duplicate: false,
         })
     }
 
@@ -386,6 +519,8 @@ impl PartitionLog {
         file.truncate(size).await.io()?;
         file.fdatasync().await.io()?;
         write_index_files(dir.clone(), base, offsets, times).await?;
+        let (snap_offset, snap) = log.borrow().producer_snapshot();
+        write_producer_snapshot(dir.clone(), snap_offset, snap).await?;
         let new_base = log.borrow().log_end_offset;
         let seg = create_segment(&dir, new_base).await?;
         let mut l = log.borrow_mut();
@@ -414,7 +549,9 @@ impl PartitionLog {
         };
         file.truncate(size).await.io()?;
         file.fdatasync().await.io()?;
-        write_index_files(dir, base, offsets, times).await?;
+        write_index_files(dir.clone(), base, offsets, times).await?;
+        let (snap_offset, snap) = log.borrow().producer_snapshot();
+        write_producer_snapshot(dir, snap_offset, snap).await?;
         Ok(())
     }
 
@@ -498,6 +635,17 @@ impl PartitionLog {
             .values()
             .find(|s| s.size > 0 && s.max_timestamp >= ts)?;
         Some(seg.base_offset + seg.index.offset_for_time(ts) as i64)
+    }
+}
+
+/// The producer-state entry of a stored batch.
+fn batch_meta(h: &Header<'_>) -> BatchMeta {
+    BatchMeta {
+        first_seq: h.base_sequence(),
+        last_seq: producer_state::last_sequence(h.base_sequence(), h.last_offset_delta()),
+        first_offset: h.base_offset(),
+        last_offset: h.last_offset(),
+        max_timestamp: h.max_timestamp(),
     }
 }
 
@@ -591,6 +739,27 @@ async fn create_segment(dir: &Path, base: i64) -> Result<Segment> {
         max_timestamp: -1,
         created_ms: now_ms(),
     })
+}
+
+/// Writes a producer-state snapshot covering the log below `offset`; keeps the newest two.
+async fn write_producer_snapshot(dir: PathBuf, offset: i64, bytes: Vec<u8>) -> Result<()> {
+    blocking(move || -> Result<()> {
+        let name = producer_state::snapshot_file_name(offset);
+        let tmp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, dir.join(&name))?;
+        let mut snaps: Vec<PathBuf> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "snapshot"))
+            .collect();
+        snaps.sort();
+        let excess = snaps.len().saturating_sub(2);
+        for old in snaps.into_iter().take(excess) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    })
+    .await
 }
 
 async fn write_index_files(
@@ -901,6 +1070,7 @@ mod tests {
                     Err(AppendError::NeedsRoll) => {
                         PartitionLog::roll(log).await.unwrap();
                     }
+                    Err(AppendError::Refused(code)) => panic!("refused with {code}"),
                 }
             }
         }
@@ -1022,6 +1192,90 @@ mod tests {
             assert_eq!(log.borrow().log_end_offset, 20);
             let size = blocking(move || std::fs::metadata(&seg).unwrap().len()).await;
             assert_eq!(size, (batch_len * 5) as u64);
+        });
+    }
+
+    fn append_idempotent(
+        log: &RefCell<PartitionLog>,
+        pid: i64,
+        epoch: i16,
+        seq: i32,
+    ) -> Result<(i64, bool), i16> {
+        let b = crate::storage::batch::test_batches::make_idempotent(3, pid, epoch, seq);
+        let infos = batch::validate_produce(&b, 1 << 20).unwrap();
+        match log.borrow_mut().append(&b, &infos, now_ms()) {
+            Ok(a) => Ok((a.base_offset, a.duplicate)),
+            Err(AppendError::Refused(c)) => Err(c),
+            Err(AppendError::NeedsRoll) => panic!("no roll expected"),
+        }
+    }
+
+    #[test]
+    fn idempotent_producer_state_survives_reopen_with_and_without_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(append_idempotent(&log, 5, 0, 0), Ok((0, false)));
+            assert_eq!(append_idempotent(&log, 5, 0, 3), Ok((3, false)));
+            assert_eq!(
+                append_idempotent(&log, 5, 0, 0),
+                Ok((0, true)),
+                "duplicate answered with its offset"
+            );
+            assert_eq!(
+                append_idempotent(&log, 5, 0, 9),
+                Err(crate::kafka::errors::OUT_OF_ORDER_SEQUENCE_NUMBER)
+            );
+            assert_eq!(log.borrow().log_end_offset, 6, "nothing written twice");
+            flush(&log).await;
+            PartitionLog::close(&log).await.unwrap();
+            drop(log);
+            // With the snapshot written at close.
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(append_idempotent(&log, 5, 0, 3), Ok((3, true)));
+            assert_eq!(
+                append_idempotent(&log, 5, 1, 0),
+                Ok((6, false)),
+                "epoch bump from sequence 0"
+            );
+            assert_eq!(
+                append_idempotent(&log, 5, 0, 6),
+                Err(crate::kafka::errors::INVALID_PRODUCER_EPOCH)
+            );
+            flush(&log).await;
+            drop(log);
+            // Unclean: the snapshot is older than the log; the tail is replayed from the log.
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg.clone(), 0, false)
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(append_idempotent(&log, 5, 1, 0), Ok((6, true)));
+            drop(log);
+            // No snapshot at all: the whole log is replayed.
+            for e in std::fs::read_dir(&path).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "snapshot") {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+            let log = RefCell::new(
+                PartitionLog::open(path.clone(), cfg, 0, false)
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(append_idempotent(&log, 5, 1, 0), Ok((6, true)));
+            assert_eq!(append_idempotent(&log, 5, 1, 3), Ok((9, false)));
         });
     }
 

@@ -4,3 +4,4 @@ pub mod batch;
 pub mod cache;
 pub mod index;
 pub mod log;
+pub mod producer_state;

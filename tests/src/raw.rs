@@ -1,0 +1,137 @@
+//! A raw Kafka protocol client built on the kafka-protocol crate, for requests a real client
+//! library would never send (duplicates, gaps, stale epochs) and answers it would hide.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse,
+    ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as i32).to_be_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+/// A connection that sends requests and reads their responses in order.
+pub struct Conn(TcpStream, i32);
+
+impl Conn {
+    pub fn new(bootstrap: &str) -> Conn {
+        let s = TcpStream::connect(bootstrap).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Conn(s, 0)
+    }
+
+    pub fn call<Req: Encodable, Resp: Decodable>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        req: &Req,
+    ) -> Resp {
+        self.1 += 1;
+        let mut buf = BytesMut::new();
+        RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.1)
+            .with_client_id(Some(StrBytes::from_static_str("raw-test")))
+            .encode(&mut buf, key.request_header_version(version))
+            .unwrap();
+        req.encode(&mut buf, version).unwrap();
+        self.0.write_all(&frame(&buf)).unwrap();
+        let mut size = [0u8; 4];
+        self.0.read_exact(&mut size).unwrap();
+        let mut body = vec![0u8; i32::from_be_bytes(size) as usize];
+        self.0.read_exact(&mut body).unwrap();
+        let mut body = Bytes::from(body);
+        let h = ResponseHeader::decode(&mut body, key.response_header_version(version)).unwrap();
+        assert_eq!(h.correlation_id, self.1);
+        Resp::decode(&mut body, version).unwrap()
+    }
+
+    pub fn init_producer_id(&mut self) -> (i64, i16) {
+        let r: InitProducerIdResponse = self.call(
+            ApiKey::InitProducerId,
+            4,
+            &InitProducerIdRequest::default().with_transaction_timeout_ms(60_000),
+        );
+        assert_eq!(r.error_code, 0);
+        (r.producer_id.0, r.producer_epoch)
+    }
+
+    /// Produces one batch of `n` records (acks=all); returns (error code, base offset).
+    pub fn produce(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        pid: i64,
+        epoch: i16,
+        seq: i32,
+        n: usize,
+    ) -> (i16, i64) {
+        let records: Vec<Record> = (0..n)
+            .map(|i| Record {
+                transactional: false,
+                control: false,
+                partition_leader_epoch: 0,
+                producer_id: pid,
+                producer_epoch: epoch,
+                timestamp_type: TimestampType::Creation,
+                delete_horizon: false,
+                offset: i as i64,
+                sequence: seq + i as i32,
+                timestamp: 1_000 + i as i64,
+                key: Some(Bytes::from(format!("k{}", seq + i as i32))),
+                value: Some(Bytes::from(format!("v{}", seq + i as i32))),
+                headers: Default::default(),
+            })
+            .collect();
+        let mut batch = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut batch,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .unwrap();
+        let req = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(partition)
+                    .with_records(Some(batch.freeze()))])]);
+        let r: ProduceResponse = self.call(ApiKey::Produce, 9, &req);
+        let p = &r.responses[0].partition_responses[0];
+        (p.error_code, p.base_offset)
+    }
+
+    /// ListOffsets latest (-1) or earliest (-2).
+    pub fn offset(&mut self, topic: &str, partition: i32, which: i64) -> i64 {
+        let req = ListOffsetsRequest::default()
+            .with_replica_id((-1).into())
+            .with_topics(vec![ListOffsetsTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![ListOffsetsPartition::default()
+                    .with_partition_index(partition)
+                    .with_timestamp(which)])]);
+        let r: ListOffsetsResponse = self.call(ApiKey::ListOffsets, 7, &req);
+        let p = &r.topics[0].partitions[0];
+        assert_eq!(p.error_code, 0);
+        p.offset
+    }
+}

@@ -37,6 +37,7 @@ pub struct Config {
     pub connections_per_shard_max: usize,
     /// Idempotent producers idle this long are forgotten (Kafka's producer.id.expiration.ms).
     pub producer_id_expiration_ms: i64,
+    pub group: crate::group::GroupConfig,
 }
 
 /// Per-log settings. Topic-level configs override these field by field.
@@ -202,6 +203,7 @@ impl Config {
             retention_check_interval_ms: 300_000,
             connections_per_shard_max: 10_000,
             producer_id_expiration_ms: 86_400_000,
+            group: crate::group::GroupConfig::default(),
         }
     }
 
@@ -264,6 +266,24 @@ impl Config {
             }
             "log.dirs" | "log.dir" => {
                 self.data_dir = PathBuf::from(v.split(',').next().unwrap_or(v).trim())
+            }
+            "offsets.topic.num.partitions" => {
+                self.group.offsets_partitions = parse_i64_min(v, 1)?.min(1000) as i32
+            }
+            "group.min.session.timeout.ms" => {
+                self.group.min_session_timeout_ms = parse_i64_min(v, 1)?.min(i32::MAX as i64) as i32
+            }
+            "group.max.session.timeout.ms" => {
+                self.group.max_session_timeout_ms = parse_i64_min(v, 1)?.min(i32::MAX as i64) as i32
+            }
+            "group.initial.rebalance.delay.ms" => {
+                self.group.initial_rebalance_delay_ms = parse_i64_min(v, 0)? as u64
+            }
+            "offsets.retention.minutes" => {
+                self.group.offsets_retention_ms = parse_i64_min(v, 1)?.saturating_mul(60_000)
+            }
+            "offset.metadata.max.bytes" => {
+                self.group.offset_metadata_bytes_max = parse_i64_min(v, 0)?.min(1 << 20) as usize
             }
             "producer.id.expiration.ms" => self.producer_id_expiration_ms = parse_i64_min(v, 1)?,
             "max.connections" => self.connections_per_shard_max = parse_i64_min(v, 1)? as usize,

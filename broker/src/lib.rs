@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod group;
 pub mod kafka;
 pub mod net;
 pub mod protocol;

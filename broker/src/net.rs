@@ -124,6 +124,10 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
     let s = shard();
     stream.set_nodelay(true)?;
     let fd = stream.as_raw_fd();
+    let client_host = stream
+        .peer_addr()
+        .map(|a| format!("/{}", a.ip()))
+        .unwrap_or_default();
     let (mut reader, writer) = stream.split();
     let (tx, rx) = local_channel::new_bounded::<Pending>(IN_FLIGHT_PER_CONNECTION_MAX);
     let writer_task = glommio::spawn_local(async move {
@@ -175,7 +179,8 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
             }
         }
         let pending: Pending = match parse_frame(Bytes::from(body)) {
-            Ok(frame) => {
+            Ok(mut frame) => {
+                frame.client_host.clone_from(&client_host);
                 let api = frame.api_key;
                 match kafka::dispatch(frame).await {
                     Ok(p) => p,

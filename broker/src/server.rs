@@ -94,13 +94,38 @@ pub fn run(config: Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let cluster_id = Arc::new(metadata::cluster_id(&config.data_dir, config.node_id)?);
-    let image: Arc<Image> = Arc::new(metadata::load(&config.data_dir, config.shards)?);
+    let fresh = !config.data_dir.join(metadata::METADATA_FILE).exists();
+    let mut image = metadata::load(&config.data_dir, config.shards)?;
+    if !image.topics.contains_key(crate::group::OFFSETS_TOPIC) {
+        // The internal topic of committed offsets and group metadata. Never deleted by
+        // retention: it holds the only copy of committed offsets.
+        let partitions = metadata::assign_shards(
+            &mut image,
+            config.group.offsets_partitions as usize,
+            config.shards,
+        );
+        let mut configs = std::collections::BTreeMap::new();
+        configs.insert("retention.ms".to_string(), "-1".to_string());
+        configs.insert("segment.bytes".to_string(), "104857600".to_string());
+        image.topics.insert(
+            crate::group::OFFSETS_TOPIC.to_string(),
+            metadata::TopicMeta {
+                id: uuid::Uuid::new_v4(),
+                partitions,
+                configs,
+                internal: true,
+            },
+        );
+        image.version += 1;
+        metadata::store(&config.data_dir, &image)?;
+    }
+    let image: Arc<Image> = Arc::new(image);
     let marker = config.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let clean = marker.exists();
     if clean {
         std::fs::remove_file(&marker)?;
         std::fs::File::open(&config.data_dir)?.sync_all()?;
-    } else if image.partition_count() > 0 {
+    } else if !fresh {
         tracing::warn!("no clean-shutdown marker: recovering the tail of every active segment");
     }
 
@@ -212,6 +237,30 @@ async fn shard_main(
         "partitions open"
     );
     glommio::spawn_local(s.clone().flusher()).detach();
+    // Replay this shard's partitions of __consumer_offsets; until then their groups answer
+    // COORDINATOR_LOAD_IN_PROGRESS.
+    let owned: Vec<i32> = s
+        .image()
+        .topics
+        .get(crate::group::OFFSETS_TOPIC)
+        .map(|t| {
+            t.partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.shard as usize == id)
+                .map(|(i, _)| i as i32)
+                .collect()
+        })
+        .unwrap_or_default();
+    s.groups.loading.borrow_mut().extend(owned.iter().copied());
+    let loader = s.clone();
+    glommio::spawn_local(async move {
+        for p in owned {
+            crate::group::load_partition(&loader, p).await;
+        }
+    })
+    .detach();
+    glommio::spawn_local(s.clone().group_ticker()).detach();
     glommio::spawn_local(s.clone().retention()).detach();
 
     let listener = glommio::net::TcpListener::bind(config.listen)

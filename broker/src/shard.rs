@@ -87,6 +87,8 @@ pub struct Shard {
     pub stopped: Event,
     /// Controller only: the next producer id of the reserved block.
     pub producer_id_next: Cell<i64>,
+    /// This shard's share of the group coordinator.
+    pub groups: crate::group::Coordinator,
 }
 
 thread_local! {
@@ -206,7 +208,14 @@ pub enum ShardMsg {
     AllocateProducerId {
         reply: oneshot::Sender<Option<i64>>,
     },
+    /// Any work for the target shard, as a closure (group coordination uses this: the
+    /// request goes in, the response comes back through the closure's channel).
+    Run {
+        job: Job,
+    },
 }
+
+pub type Job = Box<dyn FnOnce(Rc<Shard>) -> futures::future::LocalBoxFuture<'static, ()> + Send>;
 
 impl Shard {
     pub fn install(
@@ -241,6 +250,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             stopped: Event::new(),
             producer_id_next: Cell::new(i64::MAX),
+            groups: crate::group::Coordinator::default(),
         });
         SHARD.with(|cell| *cell.borrow_mut() = Some(s.clone()));
         s
@@ -363,6 +373,42 @@ impl Shard {
             self.flush_wanted.notify(1);
             l.await;
         }
+    }
+
+    /// Appends to a partition this shard owns (the group coordinator's writes).
+    pub async fn append_local(
+        self: &Rc<Self>,
+        p: &Rc<Partition>,
+        item: &ProduceItem,
+    ) -> Result<(i64, i64), i16> {
+        self.append(p, item).await
+    }
+
+    /// Waits until `p` is fdatasynced up to `end`.
+    pub async fn wait_durable_one(&self, p: &Rc<Partition>, end: i64) -> Result<(), i16> {
+        self.wait_durable(&[(p.clone(), end)]).await
+    }
+
+    /// Reads a partition the coordinator owns (cache or disk).
+    pub async fn read_for_coordinator(&self, p: &Rc<Partition>, item: &FetchItem) -> FetchResult {
+        self.read_partition(p, item, item.partition_max_bytes).await
+    }
+
+    /// Runs `f` on shard `target` and returns its result (None if that shard is gone).
+    pub async fn run_on<R: Send + 'static>(
+        self: &Rc<Self>,
+        target: usize,
+        f: impl FnOnce(Rc<Shard>) -> futures::future::LocalBoxFuture<'static, R> + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |s: Rc<Shard>| {
+            Box::pin(async move {
+                let r = f(s).await;
+                let _ = tx.send(r);
+            })
+        });
+        self.send(target, ShardMsg::Run { job }).await;
+        rx.await.ok()
     }
 
     /// Appends one partition's validated batches; returns (base offset, log append time).
@@ -1043,6 +1089,7 @@ pub async fn handle_msg(msg: ShardMsg) {
         ShardMsg::Stats { reply } => {
             let _ = reply.send(s.stats_line());
         }
+        ShardMsg::Run { job } => job(s).await,
         ShardMsg::AllocateProducerId { reply } => {
             let id = match crate::cluster::controller::allocate_producer_id(&s).await {
                 Ok(id) => Some(id),

@@ -43,6 +43,10 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
         ControlOp::DeleteTopics(names) => names
             .into_iter()
             .map(|n| match image.topics.remove(&n) {
+                Some(t) if t.internal => {
+                    image.topics.insert(n.clone(), t);
+                    Err(TopicError::InvalidRequest(format!("Topic {n} is an internal topic and cannot be deleted")))
+                }
                 Some(t) => {
                     changed = true;
                     Ok((t.partitions.len() as i32, 1))

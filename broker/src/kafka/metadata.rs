@@ -103,7 +103,6 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
         None => image
             .topics
             .iter()
-            .filter(|(_, t)| !t.internal)
             .map(|(n, t)| topic_entry(n, t, node, version))
             .collect(),
         Some(list) => {

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod errors;
 pub mod fetch;
+pub mod groups;
 pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
@@ -43,6 +44,17 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::CreatePartitions => ready(admin::handle_create_partitions(frame).await),
         ApiKey::DescribeConfigs => ready(admin::handle_describe_configs(frame)),
         ApiKey::InitProducerId => ready(init_producer_id::handle(frame).await),
+        ApiKey::FindCoordinator => ready(groups::handle_find_coordinator(frame)),
+        ApiKey::JoinGroup => ready(groups::handle_join(frame).await),
+        ApiKey::SyncGroup => ready(groups::handle_sync(frame).await),
+        ApiKey::Heartbeat => ready(groups::handle_heartbeat(frame).await),
+        ApiKey::LeaveGroup => ready(groups::handle_leave(frame).await),
+        ApiKey::OffsetCommit => ready(groups::handle_offset_commit(frame).await),
+        ApiKey::OffsetFetch => ready(groups::handle_offset_fetch(frame).await),
+        ApiKey::ListGroups => ready(groups::handle_list_groups(frame).await),
+        ApiKey::DescribeGroups => ready(groups::handle_describe_groups(frame).await),
+        ApiKey::DeleteGroups => ready(groups::handle_delete_groups(frame).await),
+        ApiKey::OffsetDelete => ready(groups::handle_offset_delete(frame).await),
         other => Err(format!("API {other:?} is not supported")),
     }
 }

@@ -98,6 +98,15 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                 ));
                 continue;
             }
+            if image.topics.get(&name).is_some_and(|t| t.internal) {
+                row.push(partition_error(
+                    p.index,
+                    INVALID_TOPIC_EXCEPTION,
+                    Some("Cannot append to an internal topic".into()),
+                    frame.api_version,
+                ));
+                continue;
+            }
             let Some(owner) = image.owner(&name, p.index) else {
                 row.push(partition_error(
                     p.index,

@@ -21,6 +21,8 @@ pub struct RequestFrame {
     pub header: RequestHeader,
     /// The body, after the header.
     pub body: Bytes,
+    /// The client's address as Kafka reports it ("/127.0.0.1"), set by the connection.
+    pub client_host: String,
 }
 
 /// What to do with a frame whose header cannot be served.
@@ -70,6 +72,7 @@ pub fn parse_frame(mut frame: Bytes) -> Result<RequestFrame, FrameError> {
         api_version: version,
         header,
         body: frame,
+        client_host: String::new(),
     })
 }
 

@@ -627,6 +627,11 @@ fn maybe_complete_join(g: &mut Group, force: bool) {
     tracing::info!(group = %g.id, generation = g.generation, members = g.members.len(), protocol = ?g.protocol, "rebalance: join complete");
 }
 
+enum JoinOutcome {
+    Wait(oneshot::Receiver<JoinGroupResponse>),
+    Persist(JoinGroupResponse, GroupValue, i32),
+}
+
 impl Shard {
     pub async fn group_join(self: &Rc<Self>, a: JoinArgs, partition: i32) -> JoinGroupResponse {
         let cfg = self.config.group.clone();
@@ -644,7 +649,7 @@ impl Shard {
         if a.protocols.iter().map(|(_, m)| m.len()).sum::<usize>() > MEMBER_METADATA_BYTES_MAX {
             return join_error(INVALID_REQUEST, &a.member_id);
         }
-        let rx = {
+        let outcome = 'join: {
             let mut groups = self.groups.groups.borrow_mut();
             if !groups.contains_key(&a.group) {
                 if !a.member_id.is_empty() {
@@ -690,9 +695,15 @@ impl Shard {
                             if was_leader {
                                 g.leader = Some(new_id.clone());
                             }
-                            if g.state == State::Stable && unchanged && !was_leader {
-                                tracing::info!(group = %g.id, instance = %inst, "static member rejoined; assignment kept, no rebalance");
-                                return join_response(g, &new_id, a.version);
+                            if g.state == State::Stable && unchanged {
+                                // As Kafka: no rebalance; the new member id is persisted so the
+                                // instance is not fenced after a broker restart.
+                                tracing::info!(group = %g.id, instance = %inst, leader = was_leader, "static member rejoined; assignment kept, no rebalance");
+                                break 'join JoinOutcome::Persist(
+                                    join_response(g, &new_id, a.version),
+                                    g.value(),
+                                    g.partition,
+                                );
                             }
                             member_id = new_id;
                         }
@@ -778,10 +789,28 @@ impl Shard {
                 let _ = old.send(join_error(REBALANCE_IN_PROGRESS, &member_id));
             }
             maybe_complete_join(g, false);
-            rx
+            JoinOutcome::Wait(rx)
         };
-        rx.await
-            .unwrap_or_else(|_| join_error(COORDINATOR_NOT_AVAILABLE, &a.member_id))
+        match outcome {
+            JoinOutcome::Wait(rx) => rx
+                .await
+                .unwrap_or_else(|_| join_error(COORDINATOR_NOT_AVAILABLE, &a.member_id)),
+            JoinOutcome::Persist(resp, value, partition) => {
+                match persist(
+                    self,
+                    partition,
+                    vec![(
+                        records::group_key(&a.group),
+                        Some(records::group_value(&value)),
+                    )],
+                )
+                .await
+                {
+                    Ok(()) => resp,
+                    Err(code) => join_error(code, &a.member_id),
+                }
+            }
+        }
     }
 
     fn check_member(

@@ -120,6 +120,38 @@ impl Conn {
         (p.error_code, p.base_offset)
     }
 
+    /// Fetch v12 of one partition: (error, high watermark, record bytes).
+    pub fn fetch(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_wait_ms: i32,
+        min_bytes: i32,
+    ) -> (i16, i64, usize) {
+        use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+        use kafka_protocol::messages::{FetchRequest, FetchResponse};
+        let req = FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(max_wait_ms)
+            .with_min_bytes(min_bytes)
+            .with_max_bytes(1 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(partition)
+                    .with_fetch_offset(offset)
+                    .with_partition_max_bytes(1 << 20)])]);
+        let r: FetchResponse = self.call(ApiKey::Fetch, 12, &req);
+        let p = &r.responses[0].partitions[0];
+        (
+            p.error_code,
+            p.high_watermark,
+            p.records.as_ref().map(|b| b.len()).unwrap_or(0),
+        )
+    }
+
     /// ListOffsets latest (-1) or earliest (-2).
     pub fn offset(&mut self, topic: &str, partition: i32, which: i64) -> i64 {
         let req = ListOffsetsRequest::default()

@@ -41,3 +41,31 @@ fn every_compression_codec_round_trips() {
         );
     }
 }
+
+#[test]
+fn fetch_long_poll_is_woken_by_an_append() {
+    let b = Broker::start(2);
+    admin::create(&b, "poll", 1, 1, &[]).unwrap();
+    let mut c = weir_tests::raw::Conn::new(&b.bootstrap());
+    // Nothing there: with max_wait 200 ms the fetch returns empty after the wait.
+    assert_eq!(c.fetch("poll", 0, 0, 200, 1), (0, 0, 0));
+    // Out of range offsets are refused.
+    assert_eq!(c.fetch("poll", 0, 5, 0, 1).0, 1);
+    // A fetch waiting up to 30 s returns as soon as a record is appended.
+    let bootstrap = b.bootstrap();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut w = weir_tests::raw::Conn::new(&bootstrap);
+        w.produce("poll", 0, -1, -1, 0, 3)
+    });
+    let started = std::time::Instant::now();
+    let (err, hw, bytes) = c.fetch("poll", 0, 0, 30_000, 1);
+    let waited = started.elapsed();
+    assert_eq!(writer.join().unwrap().0, 0);
+    assert_eq!((err, hw), (0, 3));
+    assert!(bytes > 0, "the woken fetch carries the new batch");
+    assert!(
+        waited < Duration::from_secs(20),
+        "woken by the append, not by the 30 s deadline ({waited:?})"
+    );
+}

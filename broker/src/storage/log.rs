@@ -498,15 +498,38 @@ impl PartitionLog {
         }
     }
 
-    /// Closes the active segment (after writing what is pending), truncates it to its logical
-    /// size, syncs it, writes its indexes, and opens a new active segment at the log end. The
-    /// caller holds the I/O lock; appends meanwhile see `needs_roll` and wait for it.
+    /// Closes the active segment (after writing what is pending), opens a new active segment
+    /// at the log end. The caller holds the I/O lock; appends meanwhile see `needs_roll` and
+    /// wait for it.
     pub async fn roll(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
         PartitionLog::write_all(log).await?;
+        let (size, dir) = PartitionLog::seal_active(log).await?;
+        let new_base = log.borrow().log_end_offset;
+        let seg = create_segment(&dir, new_base).await?;
+        let mut l = log.borrow_mut();
+        if let Some(old) = l.segments.values_mut().next_back() {
+            old.preallocated = size;
+        }
+        l.segments.insert(new_base, seg);
+        l.durable_offset = l.durable_offset.max(new_base.min(l.written_offset));
+        Ok(())
+    }
+
+    /// Clean shutdown of a fully written and synced log, so the next start needs no scan.
+    pub async fn close(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        PartitionLog::seal_active(log).await.map(|_| ())
+    }
+
+    /// Truncates the active segment to its logical size, fdatasyncs it, and writes its indexes
+    /// and a producer-state snapshot. Returns (segment size, partition directory).
+    async fn seal_active(log: &std::cell::RefCell<PartitionLog>) -> Result<(u64, PathBuf)> {
         let (file, size, dir, base, offsets, times) = {
             let l = log.borrow();
             let a = l.active();
-            assert!(a.pending.is_empty(), "roll with unwritten batches");
+            assert!(
+                a.pending.is_empty(),
+                "sealing a segment with unwritten batches"
+            );
             (
                 a.file.clone(),
                 a.size,
@@ -521,38 +544,7 @@ impl PartitionLog {
         write_index_files(dir.clone(), base, offsets, times).await?;
         let (snap_offset, snap) = log.borrow().producer_snapshot();
         write_producer_snapshot(dir.clone(), snap_offset, snap).await?;
-        let new_base = log.borrow().log_end_offset;
-        let seg = create_segment(&dir, new_base).await?;
-        let mut l = log.borrow_mut();
-        if let Some(old) = l.segments.values_mut().next_back() {
-            old.preallocated = size;
-        }
-        l.segments.insert(new_base, seg);
-        l.durable_offset = l.durable_offset.max(new_base.min(l.written_offset));
-        Ok(())
-    }
-
-    /// Clean shutdown of a fully written and synced log: truncate the active file to its logical
-    /// size and write its indexes, so the next start needs no scan.
-    pub async fn close(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
-        let (file, size, dir, base, offsets, times) = {
-            let l = log.borrow();
-            let a = l.active();
-            (
-                a.file.clone(),
-                a.size,
-                l.dir.clone(),
-                a.base_offset,
-                a.index.encode_offsets(),
-                a.index.encode_times(),
-            )
-        };
-        file.truncate(size).await.io()?;
-        file.fdatasync().await.io()?;
-        write_index_files(dir.clone(), base, offsets, times).await?;
-        let (snap_offset, snap) = log.borrow().producer_snapshot();
-        write_producer_snapshot(dir, snap_offset, snap).await?;
-        Ok(())
+        Ok((size, dir))
     }
 
     /// Segments to delete under the retention rules: whole segments, never the active one.

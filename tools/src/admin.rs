@@ -1,0 +1,294 @@
+//! The admin client: topics (create, delete, add partitions, describe), the cluster, and
+//! consumer groups (list, describe with lag, reset offsets).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::offset_commit_request::{
+    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::StrBytes;
+
+use crate::client::conn::Conn;
+use crate::client::metadata::Cluster;
+use crate::consumer::{list_offsets, TopicPartition};
+use crate::{connect_any, error_name};
+
+pub struct Admin {
+    conn: Conn,
+    timeout_ms: i32,
+}
+
+/// A group's committed offset and lag for one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    pub committed: Option<i64>,
+    pub end: i64,
+    pub lag: Option<i64>,
+    pub owner: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GroupDescription {
+    pub state: String,
+    pub protocol: String,
+    pub members: Vec<(String, String, String)>,
+}
+
+fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_string())
+}
+
+fn check(code: i16, message: Option<&StrBytes>, what: &str) -> Result<()> {
+    if code != 0 {
+        match message {
+            Some(m) if !m.is_empty() => bail!("{what}: {} ({})", error_name(code), m.as_str()),
+            _ => bail!("{what}: {}", error_name(code)),
+        }
+    }
+    Ok(())
+}
+
+impl Admin {
+    pub fn connect(bootstrap: &str) -> Result<Admin> {
+        Ok(Admin {
+            conn: connect_any(bootstrap, "weir-admin", Duration::from_secs(30))?,
+            timeout_ms: 30_000,
+        })
+    }
+
+    pub fn create_topic(
+        &mut self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i16,
+        configs: &[(String, String)],
+    ) -> Result<()> {
+        let t = CreatableTopic::default()
+            .with_name(TopicName(s(name)))
+            .with_num_partitions(partitions)
+            .with_replication_factor(replication_factor)
+            .with_configs(
+                configs
+                    .iter()
+                    .map(|(k, v)| {
+                        CreatableTopicConfig::default()
+                            .with_name(s(k))
+                            .with_value(Some(s(v)))
+                    })
+                    .collect(),
+            );
+        let (r, _): (CreateTopicsResponse, i16) = self.conn.call(
+            ApiKey::CreateTopics,
+            5,
+            &CreateTopicsRequest::default()
+                .with_topics(vec![t])
+                .with_timeout_ms(self.timeout_ms),
+        )?;
+        let t = &r.topics[0];
+        check(
+            t.error_code,
+            t.error_message.as_ref(),
+            &format!("creating topic {name}"),
+        )
+    }
+
+    pub fn delete_topic(&mut self, name: &str) -> Result<()> {
+        let (r, _): (DeleteTopicsResponse, i16) = self.conn.call(
+            ApiKey::DeleteTopics,
+            4,
+            &DeleteTopicsRequest::default()
+                .with_topic_names(vec![TopicName(s(name))])
+                .with_timeout_ms(self.timeout_ms),
+        )?;
+        let t = &r.responses[0];
+        check(
+            t.error_code,
+            t.error_message.as_ref(),
+            &format!("deleting topic {name}"),
+        )
+    }
+
+    /// Raises a topic's partition count (Kafka only ever increases it).
+    pub fn create_partitions(&mut self, name: &str, total: i32) -> Result<()> {
+        let (r, _): (CreatePartitionsResponse, i16) = self.conn.call(
+            ApiKey::CreatePartitions,
+            2,
+            &CreatePartitionsRequest::default()
+                .with_topics(vec![CreatePartitionsTopic::default()
+                    .with_name(TopicName(s(name)))
+                    .with_count(total)])
+                .with_timeout_ms(self.timeout_ms),
+        )?;
+        let t = &r.results[0];
+        check(
+            t.error_code,
+            t.error_message.as_ref(),
+            &format!("altering topic {name}"),
+        )
+    }
+
+    pub fn describe(&mut self, topics: Option<&[String]>) -> Result<Cluster> {
+        Cluster::fetch(&mut self.conn, topics, false)
+    }
+
+    /// Topic names, internal topics left out.
+    pub fn list_topics(&mut self) -> Result<Vec<String>> {
+        let c = self.describe(None)?;
+        let mut names: Vec<String> = c
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.internal && t.error == 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn list_groups(&mut self) -> Result<Vec<(String, String)>> {
+        let (r, _): (ListGroupsResponse, i16) =
+            self.conn
+                .call(ApiKey::ListGroups, 4, &ListGroupsRequest::default())?;
+        check(r.error_code, None, "listing groups")?;
+        let mut g: Vec<(String, String)> = r
+            .groups
+            .iter()
+            .map(|g| (g.group_id.0.to_string(), g.group_state.to_string()))
+            .collect();
+        g.sort();
+        Ok(g)
+    }
+
+    pub fn describe_group(&mut self, group: &str) -> Result<GroupDescription> {
+        let (r, _): (DescribeGroupsResponse, i16) = self.conn.call(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]),
+        )?;
+        let g = &r.groups[0];
+        check(
+            g.error_code,
+            g.error_message.as_ref(),
+            &format!("describing group {group}"),
+        )?;
+        Ok(GroupDescription {
+            state: g.group_state.to_string(),
+            protocol: g.protocol_data.to_string(),
+            members: g
+                .members
+                .iter()
+                .map(|m| {
+                    (
+                        m.member_id.to_string(),
+                        m.client_id.to_string(),
+                        m.client_host.to_string(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    /// Committed offsets of a group (every partition it committed), with end offsets and lag.
+    pub fn group_lag(&mut self, group: &str) -> Result<Vec<PartitionLag>> {
+        let (r, _): (OffsetFetchResponse, i16) = self.conn.call(
+            ApiKey::OffsetFetch,
+            7,
+            &OffsetFetchRequest::default()
+                .with_group_id(GroupId(s(group)))
+                .with_topics(None),
+        )?;
+        check(
+            r.error_code,
+            None,
+            &format!("fetching offsets of group {group}"),
+        )?;
+        let mut committed: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for t in &r.topics {
+            for p in &t.partitions {
+                committed.insert(
+                    (t.name.0.to_string(), p.partition_index),
+                    p.committed_offset,
+                );
+            }
+        }
+        let tps: Vec<TopicPartition> = committed.keys().cloned().collect();
+        let ends: BTreeMap<TopicPartition, i64> = if tps.is_empty() {
+            BTreeMap::new()
+        } else {
+            list_offsets(&mut self.conn, &tps, -1)?
+                .into_iter()
+                .collect()
+        };
+        Ok(committed
+            .into_iter()
+            .map(|((t, p), c)| {
+                let end = ends.get(&(t.clone(), p)).copied().unwrap_or(-1);
+                let committed = (c >= 0).then_some(c);
+                PartitionLag {
+                    topic: t,
+                    partition: p,
+                    committed,
+                    end,
+                    lag: committed.map(|c| (end - c).max(0)),
+                    owner: None,
+                }
+            })
+            .collect())
+    }
+
+    /// Moves a group's committed offsets (the group must have no active members).
+    pub fn reset_offsets(&mut self, group: &str, offsets: &[(TopicPartition, i64)]) -> Result<()> {
+        let mut topics: BTreeMap<String, Vec<OffsetCommitRequestPartition>> = BTreeMap::new();
+        for ((t, p), o) in offsets {
+            topics.entry(t.clone()).or_default().push(
+                OffsetCommitRequestPartition::default()
+                    .with_partition_index(*p)
+                    .with_committed_offset(*o)
+                    .with_committed_metadata(Some(s(""))),
+            );
+        }
+        let req = OffsetCommitRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_generation_id_or_member_epoch(-1)
+            .with_member_id(s(""))
+            .with_topics(
+                topics
+                    .into_iter()
+                    .map(|(t, ps)| {
+                        OffsetCommitRequestTopic::default()
+                            .with_name(TopicName(s(&t)))
+                            .with_partitions(ps)
+                    })
+                    .collect(),
+            );
+        let (r, _): (OffsetCommitResponse, i16) = self.conn.call(ApiKey::OffsetCommit, 8, &req)?;
+        for t in &r.topics {
+            for p in &t.partitions {
+                if p.error_code == 25 {
+                    bail!("group {group} has active members: stop its consumers before resetting offsets");
+                }
+                check(
+                    p.error_code,
+                    None,
+                    &format!("resetting {}-{}", t.name.0.as_str(), p.partition_index),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// End (-1) or start (-2) offsets.
+    pub fn offsets(
+        &mut self,
+        tps: &[TopicPartition],
+        which: i64,
+    ) -> Result<Vec<(TopicPartition, i64)>> {
+        list_offsets(&mut self.conn, tps, which)
+    }
+}

@@ -1,0 +1,4 @@
+//! Connections and cluster metadata.
+
+pub mod conn;
+pub mod metadata;

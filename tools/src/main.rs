@@ -1,0 +1,440 @@
+//! `weir`: Kafka's command-line tools under one name, with the scripts' flags.
+//!
+//!   weir topics --bootstrap-server H:P --create --topic T --partitions 3 --replication-factor 1
+//!   weir console-producer --bootstrap-server H:P --topic T [--property parse.key=true]
+//!   weir console-consumer --bootstrap-server H:P --topic T [--from-beginning] [--group G]
+//!   weir consumer-groups --bootstrap-server H:P --list | --describe --group G | --reset-offsets ...
+
+use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use weir_tools::admin::Admin;
+use weir_tools::consumer::{Consumer, ConsumerConfig, OffsetReset};
+use weir_tools::producer::{ProducerConfig, RawProducer, RawRecord};
+
+#[derive(Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "Kafka's command-line tools for Weir (and any Kafka broker)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create, delete, alter, list and describe topics (kafka-topics.sh).
+    Topics(TopicsArgs),
+    /// Send stdin lines as records (kafka-console-producer.sh).
+    ConsoleProducer(ProducerArgs),
+    /// Print records to stdout (kafka-console-consumer.sh).
+    ConsoleConsumer(ConsumerArgs),
+    /// List, describe and reset consumer groups (kafka-consumer-groups.sh).
+    ConsumerGroups(GroupsArgs),
+}
+
+#[derive(Args)]
+struct TopicsArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    #[arg(long)]
+    create: bool,
+    #[arg(long)]
+    delete: bool,
+    #[arg(long)]
+    alter: bool,
+    #[arg(long)]
+    list: bool,
+    #[arg(long)]
+    describe: bool,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    partitions: Option<i32>,
+    #[arg(long)]
+    replication_factor: Option<i16>,
+    /// Topic config key=value (repeatable).
+    #[arg(long)]
+    config: Vec<String>,
+}
+
+#[derive(Args)]
+struct ProducerArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    #[arg(long)]
+    topic: String,
+    /// parse.key=true, key.separator=: (repeatable).
+    #[arg(long)]
+    property: Vec<String>,
+    #[arg(long, default_value = "all")]
+    acks: String,
+    #[arg(long, default_value = "none")]
+    compression_type: String,
+    #[arg(long, default_value_t = 1000)]
+    linger_ms: u64,
+    /// Any producer setting key=value (repeatable).
+    #[arg(long)]
+    producer_property: Vec<String>,
+}
+
+#[derive(Args)]
+struct ConsumerArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    #[arg(long)]
+    topic: String,
+    #[arg(long)]
+    from_beginning: bool,
+    #[arg(long)]
+    group: Option<String>,
+    #[arg(long)]
+    max_messages: Option<usize>,
+    /// Exit after this long without a record.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// print.key=true, key.separator=\t, print.partition=true, print.offset=true (repeatable).
+    #[arg(long)]
+    property: Vec<String>,
+}
+
+#[derive(Args)]
+struct GroupsArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    #[arg(long)]
+    list: bool,
+    #[arg(long)]
+    describe: bool,
+    #[arg(long)]
+    reset_offsets: bool,
+    #[arg(long)]
+    group: Option<String>,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    to_earliest: bool,
+    #[arg(long)]
+    to_latest: bool,
+    #[arg(long)]
+    to_offset: Option<i64>,
+    #[arg(long)]
+    execute: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, as the Kafka scripts do; --help shows the rest.
+            let text = e.to_string();
+            eprintln!(
+                "{}",
+                text.lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ")
+                    .trim()
+            );
+            std::process::exit(2);
+        }
+    };
+    let r = match cli.cmd {
+        Cmd::Topics(a) => topics(a),
+        Cmd::ConsoleProducer(a) => console_producer(a),
+        Cmd::ConsoleConsumer(a) => console_consumer(a),
+        Cmd::ConsumerGroups(a) => groups(a),
+    };
+    if let Err(e) = r {
+        eprintln!("Error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+fn props(list: &[String]) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .with_context(|| format!("{p:?} is not key=value"))
+        })
+        .collect()
+}
+
+fn prop<'a>(ps: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    ps.iter()
+        .rev()
+        .find(|(key, _)| key == k)
+        .map(|(_, v)| v.as_str())
+}
+
+fn topics(a: TopicsArgs) -> Result<()> {
+    let actions = [a.create, a.delete, a.alter, a.list, a.describe]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if actions != 1 {
+        bail!("exactly one of --create, --delete, --alter, --list, --describe is required");
+    }
+    let mut admin = Admin::connect(&a.bootstrap_server)?;
+    let topic = || a.topic.clone().context("--topic is required");
+    if a.create {
+        let t = topic()?;
+        admin.create_topic(
+            &t,
+            a.partitions.unwrap_or(-1),
+            a.replication_factor.unwrap_or(-1),
+            &props(&a.config)?,
+        )?;
+        println!("Created topic {t}.");
+    } else if a.delete {
+        let t = topic()?;
+        admin.delete_topic(&t)?;
+        println!("Deleted topic {t}.");
+    } else if a.alter {
+        let t = topic()?;
+        let n = a.partitions.context("--alter needs --partitions")?;
+        admin.create_partitions(&t, n)?;
+        println!("Topic {t} now has {n} partitions.");
+    } else if a.list {
+        for t in admin.list_topics()? {
+            println!("{t}");
+        }
+    } else {
+        let wanted: Option<Vec<String>> = a.topic.clone().map(|t| vec![t]);
+        let c = admin.describe(wanted.as_deref())?;
+        let mut names: Vec<&String> = c
+            .topics
+            .iter()
+            .filter(|(_, t)| !t.internal || wanted.is_some())
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        for n in names {
+            let t = &c.topics[n];
+            if t.error != 0 {
+                bail!("topic {n}: {}", weir_tools::error_name(t.error));
+            }
+            println!(
+                "Topic: {n}\tPartitionCount: {}\tReplicationFactor: {}",
+                t.leaders.len(),
+                t.replicas.first().map_or(0, |r| r.len())
+            );
+            for (p, leader) in t.leaders.iter().enumerate() {
+                let list = |v: &Vec<i32>| {
+                    v.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                println!(
+                    "\tTopic: {n}\tPartition: {p}\tLeader: {leader}\tReplicas: {}\tIsr: {}",
+                    list(&t.replicas[p]),
+                    list(&t.isr[p])
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn console_producer(a: ProducerArgs) -> Result<()> {
+    let ps = props(&a.property)?;
+    let parse_key = prop(&ps, "parse.key") == Some("true");
+    let sep = prop(&ps, "key.separator").unwrap_or("\t").to_string();
+    let mut cfg = ProducerConfig::new(&a.bootstrap_server);
+    cfg.set("acks", &a.acks)?
+        .set("compression.type", &a.compression_type)?
+        .set("linger.ms", &a.linger_ms.to_string())?;
+    cfg.set("client.id", "console-producer")?;
+    for (k, v) in props(&a.producer_property)? {
+        cfg.set(&k, &v)?;
+    }
+    let producer = RawProducer::new(cfg, Vec::new())?;
+    let mut pending = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let (key, value) = if parse_key {
+            match line.split_once(sep.as_str()) {
+                Some((k, v)) => (Some(Bytes::from(k.to_string())), v.to_string()),
+                None => bail!("no key separator {sep:?} in line {line:?}"),
+            }
+        } else {
+            (None, line)
+        };
+        let rec = RawRecord {
+            topic: a.topic.clone(),
+            partition: None,
+            key,
+            value: Some(Bytes::from(value)),
+            headers: Vec::new(),
+            timestamp: weir_tools::now_ms(),
+        };
+        pending.push(producer.send(rec).map_err(|e| anyhow::anyhow!("{e}"))?);
+    }
+    producer.flush();
+    for p in pending {
+        p.get().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    producer.close();
+    Ok(())
+}
+
+fn console_consumer(a: ConsumerArgs) -> Result<()> {
+    let ps = props(&a.property)?;
+    let print_key = prop(&ps, "print.key") == Some("true");
+    let print_partition = prop(&ps, "print.partition") == Some("true");
+    let print_offset = prop(&ps, "print.offset") == Some("true");
+    let sep = prop(&ps, "key.separator").unwrap_or("\t").to_string();
+    let mut cfg = ConsumerConfig::new(&a.bootstrap_server);
+    cfg.client_id = "console-consumer".into();
+    // Without --from-beginning the console consumer starts at the end, as Kafka's does.
+    cfg.auto_offset_reset = if a.from_beginning {
+        OffsetReset::Earliest
+    } else {
+        OffsetReset::Latest
+    };
+    cfg.fetch_max_wait_ms = 200;
+    let mut consumer = match &a.group {
+        Some(g) => {
+            cfg.group_id = Some(g.clone());
+            cfg.session_timeout_ms = 10_000;
+            cfg.heartbeat_interval = Duration::from_secs(1);
+            let mut c = Consumer::new(cfg)?;
+            c.subscribe(&[&a.topic])?;
+            c
+        }
+        None => {
+            let mut c = Consumer::new(cfg)?;
+            let mut admin = Admin::connect(&a.bootstrap_server)?;
+            let n = admin
+                .describe(Some(&[a.topic.clone()]))?
+                .partitions(&a.topic)?;
+            c.assign((0..n as i32).map(|p| (a.topic.clone(), p)).collect())?;
+            c
+        }
+    };
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let mut n = 0usize;
+    let mut last = Instant::now();
+    loop {
+        let recs = consumer.poll(Duration::from_millis(200))?;
+        if !recs.is_empty() {
+            last = Instant::now();
+        }
+        for r in recs {
+            let mut line = String::new();
+            if print_partition {
+                line.push_str(&format!("Partition:{}{sep}", r.partition));
+            }
+            if print_offset {
+                line.push_str(&format!("Offset:{}{sep}", r.offset));
+            }
+            if print_key {
+                line.push_str(
+                    &r.key
+                        .as_ref()
+                        .map(|k| String::from_utf8_lossy(k).to_string())
+                        .unwrap_or_else(|| "null".into()),
+                );
+                line.push_str(&sep);
+            }
+            line.push_str(
+                &r.value
+                    .as_ref()
+                    .map(|v| String::from_utf8_lossy(v).to_string())
+                    .unwrap_or_else(|| "null".into()),
+            );
+            writeln!(out, "{line}")?;
+            n += 1;
+            if a.max_messages.is_some_and(|m| n >= m) {
+                out.flush()?;
+                return consumer.close();
+            }
+        }
+        out.flush()?;
+        if a.timeout_ms
+            .is_some_and(|t| last.elapsed() >= Duration::from_millis(t))
+        {
+            return consumer.close();
+        }
+    }
+}
+
+fn groups(a: GroupsArgs) -> Result<()> {
+    let mut admin = Admin::connect(&a.bootstrap_server)?;
+    if a.list {
+        for (g, _) in admin.list_groups()? {
+            println!("{g}");
+        }
+        return Ok(());
+    }
+    let group = a.group.clone().context("--group is required")?;
+    if a.describe {
+        let d = admin.describe_group(&group)?;
+        let lag = admin.group_lag(&group)?;
+        if d.state == "Dead" && lag.is_empty() {
+            bail!("consumer group {group} does not exist");
+        }
+        println!("GROUP\tTOPIC\tPARTITION\tCURRENT-OFFSET\tLOG-END-OFFSET\tLAG\tSTATE");
+        for l in lag {
+            let show = |v: Option<i64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+            println!(
+                "{group}\t{}\t{}\t{}\t{}\t{}\t{}",
+                l.topic,
+                l.partition,
+                show(l.committed),
+                l.end,
+                show(l.lag),
+                d.state
+            );
+        }
+        return Ok(());
+    }
+    if a.reset_offsets {
+        let topic = a.topic.clone().context("--reset-offsets needs --topic")?;
+        let n = admin.describe(Some(&[topic.clone()]))?.partitions(&topic)?;
+        let tps: Vec<(String, i32)> = (0..n as i32).map(|p| (topic.clone(), p)).collect();
+        let targets: Vec<((String, i32), i64)> = if a.to_earliest {
+            admin.offsets(&tps, -2)?
+        } else if a.to_latest {
+            admin.offsets(&tps, -1)?
+        } else if let Some(o) = a.to_offset {
+            tps.into_iter().map(|tp| (tp, o)).collect()
+        } else {
+            bail!("--reset-offsets needs --to-earliest, --to-latest or --to-offset N");
+        };
+        println!("GROUP\tTOPIC\tPARTITION\tNEW-OFFSET");
+        for ((t, p), o) in &targets {
+            println!("{group}\t{t}\t{p}\t{o}");
+        }
+        if a.execute {
+            admin.reset_offsets(&group, &targets)?;
+        } else {
+            println!("(dry run: add --execute to apply)");
+        }
+        return Ok(());
+    }
+    bail!("one of --list, --describe, --reset-offsets is required")
+}

@@ -1,0 +1,374 @@
+//! The `weir` command end to end against a real broker process.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use weir_tests::Broker;
+
+fn weir(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(input) = stdin {
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    c.wait_with_output().unwrap()
+}
+
+fn ok(args: &[&str], stdin: Option<&str>) -> String {
+    let o = weir(args, stdin);
+    assert!(
+        o.status.success(),
+        "weir {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = weir(args, None);
+    assert!(!o.status.success(), "weir {args:?} should fail");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"));
+    err
+}
+
+#[test]
+fn topics_console_round_trip_and_consumer_groups() {
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("server.properties");
+    std::fs::write(&path, "group.initial.rebalance.delay.ms=0\n").unwrap();
+    let b = Broker::start_with(2, &["--config", path.to_str().unwrap()]);
+    let bs = b.bootstrap();
+    let bs = bs.as_str();
+
+    assert_eq!(
+        ok(
+            &[
+                "topics",
+                "--bootstrap-server",
+                bs,
+                "--create",
+                "--topic",
+                "orders",
+                "--partitions",
+                "3",
+                "--replication-factor",
+                "1"
+            ],
+            None
+        )
+        .trim(),
+        "Created topic orders."
+    );
+    assert!(fails(&[
+        "topics",
+        "--bootstrap-server",
+        bs,
+        "--create",
+        "--topic",
+        "orders",
+        "--partitions",
+        "3"
+    ])
+    .contains("TOPIC_ALREADY_EXISTS"));
+    assert!(fails(&[
+        "topics",
+        "--bootstrap-server",
+        bs,
+        "--create",
+        "--topic",
+        "bad",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3"
+    ])
+    .contains("INVALID_REPLICATION_FACTOR"));
+    assert_eq!(
+        ok(&["topics", "--bootstrap-server", bs, "--list"], None),
+        "orders\n",
+        "internal topics hidden"
+    );
+    let d = ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            bs,
+            "--describe",
+            "--topic",
+            "orders",
+        ],
+        None,
+    );
+    assert!(
+        d.contains("PartitionCount: 3")
+            && d.contains("Partition: 2\tLeader: 0\tReplicas: 0\tIsr: 0"),
+        "{d}"
+    );
+    ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            bs,
+            "--alter",
+            "--topic",
+            "orders",
+            "--partitions",
+            "4",
+        ],
+        None,
+    );
+    assert!(ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            bs,
+            "--describe",
+            "--topic",
+            "orders"
+        ],
+        None
+    )
+    .contains("PartitionCount: 4"));
+    assert!(fails(&[
+        "topics",
+        "--bootstrap-server",
+        bs,
+        "--alter",
+        "--topic",
+        "orders",
+        "--partitions",
+        "2"
+    ])
+    .contains("INVALID_PARTITIONS"));
+
+    // Console producer with keys piped into the console consumer.
+    let lines: String = (0..50).map(|i| format!("k{}:value-{i}\n", i % 5)).collect();
+    ok(
+        &[
+            "console-producer",
+            "--bootstrap-server",
+            bs,
+            "--topic",
+            "orders",
+            "--property",
+            "parse.key=true",
+            "--property",
+            "key.separator=:",
+        ],
+        Some(&lines),
+    );
+    let out = ok(
+        &[
+            "console-consumer",
+            "--bootstrap-server",
+            bs,
+            "--topic",
+            "orders",
+            "--from-beginning",
+            "--max-messages",
+            "50",
+            "--property",
+            "print.key=true",
+            "--property",
+            "key.separator=:",
+        ],
+        None,
+    );
+    let mut got: Vec<&str> = out.lines().collect();
+    let mut want: Vec<String> = (0..50).map(|i| format!("k{}:value-{i}", i % 5)).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    // Without --from-beginning the consumer starts at the end: nothing old is printed.
+    let tail = ok(
+        &[
+            "console-consumer",
+            "--bootstrap-server",
+            bs,
+            "--topic",
+            "orders",
+            "--timeout-ms",
+            "1500",
+        ],
+        None,
+    );
+    assert_eq!(tail, "");
+
+    // A group reads everything, then shows no lag; new records show lag; reset moves it back.
+    let g = ok(
+        &[
+            "console-consumer",
+            "--bootstrap-server",
+            bs,
+            "--topic",
+            "orders",
+            "--from-beginning",
+            "--group",
+            "readers",
+            "--max-messages",
+            "50",
+        ],
+        None,
+    );
+    assert_eq!(g.lines().count(), 50);
+    assert!(ok(
+        &["consumer-groups", "--bootstrap-server", bs, "--list"],
+        None
+    )
+    .lines()
+    .any(|l| l == "readers"));
+    let lag = |desc: &str| -> i64 {
+        desc.lines()
+            .skip(1)
+            .map(|l| l.split('\t').nth(5).unwrap().parse::<i64>().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        lag(&ok(
+            &[
+                "consumer-groups",
+                "--bootstrap-server",
+                bs,
+                "--describe",
+                "--group",
+                "readers"
+            ],
+            None
+        )),
+        0
+    );
+    ok(
+        &[
+            "console-producer",
+            "--bootstrap-server",
+            bs,
+            "--topic",
+            "orders",
+        ],
+        Some("x\ny\nz\n"),
+    );
+    assert_eq!(
+        lag(&ok(
+            &[
+                "consumer-groups",
+                "--bootstrap-server",
+                bs,
+                "--describe",
+                "--group",
+                "readers"
+            ],
+            None
+        )),
+        3
+    );
+    ok(
+        &[
+            "consumer-groups",
+            "--bootstrap-server",
+            bs,
+            "--reset-offsets",
+            "--group",
+            "readers",
+            "--topic",
+            "orders",
+            "--to-earliest",
+            "--execute",
+        ],
+        None,
+    );
+    assert_eq!(
+        lag(&ok(
+            &[
+                "consumer-groups",
+                "--bootstrap-server",
+                bs,
+                "--describe",
+                "--group",
+                "readers"
+            ],
+            None
+        )),
+        53
+    );
+    ok(
+        &[
+            "consumer-groups",
+            "--bootstrap-server",
+            bs,
+            "--reset-offsets",
+            "--group",
+            "readers",
+            "--topic",
+            "orders",
+            "--to-latest",
+            "--execute",
+        ],
+        None,
+    );
+    assert_eq!(
+        lag(&ok(
+            &[
+                "consumer-groups",
+                "--bootstrap-server",
+                bs,
+                "--describe",
+                "--group",
+                "readers"
+            ],
+            None
+        )),
+        0
+    );
+
+    ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            bs,
+            "--delete",
+            "--topic",
+            "orders",
+        ],
+        None,
+    );
+    assert_eq!(
+        ok(&["topics", "--bootstrap-server", bs, "--list"], None),
+        ""
+    );
+
+    // Clear one-line errors.
+    assert!(
+        fails(&["topics", "--bootstrap-server", "127.0.0.1:1", "--list"])
+            .contains("cannot connect")
+    );
+    assert!(fails(&[
+        "topics",
+        "--bootstrap-server",
+        bs,
+        "--describe",
+        "--topic",
+        "nope"
+    ])
+    .contains("UNKNOWN_TOPIC_OR_PARTITION"));
+    assert!(fails(&["topics", "--bootstrap-server", bs, "--bogus-flag"]).contains("--bogus-flag"));
+    assert!(fails(&[
+        "consumer-groups",
+        "--bootstrap-server",
+        bs,
+        "--describe",
+        "--group",
+        "ghost"
+    ])
+    .contains("does not exist"));
+}

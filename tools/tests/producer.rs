@@ -1,0 +1,219 @@
+//! The client library's producer against a real broker: every acks level and codec, with
+//! idempotence, interceptors, futures and callbacks; read back with the library's consumer.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use weir_tests::Broker;
+use weir_tools::admin::Admin;
+use weir_tools::consumer::{Consumer, ConsumerConfig, OffsetReset};
+use weir_tools::producer::*;
+
+struct Counting(Arc<AtomicUsize>, Arc<AtomicUsize>);
+impl ProducerInterceptor for Counting {
+    fn on_send(&self, r: RawRecord) -> anyhow::Result<RawRecord> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(r)
+    }
+    fn on_acknowledgement(&self, d: &Delivery) -> anyhow::Result<()> {
+        if d.is_ok() {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+struct Failing;
+impl ProducerInterceptor for Failing {
+    fn on_send(&self, _: RawRecord) -> anyhow::Result<RawRecord> {
+        bail!("this interceptor always fails")
+    }
+    fn on_acknowledgement(&self, _: &Delivery) -> anyhow::Result<()> {
+        bail!("and fails again")
+    }
+}
+
+fn read_all(b: &Broker, topic: &str, partitions: i32, n: usize) -> Vec<(i32, i64, String)> {
+    let mut cfg = ConsumerConfig::new(&b.bootstrap());
+    cfg.auto_offset_reset = OffsetReset::Earliest;
+    let mut c = Consumer::new(cfg).unwrap();
+    c.assign((0..partitions).map(|p| (topic.to_string(), p)).collect())
+        .unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < n && Instant::now() < deadline {
+        for r in c.poll(Duration::from_millis(200)).unwrap() {
+            out.push((
+                r.partition,
+                r.offset,
+                String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn every_acks_level_and_codec_with_idempotence_and_interceptors() {
+    let b = Broker::start(2);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    for (i, (acks, codec)) in [
+        ("0", "none"),
+        ("1", "gzip"),
+        ("all", "snappy"),
+        ("all", "lz4"),
+        ("all", "zstd"),
+        ("all", "none"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let topic = format!("p{i}");
+        admin.create_topic(&topic, 3, 1, &[]).unwrap();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let mut cfg = ProducerConfig::new(&b.bootstrap());
+        cfg.set("acks", acks)
+            .unwrap()
+            .set("compression.type", codec)
+            .unwrap()
+            .set("linger.ms", "2")
+            .unwrap();
+        let p: Producer<str, str> = Producer::new(
+            cfg,
+            StringSerializer,
+            StringSerializer,
+            vec![
+                Box::new(Failing),
+                Box::new(Counting(sent.clone(), acked.clone())),
+            ],
+        )
+        .unwrap();
+        let n = 2000;
+        let mut futures = Vec::new();
+        let callbacks = Arc::new(AtomicUsize::new(0));
+        for j in 0..n {
+            let v = format!("v{j}");
+            let k = format!("k{}", j % 17);
+            let rec = ProducerRecord::new(&topic, v.as_str()).key(k.as_str());
+            if j % 2 == 0 {
+                futures.push(p.send(&rec).unwrap());
+            } else {
+                let c = callbacks.clone();
+                p.send_with_callback(&rec, move |d| {
+                    if d.is_ok() {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+                .unwrap();
+            }
+        }
+        p.flush();
+        let metas: Vec<RecordMetadata> = futures
+            .into_iter()
+            .map(|f| f.get().expect("delivered"))
+            .collect();
+        assert_eq!(
+            callbacks.load(Ordering::Relaxed),
+            n / 2,
+            "callbacks ran ({acks}/{codec})"
+        );
+        assert_eq!(
+            sent.load(Ordering::Relaxed),
+            n,
+            "on_send saw every record despite the failing interceptor"
+        );
+        assert_eq!(
+            acked.load(Ordering::Relaxed),
+            n,
+            "on_acknowledgement saw every ack"
+        );
+        if *acks != "0" {
+            assert!(
+                metas.iter().all(|m| m.offset >= 0),
+                "offsets known with acks={acks}"
+            );
+        }
+        // Same key, same partition: the Java client's murmur2.
+        for m in &metas {
+            assert_eq!(m.topic, topic);
+        }
+        p.close();
+        let got = read_all(&b, &topic, 3, n);
+        assert_eq!(got.len(), n, "{acks}/{codec}: every record once");
+        let values: BTreeSet<String> = got.iter().map(|g| g.2.clone()).collect();
+        assert_eq!(values.len(), n, "no duplicates");
+        // Per partition, offsets are dense and values keep send order.
+        for part in 0..3 {
+            let mine: Vec<&(i32, i64, String)> = got.iter().filter(|g| g.0 == part).collect();
+            assert!(mine.iter().enumerate().all(|(i, g)| g.1 == i as i64));
+            let idx: Vec<usize> = mine.iter().map(|g| g.2[1..].parse().unwrap()).collect();
+            assert!(
+                idx.windows(2).all(|w| w[0] < w[1]),
+                "order kept in partition {part}"
+            );
+        }
+    }
+}
+
+#[test]
+fn keys_land_where_the_java_client_puts_them() {
+    let b = Broker::start(1);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    admin.create_topic("keys", 6, 1, &[]).unwrap();
+    let p: Producer<str, str> = Producer::new(
+        ProducerConfig::new(&b.bootstrap()),
+        StringSerializer,
+        StringSerializer,
+        vec![],
+    )
+    .unwrap();
+    for k in ["21", "foobar", "abc", "a-little-bit-long-string"] {
+        let m = p
+            .send(&ProducerRecord::new("keys", "v").key(k))
+            .unwrap()
+            .get()
+            .unwrap();
+        assert_eq!(
+            m.partition,
+            weir_tools::partitioner::partition_for_key(k.as_bytes(), 6),
+            "key {k}"
+        );
+    }
+    // A blocking send (await the future) and an explicit partition.
+    let m = futures_lite_block_on(
+        p.send(&ProducerRecord::new("keys", "x").partition(5))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m.partition, 5);
+    assert!(
+        p.send(&ProducerRecord::new("keys", "x").partition(9))
+            .is_err(),
+        "no such partition"
+    );
+    p.close();
+}
+
+/// Polls a future to completion on this thread (the DeliveryFuture wakes through its waker).
+fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct T(std::thread::Thread);
+    impl Wake for T {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(T(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}

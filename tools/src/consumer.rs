@@ -536,6 +536,7 @@ impl Consumer {
             by_leader.entry(addr).or_default().push(tp.clone());
         }
         let mut out = Vec::new();
+        let mut refresh = false;
         for (addr, tps) in by_leader {
             let mut topics: BTreeMap<String, Vec<FetchPartition>> = BTreeMap::new();
             for tp in &tps {
@@ -591,6 +592,11 @@ impl Consumer {
                             }
                             continue;
                         }
+                        // Partition moved or metadata stale: refresh and retry on the next poll.
+                        3 | 5 | 6 | 56 | 74 | 75 => {
+                            refresh = true;
+                            continue;
+                        }
                         c => bail!("Fetch {}-{}: {}", topic, p.partition_index, error_name(c)),
                     }
                     let Some(mut records) = p.records else {
@@ -632,6 +638,10 @@ impl Consumer {
                     self.positions.insert(tp, next);
                 }
             }
+        }
+        if refresh {
+            let topics: Vec<String> = self.assigned.iter().map(|t| t.0.clone()).collect();
+            self.refresh(&topics)?;
         }
         Ok(out)
     }

@@ -217,3 +217,86 @@ fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
         std::thread::park_timeout(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn backpressure_delivery_timeout_and_seek() {
+    let mut b = Broker::start(1);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    admin.create_topic("bp", 1, 1, &[]).unwrap();
+    let mut cfg = ProducerConfig::new(&b.bootstrap());
+    cfg.set("buffer.memory", "4000")
+        .unwrap()
+        .set("max.block.ms", "500")
+        .unwrap()
+        .set("delivery.timeout.ms", "1500")
+        .unwrap()
+        .set("linger.ms", "0")
+        .unwrap();
+    let p: Producer<str, str> =
+        Producer::new(cfg, StringSerializer, StringSerializer, vec![]).unwrap();
+    // Metadata is cached; now the broker disappears.
+    p.send(&ProducerRecord::new("bp", "first"))
+        .unwrap()
+        .get()
+        .unwrap();
+    b.kill9();
+    let big = "x".repeat(900);
+    let mut queued = Vec::new();
+    let mut blocked = None;
+    let started = Instant::now();
+    for _ in 0..20 {
+        match p.send(&ProducerRecord::new("bp", big.as_str())) {
+            Ok(f) => queued.push(f),
+            Err(e) => {
+                blocked = Some(e);
+                break;
+            }
+        }
+    }
+    let blocked = blocked.expect("buffer.memory filled up and send gave up after max.block.ms");
+    assert!(matches!(blocked, ProduceError::Blocked(_)), "{blocked}");
+    assert!(queued.len() < 20 && !queued.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "send blocked before giving up"
+    );
+    for f in queued {
+        assert_eq!(
+            f.get(),
+            Err(ProduceError::Timeout),
+            "delivery.timeout.ms expires undeliverable records"
+        );
+    }
+    drop(p);
+
+    // seek: re-read from an earlier offset.
+    b.restart();
+    let p: Producer<str, str> = Producer::new(
+        ProducerConfig::new(&b.bootstrap()),
+        StringSerializer,
+        StringSerializer,
+        vec![],
+    )
+    .unwrap();
+    for i in 0..10 {
+        p.send(&ProducerRecord::new("bp", format!("r{i}").as_str()))
+            .unwrap();
+    }
+    p.flush();
+    let mut cfg = ConsumerConfig::new(&b.bootstrap());
+    cfg.auto_offset_reset = OffsetReset::Earliest;
+    let mut c = Consumer::new(cfg).unwrap();
+    c.assign(vec![("bp".into(), 0)]).unwrap();
+    let mut n = 0;
+    while n < 11 {
+        n += c.poll(Duration::from_millis(200)).unwrap().len();
+    }
+    c.seek(("bp".into(), 0), 8);
+    let again: Vec<i64> = c
+        .poll(Duration::from_millis(500))
+        .unwrap()
+        .iter()
+        .map(|r| r.offset)
+        .collect();
+    assert_eq!(again, vec![8, 9, 10]);
+}

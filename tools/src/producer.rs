@@ -847,6 +847,7 @@ impl SenderLoop {
             let lingered = now.duration_since(b.created) >= self.s.cfg.linger;
             if full || lingered || flushing {
                 if ready.len() < room.max(1) * 8 {
+                    // Its bytes stay in buffer.memory until the batch completes.
                     ready.push(q.pop_front().expect("front"));
                 }
             } else {
@@ -878,19 +879,28 @@ impl SenderLoop {
         }
     }
 
+    /// A batch completed (acknowledged or failed): its bytes leave buffer.memory.
+    fn release(&self, bytes: usize) {
+        let mut acc = self.s.acc.lock().unwrap();
+        acc.used_bytes = acc.used_bytes.saturating_sub(bytes);
+        drop(acc);
+        self.s.space.notify_all();
+    }
+
     fn requeue(&mut self, mut batches: Vec<Batch>) {
         let now = Instant::now();
         let mut acc = self.s.acc.lock().unwrap();
         for mut b in batches.drain(..) {
             b.attempts += 1;
             if b.attempts > self.s.cfg.retries || now >= b.deadline {
+                acc.used_bytes = acc.used_bytes.saturating_sub(b.bytes);
                 drop(acc);
+                self.s.space.notify_all();
                 self.fail(b, ProduceError::Timeout);
                 acc = self.s.acc.lock().unwrap();
                 continue;
             }
             b.retry_at = Some(now + self.s.cfg.retry_backoff);
-            acc.used_bytes += b.bytes;
             let q = acc.queues.entry(b.tp.clone()).or_default();
             // Keep a partition's batches in sequence order.
             let at = q.iter().position(|x| match (x.sequence, b.sequence) {
@@ -1006,6 +1016,7 @@ impl SenderLoop {
                 Ok(r) => r,
                 Err(e) => {
                     for b in batches {
+                        self.release(b.bytes);
                         self.fail(b, ProduceError::Serialization(format!("{e:#}")));
                     }
                     continue;
@@ -1017,6 +1028,8 @@ impl SenderLoop {
                 Ok(corr) if self.s.cfg.acks == 0 => {
                     let _ = corr;
                     l.conn_forget();
+                    let done: usize = batches.iter().map(|b| b.bytes).sum();
+                    self.release(done);
                     for b in batches {
                         for (i, slot) in b.slots.iter().enumerate() {
                             let ts = b.records[i].timestamp;
@@ -1161,6 +1174,7 @@ impl SenderLoop {
                     let (code, base, append_time) =
                         codes.get(&b.tp).copied().unwrap_or((13, -1, -1));
                     if code == 0 {
+                        self.release(b.bytes);
                         for (i, slot) in b.slots.iter().enumerate() {
                             let ts = if append_time >= 0 {
                                 append_time
@@ -1180,6 +1194,7 @@ impl SenderLoop {
                     } else if is_retriable(code) {
                         retry.push(b);
                     } else {
+                        self.release(b.bytes);
                         if b.sequence.is_some() {
                             // A gap in this producer's sequence would refuse every later batch:
                             // start over with a new producer id once nothing is in flight.

@@ -300,3 +300,25 @@ fn backpressure_delivery_timeout_and_seek() {
         .collect();
     assert_eq!(again, vec![8, 9, 10]);
 }
+
+#[test]
+fn buffer_memory_is_reused_for_far_more_than_its_size() {
+    let b = Broker::start(1);
+    let mut cfg = ProducerConfig::new(&b.bootstrap());
+    cfg.set("buffer.memory", "100000")
+        .unwrap()
+        .set("max.block.ms", "5000")
+        .unwrap();
+    let p: Producer<str, str> =
+        Producer::new(cfg, StringSerializer, StringSerializer, vec![]).unwrap();
+    let v = "y".repeat(1000);
+    // 5 MB through a 100 kB buffer: space must come back as batches are sent.
+    let futures: Vec<_> = (0..5000)
+        .map(|_| {
+            p.send(&ProducerRecord::new("reuse", v.as_str()))
+                .expect("buffer space freed by sends")
+        })
+        .collect();
+    p.flush();
+    assert!(futures.into_iter().all(|f| f.get().is_ok()));
+}

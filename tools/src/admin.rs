@@ -7,9 +7,6 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
-use kafka_protocol::messages::offset_commit_request::{
-    OffsetCommitRequestPartition, OffsetCommitRequestTopic,
-};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 
@@ -244,29 +241,7 @@ impl Admin {
 
     /// Moves a group's committed offsets (the group must have no active members).
     pub fn reset_offsets(&mut self, group: &str, offsets: &[(TopicPartition, i64)]) -> Result<()> {
-        let mut topics: BTreeMap<String, Vec<OffsetCommitRequestPartition>> = BTreeMap::new();
-        for ((t, p), o) in offsets {
-            topics.entry(t.clone()).or_default().push(
-                OffsetCommitRequestPartition::default()
-                    .with_partition_index(*p)
-                    .with_committed_offset(*o)
-                    .with_committed_metadata(Some(s(""))),
-            );
-        }
-        let req = OffsetCommitRequest::default()
-            .with_group_id(GroupId(s(group)))
-            .with_generation_id_or_member_epoch(-1)
-            .with_member_id(s(""))
-            .with_topics(
-                topics
-                    .into_iter()
-                    .map(|(t, ps)| {
-                        OffsetCommitRequestTopic::default()
-                            .with_name(TopicName(s(&t)))
-                            .with_partitions(ps)
-                    })
-                    .collect(),
-            );
+        let req = crate::consumer::offset_commit_request(group, -1, "", None, offsets);
         let (r, _): (OffsetCommitResponse, i16) = self.conn.call(ApiKey::OffsetCommit, 8, &req)?;
         for t in &r.topics {
             for p in &t.partitions {

@@ -654,40 +654,23 @@ impl Consumer {
         if self.positions.is_empty() {
             return Ok(());
         }
-        let mut topics: BTreeMap<String, Vec<OffsetCommitRequestPartition>> = BTreeMap::new();
-        for ((t, p), o) in &self.positions {
-            topics.entry(t.clone()).or_default().push(
-                OffsetCommitRequestPartition::default()
-                    .with_partition_index(*p)
-                    .with_committed_offset(*o)
-                    .with_committed_metadata(Some(StrBytes::from_static_str(""))),
-            );
-        }
         let (generation, member) = if self.subscription.is_empty() {
             (-1, String::new())
         } else {
             (self.generation, self.member_id.clone())
         };
-        let req = OffsetCommitRequest::default()
-            .with_group_id(GroupId(StrBytes::from_string(group)))
-            .with_generation_id_or_member_epoch(generation)
-            .with_member_id(StrBytes::from_string(member))
-            .with_group_instance_id(
-                self.cfg
-                    .group_instance_id
-                    .clone()
-                    .map(StrBytes::from_string),
-            )
-            .with_topics(
-                topics
-                    .into_iter()
-                    .map(|(t, ps)| {
-                        OffsetCommitRequestTopic::default()
-                            .with_name(TopicName(StrBytes::from_string(t)))
-                            .with_partitions(ps)
-                    })
-                    .collect(),
-            );
+        let offsets: Vec<(TopicPartition, i64)> = self
+            .positions
+            .iter()
+            .map(|(tp, o)| (tp.clone(), *o))
+            .collect();
+        let req = offset_commit_request(
+            &group,
+            generation,
+            &member,
+            self.cfg.group_instance_id.clone(),
+            &offsets,
+        );
         let (r, _): (OffsetCommitResponse, i16) =
             self.coordinator()?.call(ApiKey::OffsetCommit, 8, &req)?;
         self.last_commit = Instant::now();
@@ -726,6 +709,41 @@ impl Consumer {
         }
         Ok(())
     }
+}
+
+/// An OffsetCommit of `offsets` for `group` (generation -1 and no member: a commit from
+/// outside the group, allowed while it has no members).
+pub fn offset_commit_request(
+    group: &str,
+    generation: i32,
+    member: &str,
+    instance: Option<String>,
+    offsets: &[(TopicPartition, i64)],
+) -> OffsetCommitRequest {
+    let mut topics: BTreeMap<String, Vec<OffsetCommitRequestPartition>> = BTreeMap::new();
+    for ((t, p), o) in offsets {
+        topics.entry(t.clone()).or_default().push(
+            OffsetCommitRequestPartition::default()
+                .with_partition_index(*p)
+                .with_committed_offset(*o)
+                .with_committed_metadata(Some(StrBytes::from_static_str(""))),
+        );
+    }
+    OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+        .with_generation_id_or_member_epoch(generation)
+        .with_member_id(StrBytes::from_string(member.to_string()))
+        .with_group_instance_id(instance.map(StrBytes::from_string))
+        .with_topics(
+            topics
+                .into_iter()
+                .map(|(t, ps)| {
+                    OffsetCommitRequestTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(t)))
+                        .with_partitions(ps)
+                })
+                .collect(),
+        )
 }
 
 fn decode_assignment(mut b: Bytes) -> Result<Vec<TopicPartition>> {

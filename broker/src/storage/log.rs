@@ -883,95 +883,85 @@ pub struct ScanResult {
 async fn scan_segment(
     file: &DmaFile,
     mut pos: u64,
-    mut expected: i64,
+    expected: i64,
     end: u64,
-    mut rebuild: Option<(&mut SegmentIndex, u32)>,
+    rebuild: Option<(&mut SegmentIndex, u32)>,
 ) -> Result<ScanResult> {
-    let base = expected;
-    let mut max_ts = -1i64;
+    let mut scan = Scan {
+        base: expected,
+        expected,
+        max_ts: -1,
+        rebuild,
+    };
+    let stop = |at: u64, scan: &Scan<'_>| ScanResult {
+        valid_end: at,
+        next_offset: scan.expected,
+        max_timestamp: scan.max_ts,
+    };
     while pos < end {
         let want = ((end - pos) as usize).min(SCAN_CHUNK_BYTES);
         let chunk = file.read_at(pos, want).await.io()?;
         let mut at = 0usize;
-        let mut progressed = false;
         while at < chunk.len() {
-            match batch::check_stored(&chunk[at..], Some(expected)) {
+            match batch::check_stored(&chunk[at..], Some(scan.expected)) {
                 Stored::Valid { bytes } => {
-                    let h = Header::new(&chunk[at..]).expect("valid batch has a header");
-                    if let Some((idx, interval)) = rebuild.as_mut() {
-                        idx.on_append(
-                            (expected - base) as u32,
-                            (pos + at as u64) as u32,
-                            bytes as u32,
-                            h.max_timestamp(),
-                            *interval,
-                        );
-                    }
-                    max_ts = max_ts.max(h.max_timestamp());
-                    expected = h.last_offset() + 1;
+                    scan.accept(&chunk[at..], pos + at as u64, bytes);
                     at += bytes;
-                    progressed = true;
                 }
                 Stored::Incomplete => {
                     // The batch may continue past this chunk: read again from its start, unless
                     // the file itself ends here (a torn tail).
-                    let h = Header::new(&chunk[at..]);
-                    let needed = h
+                    let needed = Header::new(&chunk[at..])
                         .and_then(|h| h.total_bytes())
                         .unwrap_or(batch::HEADER_BYTES) as u64;
                     if pos + at as u64 + needed > end {
-                        return Ok(ScanResult {
-                            valid_end: pos + at as u64,
-                            next_offset: expected,
-                            max_timestamp: max_ts,
-                        });
+                        return Ok(stop(pos + at as u64, &scan));
                     }
-                    if !progressed {
+                    if at == 0 {
                         // A single batch larger than the chunk: read it whole.
-                        let whole = file.read_at(pos + at as u64, needed as usize).await.io()?;
-                        match batch::check_stored(&whole, Some(expected)) {
+                        let whole = file.read_at(pos, needed as usize).await.io()?;
+                        match batch::check_stored(&whole, Some(scan.expected)) {
                             Stored::Valid { bytes } => {
-                                let h = Header::new(&whole).expect("valid");
-                                if let Some((idx, interval)) = rebuild.as_mut() {
-                                    idx.on_append(
-                                        (expected - base) as u32,
-                                        (pos + at as u64) as u32,
-                                        bytes as u32,
-                                        h.max_timestamp(),
-                                        *interval,
-                                    );
-                                }
-                                max_ts = max_ts.max(h.max_timestamp());
-                                expected = h.last_offset() + 1;
+                                scan.accept(&whole, pos, bytes);
                                 at += bytes;
                             }
-                            _ => {
-                                return Ok(ScanResult {
-                                    valid_end: pos + at as u64,
-                                    next_offset: expected,
-                                    max_timestamp: max_ts,
-                                })
-                            }
+                            _ => return Ok(stop(pos, &scan)),
                         }
                     }
                     break;
                 }
-                Stored::Corrupt => {
-                    return Ok(ScanResult {
-                        valid_end: pos + at as u64,
-                        next_offset: expected,
-                        max_timestamp: max_ts,
-                    });
-                }
+                Stored::Corrupt => return Ok(stop(pos + at as u64, &scan)),
             }
         }
         pos += at as u64;
     }
-    Ok(ScanResult {
-        valid_end: pos,
-        next_offset: expected,
-        max_timestamp: max_ts,
-    })
+    Ok(stop(pos, &scan))
+}
+
+/// What a recovery scan has learned so far.
+struct Scan<'a> {
+    base: i64,
+    expected: i64,
+    max_ts: i64,
+    rebuild: Option<(&'a mut SegmentIndex, u32)>,
+}
+
+impl Scan<'_> {
+    /// Takes in one valid batch found at `file_pos`.
+    fn accept(&mut self, b: &[u8], file_pos: u64, bytes: usize) {
+        let h = Header::new(b).expect("a valid batch has a header");
+        if let Some((idx, interval)) = self.rebuild.as_mut() {
+            idx.on_append(
+                (self.expected - self.base) as u32,
+                file_pos as u32,
+                bytes as u32,
+                h.max_timestamp(),
+                *interval,
+            );
+        }
+        self.max_ts = self.max_ts.max(h.max_timestamp());
+        self.expected = h.last_offset() + 1;
+    }
 }
 
 /// Reads batches from disk for a fetch at `offset`: skips whole batches below it and returns

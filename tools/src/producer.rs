@@ -405,15 +405,17 @@ enum Event {
 }
 
 impl Shared {
-    fn queue_bytes(&self, topic: &str) -> impl Fn(i32) -> usize + '_ {
-        let acc = self.acc.lock().unwrap();
-        let sizes: HashMap<i32, usize> = acc
-            .queues
-            .iter()
-            .filter(|((t, _), _)| t == topic)
-            .map(|((_, p), q)| (*p, q.iter().map(|b| b.bytes).sum()))
-            .collect();
-        move |p| sizes.get(&p).copied().unwrap_or(0)
+    /// Bytes queued for a partition, looked up only when the partitioner asks (it does when a
+    /// sticky partition is chosen, once per batch): computing it on every send walked every
+    /// queued batch, O(batches) per record.
+    fn queue_bytes<'a>(&'a self, topic: &'a str) -> impl Fn(i32) -> usize + 'a {
+        move |p| {
+            let acc = self.acc.lock().unwrap();
+            acc.queues
+                .get(&(topic.to_string(), p))
+                .map(|q| q.iter().map(|b| b.bytes).sum())
+                .unwrap_or(0)
+        }
     }
 
     /// Metadata for `topic`, fetched (and the topic auto-created) when unknown.

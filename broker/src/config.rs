@@ -282,6 +282,9 @@ impl Config {
             "offsets.retention.minutes" => {
                 self.group.offsets_retention_ms = parse_i64_min(v, 1)?.saturating_mul(60_000)
             }
+            "offsets.retention.check.interval.ms" => {
+                self.group.offsets_retention_check_ms = parse_i64_min(v, 1)? as u64
+            }
             "offset.metadata.max.bytes" => {
                 self.group.offset_metadata_bytes_max = parse_i64_min(v, 0)?.min(1 << 20) as usize
             }

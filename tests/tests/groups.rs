@@ -514,3 +514,54 @@ mod raw_errors {
         assert!(!b.log().contains("panicked"));
     }
 }
+
+#[test]
+fn offsets_of_empty_groups_expire_after_offsets_retention_minutes() {
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::StrBytes;
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("server.properties");
+    std::fs::write(
+        &path,
+        "offsets.retention.minutes=1\noffsets.retention.check.interval.ms=500\n",
+    )
+    .unwrap();
+    let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
+    let mut c = weir_tests::raw::Conn::new(&b.bootstrap());
+    let commit = OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("idle")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_member_id(StrBytes::from_static_str(""))
+        .with_topics(vec![OffsetCommitRequestTopic::default()
+            .with_name(TopicName(StrBytes::from_static_str("t")))
+            .with_partitions(vec![OffsetCommitRequestPartition::default()
+                .with_partition_index(0)
+                .with_committed_offset(42)])]);
+    let r: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, 8, &commit);
+    assert_eq!(r.topics[0].partitions[0].error_code, 0);
+    let mut fetch = |c: &mut weir_tests::raw::Conn| -> i64 {
+        let r: OffsetFetchResponse = c.call(
+            ApiKey::OffsetFetch,
+            7,
+            &OffsetFetchRequest::default()
+                .with_group_id(GroupId(StrBytes::from_static_str("idle")))
+                .with_topics(None),
+        );
+        r.topics
+            .first()
+            .map(|t| t.partitions[0].committed_offset)
+            .unwrap_or(-1)
+    };
+    std::thread::sleep(Duration::from_secs(20));
+    assert_eq!(fetch(&mut c), 42, "kept before the retention time");
+    assert!(
+        eventually(Duration::from_secs(70), || fetch(&mut c) == -1),
+        "expired after offsets.retention.minutes"
+    );
+    assert!(b
+        .log()
+        .contains("expired committed offsets of empty groups"));
+}

@@ -107,3 +107,25 @@ fn duplicates_are_detected_after_a_clean_restart_and_after_kill_9() {
     let (after, _) = c.init_producer_id();
     assert!(after > pid, "{after} after restart, {pid} before");
 }
+
+#[test]
+fn idle_producer_ids_expire_after_producer_id_expiration_ms() {
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("server.properties");
+    std::fs::write(
+        &path,
+        "producer.id.expiration.ms=1000\nlog.retention.check.interval.ms=200\n",
+    )
+    .unwrap();
+    let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
+    admin::create(&b, "expire", 1, 1, &[]).unwrap();
+    let mut c = Conn::new(&b.bootstrap());
+    let (pid, _) = c.init_producer_id();
+    // The batch timestamps are from 1970 (records use timestamp 1000): the producer is idle
+    // by the clock at once; the broker forgets it at its next check.
+    assert_eq!(c.produce("expire", 0, pid, 0, 0, 3), (0, 0));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Known, this would be a gap (OUT_OF_ORDER_SEQUENCE_NUMBER); forgotten, any sequence is
+    // accepted (KIP-360).
+    assert_eq!(c.produce("expire", 0, pid, 0, 50, 2), (0, 3));
+}

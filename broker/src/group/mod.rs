@@ -239,6 +239,8 @@ pub struct GroupConfig {
     pub max_session_timeout_ms: i32,
     pub initial_rebalance_delay_ms: u64,
     pub offsets_retention_ms: i64,
+    /// How often expired offsets are looked for (Kafka's offsets.retention.check.interval.ms).
+    pub offsets_retention_check_ms: u64,
     pub offset_metadata_bytes_max: usize,
 }
 
@@ -250,6 +252,7 @@ impl Default for GroupConfig {
             max_session_timeout_ms: 1_800_000,
             initial_rebalance_delay_ms: 3_000,
             offsets_retention_ms: 7 * 24 * 3600 * 1000,
+            offsets_retention_check_ms: 600_000,
             offset_metadata_bytes_max: 4096,
         }
     }
@@ -1121,7 +1124,9 @@ impl Shard {
                     }
                 }
             }
-            if now.duration_since(last_expiry) > Duration::from_secs(60) {
+            if now.duration_since(last_expiry)
+                >= Duration::from_millis(cfg.offsets_retention_check_ms)
+            {
                 last_expiry = now;
                 self.expire_offsets(cfg.offsets_retention_ms).await;
             }

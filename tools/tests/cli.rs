@@ -228,26 +228,24 @@ fn topics_console_round_trip_and_consumer_groups() {
     )
     .lines()
     .any(|l| l == "readers"));
-    let lag = |desc: &str| -> i64 {
-        desc.lines()
-            .skip(1)
-            .map(|l| l.split('\t').nth(5).unwrap().parse::<i64>().unwrap())
-            .sum()
-    };
-    assert_eq!(
-        lag(&ok(
+    let group_lag = |bs: &str, g: &str| -> i64 {
+        let desc = ok(
             &[
                 "consumer-groups",
                 "--bootstrap-server",
                 bs,
                 "--describe",
                 "--group",
-                "readers"
+                g,
             ],
-            None
-        )),
-        0
-    );
+            None,
+        );
+        desc.lines()
+            .skip(1)
+            .map(|l| l.split('\t').nth(5).unwrap().parse::<i64>().unwrap())
+            .sum()
+    };
+    assert_eq!(group_lag(bs, "readers"), 0);
     ok(
         &[
             "console-producer",
@@ -258,20 +256,7 @@ fn topics_console_round_trip_and_consumer_groups() {
         ],
         Some("x\ny\nz\n"),
     );
-    assert_eq!(
-        lag(&ok(
-            &[
-                "consumer-groups",
-                "--bootstrap-server",
-                bs,
-                "--describe",
-                "--group",
-                "readers"
-            ],
-            None
-        )),
-        3
-    );
+    assert_eq!(group_lag(bs, "readers"), 3);
     ok(
         &[
             "consumer-groups",
@@ -287,20 +272,7 @@ fn topics_console_round_trip_and_consumer_groups() {
         ],
         None,
     );
-    assert_eq!(
-        lag(&ok(
-            &[
-                "consumer-groups",
-                "--bootstrap-server",
-                bs,
-                "--describe",
-                "--group",
-                "readers"
-            ],
-            None
-        )),
-        53
-    );
+    assert_eq!(group_lag(bs, "readers"), 53);
     ok(
         &[
             "consumer-groups",
@@ -316,20 +288,7 @@ fn topics_console_round_trip_and_consumer_groups() {
         ],
         None,
     );
-    assert_eq!(
-        lag(&ok(
-            &[
-                "consumer-groups",
-                "--bootstrap-server",
-                bs,
-                "--describe",
-                "--group",
-                "readers"
-            ],
-            None
-        )),
-        0
-    );
+    assert_eq!(group_lag(bs, "readers"), 0);
 
     ok(
         &[

@@ -322,3 +322,72 @@ fn buffer_memory_is_reused_for_far_more_than_its_size() {
     p.flush();
     assert!(futures.into_iter().all(|f| f.get().is_ok()));
 }
+
+#[test]
+fn two_library_consumers_in_one_group_split_the_partitions() {
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("server.properties");
+    std::fs::write(&path, "group.initial.rebalance.delay.ms=0\n").unwrap();
+    let b = Broker::start_with(2, &["--config", path.to_str().unwrap()]);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    admin.create_topic("split", 4, 1, &[]).unwrap();
+    let p: Producer<str, str> = Producer::new(
+        ProducerConfig::new(&b.bootstrap()),
+        StringSerializer,
+        StringSerializer,
+        vec![],
+    )
+    .unwrap();
+    for i in 0..400 {
+        p.send(&ProducerRecord::new("split", format!("v{i}").as_str()).partition(i % 4))
+            .unwrap();
+    }
+    p.flush();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawn = |stop: Arc<std::sync::atomic::AtomicBool>| {
+        let bs = b.bootstrap();
+        std::thread::spawn(move || {
+            let mut cfg = ConsumerConfig::new(&bs);
+            cfg.set("group.id", "lib")
+                .unwrap()
+                .set("auto.offset.reset", "earliest")
+                .unwrap()
+                .set("heartbeat.interval.ms", "300")
+                .unwrap()
+                .set("session.timeout.ms", "6000")
+                .unwrap();
+            let mut c = Consumer::new(cfg).unwrap();
+            c.subscribe(&["split"]).unwrap();
+            let mut seen = Vec::new();
+            let mut assignment = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                seen.extend(
+                    c.poll(Duration::from_millis(100))
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| (r.partition, r.offset)),
+                );
+                assignment = c.assignment();
+            }
+            c.close().unwrap();
+            (assignment, seen)
+        })
+    };
+    let a = spawn(stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let bb = spawn(stop.clone());
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, Ordering::Relaxed);
+    let (asg_a, seen_a) = a.join().unwrap();
+    let (asg_b, seen_b) = bb.join().unwrap();
+    assert_eq!(
+        (asg_a.len(), asg_b.len()),
+        (2, 2),
+        "after the second member joined, 2 partitions each: {asg_a:?} {asg_b:?}"
+    );
+    let mut all: Vec<i32> = asg_a.iter().chain(&asg_b).map(|t| t.1).collect();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3]);
+    let distinct: BTreeSet<(i32, i64)> = seen_a.iter().chain(&seen_b).copied().collect();
+    assert_eq!(distinct.len(), 400, "every record read by the group");
+}

@@ -50,13 +50,14 @@ pub struct Partition {
     /// An I/O error happened: the partition answers KAFKA_STORAGE_ERROR from now on.
     pub failed: Cell<bool>,
     pub deleted: Cell<bool>,
+    /// Batches appended and fetches served with data, for the shard's stats line.
+    produced_batches: Cell<u64>,
+    fetches_served: Cell<u64>,
 }
 
 /// Counters of what a shard served, logged at shutdown and used by the ownership test.
 #[derive(Default)]
 pub struct Stats {
-    pub produced_batches: HashMap<String, u64>,
-    pub fetched_partitions: HashMap<String, u64>,
     pub remote_ops_in: u64,
     pub remote_ops_out: u64,
 }
@@ -67,7 +68,8 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub cluster_id: Arc<String>,
     image: RefCell<Arc<Image>>,
-    partitions: RefCell<HashMap<(String, i32), Rc<Partition>>>,
+    /// topic -> partition index -> partition, so lookups by `&str` need no allocation.
+    partitions: RefCell<HashMap<String, HashMap<i32, Rc<Partition>>>>,
     by_id: RefCell<HashMap<u64, Rc<Partition>>>,
     next_pid: Cell<u64>,
     cache: RefCell<ShardCache>,
@@ -264,16 +266,17 @@ impl Shard {
         *self.image.borrow_mut() = image;
     }
 
+    /// The partition this shard owns, looked up without allocating.
     pub fn partition(&self, topic: &str, index: i32) -> Option<Rc<Partition>> {
-        // Allocation-free lookup would need a borrowed key type; topic names are short.
-        self.partitions
-            .borrow()
-            .get(&(topic.to_string(), index))
-            .cloned()
+        self.partitions.borrow().get(topic)?.get(&index).cloned()
     }
 
     pub fn partition_count(&self) -> usize {
-        self.partitions.borrow().len()
+        self.by_id.borrow().len()
+    }
+
+    fn all_partitions(&self) -> Vec<Rc<Partition>> {
+        self.by_id.borrow().values().cloned().collect()
     }
 
     /// Sends `msg` to shard `target` (handled in place when it is this shard).
@@ -296,7 +299,7 @@ impl Shard {
     pub async fn apply_image(self: &Rc<Self>, image: Arc<Image>, clean: bool) -> Result<()> {
         *self.image.borrow_mut() = image.clone();
         let stale: Vec<Rc<Partition>> =
-            self.partitions
+            self.by_id
                 .borrow()
                 .values()
                 .filter(|p| {
@@ -307,9 +310,9 @@ impl Shard {
                 .cloned()
                 .collect();
         for p in stale {
-            self.partitions
-                .borrow_mut()
-                .remove(&(p.topic.clone(), p.index));
+            if let Some(t) = self.partitions.borrow_mut().get_mut(&p.topic) {
+                t.remove(&p.index);
+            }
             self.by_id.borrow_mut().remove(&p.id);
             p.deleted.set(true);
             p.appended.notify(usize::MAX);
@@ -352,11 +355,15 @@ impl Shard {
                     in_unsynced: Cell::new(false),
                     failed: Cell::new(false),
                     deleted: Cell::new(false),
+                    produced_batches: Cell::new(0),
+                    fetches_served: Cell::new(0),
                 });
                 self.by_id.borrow_mut().insert(id, p.clone());
                 self.partitions
                     .borrow_mut()
-                    .insert((name.clone(), i as i32), p);
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(i as i32, p);
             }
         }
         Ok(())
@@ -457,12 +464,8 @@ impl Shard {
                     self.pending_bytes.set(self.pending_bytes.get() + bytes);
                     self.mark_dirty(p);
                     self.evict();
-                    *self
-                        .stats
-                        .borrow_mut()
-                        .produced_batches
-                        .entry(format!("{}-{}", p.topic, p.index))
-                        .or_default() += item.infos.len() as u64;
+                    p.produced_batches
+                        .set(p.produced_batches.get() + item.infos.len() as u64);
                     p.appended.notify(usize::MAX);
                     return Ok((a.base_offset, append_time));
                 }
@@ -607,7 +610,7 @@ impl Shard {
                 if !self.dirty.borrow().is_empty() || self.sync_requested.get() {
                     break;
                 }
-                if self.shutting_down.get() && self.partitions.borrow().is_empty() {
+                if self.shutting_down.get() && self.by_id.borrow().is_empty() {
                     return;
                 }
                 l.await;
@@ -689,13 +692,13 @@ impl Shard {
     /// segments to their logical size, write their indexes.
     pub async fn close_all(&self) -> Result<()> {
         self.sync_requested.set(true);
-        for p in self.partitions.borrow().values() {
+        for p in self.by_id.borrow().values() {
             if !p.in_dirty.replace(true) {
                 self.dirty.borrow_mut().push(p.clone());
             }
         }
         self.flush_round().await;
-        let parts: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
+        let parts: Vec<Rc<Partition>> = self.all_partitions();
         let mut result = Ok(());
         for p in parts {
             let _permit = p.io_lock.acquire_permit(1).await;
@@ -729,7 +732,7 @@ impl Shard {
     }
 
     pub async fn enforce_retention(&self) {
-        let parts: Vec<Rc<Partition>> = self.partitions.borrow().values().cloned().collect();
+        let parts: Vec<Rc<Partition>> = self.all_partitions();
         for p in parts {
             let gone = p
                 .log
@@ -862,14 +865,9 @@ impl Shard {
             let deadline = match wait_until {
                 Some(d) if !has_news && d > Instant::now() && !listeners.is_empty() => d,
                 _ => {
-                    for (item, r) in items.iter().zip(&results) {
-                        if !r.records.is_empty() {
-                            *self
-                                .stats
-                                .borrow_mut()
-                                .fetched_partitions
-                                .entry(format!("{}-{}", item.topic, item.partition))
-                                .or_default() += 1;
+                    for (p, r) in parts.iter().zip(&results) {
+                        if let (Some(p), false) = (p, r.records.is_empty()) {
+                            p.fetches_served.set(p.fetches_served.get() + 1);
                         }
                     }
                     let _ = reply.send(results);
@@ -1106,24 +1104,22 @@ pub async fn handle_msg(msg: ShardMsg) {
 impl Shard {
     /// One line describing what this shard served; the ownership test reads it.
     pub fn stats_line(&self) -> String {
+        let mut parts = self.all_partitions();
+        parts.sort_by(|a, b| (&a.topic, a.index).cmp(&(&b.topic, b.index)));
+        let list = |count: &dyn Fn(&Partition) -> u64| {
+            parts
+                .iter()
+                .filter(|p| count(p) > 0)
+                .map(|p| format!("{}-{}:{}", p.topic, p.index, count(p)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let st = self.stats.borrow();
-        let mut produced: Vec<_> = st
-            .produced_batches
-            .iter()
-            .map(|(k, v)| format!("{k}:{v}"))
-            .collect();
-        produced.sort();
-        let mut fetched: Vec<_> = st
-            .fetched_partitions
-            .iter()
-            .map(|(k, v)| format!("{k}:{v}"))
-            .collect();
-        fetched.sort();
         format!(
             "shard={} produced=[{}] fetched=[{}] remote_in={} remote_out={}",
             self.id,
-            produced.join(","),
-            fetched.join(","),
+            list(&|p| p.produced_batches.get()),
+            list(&|p| p.fetches_served.get()),
             st.remote_ops_in,
             st.remote_ops_out
         )

@@ -1041,6 +1041,14 @@ mod tests {
             .unwrap();
     }
 
+    async fn open_log(path: &Path, cfg: &LogConfig, clean: bool) -> RefCell<PartitionLog> {
+        RefCell::new(
+            PartitionLog::open(path.to_path_buf(), cfg.clone(), 0, clean)
+                .await
+                .unwrap(),
+        )
+    }
+
     async fn append_n(log: &RefCell<PartitionLog>, n: usize) {
         for i in 0..n {
             let b = make(4, 100, 1_000 + i as i64);
@@ -1076,11 +1084,7 @@ mod tests {
             let mut cfg = LogConfig::default();
             cfg.segment_bytes = 10_000;
             cfg.index_interval_bytes = 1000;
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, true).await;
             append_n(&log, 100).await;
             flush(&log).await;
             assert_eq!(log.borrow().log_end_offset, 400);
@@ -1097,30 +1101,18 @@ mod tests {
             PartitionLog::close(&log).await.unwrap();
             drop(log);
             // Clean reopen.
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, true).await;
             assert_eq!(log.borrow().log_end_offset, 400);
             // Unclean reopen: everything is scanned again, same result.
             drop(log);
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, false)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 400);
             assert_eq!(log.borrow().max_timestamp.0, 1_099 + 3);
             // Appending after reopen continues the offsets and the partial tail block.
             append_n(&log, 3).await;
             flush(&log).await;
             drop(log);
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg, 0, false)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 412);
         });
     }
@@ -1131,11 +1123,7 @@ mod tests {
         let path = dir.path().join("t-0");
         run(move || async move {
             let cfg = LogConfig::default();
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, true).await;
             append_n(&log, 10).await;
             flush(&log).await;
             drop(log);
@@ -1151,11 +1139,7 @@ mod tests {
             })
             .await;
             assert!(full.len() > batch_len * 10);
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, false)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 36);
             drop(log);
             // Flip one bit inside batch 5: batches 5.. are dropped.
@@ -1166,11 +1150,7 @@ mod tests {
                 std::fs::write(&p4, d).unwrap();
             })
             .await;
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg, 0, false)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 20);
             let size = blocking(move || std::fs::metadata(&seg).unwrap().len()).await;
             assert_eq!(size, (batch_len * 5) as u64);
@@ -1198,11 +1178,7 @@ mod tests {
         let path = dir.path().join("t-0");
         run(move || async move {
             let cfg = LogConfig::default();
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, true).await;
             assert_eq!(append_idempotent(&log, 5, 0, 0), Ok((0, false)));
             assert_eq!(append_idempotent(&log, 5, 0, 3), Ok((3, false)));
             assert_eq!(
@@ -1219,11 +1195,7 @@ mod tests {
             PartitionLog::close(&log).await.unwrap();
             drop(log);
             // With the snapshot written at close.
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, true)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, true).await;
             assert_eq!(append_idempotent(&log, 5, 0, 3), Ok((3, true)));
             assert_eq!(
                 append_idempotent(&log, 5, 1, 0),
@@ -1237,11 +1209,7 @@ mod tests {
             flush(&log).await;
             drop(log);
             // Unclean: the snapshot is older than the log; the tail is replayed from the log.
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg.clone(), 0, false)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, false).await;
             assert_eq!(append_idempotent(&log, 5, 1, 0), Ok((6, true)));
             drop(log);
             // No snapshot at all: the whole log is replayed.
@@ -1251,11 +1219,7 @@ mod tests {
                     std::fs::remove_file(p).unwrap();
                 }
             }
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg, 0, false)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, false).await;
             assert_eq!(append_idempotent(&log, 5, 1, 0), Ok((6, true)));
             assert_eq!(append_idempotent(&log, 5, 1, 3), Ok((9, false)));
         });
@@ -1269,11 +1233,7 @@ mod tests {
             let mut cfg = LogConfig::default();
             cfg.segment_bytes = 5_000;
             cfg.retention_bytes = 6_000;
-            let log = RefCell::new(
-                PartitionLog::open(path.clone(), cfg, 0, true)
-                    .await
-                    .unwrap(),
-            );
+            let log = open_log(&path, &cfg, true).await;
             append_n(&log, 40).await;
             flush(&log).await;
             let expired = log.borrow().expired_segments(now_ms());

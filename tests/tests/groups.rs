@@ -542,7 +542,7 @@ fn offsets_of_empty_groups_expire_after_offsets_retention_minutes() {
                 .with_committed_offset(42)])]);
     let r: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, 8, &commit);
     assert_eq!(r.topics[0].partitions[0].error_code, 0);
-    let mut fetch = |c: &mut weir_tests::raw::Conn| -> i64 {
+    let fetch = |c: &mut weir_tests::raw::Conn| -> i64 {
         let r: OffsetFetchResponse = c.call(
             ApiKey::OffsetFetch,
             7,

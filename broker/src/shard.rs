@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::kafka::errors::*;
 use crate::storage::batch::{BatchInfo, Header};
 use crate::storage::cache::{CachedBatch, Evicted, PartitionCache, ShardCache};
-use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog};
+use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog, PendingLedger};
 
 /// Unwritten bytes a shard holds before appends wait for the flusher (backpressure).
 pub const PENDING_BYTES_MAX: u64 = 64 << 20;
@@ -76,7 +76,9 @@ pub struct Shard {
     senders: Senders<ShardMsg>,
     dirty: RefCell<Vec<Rc<Partition>>>,
     unsynced: RefCell<Vec<Rc<Partition>>>,
-    pending_bytes: Cell<u64>,
+    /// Bytes appended on this shard and not yet taken by a disk write (backpressure gate);
+    /// kept by the logs themselves, always equal to the sum of their pending bytes.
+    pending: Rc<PendingLedger>,
     flush_wanted: Event,
     sync_requested: Cell<bool>,
     flushed: Event,
@@ -242,7 +244,7 @@ impl Shard {
             senders,
             dirty: RefCell::new(Vec::new()),
             unsynced: RefCell::new(Vec::new()),
-            pending_bytes: Cell::new(0),
+            pending: Rc::new(PendingLedger::default()),
             flush_wanted: Event::new(),
             sync_requested: Cell::new(false),
             flushed: Event::new(),
@@ -315,12 +317,11 @@ impl Shard {
             }
             self.by_id.borrow_mut().remove(&p.id);
             p.deleted.set(true);
+            // Released before any await, so the ledger matches the partitions still listed.
+            p.log.borrow_mut().discard_pending();
             p.appended.notify(usize::MAX);
             let _permit = p.io_lock.acquire_permit(1).await;
             let dir = p.log.borrow().dir.clone();
-            let pending = p.log.borrow().pending_bytes();
-            self.pending_bytes
-                .set(self.pending_bytes.get().saturating_sub(pending));
             blocking(move || std::fs::remove_dir_all(&dir))
                 .await
                 .or_else(|e| {
@@ -339,7 +340,9 @@ impl Shard {
                 }
                 let dir = metadata::partition_dir(&self.config.data_dir, name, i as i32);
                 let cfg = image.log_config(&self.config.log, name);
-                let log = PartitionLog::open(dir, cfg, pm.leader_epoch, clean).await?;
+                let log =
+                    PartitionLog::open(dir, cfg, pm.leader_epoch, clean, self.pending.clone())
+                        .await?;
                 let id = self.next_pid.get();
                 self.next_pid.set(id + 1);
                 let p = Rc::new(Partition {
@@ -372,9 +375,9 @@ impl Shard {
     // ---- produce ----
 
     async fn wait_for_room(&self) {
-        while self.pending_bytes.get() > PENDING_BYTES_MAX {
+        while self.pending.get() > PENDING_BYTES_MAX {
             let l = self.flushed.listen();
-            if self.pending_bytes.get() <= PENDING_BYTES_MAX {
+            if self.pending.get() <= PENDING_BYTES_MAX {
                 break;
             }
             self.flush_wanted.notify(1);
@@ -445,7 +448,6 @@ impl Shard {
                     } else {
                         -1
                     };
-                    let bytes: u64 = a.batches.iter().map(|(_, _, b)| b.len() as u64).sum();
                     {
                         let mut cache = self.cache.borrow_mut();
                         let mut pc = p.cache.borrow_mut();
@@ -461,7 +463,6 @@ impl Shard {
                             );
                         }
                     }
-                    self.pending_bytes.set(self.pending_bytes.get() + bytes);
                     self.mark_dirty(p);
                     self.evict();
                     p.produced_batches
@@ -476,10 +477,7 @@ impl Shard {
                     if p.deleted.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
                         continue;
                     }
-                    let before = p.log.borrow().pending_bytes();
                     let r = PartitionLog::roll(&p.log).await;
-                    self.pending_bytes
-                        .set(self.pending_bytes.get().saturating_sub(before));
                     if let Err(e) = r {
                         tracing::error!(topic = %p.topic, partition = p.index, "segment roll failed: {e:#}");
                         p.failed.set(true);
@@ -616,7 +614,7 @@ impl Shard {
                 l.await;
             }
             if !self.sync_requested.get()
-                && self.pending_bytes.get() < log::WRITE_CHUNK_BYTES as u64
+                && self.pending.get() < log::WRITE_CHUNK_BYTES as u64
                 && !self.shutting_down.get()
             {
                 let l = self.flush_wanted.listen();
@@ -657,15 +655,36 @@ impl Shard {
         if p.deleted.get() || p.failed.get() {
             return;
         }
-        let before = p.log.borrow().pending_bytes();
         let r = PartitionLog::write_all(&p.log).await;
-        let after = p.log.borrow().pending_bytes();
-        self.pending_bytes
-            .set(self.pending_bytes.get().saturating_sub(before - after));
+        self.check_pending_ledger();
         if let Err(e) = r {
             tracing::error!(topic = %p.topic, partition = p.index, "log write failed, partition offline: {e:#}");
             p.failed.set(true);
         }
+    }
+
+    /// The backpressure counter must equal what the logs hold unwritten: checked after every
+    /// write in debug builds (the test suite runs them), O(partitions).
+    fn check_pending_ledger(&self) {
+        if cfg!(debug_assertions) {
+            let sum: u64 = self
+                .by_id
+                .borrow()
+                .values()
+                .map(|p| p.log.borrow().pending_bytes())
+                .sum();
+            assert_eq!(
+                sum,
+                self.pending.get(),
+                "shard {}: pending-bytes ledger out of balance",
+                self.id
+            );
+        }
+    }
+
+    /// Bytes appended and not yet handed to a disk write (for stats and tests).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.get()
     }
 
     async fn sync_partition(&self, p: &Rc<Partition>) {

@@ -52,6 +52,33 @@ impl<T> IoResult<T> for glommio::Result<T, ()> {
     }
 }
 
+/// The shard-wide count of bytes appended but not yet handed to a disk write. Every log of a
+/// shard shares one ledger: `append` adds exactly what it queues, `take_write` subtracts exactly
+/// what it takes off the queue, and `discard_pending` subtracts what a deleted log still held.
+/// So the ledger always equals the sum of the logs' `pending_bytes()`, the invariant the
+/// shard's backpressure relies on (a leak here once blocked every append for good).
+#[derive(Default)]
+pub struct PendingLedger {
+    bytes: std::cell::Cell<u64>,
+}
+
+impl PendingLedger {
+    pub fn get(&self) -> u64 {
+        self.bytes.get()
+    }
+    fn add(&self, n: u64) {
+        self.bytes.set(self.bytes.get() + n);
+    }
+    fn sub(&self, n: u64) {
+        let have = self.bytes.get();
+        assert!(
+            have >= n,
+            "pending-bytes ledger underflow: {have} held, {n} released"
+        );
+        self.bytes.set(have - n);
+    }
+}
+
 /// Bytes of the probe file that primes glommio's DMA reads on a thread.
 pub const PROBE_BYTES: usize = 4096;
 
@@ -135,6 +162,8 @@ pub struct PartitionLog {
     pub max_timestamp: (i64, i64),
     /// Idempotent producers' sequence state.
     pub producers: ProducerStates,
+    /// The shard's count of unwritten bytes, shared by all its logs.
+    ledger: Rc<PendingLedger>,
 }
 
 impl PartitionLog {
@@ -168,6 +197,7 @@ impl PartitionLog {
         config: LogConfig,
         leader_epoch: i32,
         clean: bool,
+        ledger: Rc<PendingLedger>,
     ) -> Result<PartitionLog> {
         let d = dir.clone();
         let listing: Vec<(i64, u64)> = blocking(move || -> Result<Vec<(i64, u64)>> {
@@ -206,6 +236,7 @@ impl PartitionLog {
             leader_epoch,
             max_timestamp: (-1, -1),
             producers: ProducerStates::default(),
+            ledger,
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {
@@ -380,6 +411,7 @@ impl PartitionLog {
         let mut producer_batches = Vec::new();
         let mut max_ts = self.max_timestamp;
         let mut next = self.log_end_offset;
+        let ledger = self.ledger.clone();
         let seg = self.active_mut();
         for info in infos {
             let raw = &records[info.start..info.start + info.bytes];
@@ -395,6 +427,7 @@ impl PartitionLog {
             );
             seg.size += info.bytes as u64;
             seg.pending_bytes += info.bytes as u64;
+            ledger.add(info.bytes as u64);
             seg.pending.push_back(stamped.clone());
             seg.next_offset = last + 1;
             seg.max_timestamp = seg.max_timestamp.max(ts);
@@ -444,6 +477,7 @@ impl PartitionLog {
             chunks.push(seg.pending.pop_front().expect("front exists"));
         }
         seg.pending_bytes -= bytes as u64;
+        self.ledger.sub(bytes as u64);
         let end_offset = chunks
             .last()
             .and_then(|b| Header::new(b))
@@ -473,6 +507,19 @@ impl PartitionLog {
         }
         debug_assert!(w.end_offset > self.written_offset);
         self.written_offset = w.end_offset;
+    }
+
+    /// Drops every unwritten batch of a log that is being deleted, releasing them from the
+    /// shard's ledger. Returns the bytes released.
+    pub fn discard_pending(&mut self) -> u64 {
+        let mut released = 0;
+        for seg in self.segments.values_mut() {
+            released += seg.pending_bytes;
+            seg.pending.clear();
+            seg.pending_bytes = 0;
+        }
+        self.ledger.sub(released);
+        released
     }
 
     /// The files with data written since the last sync, for fdatasync.
@@ -1043,9 +1090,15 @@ mod tests {
 
     async fn open_log(path: &Path, cfg: &LogConfig, clean: bool) -> RefCell<PartitionLog> {
         RefCell::new(
-            PartitionLog::open(path.to_path_buf(), cfg.clone(), 0, clean)
-                .await
-                .unwrap(),
+            PartitionLog::open(
+                path.to_path_buf(),
+                cfg.clone(),
+                0,
+                clean,
+                Default::default(),
+            )
+            .await
+            .unwrap(),
         )
     }
 
@@ -1114,6 +1167,39 @@ mod tests {
             drop(log);
             let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 412);
+        });
+    }
+
+    /// Batches appended while a write is in flight are taken by the same `write_all` loop; the
+    /// ledger must come back to exactly zero (it once leaked those bytes and wedged the shard).
+    #[test]
+    fn pending_ledger_balances_with_appends_during_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let ledger: Rc<PendingLedger> = Default::default();
+            let log = Rc::new(RefCell::new(
+                PartitionLog::open(path.clone(), cfg, 0, true, ledger.clone())
+                    .await
+                    .unwrap(),
+            ));
+            for round in 0..20 {
+                append_n(&log, 50).await;
+                assert_eq!(ledger.get(), log.borrow().pending_bytes());
+                let l2 = log.clone();
+                let writer =
+                    glommio::spawn_local(async move { PartitionLog::write_all(&l2).await });
+                // Appends land while the write is in flight.
+                glommio::executor().yield_task_queue_now().await;
+                append_n(&log, 10 + round).await;
+                writer.await.unwrap();
+                PartitionLog::write_all(&log).await.unwrap();
+                assert_eq!(log.borrow().pending_bytes(), 0);
+                assert_eq!(ledger.get(), 0, "round {round}: ledger leaked");
+            }
+            log.borrow_mut().discard_pending();
+            assert_eq!(ledger.get(), 0);
         });
     }
 

@@ -31,6 +31,8 @@ use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog, Pen
 pub const PENDING_BYTES_MAX: u64 = 64 << 20;
 /// The flusher writes at least this often when nothing asks for a sync.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(5);
+/// A partition whose disk is full retries its pending writes this often.
+const STALL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Operations from one peer shard handled at once; further messages wait in the channel.
 pub const PEER_OPS_MAX: u64 = 4096;
 
@@ -49,6 +51,9 @@ pub struct Partition {
     in_unsynced: Cell<bool>,
     /// An I/O error happened: the partition answers KAFKA_STORAGE_ERROR from now on.
     pub failed: Cell<bool>,
+    /// The disk is full: appends are refused with KAFKA_STORAGE_ERROR, reads go on, and the
+    /// flusher retries the pending writes every `STALL_RETRY_INTERVAL` until they succeed.
+    pub stalled: Cell<bool>,
     pub deleted: Cell<bool>,
     /// Batches appended and fetches served with data, for the shard's stats line.
     produced_batches: Cell<u64>,
@@ -81,6 +86,10 @@ pub struct Shard {
     pending: Rc<PendingLedger>,
     flush_wanted: Event,
     sync_requested: Cell<bool>,
+    /// An acks=1 producer waits for a write: the flusher writes without lingering.
+    write_requested: Cell<bool>,
+    /// Partitions whose writes failed for lack of space, retried by the flusher.
+    stalled: RefCell<Vec<Rc<Partition>>>,
     flushed: Event,
     /// Serialises metadata changes (used on the controller, shard 0).
     pub control_lock: Semaphore,
@@ -247,6 +256,8 @@ impl Shard {
             pending: Rc::new(PendingLedger::default()),
             flush_wanted: Event::new(),
             sync_requested: Cell::new(false),
+            write_requested: Cell::new(false),
+            stalled: RefCell::new(Vec::new()),
             flushed: Event::new(),
             control_lock: Semaphore::new(1),
             request_memory: Rc::new(Semaphore::new(request_bytes)),
@@ -357,6 +368,7 @@ impl Shard {
                     in_dirty: Cell::new(false),
                     in_unsynced: Cell::new(false),
                     failed: Cell::new(false),
+                    stalled: Cell::new(false),
                     deleted: Cell::new(false),
                     produced_batches: Cell::new(0),
                     fetches_served: Cell::new(0),
@@ -396,7 +408,7 @@ impl Shard {
 
     /// Waits until `p` is fdatasynced up to `end`.
     pub async fn wait_durable_one(&self, p: &Rc<Partition>, end: i64) -> Result<(), i16> {
-        self.wait_durable(&[(p.clone(), end)]).await
+        self.wait_stored(&[(p.clone(), end)], true).await
     }
 
     /// Reads a partition the coordinator owns (cache or disk).
@@ -432,7 +444,7 @@ impl Shard {
             if p.deleted.get() {
                 return Err(UNKNOWN_TOPIC_OR_PARTITION);
             }
-            if p.failed.get() {
+            if p.failed.get() || p.stalled.get() {
                 return Err(KAFKA_STORAGE_ERROR);
             }
             let now = now_ms();
@@ -453,7 +465,6 @@ impl Shard {
                         let mut pc = p.cache.borrow_mut();
                         for (base, last, b) in a.batches {
                             cache.insert(
-                                p.id,
                                 &mut pc,
                                 CachedBatch {
                                     base,
@@ -464,7 +475,6 @@ impl Shard {
                         }
                     }
                     self.mark_dirty(p);
-                    self.evict();
                     p.produced_batches
                         .set(p.produced_batches.get() + item.infos.len() as u64);
                     p.appended.notify(usize::MAX);
@@ -478,9 +488,10 @@ impl Shard {
                         continue;
                     }
                     let r = PartitionLog::roll(&p.log).await;
+                    self.check_pending_ledger();
+                    self.admit_written(p);
                     if let Err(e) = r {
-                        tracing::error!(topic = %p.topic, partition = p.index, "segment roll failed: {e:#}");
-                        p.failed.set(true);
+                        self.on_write_error(p, e, "segment roll");
                     }
                 }
             }
@@ -494,25 +505,27 @@ impl Shard {
         self.flush_wanted.notify(1);
     }
 
+    /// Moves `p`'s newly written batches into the eviction FIFO and evicts down to the limit.
+    fn admit_written(&self, p: &Rc<Partition>) {
+        let written = p.log.borrow().written_offset;
+        self.cache
+            .borrow_mut()
+            .admit_written(p.id, &mut p.cache.borrow_mut(), written);
+        self.evict();
+    }
+
     fn evict(&self) {
         let by_id = self.by_id.borrow();
-        let done = self
-            .cache
+        self.cache
             .borrow_mut()
             .evict(|pid, base| match by_id.get(&pid) {
                 None => Evicted::Gone,
                 Some(p) => {
-                    if base < p.log.borrow().written_offset {
-                        p.cache.borrow_mut().pop_front_if(base);
-                        Evicted::Dropped
-                    } else {
-                        Evicted::Pinned
-                    }
+                    let popped = p.cache.borrow_mut().pop_front_if(base);
+                    debug_assert!(popped, "the FIFO front is its partition's oldest batch");
+                    Evicted::Dropped
                 }
             });
-        if !done {
-            self.flush_wanted.notify(1);
-        }
     }
 
     async fn produce(
@@ -555,11 +568,14 @@ impl Shard {
                 }),
             }
         }
-        let durable = if acks == -1 && !waits.is_empty() {
+        // acks=all waits for the fdatasync, acks=1 for the write (so a batch that a full disk
+        // cannot take is answered with an error, never acknowledged and then lost).
+        let durable = if acks != 0 && !waits.is_empty() {
             let (tx, rx) = oneshot::channel();
             let me = self.clone();
+            let sync = acks == -1;
             glommio::spawn_local(async move {
-                let r = me.wait_durable(&waits).await;
+                let r = me.wait_stored(&waits, sync).await;
                 let _ = tx.send(r);
             })
             .detach();
@@ -570,9 +586,12 @@ impl Shard {
         let _ = reply.send(ProduceReply { results, durable });
     }
 
-    /// Group commit: waits until every (partition, end offset) is fdatasynced. All produce
-    /// requests waiting on this shard share the flusher's next sync.
-    async fn wait_durable(&self, waits: &[(Rc<Partition>, i64)]) -> Result<(), i16> {
+    /// Group commit: waits until every (partition, end offset) is written to disk, and with
+    /// `sync` also fdatasynced. All requests waiting on this shard share the flusher's next
+    /// round. A partition that fails or stalls (disk full) answers KAFKA_STORAGE_ERROR at once.
+    async fn wait_stored(&self, waits: &[(Rc<Partition>, i64)], sync: bool) -> Result<(), i16> {
+        // Bounded: every flusher round notifies `flushed`, and each round either stores the
+        // waited-for bytes or marks their partition failed or stalled.
         loop {
             let l = self.flushed.listen();
             let mut all = true;
@@ -580,17 +599,28 @@ impl Shard {
                 if p.deleted.get() {
                     return Err(UNKNOWN_TOPIC_OR_PARTITION);
                 }
-                if p.failed.get() {
+                let l = p.log.borrow();
+                let stored = if sync {
+                    l.durable_offset
+                } else {
+                    l.written_offset
+                };
+                if stored >= *end {
+                    continue;
+                }
+                if p.failed.get() || p.stalled.get() {
                     return Err(KAFKA_STORAGE_ERROR);
                 }
-                if p.log.borrow().durable_offset < *end {
-                    all = false;
-                }
+                all = false;
             }
             if all {
                 return Ok(());
             }
-            self.sync_requested.set(true);
+            if sync {
+                self.sync_requested.set(true);
+            } else {
+                self.write_requested.set(true);
+            }
             self.flush_wanted.notify(1);
             l.await;
         }
@@ -611,14 +641,22 @@ impl Shard {
                 if self.shutting_down.get() && self.by_id.borrow().is_empty() {
                     return;
                 }
-                l.await;
+                if self.stalled.borrow().is_empty() {
+                    l.await;
+                } else {
+                    let retry = glommio::timer::sleep(STALL_RETRY_INTERVAL);
+                    if let Either::Right(_) = select(l, Box::pin(retry)).await {
+                        self.retry_stalled().await;
+                    }
+                }
             }
-            if !self.sync_requested.get()
+            let waited_on = self.sync_requested.get() || self.write_requested.get();
+            if !waited_on
                 && self.pending.get() < log::WRITE_CHUNK_BYTES as u64
                 && !self.shutting_down.get()
             {
                 let l = self.flush_wanted.listen();
-                if !self.sync_requested.get() {
+                if !self.sync_requested.get() && !self.write_requested.get() {
                     let _ = select(Box::pin(glommio::timer::sleep(FLUSH_INTERVAL)), l).await;
                 }
             }
@@ -626,8 +664,39 @@ impl Shard {
         }
     }
 
+    /// Tries the writes of partitions stalled on a full disk again; the ones that succeed
+    /// take appends again.
+    async fn retry_stalled(&self) {
+        let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.stalled.borrow_mut());
+        for p in &parts {
+            self.write_partition(p).await;
+            if !p.stalled.get() && !p.failed.get() && !p.deleted.get() {
+                tracing::info!(topic = %p.topic, partition = p.index, "disk space is back: partition takes appends again");
+            }
+        }
+        self.flushed.notify(usize::MAX);
+    }
+
+    /// A write, sync or roll of `p` failed: a full disk stalls the partition (appends refused,
+    /// retried later, nothing in memory lost); any other error takes it offline.
+    fn on_write_error(&self, p: &Rc<Partition>, e: anyhow::Error, what: &str) {
+        if crate::storage::file::is_retryable(&e) {
+            if !p.stalled.replace(true) {
+                tracing::warn!(topic = %p.topic, partition = p.index, "{what} failed, disk full: appends refused until space returns: {e:#}");
+                self.stalled.borrow_mut().push(p.clone());
+            }
+        } else {
+            tracing::error!(topic = %p.topic, partition = p.index, "{what} failed, partition offline: {e:#}");
+            p.failed.set(true);
+            // Nothing pending was acknowledged (acks=1 and acks=all wait for the write), and
+            // the partition takes no more writes: release its share of the shard's budget.
+            p.log.borrow_mut().discard_pending();
+        }
+    }
+
     pub async fn flush_round(&self) {
         let sync = self.sync_requested.replace(false);
+        self.write_requested.set(false);
         let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.dirty.borrow_mut());
         for p in &parts {
             p.in_dirty.set(false);
@@ -657,9 +726,10 @@ impl Shard {
         }
         let r = PartitionLog::write_all(&p.log).await;
         self.check_pending_ledger();
-        if let Err(e) = r {
-            tracing::error!(topic = %p.topic, partition = p.index, "log write failed, partition offline: {e:#}");
-            p.failed.set(true);
+        self.admit_written(p);
+        match r {
+            Ok(()) => p.stalled.set(false),
+            Err(e) => self.on_write_error(p, e, "log write"),
         }
     }
 
@@ -698,8 +768,10 @@ impl Shard {
         };
         for f in files {
             if let Err(e) = f.fdatasync().await {
+                // fdatasync errors are never retried (the kernel may have dropped the data).
                 tracing::error!(topic = %p.topic, partition = p.index, "fdatasync failed, partition offline: {e:#}");
                 p.failed.set(true);
+                p.log.borrow_mut().discard_pending();
                 return;
             }
         }
@@ -729,7 +801,19 @@ impl Shard {
                 ));
                 continue;
             }
+            let unwritten = p.log.borrow().pending_bytes();
+            if unwritten > 0 {
+                // Stalled on a full disk: these batches were never acknowledged (acks=1 and
+                // acks=all wait for the write). The segment stays unsealed; the next start's
+                // tail check finds its end, so the shutdown is still clean.
+                tracing::warn!(topic = %p.topic, partition = p.index, unwritten_bytes = unwritten, "disk full at shutdown: unacknowledged batches not written");
+                continue;
+            }
             if let Err(e) = PartitionLog::close(&p.log).await {
+                if crate::storage::file::is_retryable(&e) {
+                    tracing::warn!(topic = %p.topic, partition = p.index, "disk full at shutdown: segment left unsealed: {e:#}");
+                    continue;
+                }
                 tracing::error!(topic = %p.topic, partition = p.index, "closing log failed: {e:#}");
                 result = Err(e);
             }
@@ -741,7 +825,14 @@ impl Shard {
 
     pub async fn retention(self: Rc<Self>) {
         let every = Duration::from_millis(self.config.retention_check_interval_ms);
+        // Bounded by shutdown; also keeps the disk-space reserve in place (shard 0).
         loop {
+            if self.id == 0 {
+                let dir = self.config.data_dir.clone();
+                if let Err(e) = blocking(move || crate::storage::reserve::ensure(&dir)).await {
+                    tracing::debug!("disk-space reserve not in place yet: {e}");
+                }
+            }
             glommio::timer::sleep(every).await;
             if self.shutting_down.get() {
                 return;

@@ -86,7 +86,10 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
     image.version += 1;
     let image = Arc::new(image);
     let (dir, to_store) = (s.config.data_dir.clone(), image.clone());
-    if let Err(e) = blocking(move || metadata::store(&dir, &to_store)).await {
+    let stored = blocking(move || {
+        crate::storage::reserve::with_reserve(&dir, || metadata::store(&dir, &to_store))
+    });
+    if let Err(e) = stored.await {
         tracing::error!("persisting metadata failed: {e:#}");
         let msg = format!("The broker could not persist metadata: {e}");
         return results
@@ -114,7 +117,10 @@ pub async fn allocate_producer_id(s: &Rc<Shard>) -> anyhow::Result<i64> {
         image.version += 1;
         let image = Arc::new(image);
         let (dir, to_store) = (s.config.data_dir.clone(), image.clone());
-        blocking(move || metadata::store(&dir, &to_store)).await?;
+        blocking(move || {
+            crate::storage::reserve::with_reserve(&dir, || metadata::store(&dir, &to_store))
+        })
+        .await?;
         s.set_image(image);
         s.producer_id_next.set(start);
     }

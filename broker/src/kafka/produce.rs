@@ -206,7 +206,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
         return Ok(futures::future::ready(None).boxed_local());
     }
 
-    // Stage two: acks=all waits for the owners' fdatasync.
+    // Stage two: acks=all waits for the owners' fdatasync, acks=1 for their disk write.
     let names: Vec<_> = req.topic_data.into_iter().map(|t| t.name).collect();
     Ok(async move {
         for (d, slots) in durable {

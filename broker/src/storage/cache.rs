@@ -1,7 +1,10 @@
 //! The shard's cache of recent record batches, used instead of the kernel page cache (our files
-//! are O_DIRECT). Each partition keeps a contiguous suffix of its log in memory; the shard keeps
-//! one FIFO over all partitions in append order and evicts from its front while the total is
-//! over `--cache-bytes`. A batch not yet written to disk is never evicted: it is the only copy.
+//! are O_DIRECT). Each partition keeps a contiguous suffix of its log in memory. A batch not yet
+//! written to disk is the only copy: it is cached at append but enters the shard's eviction FIFO
+//! only once written (`admit_written`), so eviction never meets a batch it must keep and a
+//! partition whose writes stall cannot stop eviction of the others. Written batches are evicted
+//! from the FIFO's front while they exceed `--cache-bytes`; unwritten ones are bounded by the
+//! shard's pending-bytes backpressure instead.
 
 use std::collections::VecDeque;
 
@@ -18,6 +21,9 @@ pub struct CachedBatch {
 #[derive(Default)]
 pub struct PartitionCache {
     batches: VecDeque<CachedBatch>,
+    /// The first offset not yet handed to the shard's eviction FIFO (every batch below it that
+    /// is still cached is in the FIFO; batches from it on are unwritten).
+    admitted_end: Option<i64>,
 }
 
 impl PartitionCache {
@@ -71,13 +77,21 @@ impl PartitionCache {
     pub fn front_base(&self) -> Option<i64> {
         self.batches.front().map(|b| b.base)
     }
+
+    /// Bytes of cached batches not yet admitted to the FIFO (unwritten).
+    pub fn unadmitted_bytes(&self) -> usize {
+        let from = self.admitted_end.unwrap_or(i64::MIN);
+        let i = self.batches.partition_point(|b| b.base < from);
+        self.batches.range(i..).map(|b| b.bytes.len()).sum()
+    }
 }
 
 /// Shard-wide accounting and eviction order.
 pub struct ShardCache {
     pub limit_bytes: usize,
+    /// Bytes of the written batches in the FIFO.
     pub bytes: usize,
-    /// (partition id, batch base offset, batch bytes) in append order.
+    /// (partition id, batch base offset, batch bytes) of written batches, in write order.
     fifo: VecDeque<(u64, i64, usize)>,
 }
 
@@ -85,10 +99,8 @@ pub struct ShardCache {
 pub enum Evicted {
     /// The partition is gone: the entry just leaves the accounting.
     Gone,
-    /// The batch was on disk and has left memory (`PartitionCache::pop_front_if`).
+    /// The batch has left memory (`PartitionCache::pop_front_if`).
     Dropped,
-    /// Not yet on disk: eviction must wait for the flusher.
-    Pinned,
 }
 
 impl ShardCache {
@@ -100,10 +112,37 @@ impl ShardCache {
         }
     }
 
-    pub fn insert(&mut self, partition_id: u64, cache: &mut PartitionCache, b: CachedBatch) {
-        self.bytes += b.bytes.len();
-        self.fifo.push_back((partition_id, b.base, b.bytes.len()));
+    /// Caches a just-appended (unwritten) batch in its partition; it joins the FIFO when
+    /// written.
+    pub fn insert(&mut self, cache: &mut PartitionCache, b: CachedBatch) {
+        if cache.admitted_end.is_none() {
+            cache.admitted_end = Some(b.base);
+        }
         cache.push(b);
+    }
+
+    /// Hands the partition's cached batches that are now written (below `written_offset`) to
+    /// the eviction FIFO. O(batches admitted).
+    pub fn admit_written(
+        &mut self,
+        partition_id: u64,
+        cache: &mut PartitionCache,
+        written_offset: i64,
+    ) {
+        let Some(from) = cache.admitted_end else {
+            return;
+        };
+        let i = cache.batches.partition_point(|b| b.base < from);
+        let mut end = from;
+        for b in cache.batches.range(i..) {
+            if b.last >= written_offset {
+                break;
+            }
+            self.bytes += b.bytes.len();
+            self.fifo.push_back((partition_id, b.base, b.bytes.len()));
+            end = b.last + 1;
+        }
+        cache.admitted_end = Some(end);
     }
 
     pub fn over_limit(&self) -> bool {
@@ -111,20 +150,17 @@ impl ShardCache {
     }
 
     /// Evicts from the front while over the limit; `evict_one(partition, base)` drops one
-    /// batch. Returns false when it stopped at a batch not yet written (the caller flushes and
-    /// applies backpressure).
-    pub fn evict(&mut self, mut evict_one: impl FnMut(u64, i64) -> Evicted) -> bool {
+    /// batch. Bounded by the FIFO's length.
+    pub fn evict(&mut self, mut evict_one: impl FnMut(u64, i64) -> Evicted) {
         while self.bytes > self.limit_bytes {
-            let Some(&(pid, base, len)) = self.fifo.front() else {
-                return true;
+            let Some((pid, base, len)) = self.fifo.pop_front() else {
+                return;
             };
-            if let Evicted::Pinned = evict_one(pid, base) {
-                return false;
+            match evict_one(pid, base) {
+                Evicted::Gone | Evicted::Dropped => {}
             }
-            self.fifo.pop_front();
             self.bytes -= len;
         }
-        true
     }
 }
 
@@ -145,7 +181,7 @@ mod tests {
         let mut shard = ShardCache::new(250);
         let mut p = PartitionCache::default();
         for i in 0..4 {
-            shard.insert(1, &mut p, b(i * 10, 10, 100));
+            shard.insert(&mut p, b(i * 10, 10, 100));
         }
         assert_eq!(p.read(15, 200).len(), 2);
         assert_eq!(p.read(15, 150).len(), 1);
@@ -156,25 +192,33 @@ mod tests {
         );
         assert_eq!(p.read(40, 1000).len(), 0);
         assert_eq!(p.start(40), 0);
-        // Only the first batch is written: eviction stops at the second.
-        let written_below = 10;
-        let evict = |p: &mut PartitionCache, base: i64, written: i64| {
-            if base < written {
-                assert!(p.pop_front_if(base));
-                Evicted::Dropped
-            } else {
-                Evicted::Pinned
-            }
+        // Nothing written: nothing is in the FIFO, nothing can be evicted.
+        assert_eq!(shard.bytes, 0);
+        assert_eq!(p.unadmitted_bytes(), 400);
+        let mut drop_front = |p: &mut PartitionCache, base: i64| {
+            assert!(p.pop_front_if(base));
+            Evicted::Dropped
         };
-        assert!(!shard.evict(|_, base| evict(&mut p, base, written_below)));
+        shard.evict(|_, base| drop_front(&mut p, base));
+        assert_eq!(p.start(40), 0);
+        // The first three are written: eviction takes the oldest until under the limit.
+        shard.admit_written(1, &mut p, 30);
         assert_eq!(shard.bytes, 300);
+        assert_eq!(p.unadmitted_bytes(), 100);
+        shard.evict(|_, base| drop_front(&mut p, base));
+        assert_eq!(shard.bytes, 200);
         assert_eq!(p.start(40), 10);
-        assert!(shard.evict(|_, base| evict(&mut p, base, 40)));
+        // Admitting again is idempotent for what was admitted.
+        shard.admit_written(1, &mut p, 30);
+        assert_eq!(shard.bytes, 200);
+        shard.admit_written(1, &mut p, 40);
+        assert_eq!(shard.bytes, 300);
+        shard.evict(|_, base| drop_front(&mut p, base));
         assert_eq!(shard.bytes, 200);
         assert_eq!(p.start(40), 20);
         // Entries of a deleted partition are dropped.
         shard.limit_bytes = 0;
-        assert!(shard.evict(|_, _| Evicted::Gone));
+        shard.evict(|_, _| Evicted::Gone);
         assert_eq!(shard.bytes, 0);
     }
 }

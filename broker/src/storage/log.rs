@@ -14,7 +14,9 @@ use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use glommio::io::{DmaFile, OpenOptions};
+use glommio::io::DmaFile;
+
+use super::file::SegmentFile;
 
 use super::batch::{self, BatchInfo, Header, Stored};
 use super::index::SegmentIndex;
@@ -102,7 +104,7 @@ pub async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static)
 
 pub struct Segment {
     pub base_offset: i64,
-    file: Rc<DmaFile>,
+    file: Rc<SegmentFile>,
     path: PathBuf,
     /// Logical bytes in the segment, pending ones included.
     pub size: u64,
@@ -254,6 +256,7 @@ impl PartitionLog {
             }
             log.segments.insert(base, seg);
         }
+        log.drop_lost_ranges().await;
         if log.segments.is_empty() {
             let seg = create_segment(&dir, 0).await?;
             log.segments.insert(0, seg);
@@ -273,6 +276,45 @@ impl PartitionLog {
             .unwrap_or((-1, -1));
         log.load_producer_state().await?;
         Ok(log)
+    }
+
+    /// After recovery: says which offsets were lost (a rolled segment truncated short of the
+    /// next one's base leaves a hole; readers step over it) and deletes rolled segments that
+    /// recovery emptied, so the log start moves past them instead of pointing at nothing.
+    async fn drop_lost_ranges(&mut self) {
+        let bases: Vec<i64> = self.segments.keys().copied().collect();
+        for (i, &base) in bases.iter().enumerate() {
+            let Some(&next_base) = bases.get(i + 1) else {
+                break;
+            };
+            let (next_offset, size) = {
+                let seg = &self.segments[&base];
+                (seg.next_offset, seg.size)
+            };
+            if next_offset < next_base {
+                tracing::error!(
+                    dir = %self.dir.display(),
+                    segment = base,
+                    lost_from = next_offset,
+                    lost_to = next_base - 1,
+                    "recovery dropped corrupt records of a rolled segment: these offsets are gone"
+                );
+            }
+            if size == 0 {
+                let seg = self.segments.remove(&base).expect("listed");
+                let path = seg.path.clone();
+                drop(seg);
+                let r = blocking(move || -> std::io::Result<()> {
+                    std::fs::remove_file(&path)?;
+                    for ext in ["index", "timeindex"] {
+                        let _ = std::fs::remove_file(path.with_extension(ext));
+                    }
+                    Ok(())
+                })
+                .await;
+                tracing::warn!(dir = %self.dir.display(), segment = base, "deleted a rolled segment that recovery emptied ({r:?})");
+            }
+        }
     }
 
     /// Loads the newest producer-state snapshot not past the log end (dropping newer ones,
@@ -523,7 +565,7 @@ impl PartitionLog {
     }
 
     /// The files with data written since the last sync, for fdatasync.
-    pub fn files_to_sync(&self) -> Vec<Rc<DmaFile>> {
+    pub fn files_to_sync(&self) -> Vec<Rc<SegmentFile>> {
         if self.durable_offset >= self.written_offset {
             return Vec::new();
         }
@@ -536,13 +578,40 @@ impl PartitionLog {
 
     /// Writes every pending batch. The caller holds the partition's I/O lock, so no other write
     /// to the same tail block can be in flight.
+    ///
+    /// A write that fails gives its batches back (`abort_write`): they stay pending, in order,
+    /// and the next attempt rewrites the same bytes at the same position. So a full disk loses
+    /// nothing that is in memory, and a retry after space returns continues exactly.
     pub async fn write_all(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        // Bounded: every round takes at least one pending batch, and none is added back
+        // without returning.
         loop {
             let w = log.borrow_mut().take_write();
             let Some(w) = w else { return Ok(()) };
-            let (tail, preallocated) = w.run().await?;
-            log.borrow_mut().finish_write(&w, tail, preallocated);
+            match w.run().await {
+                Ok((tail, preallocated)) => log.borrow_mut().finish_write(&w, tail, preallocated),
+                Err(e) => {
+                    log.borrow_mut().abort_write(w);
+                    return Err(e);
+                }
+            }
         }
+    }
+
+    /// Puts a failed write's batches back at the front of its segment's pending queue and its
+    /// partial block back as the segment's tail, as if `take_write` had not happened.
+    fn abort_write(&mut self, w: PendingWrite) {
+        let seg = self
+            .segments
+            .get_mut(&w.segment_base)
+            .expect("a segment with a write in flight is not removed");
+        for c in w.chunks.into_iter().rev() {
+            seg.pending.push_front(c);
+        }
+        seg.pending_bytes += w.bytes as u64;
+        self.ledger.add(w.bytes as u64);
+        debug_assert!(seg.tail_block.is_empty());
+        seg.tail_block = w.head;
     }
 
     /// Closes the active segment (after writing what is pending), opens a new active segment
@@ -586,11 +655,17 @@ impl PartitionLog {
                 a.index.encode_times(),
             )
         };
-        file.truncate(size).await.io()?;
-        file.fdatasync().await.io()?;
-        write_index_files(dir.clone(), base, offsets, times).await?;
+        file.truncate(size).await?;
+        file.fdatasync().await?;
+        // Indexes and the producer snapshot are rebuilt from the log when missing, so failing
+        // to write them (a full disk) must not stop the roll or a clean shutdown.
+        if let Err(e) = write_index_files(dir.clone(), base, offsets, times).await {
+            tracing::warn!(dir = %dir.display(), base, "index files not written (rebuilt at next start): {e:#}");
+        }
         let (snap_offset, snap) = log.borrow().producer_snapshot();
-        write_producer_snapshot(dir.clone(), snap_offset, snap).await?;
+        if let Err(e) = write_producer_snapshot(dir.clone(), snap_offset, snap).await {
+            tracing::warn!(dir = %dir.display(), "producer-state snapshot not written (the log is replayed instead): {e:#}");
+        }
         Ok((size, dir))
     }
 
@@ -618,7 +693,7 @@ impl PartitionLog {
     }
 
     /// Removes a segment from the log (files are deleted by the caller) and advances the start.
-    pub fn remove_segment(&mut self, base: i64) -> Option<(Rc<DmaFile>, PathBuf)> {
+    pub fn remove_segment(&mut self, base: i64) -> Option<(Rc<SegmentFile>, PathBuf)> {
         if self.segments.len() <= 1 {
             return None;
         }
@@ -641,11 +716,12 @@ impl PartitionLog {
         } else {
             0
         };
-        let end = seg.written.min(seg.size);
-        (pos < end).then(|| DiskRange {
+        // The range may be empty (a segment emptied by recovery, or an offset in a hole left
+        // by a truncated one): readers then step on to `next_segment`.
+        Some(DiskRange {
             file: seg.file.clone(),
             pos,
-            end,
+            end: seg.written.min(seg.size),
             next_segment: self
                 .segments
                 .range(seg.base_offset + 1..)
@@ -654,14 +730,13 @@ impl PartitionLog {
         })
     }
 
-    /// Like `locate`, starting at a given segment base (used to step over an empty tail).
+    /// Like `locate`, from the start of a given segment (used to step over empty ranges).
     pub fn locate_segment(&self, base: i64) -> Option<DiskRange> {
         let seg = self.segments.get(&base)?;
-        let end = seg.written.min(seg.size);
-        (end > 0).then(|| DiskRange {
+        Some(DiskRange {
             file: seg.file.clone(),
             pos: 0,
-            end,
+            end: seg.written.min(seg.size),
             next_segment: self.segments.range(base + 1..).next().map(|(b, _)| *b),
         })
     }
@@ -689,7 +764,7 @@ fn batch_meta(h: &Header<'_>) -> BatchMeta {
 }
 
 pub struct DiskRange {
-    pub file: Rc<DmaFile>,
+    pub file: Rc<SegmentFile>,
     pub pos: u64,
     pub end: u64,
     pub next_segment: Option<i64>,
@@ -697,7 +772,7 @@ pub struct DiskRange {
 
 pub struct PendingWrite {
     segment_base: i64,
-    file: Rc<DmaFile>,
+    file: Rc<SegmentFile>,
     file_pos: u64,
     head: Vec<u8>,
     chunks: Vec<Bytes>,
@@ -723,7 +798,7 @@ impl PendingWrite {
                 .min(self.segment_bytes.div_ceil(align as u64) * align as u64)
                 .max(align as u64);
             let target = write_end.div_ceil(step) * step;
-            self.file.pre_allocate(target, false).await.io()?;
+            self.file.pre_allocate(target).await?;
             preallocated = target;
         }
         let mut buf = self.file.alloc_dma_buffer(padded);
@@ -737,29 +812,29 @@ impl PendingWrite {
         dst[at..].fill(0);
         let tail_len = logical % align;
         let tail = dst[logical - tail_len..logical].to_vec();
-        let n = self.file.write_at(buf, self.file_pos).await.io()?;
+        let n = self.file.write_at(buf, self.file_pos).await?;
         if n < padded {
-            bail!("short DMA write: {n} of {padded} bytes");
+            // Retryable (`file::is_retryable`): the whole write is redone at the same place.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short DMA write: {n} of {padded} bytes"),
+            )
+            .into());
         }
         Ok((tail, preallocated))
     }
 }
 
-async fn open_rw(path: &Path) -> Result<DmaFile> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .dma_open(path)
+async fn open_rw(path: &Path) -> Result<SegmentFile> {
+    SegmentFile::open_rw(path)
         .await
-        .io()
         .with_context(|| format!("opening {}", path.display()))
 }
 
 async fn create_segment(dir: &Path, base: i64) -> Result<Segment> {
     let path = dir.join(segment_file_name(base, "log"));
     let file = open_rw(&path).await?;
-    file.truncate(0).await.io()?;
+    file.truncate(0).await?;
     // The new file's directory entry must be durable before any batch in it is acknowledged.
     let d = dir.to_path_buf();
     blocking(move || std::fs::File::open(&d)?.sync_all()).await?;
@@ -884,8 +959,8 @@ async fn open_segment(
         );
     }
     if scan.valid_end != file_bytes {
-        file.truncate(scan.valid_end).await.io()?;
-        file.fdatasync().await.io()?;
+        file.truncate(scan.valid_end).await?;
+        file.fdatasync().await?;
     }
     let mut max_ts = scan.max_timestamp;
     if !rebuild {
@@ -896,8 +971,7 @@ async fn open_segment(
     let tail_len = (size % align) as usize;
     let tail_block = if tail_len > 0 {
         file.read_at(size - tail_len as u64, tail_len)
-            .await
-            .io()?
+            .await?
             .to_vec()
     } else {
         Vec::new()
@@ -928,7 +1002,7 @@ pub struct ScanResult {
 /// Walks batches from `pos` (holding offset `expected`) to `end`, checking each one, optionally
 /// rebuilding the index. Stops at the first batch that is torn, corrupt or out of sequence.
 async fn scan_segment(
-    file: &DmaFile,
+    file: &SegmentFile,
     mut pos: u64,
     expected: i64,
     end: u64,
@@ -947,7 +1021,7 @@ async fn scan_segment(
     };
     while pos < end {
         let want = ((end - pos) as usize).min(SCAN_CHUNK_BYTES);
-        let chunk = file.read_at(pos, want).await.io()?;
+        let chunk = file.read_at(pos, want).await?;
         let mut at = 0usize;
         while at < chunk.len() {
             match batch::check_stored(&chunk[at..], Some(scan.expected)) {
@@ -966,7 +1040,7 @@ async fn scan_segment(
                     }
                     if at == 0 {
                         // A single batch larger than the chunk: read it whole.
-                        let whole = file.read_at(pos, needed as usize).await.io()?;
+                        let whole = file.read_at(pos, needed as usize).await?;
                         match batch::check_stored(&whole, Some(scan.expected)) {
                             Stored::Valid { bytes } => {
                                 scan.accept(&whole, pos, bytes);
@@ -1024,7 +1098,7 @@ pub async fn read_from_disk(
             return Ok(None);
         }
         let want = ((range.end - pos) as usize).min(max_bytes.max(64 << 10));
-        let chunk = range.file.read_at(pos, want).await.io()?;
+        let chunk = range.file.read_at(pos, want).await?;
         let mut at = 0usize;
         let mut start = None;
         while at < chunk.len() {
@@ -1045,7 +1119,7 @@ pub async fn read_from_disk(
             if at + total > chunk.len() {
                 if at == s {
                     // The first batch is larger than what was read: read exactly it.
-                    let whole = range.file.read_at(pos + at as u64, total).await.io()?;
+                    let whole = range.file.read_at(pos + at as u64, total).await?;
                     if whole.len() < total {
                         bail!("short read of a batch on disk");
                     }
@@ -1200,6 +1274,70 @@ mod tests {
             }
             log.borrow_mut().discard_pending();
             assert_eq!(ledger.get(), 0);
+        });
+    }
+
+    /// A rolled segment that recovery empties (its first batch corrupt) used to leave the log
+    /// start pointing at nothing: reads from the beginning returned no data forever. Now the
+    /// empty segment is dropped and the log starts at the next one; a hole inside the log is
+    /// stepped over.
+    #[test]
+    fn emptied_and_truncated_rolled_segments_do_not_hide_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 2_000;
+            let log = open_log(&path, &cfg, true).await;
+            append_n(&log, 30).await;
+            flush(&log).await;
+            PartitionLog::close(&log).await.unwrap();
+            let bases: Vec<i64> = log.borrow().segments.keys().copied().collect();
+            let end = log.borrow().log_end_offset;
+            drop(log);
+            assert!(bases.len() >= 4, "{bases:?}");
+            let batch_len = make(4, 100, 0).len();
+            // Corrupt the first batch of segment 0 and the second batch of segment 2; without
+            // their index files recovery rescans them.
+            for (base, at) in [(bases[0], 0usize), (bases[2], 1)] {
+                let seg = path.join(segment_file_name(base, "log"));
+                let mut d = std::fs::read(&seg).unwrap();
+                d[at * batch_len + 70] ^= 1;
+                std::fs::write(&seg, d).unwrap();
+                std::fs::remove_file(path.join(segment_file_name(base, "index"))).unwrap();
+            }
+            let log = open_log(&path, &cfg, false).await;
+            assert_eq!(log.borrow().log_start_offset, bases[1], "log start moved");
+            assert!(!path.join(segment_file_name(bases[0], "log")).exists());
+            assert_eq!(log.borrow().log_end_offset, end);
+            // From the beginning: the first intact batch.
+            let got = log.borrow().read_batches(0, 1).await.unwrap().unwrap();
+            assert_eq!(Header::new(&got).unwrap().base_offset(), bases[1]);
+            // Inside the hole of segment 2 (its batches from offset base+4 are gone): the next
+            // segment's first batch.
+            let got = log
+                .borrow()
+                .read_batches(bases[2] + 5, 1)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(Header::new(&got).unwrap().base_offset(), bases[3]);
+            // Everything else reads back whole.
+            let mut offset = bases[1];
+            let mut batches = 0;
+            while offset < end {
+                let Some(b) = log.borrow().read_batches(offset, 1).await.unwrap() else {
+                    break;
+                };
+                let h = Header::new(&b).unwrap();
+                assert!(h.base_offset() >= offset);
+                offset = h.last_offset() + 1;
+                batches += 1;
+            }
+            assert_eq!(offset, end);
+            // Lost: all of segment 0, and segment 2 from its second batch on (4 offsets each).
+            let lost = (bases[1] - bases[0]) / 4 + (bases[3] - bases[2]) / 4 - 1;
+            assert_eq!(batches as i64, 30 - lost);
         });
     }
 

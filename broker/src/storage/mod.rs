@@ -2,6 +2,8 @@
 
 pub mod batch;
 pub mod cache;
+pub mod file;
 pub mod index;
 pub mod log;
 pub mod producer_state;
+pub mod reserve;

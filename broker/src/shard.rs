@@ -683,7 +683,11 @@ impl Shard {
         if crate::storage::file::is_retryable(&e) {
             if !p.stalled.replace(true) {
                 tracing::warn!(topic = %p.topic, partition = p.index, "{what} failed, disk full: appends refused until space returns: {e:#}");
-                self.stalled.borrow_mut().push(p.clone());
+            }
+            // Listed once: `retry_stalled` takes the list and failures put it back.
+            let mut stalled = self.stalled.borrow_mut();
+            if !stalled.iter().any(|s| Rc::ptr_eq(s, p)) {
+                stalled.push(p.clone());
             }
         } else {
             tracing::error!(topic = %p.topic, partition = p.index, "{what} failed, partition offline: {e:#}");

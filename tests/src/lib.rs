@@ -73,6 +73,23 @@ impl Broker {
         b
     }
 
+    /// Starts a broker whose data directory is `dir/data`, prepared by the caller (for example
+    /// a small filesystem mounted there).
+    pub fn start_in(dir: tempfile::TempDir, shards: usize, extra: &[&str]) -> Broker {
+        let log_path = dir.path().join("broker.log");
+        let mut b = Broker {
+            port: free_port(),
+            dir,
+            shards,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log_path,
+            starts: 0,
+        };
+        b.restart();
+        b
+    }
+
     /// A handle on a broker started elsewhere (no process to manage), for its client helpers.
     pub fn attach(port: u16) -> Broker {
         let dir = tempfile::tempdir().unwrap();

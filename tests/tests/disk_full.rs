@@ -38,7 +38,9 @@ impl LoopFs {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(img));
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(img));
         run(Command::new("mount").args(["-o", "loop"]).arg(img).arg(mnt));
         LoopFs {
             mnt: mnt.to_path_buf(),
@@ -82,7 +84,8 @@ fn read_all(b: &Broker, topic: &str, until: i64, timeout: Duration) -> BTreeMap<
         .set("fetch.wait.max.ms", "100");
     let c: BaseConsumer = cfg.create().unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
     c.assign(&tpl).unwrap();
     let mut out = BTreeMap::new();
     let deadline = Instant::now() + timeout;
@@ -100,10 +103,19 @@ fn read_all(b: &Broker, topic: &str, until: i64, timeout: Duration) -> BTreeMap<
 /// Every acknowledged record is at its acknowledged offset with its payload.
 fn check_acked(acked: &[Acked], got: &BTreeMap<i64, Vec<u8>>) {
     for a in acked {
-        let v = got
-            .get(&a.offset)
-            .unwrap_or_else(|| panic!("acknowledged record {} at offset {} is gone", a.idx, a.offset));
-        assert_eq!(v, &payload(a.idx), "record {} at offset {}", a.idx, a.offset);
+        let v = got.get(&a.offset).unwrap_or_else(|| {
+            panic!(
+                "acknowledged record {} at offset {} is gone",
+                a.idx, a.offset
+            )
+        });
+        assert_eq!(
+            v,
+            &payload(a.idx),
+            "record {} at offset {}",
+            a.idx,
+            a.offset
+        );
     }
 }
 
@@ -118,7 +130,9 @@ fn produce_until_full(b: &Broker, topic: &str, max_records: usize) -> (Vec<Acked
     while sent < max_records && acks.failed.load(Ordering::Relaxed) == 0 {
         for _ in 0..500 {
             let v = payload(sent);
-            let mut rec = BaseRecord::<(), _, _>::with_opaque_to(topic, Box::new(sent)).payload(&v).partition(0);
+            let mut rec = BaseRecord::<(), _, _>::with_opaque_to(topic, Box::new(sent))
+                .payload(&v)
+                .partition(0);
             loop {
                 match p.send(rec) {
                     Ok(()) => break,
@@ -145,7 +159,9 @@ fn full_disk_refuses_promptly_loses_nothing_and_recovers_by_itself() {
     let fs = LoopFs::mount(&img.path().join("fs.img"), &tmp.path().join("data"), 96);
     let mut b = Broker::start_in(tmp, 1, &[]);
     let data = b.data_dir();
-    assert!(eventually(Duration::from_secs(10), || data.join(".weir-reserve").exists()));
+    assert!(eventually(Duration::from_secs(10), || data
+        .join(".weir-reserve")
+        .exists()));
 
     // Someone else's topic takes a good part of the disk; it is what the operator deletes later.
     admin::create(&b, "filler", 1, 1, &[("segment.bytes", "4194304")]).unwrap();
@@ -168,7 +184,10 @@ fn full_disk_refuses_promptly_loses_nothing_and_recovers_by_itself() {
     let (acked, failed) = produce_until_full(&b, "t", 200_000);
     assert!(failed > 0, "the disk never filled up");
     assert!(!acked.is_empty());
-    eprintln!("acknowledged {} records before the disk filled; {failed} failed", acked.len());
+    eprintln!(
+        "acknowledged {} records before the disk filled; {failed} failed",
+        acked.len()
+    );
     // And fill what is left, as another process on the machine would.
     let filled = fill_up(&fs.mnt);
     eprintln!("another process took the last {filled} bytes");
@@ -178,7 +197,11 @@ fn full_disk_refuses_promptly_loses_nothing_and_recovers_by_itself() {
     let t0 = Instant::now();
     let (code, _) = conn.produce("t", 0, -1, -1, -1, 3);
     assert_eq!(code, KAFKA_STORAGE_ERROR, "produce to a full disk");
-    assert!(t0.elapsed() < Duration::from_secs(10), "answered promptly: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "answered promptly: {:?}",
+        t0.elapsed()
+    );
 
     // Reads go on: every acknowledged record is there.
     let until = acked.last().unwrap().offset + 1;
@@ -201,7 +224,9 @@ fn full_disk_refuses_promptly_loses_nothing_and_recovers_by_itself() {
     admin::delete(&b, "filler").expect("DeleteTopics while the disk is full");
     // The partition comes back by itself.
     let mut conn = Conn::new(&b.bootstrap());
-    let back = eventually(Duration::from_secs(30), || conn.produce("t", 0, -1, -1, -1, 3).0 == 0);
+    let back = eventually(Duration::from_secs(30), || {
+        conn.produce("t", 0, -1, -1, -1, 3).0 == 0
+    });
     assert!(back, "partition did not take appends again:\n{}", b.log());
     let (more, failed) = produce_until_full(&b, "t", 2_000);
     assert_eq!(failed, 0);
@@ -217,9 +242,15 @@ fn full_disk_refuses_promptly_loses_nothing_and_recovers_by_itself() {
     check_acked(&more, &got);
     let log = b.log();
     assert!(!log.contains("panicked"));
-    assert!(log.contains("disk full"), "the partition stalled on a full disk:\n{log}");
+    assert!(
+        log.contains("disk full"),
+        "the partition stalled on a full disk:\n{log}"
+    );
     assert!(log.contains("disk space is back"));
-    assert!(log.contains("released the"), "DeleteTopics used the reserve");
+    assert!(
+        log.contains("released the"),
+        "DeleteTopics used the reserve"
+    );
     drop(b);
     drop(fs);
 }

@@ -1058,7 +1058,13 @@ impl Shard {
             -1 => r.offset = end,
             -3 => {
                 if max_ts.1 >= start {
-                    (r.timestamp, r.offset) = max_ts;
+                    match self.offset_of_max_timestamp(p, max_ts).await {
+                        Ok(o) => (r.timestamp, r.offset) = (max_ts.0, o),
+                        Err(e) => {
+                            tracing::error!(topic = %p.topic, partition = p.index, "max-timestamp lookup failed: {e:#}");
+                            r.error = KAFKA_STORAGE_ERROR;
+                        }
+                    }
                 }
             }
             ts if ts >= 0 => match self.offset_for_timestamp(p, ts).await {
@@ -1072,6 +1078,36 @@ impl Shard {
             _ => r.error = INVALID_REQUEST,
         }
         r
+    }
+
+    /// ListOffsets MAX_TIMESTAMP (KIP-734): the offset of the first record that carries the
+    /// log's largest timestamp. The log knows the batch (`max_ts.1` is its last offset); only
+    /// that batch is decoded.
+    async fn offset_of_max_timestamp(&self, p: &Rc<Partition>, max_ts: (i64, i64)) -> Result<i64> {
+        let (ts, batch_last) = max_ts;
+        let item = FetchItem {
+            topic: String::new(),
+            partition: 0,
+            offset: batch_last,
+            partition_max_bytes: 1,
+            current_leader_epoch: -1,
+        };
+        let r = self.read_partition(p, &item, 1).await;
+        if r.error != NONE {
+            anyhow::bail!("read error {}", r.error);
+        }
+        let Some(chunk) = r.records.first() else {
+            return Ok(batch_last);
+        };
+        let h = Header::new(chunk).ok_or_else(|| anyhow::anyhow!("truncated batch"))?;
+        let total = h
+            .total_bytes()
+            .ok_or_else(|| anyhow::anyhow!("bad batch length"))?;
+        if h.last_offset() != batch_last || total > chunk.len() {
+            return Ok(batch_last);
+        }
+        let found = first_record_at_or_after(chunk.slice(..total), ts, h.base_offset())?;
+        Ok(found.map(|(_, o)| o).unwrap_or(batch_last))
     }
 
     /// The first record with timestamp >= `ts`: the time index finds where to start, batch

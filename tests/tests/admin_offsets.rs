@@ -330,3 +330,56 @@ fn log_append_time_auto_create_and_time_based_roll() {
     let got = consume(&b.client_config(), "rolling", 1, 30, T);
     assert_eq!(got[&0].len(), 30);
 }
+
+/// ListOffsets MAX_TIMESTAMP (-3, KIP-734) answers the offset of the record that has the
+/// largest timestamp, not the last offset of its batch.
+#[test]
+fn list_offsets_max_timestamp_is_the_record_with_the_largest_timestamp() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let b = Broker::start(1);
+    admin::create(&b, "ts", 1, 1, &[]).unwrap();
+    let mut cfg = b.client_config();
+    cfg.set("linger.ms", "200");
+    let p: BaseProducer = cfg.create().unwrap();
+    let base = base_timestamp_ms();
+    // One batch: offsets 0, 1, 2 with timestamps base+1000, base+3000, base+2000.
+    for (i, dt) in [1000i64, 3000, 2000].into_iter().enumerate() {
+        p.send(
+            BaseRecord::<str, str>::to("ts")
+                .partition(0)
+                .key(&format!("k{i}"))
+                .payload("v")
+                .timestamp(base + dt),
+        )
+        .unwrap();
+    }
+    p.flush(T).unwrap();
+    let mut conn = weir_tests::raw::Conn::new(&b.bootstrap());
+    assert_eq!(conn.offset("ts", 0, -1), 3);
+    assert_eq!(
+        conn.offset("ts", 0, -3),
+        1,
+        "the record with the largest timestamp"
+    );
+    // A later batch with smaller timestamps does not move it; one with a larger one does.
+    for (i, dt) in [500i64, 4000, 4000].into_iter().enumerate() {
+        p.send(
+            BaseRecord::<str, str>::to("ts")
+                .partition(0)
+                .key(&format!("j{i}"))
+                .payload("v")
+                .timestamp(base + dt),
+        )
+        .unwrap();
+        if i == 0 {
+            p.flush(T).unwrap();
+            assert_eq!(conn.offset("ts", 0, -3), 1);
+        }
+    }
+    p.flush(T).unwrap();
+    assert_eq!(
+        conn.offset("ts", 0, -3),
+        4,
+        "the first record with the new largest timestamp"
+    );
+}

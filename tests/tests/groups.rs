@@ -565,3 +565,196 @@ fn offsets_of_empty_groups_expire_after_offsets_retention_minutes() {
         .log()
         .contains("expired committed offsets of empty groups"));
 }
+
+/// Committed offsets of `group` on partitions 0..partitions of `topic`, read with OffsetFetch
+/// (a consumer that never joins), and the high watermarks.
+fn committed_and_ends(
+    b: &Broker,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> (Vec<i64>, Vec<i64>) {
+    let c: BaseConsumer = b
+        .client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map(|t| {
+            t.elements()
+                .iter()
+                .map(|e| e.offset().to_raw().unwrap_or(-1))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ends = (0..partitions)
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map(|w| w.1)
+                .unwrap_or(-1)
+        })
+        .collect();
+    (committed, ends)
+}
+
+/// The state and member count DescribeGroups reports for `group`.
+fn described(b: &Broker, group: &str) -> (String, usize) {
+    let c: BaseConsumer = b.client_config().create().unwrap();
+    let list = c
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .expect("DescribeGroups");
+    match list.groups().first() {
+        Some(g) => (g.state().to_string(), g.members().len()),
+        None => ("(none)".to_string(), 0),
+    }
+}
+
+/// librdkafka members with Kafka's default session timeout (45 s): a member the broker wrongly
+/// kept would hold up the next rebalance for that long.
+const DEFAULT_SESSION: [(&str, &str); 3] = [
+    ("session.timeout.ms", "45000"),
+    ("enable.auto.commit", "true"),
+    ("auto.commit.interval.ms", "200"),
+];
+
+/// Three members of `group` share `topic` (3 partitions), read everything, commit it, and
+/// leave. Returns the committed offsets (which equal the partition ends).
+fn three_members_read_commit_and_leave(b: &Broker, group: &str, topic: &str) -> Vec<i64> {
+    let m1 = Member::start(b, group, topic, &DEFAULT_SESSION);
+    let m2 = Member::start(b, group, topic, &DEFAULT_SESSION);
+    let m3 = Member::start(b, group, topic, &DEFAULT_SESSION);
+    assert!(
+        eventually(WAIT, || sizes(&[&m1, &m2, &m3]) == vec![1, 1, 1]
+            && disjoint_cover(&[&m1, &m2, &m3], 3)),
+        "three members, one partition each: {:?}",
+        sizes(&[&m1, &m2, &m3])
+    );
+    let mut last = (Vec::new(), Vec::new());
+    assert!(
+        eventually(WAIT, || {
+            last = committed_and_ends(b, group, topic, 3);
+            last.0 == last.1 && last.1.iter().all(|e| *e > 0)
+        }),
+        "every record read and committed: committed {:?}, ends {:?}",
+        last.0,
+        last.1
+    );
+    m1.close();
+    m2.close();
+    m3.close();
+    assert_eq!(
+        committed_and_ends(b, group, topic, 3).0,
+        last.0,
+        "leaving kept the commits"
+    );
+    last.0
+}
+
+/// A new member of `group` gets all three partitions and reads `expect` (records produced
+/// after the commits) well within one session timeout, and nothing below `committed`.
+fn new_member_resumes_at_once(
+    b: &Broker,
+    group: &str,
+    topic: &str,
+    committed: &[i64],
+    expect: std::ops::Range<usize>,
+) {
+    let started = std::time::Instant::now();
+    let m = Member::start(b, group, topic, &DEFAULT_SESSION);
+    let ready = eventually(WAIT, || {
+        m.assignment().len() == 3 && m.seen().len() >= expect.len()
+    });
+    let took = started.elapsed();
+    eprintln!("the new member had its partitions and records after {took:?}");
+    assert!(
+        ready,
+        "the new member got {:?} and read {} of {}",
+        m.assignment(),
+        m.seen().len(),
+        expect.len()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "the new member waited {took:?} for its partitions and records (a session timeout is 45 s)"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = m.close();
+    for (p, offset, idx) in &seen {
+        assert!(
+            *offset >= committed[*p as usize],
+            "record {idx} at {p}/{offset} is below the committed offset {}",
+            committed[*p as usize]
+        );
+    }
+    assert_eq!(
+        seen.iter().map(|x| x.2).collect::<BTreeSet<_>>(),
+        expect.clone().collect(),
+        "resumed exactly at the committed offsets"
+    );
+    assert_eq!(seen.len(), expect.len(), "nothing read twice");
+}
+
+#[test]
+fn a_group_whose_members_all_left_is_empty_after_a_restart_and_clean_or_kill_9() {
+    // Broker defaults (group.initial.rebalance.delay.ms 3 s included), as a user runs it.
+    let mut b = Broker::start(2);
+    admin::create(&b, "left", 3, 1, &[]).unwrap();
+    produce(&b.client_config(), "left", 0..3000, &[("acks", "all")]);
+    let committed = three_members_read_commit_and_leave(&b, "leavers", "left");
+    assert_eq!(described(&b, "leavers"), ("Empty".to_string(), 0));
+    assert!(b.stop());
+    b.restart();
+    assert_eq!(
+        described(&b, "leavers"),
+        ("Empty".to_string(), 0),
+        "loaded as Empty, without the members that left"
+    );
+    produce(&b.client_config(), "left", 3000..3300, &[("acks", "all")]);
+    new_member_resumes_at_once(&b, "leavers", "left", &committed, 3000..3300);
+
+    // The same across kill -9: the Empty group was durable before LeaveGroup was answered.
+    produce(&b.client_config(), "left", 3300..3600, &[("acks", "all")]);
+    let committed = three_members_read_commit_and_leave(&b, "leavers", "left");
+    b.kill9();
+    b.restart();
+    assert_eq!(described(&b, "leavers"), ("Empty".to_string(), 0));
+    produce(&b.client_config(), "left", 3600..3900, &[("acks", "all")]);
+    new_member_resumes_at_once(&b, "leavers", "left", &committed, 3600..3900);
+    assert!(!b.log().contains("panicked"));
+}
+
+#[test]
+fn a_group_emptied_by_session_expiry_is_empty_after_a_restart() {
+    let (mut b, _conf) = broker();
+    admin::create(&b, "expiring", 2, 1, &[]).unwrap();
+    // A member that dies without leaving (kill -9 of kcat): the group is Stable with it, then
+    // Empty once its 6 s session expires.
+    let mut k = kcat_member(&b, "expired", "expiring");
+    assert!(
+        eventually(WAIT, || described(&b, "expired")
+            == ("Stable".to_string(), 1)),
+        "kcat joined: {:?}",
+        described(&b, "expired")
+    );
+    k.kill().unwrap();
+    k.wait().unwrap();
+    assert!(
+        eventually(WAIT, || described(&b, "expired")
+            == ("Empty".to_string(), 0)),
+        "the session expired: {:?}",
+        described(&b, "expired")
+    );
+    b.kill9();
+    b.restart();
+    assert_eq!(
+        described(&b, "expired"),
+        ("Empty".to_string(), 0),
+        "the expiry was written to __consumer_offsets"
+    );
+}

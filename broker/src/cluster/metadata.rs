@@ -3,8 +3,13 @@
 //! image, and broadcasts it to every shard. Every shard holds the same immutable image
 //! (`Arc<Image>`), so routing a request never takes a lock.
 //!
-//! On disk: `<data-dir>/weir-metadata.json`, replaced atomically (write temp, fsync, rename,
-//! fsync dir), and `<data-dir>/meta.properties` with `cluster.id` and `node.id` as Kafka writes.
+//! On disk: `<data-dir>/weir-metadata.json` and a second copy `weir-metadata.backup.json`, each
+//! replaced atomically (write a temp file of a name no other write uses, fsync, rename, fsync
+//! dir), the primary first; and `<data-dir>/meta.properties` with `cluster.id` and `node.id` as
+//! Kafka writes, replaced the same way. A change counts as stored only once both copies are, so
+//! the backup always holds every change anyone was told about. Start-up uses the newest copy
+//! that parses, says so with a WARN when that is not the primary, rewrites the bad copy, and
+//! refuses to start empty over partition directories when neither copy parses.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,17 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, LogConfig, PARTITIONS_PER_BROKER_MAX, PARTITIONS_PER_TOPIC_MAX};
 
 pub const METADATA_FILE: &str = "weir-metadata.json";
+/// The second copy of the image, written after the primary with the same bytes.
+pub const METADATA_BACKUP_FILE: &str = "weir-metadata.backup.json";
+/// Where start-up moves a primary copy it could not parse, for an operator to look at.
+pub const METADATA_UNREADABLE_FILE: &str = "weir-metadata.json.unreadable";
+/// Temp files of atomic replacement end with this; start-up removes leftovers.
+const TMP_SUFFIX: &str = ".tmp";
+/// Metadata images are small (topics x partitions x ~60 bytes); a copy larger than this is not
+/// one of ours and is not read into memory.
+const METADATA_BYTES_MAX: u64 = 256 << 20;
+/// Partition directories named in a start-up message; the rest are counted.
+const DIRS_NAMED_MAX: usize = 20;
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -217,17 +233,225 @@ pub fn assign_shards(image: &mut Image, count: usize, shards: usize) -> Vec<Part
         .collect()
 }
 
-/// Loads the image, re-homing partitions of shards that no longer exist (fewer --shards than
-/// before) by their index modulo the shard count.
-pub fn load(data_dir: &Path, shards: usize) -> Result<Image> {
-    let path = data_dir.join(METADATA_FILE);
-    let mut image: Image = match std::fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?
+/// One copy of the image as start-up found it.
+enum Copy {
+    Valid(Image),
+    Absent,
+    Unreadable(String),
+}
+
+fn read_copy(path: &Path) -> Copy {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let read = std::fs::File::open(path).and_then(|f| {
+        f.take(METADATA_BYTES_MAX + 1).read_to_end(&mut bytes)?;
+        Ok(())
+    });
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Copy::Absent,
+        Err(e) => Copy::Unreadable(format!("reading it failed: {e}")),
+        Ok(()) if bytes.len() as u64 > METADATA_BYTES_MAX => {
+            Copy::Unreadable(format!("larger than {METADATA_BYTES_MAX} bytes"))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Image::default(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        Ok(()) if bytes.is_empty() => Copy::Unreadable("empty (0 bytes)".into()),
+        Ok(()) => match serde_json::from_slice::<Image>(&bytes) {
+            Ok(image) => Copy::Valid(image),
+            Err(e) => Copy::Unreadable(format!("{e} ({} bytes)", bytes.len())),
+        },
+    }
+}
+
+/// `<topic>-<partition>` directories in the data dir, as (topic, partition), sorted.
+fn partition_dirs(data_dir: &Path) -> Result<Vec<(String, i32)>> {
+    let mut out = Vec::new();
+    let entries =
+        std::fs::read_dir(data_dir).with_context(|| format!("listing {}", data_dir.display()))?;
+    for e in entries {
+        let e = e?;
+        if !e.file_type()?.is_dir() {
+            continue;
+        }
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((topic, p)) = name.rsplit_once('-') else {
+            continue;
+        };
+        let Ok(p) = p.parse::<i32>() else { continue };
+        if p >= 0 && validate_topic_name(topic).is_ok() {
+            out.push((topic.to_string(), p));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// "t-0, t-1, __consumer_offsets-0, ...": the topics' own directories first, then the internal
+/// ones, at most DIRS_NAMED_MAX named.
+fn name_some(dirs: &[(String, i32)]) -> String {
+    let mut sorted: Vec<&(String, i32)> = dirs.iter().collect();
+    sorted.sort_by_key(|(t, p)| (t.starts_with("__"), t.clone(), *p));
+    let mut s: Vec<String> = sorted
+        .iter()
+        .take(DIRS_NAMED_MAX)
+        .map(|(t, p)| format!("{t}-{p}"))
+        .collect();
+    if dirs.len() > DIRS_NAMED_MAX {
+        s.push(format!("and {} more", dirs.len() - DIRS_NAMED_MAX));
+    }
+    s.join(", ")
+}
+
+/// Removes temp files of metadata writes a crash interrupted (they are never read).
+fn remove_leftover_temps(data_dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(data_dir)? {
+        let name = e?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = [METADATA_FILE, METADATA_BACKUP_FILE, "meta.properties"]
+            .iter()
+            .any(|f| name.starts_with(f));
+        if ours && name.ends_with(TMP_SUFFIX) {
+            std::fs::remove_file(data_dir.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the image: the newest of the two copies that parses. Falls back to the backup with a
+/// WARN when the primary is missing or unreadable (and rewrites both); starts empty only when
+/// no copy and no partition directory exists (a fresh data dir), or with a WARN when the
+/// copies are unreadable but no partition directory exists (nothing to lose); refuses to start
+/// when no copy parses but partition directories exist. Re-homes partitions of shards that no
+/// longer exist (fewer --shards than before) by their index modulo the shard count.
+/// Blocking: call it before the executors start.
+pub fn load(data_dir: &Path, shards: usize) -> Result<Image> {
+    remove_leftover_temps(data_dir)
+        .with_context(|| format!("removing temp files in {}", data_dir.display()))?;
+    let primary_path = data_dir.join(METADATA_FILE);
+    let backup_path = data_dir.join(METADATA_BACKUP_FILE);
+    let primary = read_copy(&primary_path);
+    let backup = read_copy(&backup_path);
+    let mut rewrite = false;
+    let mut image = match (primary, backup) {
+        (Copy::Valid(p), Copy::Valid(b)) if b.version > p.version => {
+            tracing::warn!(
+                "{} holds metadata version {} but {} holds the newer version {}: using the backup \
+                 (was the primary replaced by an older copy?)",
+                primary_path.display(),
+                p.version,
+                backup_path.display(),
+                b.version
+            );
+            rewrite = true;
+            b
+        }
+        (Copy::Valid(p), b) => {
+            match b {
+                Copy::Valid(b) => rewrite = b.version != p.version,
+                Copy::Absent => {
+                    // Data dirs from before the backup copy existed get one now.
+                    tracing::info!("writing the backup copy {}", backup_path.display());
+                    rewrite = true;
+                }
+                Copy::Unreadable(why) => {
+                    tracing::warn!(
+                        "{} is unreadable ({why}); rewriting it from {} (version {})",
+                        backup_path.display(),
+                        primary_path.display(),
+                        p.version
+                    );
+                    rewrite = true;
+                }
+            }
+            p
+        }
+        (p, Copy::Valid(b)) => {
+            let why = match &p {
+                Copy::Unreadable(why) => format!("unreadable: {why}"),
+                _ => "it is missing".to_string(),
+            };
+            let moved = if let Copy::Unreadable(_) = p {
+                std::fs::rename(&primary_path, data_dir.join(METADATA_UNREADABLE_FILE))
+                    .with_context(|| format!("moving {} aside", primary_path.display()))?;
+                format!("; the unreadable file was moved to {METADATA_UNREADABLE_FILE}")
+            } else {
+                String::new()
+            };
+            tracing::warn!(
+                "{} cannot be used ({why}). Starting from the backup copy {} (metadata version {}, \
+                 which holds every acknowledged metadata change) and rewriting the primary{moved}",
+                primary_path.display(),
+                backup_path.display(),
+                b.version
+            );
+            rewrite = true;
+            b
+        }
+        (Copy::Absent, Copy::Absent) => {
+            let dirs = partition_dirs(data_dir)?;
+            if !dirs.is_empty() {
+                anyhow::bail!(
+                    "{} and {} are missing but {} holds {} partition directories ({}): refusing to \
+                     start with no topics, which would hide their data. Restore a metadata file, \
+                     or move the partition directories away to start empty.",
+                    METADATA_FILE,
+                    METADATA_BACKUP_FILE,
+                    data_dir.display(),
+                    dirs.len(),
+                    name_some(&dirs)
+                );
+            }
+            Image::default()
+        }
+        (p, b) => {
+            let why = |c: &Copy| match c {
+                Copy::Unreadable(why) => why.clone(),
+                _ => "missing".to_string(),
+            };
+            let dirs = partition_dirs(data_dir)?;
+            if !dirs.is_empty() {
+                anyhow::bail!(
+                    "no readable metadata image: {} is unreadable ({}) and {} is unreadable ({}), \
+                     but {} holds {} partition directories ({}): refusing to start with no \
+                     topics, which would hide their data. Restore a metadata file, or move the \
+                     partition directories away to start empty.",
+                    METADATA_FILE,
+                    why(&p),
+                    METADATA_BACKUP_FILE,
+                    why(&b),
+                    data_dir.display(),
+                    dirs.len(),
+                    name_some(&dirs)
+                );
+            }
+            if let Copy::Unreadable(_) = p {
+                std::fs::rename(&primary_path, data_dir.join(METADATA_UNREADABLE_FILE))
+                    .with_context(|| format!("moving {} aside", primary_path.display()))?;
+            }
+            tracing::warn!(
+                "no readable metadata image ({}: {}; {}: {}) and no partition directory: starting empty",
+                METADATA_FILE,
+                why(&p),
+                METADATA_BACKUP_FILE,
+                why(&b)
+            );
+            rewrite = true;
+            Image::default()
+        }
     };
+    if rewrite {
+        store(data_dir, &image)?;
+    }
+    let orphans: Vec<(String, i32)> = partition_dirs(data_dir)?
+        .into_iter()
+        .filter(|(t, p)| image.owner(t, *p).is_none())
+        .collect();
+    if !orphans.is_empty() {
+        tracing::warn!(
+            "{} partition directories are not in the metadata image and are left untouched: {}",
+            orphans.len(),
+            name_some(&orphans)
+        );
+    }
     for t in image.topics.values_mut() {
         for (i, p) in t.partitions.iter_mut().enumerate() {
             if p.shard as usize >= shards {
@@ -239,19 +463,44 @@ pub fn load(data_dir: &Path, shards: usize) -> Result<Image> {
     Ok(image)
 }
 
-/// Persists the image atomically. Blocking: call it off the executor threads.
-pub fn store(data_dir: &Path, image: &Image) -> Result<()> {
-    let path = data_dir.join(METADATA_FILE);
-    let tmp = data_dir.join(format!("{METADATA_FILE}.tmp"));
-    let bytes = serde_json::to_vec_pretty(image)?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+/// Replaces `dir/name` with `bytes` so that a reader (or a crash) sees either the old or the
+/// new file, never a part: the bytes go to a temp file no other write uses (pid and a counter
+/// in its name, created exclusively: two writers, even two processes, never share one), which
+/// is fsynced, renamed over the file, and the directory fsynced.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!("{name}.{}.{n}{TMP_SUFFIX}", std::process::id()));
+    let path = dir.join(name);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
     }
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(data_dir)?.sync_all()?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsyncing {}", dir.display()))?;
+    Ok(())
+}
+
+/// Persists the image: the primary copy, then the backup, each atomically. An error means the
+/// change must not be used (the backup may not have it). Blocking: call it off the executor
+/// threads.
+pub fn store(data_dir: &Path, image: &Image) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(image)?;
+    write_atomically(data_dir, METADATA_FILE, &bytes)?;
+    write_atomically(data_dir, METADATA_BACKUP_FILE, &bytes)?;
     Ok(())
 }
 
@@ -285,7 +534,7 @@ pub fn cluster_id(data_dir: &Path, node_id: i32) -> Result<String> {
     }
     let id = base64_uuid(uuid::Uuid::new_v4());
     let text = format!("#Weir\nversion=1\ncluster.id={id}\nnode.id={node_id}\n");
-    std::fs::write(&path, text)?;
+    write_atomically(data_dir, "meta.properties", text.as_bytes())?;
     Ok(id)
 }
 
@@ -401,5 +650,146 @@ mod tests {
         assert_eq!(id.len(), 22);
         assert_eq!(cluster_id(dir.path(), 1).unwrap(), id);
         assert!(cluster_id(dir.path(), 2).is_err());
+    }
+
+    fn image_with(topics: usize) -> Image {
+        let mut image = Image::default();
+        for i in 0..topics {
+            let parts = assign_shards(&mut image, 3, 2);
+            image.topics.insert(
+                format!("topic-{i}"),
+                TopicMeta {
+                    id: uuid::Uuid::new_v4(),
+                    partitions: parts,
+                    configs: BTreeMap::new(),
+                    internal: false,
+                },
+            );
+        }
+        image.version = topics as u64 + 1;
+        image
+    }
+
+    fn truncate(path: &Path, len: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_primary_falls_back_to_the_backup_and_is_rewritten() {
+        for cut in [0.5, 0.0] {
+            let dir = tempfile::tempdir().unwrap();
+            let image = image_with(5);
+            store(dir.path(), &image).unwrap();
+            let primary = dir.path().join(METADATA_FILE);
+            let len = std::fs::metadata(&primary).unwrap().len();
+            truncate(&primary, (len as f64 * cut) as u64);
+            std::fs::create_dir(dir.path().join("topic-0-0")).unwrap();
+            assert_eq!(load(dir.path(), 2).unwrap(), image);
+            // The primary was rewritten; the bad one kept aside for a look.
+            assert_eq!(
+                serde_json::from_slice::<Image>(&std::fs::read(&primary).unwrap()).unwrap(),
+                image
+            );
+            assert!(dir.path().join(METADATA_UNREADABLE_FILE).exists());
+            // Missing (not just unreadable) works the same.
+            std::fs::remove_file(&primary).unwrap();
+            assert_eq!(load(dir.path(), 2).unwrap(), image);
+            assert!(primary.exists());
+        }
+    }
+
+    #[test]
+    fn no_readable_copy_over_partition_directories_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path(), &image_with(2)).unwrap();
+        truncate(&dir.path().join(METADATA_FILE), 10);
+        truncate(&dir.path().join(METADATA_BACKUP_FILE), 0);
+        std::fs::create_dir(dir.path().join("topic-1-2")).unwrap();
+        let e = format!("{:#}", load(dir.path(), 2).unwrap_err());
+        assert!(e.contains("refusing to start"), "{e}");
+        assert!(e.contains("topic-1-2"), "{e}");
+        // Nothing was changed: an operator can still restore a copy.
+        assert_eq!(
+            std::fs::metadata(dir.path().join(METADATA_FILE))
+                .unwrap()
+                .len(),
+            10
+        );
+        // Both copies gone over partition directories: refused too.
+        std::fs::remove_file(dir.path().join(METADATA_FILE)).unwrap();
+        std::fs::remove_file(dir.path().join(METADATA_BACKUP_FILE)).unwrap();
+        assert!(load(dir.path(), 2).is_err());
+        // With no partition directory there is nothing to lose: start empty.
+        std::fs::remove_dir(dir.path().join("topic-1-2")).unwrap();
+        assert_eq!(load(dir.path(), 2).unwrap(), Image::default());
+        std::fs::write(dir.path().join(METADATA_FILE), b"{\"vers").unwrap();
+        assert_eq!(load(dir.path(), 2).unwrap(), Image::default());
+    }
+
+    #[test]
+    fn a_data_dir_without_a_backup_gets_one_and_temp_leftovers_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = image_with(1);
+        let bytes = serde_json::to_vec_pretty(&image).unwrap();
+        std::fs::write(dir.path().join(METADATA_FILE), &bytes).unwrap();
+        std::fs::write(dir.path().join("weir-metadata.json.tmp"), &bytes[..9]).unwrap();
+        assert_eq!(load(dir.path(), 2).unwrap(), image);
+        assert_eq!(
+            std::fs::read(dir.path().join(METADATA_BACKUP_FILE)).unwrap(),
+            bytes
+        );
+        assert!(!dir.path().join("weir-metadata.json.tmp").exists());
+    }
+
+    /// Writers that race (two broker processes on one data dir did, with one shared temp
+    /// name) never leave or expose a partly written copy.
+    #[test]
+    fn racing_writers_never_expose_a_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path(), &image_with(1)).unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let d = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        store(&d, &image_with(1 + (w * 40 + i) % 60)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let reader = {
+            let d = dir.path().to_path_buf();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for f in [METADATA_FILE, METADATA_BACKUP_FILE] {
+                        let bytes = std::fs::read(d.join(f)).unwrap();
+                        if let Err(e) = serde_json::from_slice::<Image>(&bytes) {
+                            panic!("{f} read partly written ({} bytes): {e}", bytes.len());
+                        }
+                        reads += 1;
+                    }
+                }
+                reads
+            })
+        };
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(TMP_SUFFIX))
+            .collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
     }
 }

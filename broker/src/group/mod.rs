@@ -41,6 +41,8 @@ pub const MEMBER_METADATA_BYTES_MAX: usize = 1 << 20;
 /// Groups per shard.
 pub const GROUPS_PER_SHARD_MAX: usize = 100_000;
 const TICK: Duration = Duration::from_millis(100);
+/// A failing write of Empty groups is retried every tick but reported at most this often.
+const EMPTY_RETRY_WARN_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -110,6 +112,10 @@ pub struct Group {
     state_timestamp: i64,
     /// __consumer_offsets partition this group lives in.
     pub partition: i32,
+    /// The group became Empty by losing its members and that is not yet written to
+    /// `__consumer_offsets`: until it is, a restart would bring the departed members back
+    /// (Stable), and the next member would wait a whole session timeout for them.
+    empty_unpersisted: bool,
 }
 
 impl Group {
@@ -131,7 +137,34 @@ impl Group {
             sync_deadline: now,
             state_timestamp: now_ms(),
             partition,
+            empty_unpersisted: false,
         }
+    }
+
+    /// The last member is gone: a new generation with no protocol and no leader, as Kafka's
+    /// onCompleteJoin does for an empty group, to be persisted before anyone is answered.
+    fn become_empty(&mut self) {
+        assert!(
+            self.members.is_empty(),
+            "only a group without members is Empty"
+        );
+        self.generation += 1;
+        self.protocol = None;
+        self.leader = None;
+        self.set_state(State::Empty);
+        self.empty_unpersisted = true;
+    }
+
+    /// The group-metadata record of the now-Empty group if it still has to be written (and
+    /// marks it written; `unpersisted_again` undoes that when the write fails).
+    fn take_empty_record(&mut self) -> Option<OffsetsRecord> {
+        if !std::mem::take(&mut self.empty_unpersisted) || self.state != State::Empty {
+            return None;
+        }
+        Some((
+            records::group_key(&self.id),
+            Some(records::group_value(&self.value())),
+        ))
     }
 
     fn set_state(&mut self, s: State) {
@@ -591,7 +624,10 @@ fn maybe_complete_join(g: &mut Group, force: bool) {
         return;
     }
     let all_joined = g.members.values().all(|m| m.join_waiter.is_some());
-    if !force && !(all_joined && Instant::now() >= g.join_not_before) {
+    // With nobody left there is no one to wait for: the group becomes Empty at once.
+    let waited = g.members.is_empty() || Instant::now() >= g.join_not_before;
+    let ready = force || (all_joined && waited);
+    if !ready {
         return;
     }
     let gone: Vec<String> = g
@@ -604,13 +640,11 @@ fn maybe_complete_join(g: &mut Group, force: bool) {
         tracing::info!(group = %g.id, member = %id, "member did not rejoin in time; removed");
         g.remove_member(&id);
     }
-    g.generation += 1;
     if g.members.is_empty() {
-        g.protocol = None;
-        g.leader = None;
-        g.set_state(State::Empty);
+        g.become_empty();
         return;
     }
+    g.generation += 1;
     g.protocol = g.select_protocol();
     if g.leader.as_ref().is_none_or(|l| !g.members.contains_key(l)) {
         g.leader = g.members.keys().next().cloned();
@@ -963,12 +997,43 @@ impl Shard {
     }
 
     /// Removes members (by member id, or by instance id for static members). Returns a code
-    /// per member.
-    pub fn group_leave(
-        &self,
+    /// per member. When the last member left, the Empty group is written to
+    /// `__consumer_offsets` before the answer, as Kafka does, so a restart does not bring the
+    /// departed members back.
+    pub async fn group_leave(
+        self: &Rc<Self>,
         group: &str,
         leaving: &[(String, Option<String>)],
     ) -> Result<Vec<i16>, i16> {
+        let (codes, empty, partition) = self.leave_members(group, leaving)?;
+        if let Some(rec) = empty {
+            if let Err(code) = persist(self, partition, vec![rec]).await {
+                tracing::warn!(
+                    group,
+                    code,
+                    "writing the Empty group failed; the ticker retries"
+                );
+                self.unpersisted_again(group);
+                return Err(code);
+            }
+        }
+        Ok(codes)
+    }
+
+    /// A write of an Empty group failed: mark it for the ticker to retry, if still Empty.
+    fn unpersisted_again(&self, group: &str) {
+        if let Some(g) = self.groups.groups.borrow_mut().get_mut(group) {
+            g.empty_unpersisted = g.state == State::Empty;
+        }
+    }
+
+    /// The in-memory part of LeaveGroup: the per-member codes, and the record of the group if
+    /// it became Empty (with its `__consumer_offsets` partition).
+    fn leave_members(
+        &self,
+        group: &str,
+        leaving: &[(String, Option<String>)],
+    ) -> Result<(Vec<i16>, Option<OffsetsRecord>, i32), i16> {
         let cfg = self.config.group.clone();
         let mut groups = self.groups.groups.borrow_mut();
         let Some(g) = groups.get_mut(group) else {
@@ -1008,10 +1073,7 @@ impl Shard {
                 State::PreparingRebalance => maybe_complete_join(g, false),
                 State::Stable | State::CompletingRebalance => {
                     if g.members.is_empty() {
-                        g.generation += 1;
-                        g.protocol = None;
-                        g.leader = None;
-                        g.set_state(State::Empty);
+                        g.become_empty();
                     } else {
                         prepare_rebalance(g, cfg.initial_rebalance_delay_ms);
                     }
@@ -1019,7 +1081,7 @@ impl Shard {
                 _ => {}
             }
         }
-        Ok(codes)
+        Ok((codes, g.take_empty_record(), g.partition))
     }
 
     /// Validates an OffsetCommit's member and generation. generation -1 with an empty member id
@@ -1065,6 +1127,7 @@ impl Shard {
     /// The session and rebalance clock of this shard's groups, plus offset expiry.
     pub async fn group_ticker(self: Rc<Self>) {
         let mut last_expiry = Instant::now();
+        let mut last_warn = Instant::now() - EMPTY_RETRY_WARN_EVERY;
         loop {
             glommio::timer::sleep(TICK).await;
             if self.shutting_down.get() {
@@ -1109,10 +1172,7 @@ impl Shard {
                         }
                         State::Stable | State::CompletingRebalance if !expired.is_empty() => {
                             if g.members.is_empty() {
-                                g.generation += 1;
-                                g.protocol = None;
-                                g.leader = None;
-                                g.set_state(State::Empty);
+                                g.become_empty();
                             } else {
                                 prepare_rebalance(g, 0);
                             }
@@ -1121,6 +1181,14 @@ impl Shard {
                     }
                 }
             }
+            let failed = self.persist_empty_groups().await;
+            if failed > 0 && now.duration_since(last_warn) >= EMPTY_RETRY_WARN_EVERY {
+                last_warn = now;
+                tracing::warn!(
+                    groups = failed,
+                    "writing Empty groups to __consumer_offsets failed; retrying every tick"
+                );
+            }
             if now.duration_since(last_expiry)
                 >= Duration::from_millis(cfg.offsets_retention_check_ms)
             {
@@ -1128,6 +1196,35 @@ impl Shard {
                 self.expire_offsets(cfg.offsets_retention_ms).await;
             }
         }
+    }
+
+    /// Writes the group-metadata record of every group that became Empty without a request to
+    /// answer (sessions expired, a rebalance ended with nobody) or whose earlier write failed.
+    /// Returns how many groups could not be written (they are retried next tick).
+    async fn persist_empty_groups(self: &Rc<Self>) -> usize {
+        let mut failed = 0;
+        let mut by_partition: HashMap<i32, Vec<(String, OffsetsRecord)>> = HashMap::new();
+        {
+            let mut groups = self.groups.groups.borrow_mut();
+            for g in groups.values_mut().filter(|g| g.empty_unpersisted) {
+                if let Some(rec) = g.take_empty_record() {
+                    by_partition
+                        .entry(g.partition)
+                        .or_default()
+                        .push((g.id.clone(), rec));
+                }
+            }
+        }
+        for (partition, recs) in by_partition {
+            let (ids, recs): (Vec<String>, Vec<OffsetsRecord>) = recs.into_iter().unzip();
+            if persist(self, partition, recs).await.is_err() {
+                failed += ids.len();
+                for id in &ids {
+                    self.unpersisted_again(id);
+                }
+            }
+        }
+        failed
     }
 
     /// Removes committed offsets of empty groups older than offsets.retention.minutes, with

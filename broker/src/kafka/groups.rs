@@ -251,7 +251,7 @@ pub async fn handle_leave(frame: RequestFrame) -> Result<Response, String> {
     let l2 = leaving.clone();
     let g2 = group.clone();
     let r = on_coordinator(&group, Err, move |s, _| {
-        async move { s.group_leave(&g2, &l2) }.boxed_local()
+        async move { s.group_leave(&g2, &l2).await }.boxed_local()
     })
     .await;
     let mut resp = LeaveGroupResponse::default();

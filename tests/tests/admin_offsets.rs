@@ -383,3 +383,54 @@ fn list_offsets_max_timestamp_is_the_record_with_the_largest_timestamp() {
         "the first record with the new largest timestamp"
     );
 }
+
+/// CreateTopics with manual replica assignments works on a single node when every replica list
+/// names this node, and is refused with Kafka's codes otherwise.
+#[test]
+fn create_topics_with_manual_replica_assignments() {
+    use rdkafka::admin::{NewTopic, TopicReplication};
+    let b = Broker::start_with(2, &["--node-id", "0"]);
+    let a = admin::client(&b);
+    let create = |t: NewTopic<'_>| {
+        let r = futures::executor::block_on(a.create_topics([&t], &admin::opts())).unwrap();
+        r.into_iter()
+            .next()
+            .unwrap()
+            .map(|_| ())
+            .map_err(|(_, e)| e)
+    };
+    let ok: &[&[i32]] = &[&[0], &[0], &[0]];
+    assert_eq!(
+        create(NewTopic::new("manual", 3, TopicReplication::Variable(ok))),
+        Ok(())
+    );
+    let md = b
+        .client_config()
+        .create::<rdkafka::consumer::BaseConsumer>()
+        .unwrap()
+        .fetch_metadata(Some("manual"), T)
+        .unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 3);
+    let other: &[&[i32]] = &[&[0], &[7]];
+    assert_eq!(
+        create(NewTopic::new(
+            "manual2",
+            2,
+            TopicReplication::Variable(other)
+        )),
+        Err(RDKafkaErrorCode::InvalidReplicaAssignment)
+    );
+    let twice: &[&[i32]] = &[&[0, 0]];
+    assert_eq!(
+        create(NewTopic::new(
+            "manual3",
+            1,
+            TopicReplication::Variable(twice)
+        )),
+        Err(RDKafkaErrorCode::InvalidReplicaAssignment)
+    );
+    // Records round-trip through a manually assigned topic.
+    let acked = produce(&b.client_config(), "manual", 0..300, &[("acks", "all")]);
+    let got = consume(&b.client_config(), "manual", 3, 300, T);
+    workload::verify(&acked, &got);
+}

@@ -98,6 +98,7 @@ pub enum TopicError {
     InvalidConfig(String),
     Unknown,
     InvalidRequest(String),
+    InvalidReplicaAssignment(String),
 }
 
 impl TopicError {
@@ -111,6 +112,7 @@ impl TopicError {
             TopicError::InvalidConfig(_) => INVALID_CONFIG,
             TopicError::Unknown => UNKNOWN_TOPIC_OR_PARTITION,
             TopicError::InvalidRequest(_) => INVALID_REQUEST,
+            TopicError::InvalidReplicaAssignment(_) => INVALID_REPLICA_ASSIGNMENT,
         }
     }
     pub fn message(&self) -> String {
@@ -121,7 +123,8 @@ impl TopicError {
             | TopicError::InvalidPartitions(m)
             | TopicError::InvalidReplicationFactor(m)
             | TopicError::InvalidConfig(m)
-            | TopicError::InvalidRequest(m) => m.clone(),
+            | TopicError::InvalidRequest(m)
+            | TopicError::InvalidReplicaAssignment(m) => m.clone(),
         }
     }
 }
@@ -159,7 +162,60 @@ pub struct NewTopic {
     pub num_partitions: i32,
     pub replication_factor: i16,
     pub configs: BTreeMap<String, String>,
-    pub has_assignments: bool,
+    /// Manual replica assignments, as (partition index, broker ids) in request order.
+    pub assignments: Vec<(i32, Vec<i32>)>,
+}
+
+/// Kafka's rules for CreateTopics with manual replica assignments: no partition count or
+/// replication factor beside them, partitions numbered 0..n without gaps, each replica list
+/// non-empty, of one length, without repeats, naming registered brokers only (on a single node:
+/// this one). Returns (partitions, replication factor).
+fn check_manual_assignment(cfg: &Config, t: &NewTopic) -> Result<(i32, i16), TopicError> {
+    if t.num_partitions != -1 || t.replication_factor != -1 {
+        return Err(TopicError::InvalidRequest(
+            "Both numPartitions or replicationFactor and replicasAssignments were set. Both cannot be used at the same time.".into(),
+        ));
+    }
+    let mut seen = vec![false; t.assignments.len()];
+    let mut rf: Option<usize> = None;
+    for (index, brokers) in &t.assignments {
+        let slot = usize::try_from(*index).ok().and_then(|i| seen.get_mut(i));
+        match slot {
+            Some(s) if !*s => *s = true,
+            _ => {
+                return Err(TopicError::InvalidReplicaAssignment(
+                    "Partitions should be a consecutive 0-based integer sequence".into(),
+                ))
+            }
+        }
+        if brokers.is_empty() {
+            return Err(TopicError::InvalidReplicaAssignment(format!(
+                "The manual partition assignment includes an empty replica list for partition {index}."
+            )));
+        }
+        if let Some(n) = rf {
+            if n != brokers.len() {
+                return Err(TopicError::InvalidReplicaAssignment(format!(
+                    "The manual partition assignment includes a partition with {} replica(s), but this is inconsistent with previous partitions, which have {n} replica(s).",
+                    brokers.len()
+                )));
+            }
+        }
+        rf = Some(brokers.len());
+        for (i, b) in brokers.iter().enumerate() {
+            if brokers[..i].contains(b) {
+                return Err(TopicError::InvalidReplicaAssignment(format!(
+                    "The manual partition assignment includes the broker {b} more than once."
+                )));
+            }
+            if *b != cfg.node_id {
+                return Err(TopicError::InvalidReplicaAssignment(format!(
+                    "The manual partition assignment includes broker {b}, but no such broker is registered."
+                )));
+            }
+        }
+    }
+    Ok((t.assignments.len() as i32, rf.unwrap_or(1) as i16))
 }
 
 /// Validates a new topic against the image and the broker config; resolves -1 defaults.
@@ -172,15 +228,15 @@ pub fn check_new_topic(
     if image.topics.contains_key(&t.name) {
         return Err(TopicError::AlreadyExists);
     }
-    if t.has_assignments {
-        return Err(TopicError::InvalidRequest(
-            "Manual replica assignments are not supported on a single-node Weir".into(),
-        ));
-    }
-    let partitions = if t.num_partitions == -1 {
-        cfg.num_partitions
+    let manual = if t.assignments.is_empty() {
+        None
     } else {
-        t.num_partitions
+        Some(check_manual_assignment(cfg, t)?)
+    };
+    let partitions = match manual {
+        Some((p, _)) => p,
+        None if t.num_partitions == -1 => cfg.num_partitions,
+        None => t.num_partitions,
     };
     if partitions <= 0 {
         return Err(TopicError::InvalidPartitions(
@@ -197,10 +253,10 @@ pub fn check_new_topic(
             "The broker would host more than {PARTITIONS_PER_BROKER_MAX} partitions."
         )));
     }
-    let rf = if t.replication_factor == -1 {
-        cfg.default_replication_factor
-    } else {
-        t.replication_factor
+    let rf = match manual {
+        Some((_, rf)) => rf,
+        None if t.replication_factor == -1 => cfg.default_replication_factor,
+        None => t.replication_factor,
     };
     if rf <= 0 {
         return Err(TopicError::InvalidReplicationFactor(
@@ -560,7 +616,7 @@ mod tests {
             num_partitions: p,
             replication_factor: rf,
             configs: BTreeMap::new(),
-            has_assignments: false,
+            assignments: Vec::new(),
         }
     }
 

@@ -92,7 +92,16 @@ pub async fn handle_create_topics(frame: RequestFrame) -> Result<Response, Strin
             num_partitions: t.num_partitions,
             replication_factor: t.replication_factor,
             configs,
-            has_assignments: !t.assignments.is_empty(),
+            assignments: t
+                .assignments
+                .iter()
+                .map(|a| {
+                    (
+                        a.partition_index,
+                        a.broker_ids.iter().map(|b| b.0).collect(),
+                    )
+                })
+                .collect(),
         });
     }
     let mut answers = if asks.is_empty() {

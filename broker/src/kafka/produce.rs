@@ -47,7 +47,7 @@ pub async fn auto_create(names: Vec<String>) {
             num_partitions: -1,
             replication_factor: -1,
             configs: BTreeMap::new(),
-            has_assignments: false,
+            assignments: Vec::new(),
         })
         .collect::<Vec<_>>();
     if topics.is_empty() {

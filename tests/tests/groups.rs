@@ -342,12 +342,23 @@ mod raw_errors {
     }
 
     fn commit(c: &mut Conn, group: &str, generation: i32, member: &str, meta: &str) -> i16 {
+        commit_to(c, "t", group, generation, member, meta)
+    }
+
+    fn commit_to(
+        c: &mut Conn,
+        topic: &str,
+        group: &str,
+        generation: i32,
+        member: &str,
+        meta: &str,
+    ) -> i16 {
         let req = OffsetCommitRequest::default()
             .with_group_id(GroupId(s(group)))
             .with_generation_id_or_member_epoch(generation)
             .with_member_id(s(member))
             .with_topics(vec![OffsetCommitRequestTopic::default()
-                .with_name(TopicName(s("t")))
+                .with_name(TopicName(s(topic)))
                 .with_partitions(vec![OffsetCommitRequestPartition::default()
                     .with_partition_index(0)
                     .with_committed_offset(5)
@@ -359,6 +370,7 @@ mod raw_errors {
     #[test]
     fn group_errors_are_kafka_codes() {
         let (b, _conf) = super::broker();
+        weir_tests::admin::create(&b, "t", 1, 1, &[]).unwrap();
         let mut c = Conn::new(&b.bootstrap());
         let meta = Bytes::from_static(&[0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(
@@ -429,6 +441,11 @@ mod raw_errors {
             "OFFSET_METADATA_TOO_LARGE"
         );
         assert_eq!(commit(&mut c, "rg", generation, &member, "ok"), 0);
+        assert_eq!(
+            commit_to(&mut c, "no-such-topic", "rg", generation, &member, "ok"),
+            3,
+            "UNKNOWN_TOPIC_OR_PARTITION for a topic that does not exist"
+        );
 
         // Groups are listed and described; a group with members cannot be deleted.
         let listed: ListGroupsResponse =

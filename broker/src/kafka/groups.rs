@@ -325,12 +325,18 @@ pub async fn handle_offset_commit(frame: RequestFrame) -> Result<Response, Strin
             let now = now_ms();
             let mut recs = Vec::new();
             let mut accepted = Vec::new();
+            let image = s.image();
             let codes: Vec<Vec<i16>> = t2
                 .iter()
                 .map(|(topic, parts)| {
+                    let count = image.topics.get(topic).map(|t| t.partitions.len());
                     parts
                         .iter()
                         .map(|(p, offset, epoch, meta)| {
+                            // As Kafka: no commits for partitions that do not exist.
+                            if !count.is_some_and(|n| usize::try_from(*p).is_ok_and(|p| p < n)) {
+                                return UNKNOWN_TOPIC_OR_PARTITION;
+                            }
                             if meta.len() > max {
                                 return OFFSET_METADATA_TOO_LARGE;
                             }

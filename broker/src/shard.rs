@@ -860,30 +860,45 @@ impl Shard {
                 continue;
             }
             let _permit = p.io_lock.acquire_permit(1).await;
-            for base in expired {
-                let removed = p.log.borrow_mut().remove_segment(base);
-                let Some((file, path)) = removed else {
-                    continue;
-                };
-                drop(file);
-                let r = blocking(move || -> std::io::Result<()> {
-                    std::fs::remove_file(&path)?;
-                    for ext in ["index", "timeindex"] {
-                        let _ = std::fs::remove_file(path.with_extension(ext));
-                    }
-                    Ok(())
-                })
-                .await;
-                match r {
-                    Ok(()) => {
-                        tracing::info!(topic = %p.topic, partition = p.index, base, "deleted segment by retention")
-                    }
-                    Err(e) => {
-                        tracing::warn!(topic = %p.topic, partition = p.index, base, "deleting segment: {e}")
-                    }
-                }
-            }
+            remove_segments(&p, expired, "retention").await;
         }
+    }
+
+    /// DeleteRecords (Kafka's API 21) on a partition this shard owns: moves its log start to
+    /// `offset` (-1: the high watermark), persisted before the answer, and deletes the whole
+    /// segments below it. Returns (low watermark, error code).
+    pub async fn delete_records(&self, topic: &str, partition: i32, offset: i64) -> (i64, i16) {
+        let Some(p) = self.partition(topic, partition) else {
+            return (-1, NOT_LEADER_OR_FOLLOWER);
+        };
+        let _permit = p.io_lock.acquire_permit(1).await;
+        if p.deleted.get() {
+            return (-1, UNKNOWN_TOPIC_OR_PARTITION);
+        }
+        if p.failed.get() {
+            return (-1, KAFKA_STORAGE_ERROR);
+        }
+        let (start, high_watermark, dir) = {
+            let l = p.log.borrow();
+            (l.log_start_offset, l.log_end_offset, l.dir.clone())
+        };
+        let target = if offset == -1 { high_watermark } else { offset };
+        if target < 0 || target > high_watermark {
+            return (-1, OFFSET_OUT_OF_RANGE);
+        }
+        if target <= start {
+            return (start, NONE);
+        }
+        let persisted =
+            blocking(move || PartitionLog::write_log_start_checkpoint(&dir, target)).await;
+        if let Err(e) = persisted {
+            tracing::error!(topic = %p.topic, partition = p.index, "persisting the log start failed: {e}");
+            return (-1, KAFKA_STORAGE_ERROR);
+        }
+        let below = p.log.borrow_mut().advance_log_start(target);
+        tracing::info!(topic = %p.topic, partition = p.index, log_start = target, "records deleted below the new log start");
+        remove_segments(&p, below, "DeleteRecords").await;
+        (target, NONE)
     }
 
     // ---- fetch ----
@@ -1176,6 +1191,33 @@ fn first_record_at_or_after(batch: Bytes, ts: i64, min_offset: i64) -> Result<Op
         .filter(|r| r.offset >= min_offset)
         .find(|r| r.timestamp >= ts)
         .map(|r| (r.timestamp, r.offset)))
+}
+
+/// Removes whole segments (the caller holds the partition's I/O lock) and deletes their files.
+async fn remove_segments(p: &Rc<Partition>, bases: Vec<i64>, why: &str) {
+    for base in bases {
+        let removed = p.log.borrow_mut().remove_segment(base);
+        let Some((file, path)) = removed else {
+            continue;
+        };
+        drop(file);
+        let r = blocking(move || -> std::io::Result<()> {
+            std::fs::remove_file(&path)?;
+            for ext in ["index", "timeindex"] {
+                let _ = std::fs::remove_file(path.with_extension(ext));
+            }
+            Ok(())
+        })
+        .await;
+        match r {
+            Ok(()) => {
+                tracing::info!(topic = %p.topic, partition = p.index, base, "deleted segment ({why})")
+            }
+            Err(e) => {
+                tracing::warn!(topic = %p.topic, partition = p.index, base, "deleting segment ({why}): {e}")
+            }
+        }
+    }
 }
 
 /// Reads from disk starting at `offset`, stepping over segments that end before it.

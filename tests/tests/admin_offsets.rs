@@ -434,3 +434,101 @@ fn create_topics_with_manual_replica_assignments() {
     let got = consume(&b.client_config(), "manual", 3, 300, T);
     workload::verify(&acked, &got);
 }
+
+/// DeleteRecords moves the log start (the low watermark), deletes whole segments below it,
+/// survives a restart (kill -9 included), and refuses offsets past the high watermark.
+#[test]
+fn delete_records_moves_the_log_start_and_frees_segments() {
+    let mut b = Broker::start(2);
+    admin::create(&b, "dr", 2, 1, &[("segment.bytes", "4096")]).unwrap();
+    let acked = produce(&b.client_config(), "dr", 0..2000, &[("acks", "all")]);
+    let in_p0 = acked.iter().filter(|a| a.partition == 0).count() as i64;
+    assert!(in_p0 > 100);
+    let seg_count = |b: &Broker| {
+        std::fs::read_dir(b.data_dir().join("dr-0"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "log")
+            })
+            .count()
+    };
+    let before = seg_count(&b);
+    let a = admin::client(&b);
+    let delete = |tp: &[(&str, i32, i64)]| {
+        let mut tpl = TopicPartitionList::new();
+        for &(t, p, o) in tp {
+            tpl.add_partition_offset(t, p, Offset::Offset(o)).unwrap();
+        }
+        futures::executor::block_on(a.delete_records(&tpl, &admin::opts())).unwrap()
+    };
+    // Producer batches are bigger than a segment here: each batch has a segment of its own.
+    let cut = acked
+        .iter()
+        .filter(|a| a.partition == 0)
+        .map(|a| a.offset)
+        .filter(|&o| o > 0 && o < in_p0 - 1)
+        .max()
+        .unwrap();
+    assert!(before > 2, "several segments: {before}");
+    let r = delete(&[("dr", 0, cut), ("dr", 1, in_p0 * 100)]);
+    let p0 = r.find_partition("dr", 0).unwrap();
+    assert_eq!(p0.offset(), Offset::Offset(cut), "low watermark");
+    assert!(p0.error().is_ok());
+    let p1 = r.find_partition("dr", 1).unwrap();
+    assert!(
+        p1.error().is_err(),
+        "past the high watermark: OFFSET_OUT_OF_RANGE"
+    );
+    assert!(
+        seg_count(&b) < before,
+        "whole segments below the start deleted"
+    );
+    let mut conn = weir_tests::raw::Conn::new(&b.bootstrap());
+    assert_eq!(conn.offset("dr", 0, -2), cut);
+    // A fetch below the start is out of range; from the start it returns the record at `cut`.
+    assert_eq!(
+        conn.fetch("dr", 0, cut - 1, 0, 1).0,
+        1,
+        "OFFSET_OUT_OF_RANGE"
+    );
+    let got = consume(&b.client_config(), "dr", 1, (in_p0 - cut) as usize, T);
+    assert_eq!(got[&0].first().unwrap().offset, cut);
+    assert_eq!(got[&0].len() as i64, in_p0 - cut);
+    // Deleting below the current start changes nothing; -1 means the high watermark.
+    let r = delete(&[("dr", 0, 0)]);
+    assert_eq!(
+        r.find_partition("dr", 0).unwrap().offset(),
+        Offset::Offset(cut)
+    );
+    b.kill9();
+    b.restart();
+    let mut conn = weir_tests::raw::Conn::new(&b.bootstrap());
+    assert_eq!(
+        conn.offset("dr", 0, -2),
+        cut,
+        "the log start survives kill -9"
+    );
+    let a = admin::client(&b);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("dr", 0, Offset::End).unwrap();
+    let r = futures::executor::block_on(a.delete_records(&tpl, &admin::opts())).unwrap();
+    assert_eq!(
+        r.find_partition("dr", 0).unwrap().offset(),
+        Offset::Offset(in_p0)
+    );
+    assert_eq!(conn.offset("dr", 0, -2), in_p0);
+    // Internal topics are refused.
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("__consumer_offsets", 0, Offset::Offset(0))
+        .unwrap();
+    let r = futures::executor::block_on(a.delete_records(&tpl, &admin::opts())).unwrap();
+    assert!(r
+        .find_partition("__consumer_offsets", 0)
+        .unwrap()
+        .error()
+        .is_err());
+}

@@ -8,6 +8,7 @@
 //! Responses are written in request order by the connection's writer.
 
 pub mod admin;
+pub mod delete_records;
 pub mod errors;
 pub mod fetch;
 pub mod groups;
@@ -36,6 +37,7 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::Produce => produce::handle(frame).await,
         ApiKey::Fetch => ready(fetch::handle(frame).await),
         ApiKey::ListOffsets => ready(list_offsets::handle(frame).await),
+        ApiKey::DeleteRecords => ready(delete_records::handle(frame).await),
         ApiKey::Metadata => ready(metadata::handle_metadata(frame).await),
         ApiKey::ApiVersions => ready(metadata::handle_api_versions(frame)),
         ApiKey::DescribeCluster => ready(metadata::handle_describe_cluster(frame)),

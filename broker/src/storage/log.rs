@@ -274,6 +274,11 @@ impl PartitionLog {
             .map(|s| (s.max_timestamp, s.next_offset - 1))
             .max_by_key(|&(t, _)| t)
             .unwrap_or((-1, -1));
+        // A log start moved by DeleteRecords inside the first segment is kept in a checkpoint.
+        let (d, end) = (dir.clone(), log.log_end_offset);
+        if let Some(start) = blocking(move || read_log_start_checkpoint(&d)).await {
+            log.log_start_offset = log.log_start_offset.max(start.min(end));
+        }
         log.load_producer_state().await?;
         Ok(log)
     }
@@ -692,6 +697,33 @@ impl PartitionLog {
         out
     }
 
+    /// DeleteRecords: moves the log start to `offset` (which the caller checked is within
+    /// [log start, log end]) and returns the bases of the whole segments now below it, for the
+    /// caller to remove with `remove_segment`. The active segment is never among them.
+    pub fn advance_log_start(&mut self, offset: i64) -> Vec<i64> {
+        debug_assert!(offset >= self.log_start_offset && offset <= self.log_end_offset);
+        self.log_start_offset = offset;
+        let active = self.active().base_offset;
+        let bases: Vec<i64> = self.segments.keys().copied().collect();
+        bases
+            .windows(2)
+            .filter(|w| w[0] != active && w[1] <= offset)
+            .map(|w| w[0])
+            .collect()
+    }
+
+    /// Persists the log start offset (temp file, fsync, rename, fsync dir) so a restart keeps
+    /// what DeleteRecords removed hidden. Blocking: call through `blocking`.
+    pub fn write_log_start_checkpoint(dir: &Path, offset: i64) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = dir.join(format!("{LOG_START_CHECKPOINT}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{offset}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(LOG_START_CHECKPOINT))?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
     /// Removes a segment from the log (files are deleted by the caller) and advances the start.
     pub fn remove_segment(&mut self, base: i64) -> Option<(Rc<SegmentFile>, PathBuf)> {
         if self.segments.len() <= 1 {
@@ -750,6 +782,17 @@ impl PartitionLog {
             .find(|s| s.size > 0 && s.max_timestamp >= ts)?;
         Some(seg.base_offset + seg.index.offset_for_time(ts) as i64)
     }
+}
+
+/// A partition's log start offset, when DeleteRecords moved it (one decimal number).
+pub const LOG_START_CHECKPOINT: &str = "log-start-offset";
+
+fn read_log_start_checkpoint(dir: &Path) -> Option<i64> {
+    std::fs::read_to_string(dir.join(LOG_START_CHECKPOINT))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The producer-state entry of a stored batch.

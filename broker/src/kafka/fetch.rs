@@ -1,16 +1,21 @@
 //! Fetch v4-12: the fetch planner groups partitions by owner shard, reads them there (cache
 //! first, then disk), and long-polls up to max_wait_ms when less than min_bytes is available,
-//! woken by appends. Fetch sessions (KIP-227) are declined: every response has session id 0,
-//! so clients send full fetch requests. Record batches go into the response as stored `Bytes`.
+//! woken by appends. From v7 a client may open an incremental fetch session (KIP-227,
+//! `fetch_session.rs`): later requests carry only changed partitions and responses only
+//! partitions with news. Record batches go into the response as stored `Bytes`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::{FetchRequest, FetchResponse};
+use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
 
 use super::errors::*;
+use super::fetch_session::{
+    self as sessions, CachedPartition, FETCH_SESSION_ID_NOT_FOUND, INVALID_FETCH_SESSION_EPOCH,
+};
 use super::{decode, respond, Response};
 use crate::protocol::{OutBuf, RequestFrame};
 use crate::shard::{shard, FetchItem, FetchResult, ShardMsg};
@@ -20,9 +25,8 @@ use crate::shard::{shard, FetchItem, FetchResult, ShardMsg};
 pub const FETCH_RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// Longest long-poll honoured.
 pub const FETCH_WAIT_MS_MAX: i32 = 60_000;
-const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
-
-type Plan = BTreeMap<usize, Vec<(usize, usize, FetchItem)>>;
+/// Owner shard -> (index into the fetch's partition list, what to read).
+type Plan = BTreeMap<usize, Vec<(usize, FetchItem)>>;
 
 async fn run_plan(
     plan: &Plan,
@@ -35,7 +39,7 @@ async fn run_plan(
         let (tx, rx) = oneshot::channel();
         let items = items
             .iter()
-            .map(|(_, _, i)| FetchItem {
+            .map(|(_, i)| FetchItem {
                 topic: i.topic.clone(),
                 partition: i.partition,
                 offset: i.offset,
@@ -58,10 +62,26 @@ async fn run_plan(
     rxs
 }
 
-fn store(results: &mut [Vec<FetchResult>], plan: &Plan, target: usize, got: Vec<FetchResult>) {
-    for ((ti, pi, _), r) in plan[&target].iter().zip(got) {
-        results[*ti][*pi] = r;
+fn store(results: &mut [FetchResult], plan: &Plan, target: usize, got: Vec<FetchResult>) {
+    for ((i, _), r) in plan[&target].iter().zip(got) {
+        results[*i] = r;
     }
+}
+
+/// How the partitions of this fetch were chosen, which decides the response's shape.
+enum Mode {
+    /// Every partition of the request is answered; `session_id` is 0 (no session) or the id
+    /// of a session this request just opened.
+    Full { session_id: i32 },
+    /// An incremental fetch in session `session_id`: only partitions with news are answered.
+    Incremental { session_id: i32 },
+}
+
+fn session_error(frame: &RequestFrame, code: i16) -> Result<Response, String> {
+    let resp = FetchResponse::default()
+        .with_error_code(code)
+        .with_session_id(0);
+    respond(frame, OutBuf::new(), &resp)
 }
 
 pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
@@ -77,46 +97,98 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     let max_wait = Duration::from_millis(req.max_wait_ms.clamp(0, FETCH_WAIT_MS_MAX) as u64);
     let min_bytes = req.min_bytes.max(0) as usize;
 
-    if req.session_id != 0 {
-        let resp = FetchResponse::default()
-            .with_error_code(FETCH_SESSION_ID_NOT_FOUND)
-            .with_session_id(0);
-        return respond(&frame, OutBuf::new(), &resp);
-    }
-
-    let mut results: Vec<Vec<FetchResult>> = Vec::with_capacity(req.topics.len());
-    let mut plan: Plan = BTreeMap::new();
-    for (ti, t) in req.topics.iter().enumerate() {
-        let name = t.topic.0.to_string();
-        let mut row = Vec::with_capacity(t.partitions.len());
-        for (pi, p) in t.partitions.iter().enumerate() {
-            let unknown = FetchResult {
-                error: UNKNOWN_TOPIC_OR_PARTITION,
-                high_watermark: -1,
-                log_start_offset: -1,
-                records: Vec::new(),
-            };
-            row.push(unknown);
-            let Some(owner) = image.owner(&name, p.partition) else {
-                continue;
-            };
-            plan.entry(owner as usize).or_default().push((
-                ti,
-                pi,
-                FetchItem {
-                    topic: name.clone(),
-                    partition: p.partition,
-                    offset: p.fetch_offset,
-                    partition_max_bytes: (p.partition_max_bytes.max(0) as usize).min(max_bytes),
-                    current_leader_epoch: if frame.api_version >= 9 {
-                        p.current_leader_epoch
-                    } else {
-                        -1
-                    },
-                },
-            ));
+    let leader_epoch = |e: i32| if frame.api_version >= 9 { e } else { -1 };
+    let from_request = || -> Vec<CachedPartition> {
+        req.topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().map(|p| {
+                    CachedPartition::new(
+                        t.topic.0.to_string(),
+                        p.partition,
+                        p.fetch_offset,
+                        (p.partition_max_bytes.max(0) as usize).min(max_bytes),
+                        leader_epoch(p.current_leader_epoch),
+                    )
+                })
+            })
+            .collect()
+    };
+    let (session_id, epoch) = if frame.api_version >= 7 {
+        (req.session_id, req.session_epoch)
+    } else {
+        (0, -1)
+    };
+    let (mode, wanted) = match (session_id, epoch) {
+        (0, -1) => (Mode::Full { session_id: 0 }, from_request()),
+        (0, 0) => {
+            let wanted = from_request();
+            let id = sessions::create(s.id, s.count).unwrap_or(0);
+            let fits = id != 0
+                && sessions::with_session(id, |sess| wanted.iter().all(|p| sess.upsert(p.clone())))
+                    .unwrap_or(false);
+            if id != 0 && !fits {
+                sessions::remove(id);
+            }
+            let session_id = if fits { id } else { 0 };
+            (Mode::Full { session_id }, wanted)
         }
-        results.push(row);
+        (id, -1) => {
+            sessions::remove(id);
+            (Mode::Full { session_id: 0 }, from_request())
+        }
+        (id, epoch) => {
+            let updates = from_request();
+            let outcome = sessions::with_session(id, |sess| {
+                if epoch != sess.next_epoch {
+                    return Err(INVALID_FETCH_SESSION_EPOCH);
+                }
+                for f in &req.forgotten_topics_data {
+                    for &p in &f.partitions {
+                        sess.forget(f.topic.0.as_str(), p);
+                    }
+                }
+                if !updates.into_iter().all(|p| sess.upsert(p)) {
+                    return Err(FETCH_SESSION_ID_NOT_FOUND);
+                }
+                sess.next_epoch = epoch.wrapping_add(1).max(1);
+                Ok(sess.partitions.clone())
+            });
+            match outcome {
+                None => return session_error(&frame, FETCH_SESSION_ID_NOT_FOUND),
+                Some(Err(code)) => {
+                    if code == FETCH_SESSION_ID_NOT_FOUND {
+                        sessions::remove(id);
+                    }
+                    return session_error(&frame, code);
+                }
+                Some(Ok(wanted)) => (Mode::Incremental { session_id: id }, wanted),
+            }
+        }
+    };
+
+    let mut results: Vec<FetchResult> = Vec::with_capacity(wanted.len());
+    let mut plan: Plan = BTreeMap::new();
+    for (i, c) in wanted.iter().enumerate() {
+        results.push(FetchResult {
+            error: UNKNOWN_TOPIC_OR_PARTITION,
+            high_watermark: -1,
+            log_start_offset: -1,
+            records: Vec::new(),
+        });
+        let Some(owner) = image.owner(&c.topic, c.partition) else {
+            continue;
+        };
+        plan.entry(owner as usize).or_default().push((
+            i,
+            FetchItem {
+                topic: c.topic.clone(),
+                partition: c.partition,
+                offset: c.fetch_offset,
+                partition_max_bytes: c.max_bytes,
+                current_leader_epoch: c.current_leader_epoch,
+            },
+        ));
     }
 
     // Pass one: what is there now.
@@ -125,8 +197,8 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             store(&mut results, &plan, target, got);
         }
     }
-    let total: usize = results.iter().flatten().map(|r| r.bytes()).sum();
-    let errors = results.iter().flatten().any(|r| r.error != NONE);
+    let total: usize = results.iter().map(|r| r.bytes()).sum();
+    let errors = results.iter().any(|r| r.error != NONE);
     if total < min_bytes.max(1) && !errors && !max_wait.is_zero() && !plan.is_empty() {
         // Pass two: every owner waits for an append (or the deadline); the first to return
         // with data ends the wait, and dropping the others' replies cancels their waits.
@@ -147,49 +219,86 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         }
     }
 
+    // Which partitions the response names: all of them for a full fetch; for an incremental
+    // one only those with records, an error, or a moved high watermark or log start. Either
+    // way the session remembers what it told the client.
+    let session_id = match mode {
+        Mode::Full { session_id } | Mode::Incremental { session_id } => session_id,
+    };
+    let incremental = matches!(mode, Mode::Incremental { .. });
+    let include: Vec<bool> = if session_id == 0 {
+        vec![true; results.len()]
+    } else {
+        sessions::with_session(session_id, |sess| {
+            wanted
+                .iter()
+                .zip(&results)
+                .map(|(w, r)| {
+                    let cached = sess
+                        .partitions
+                        .iter_mut()
+                        .find(|c| c.topic == w.topic && c.partition == w.partition);
+                    let news = match cached {
+                        Some(c) => c.must_respond(
+                            !r.records.is_empty(),
+                            r.error,
+                            r.high_watermark,
+                            r.log_start_offset,
+                        ),
+                        None => true,
+                    };
+                    news || !incremental
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![true; results.len()])
+    };
+
     // Enforce max_bytes over the whole response: the first non-empty partition is always
     // returned whole (KIP-74), later ones only while they fit.
     let mut budget_used = 0usize;
     let mut out = OutBuf::new();
-    let mut topics = Vec::with_capacity(req.topics.len());
-    for (t, row) in req.topics.iter().zip(results) {
-        let mut partitions = Vec::with_capacity(row.len());
-        for (p, mut r) in t.partitions.iter().zip(row) {
-            let bytes = r.bytes();
-            if budget_used > 0 && budget_used + bytes > max_bytes {
-                r.records.clear();
-            } else {
-                budget_used += bytes;
-            }
-            let hw = r.high_watermark;
-            partitions.push(
-                PartitionData::default()
-                    .with_partition_index(p.partition)
-                    .with_error_code(r.error)
-                    .with_high_watermark(hw)
-                    .with_last_stable_offset(hw)
-                    .with_log_start_offset(if frame.api_version >= 5 {
-                        r.log_start_offset
-                    } else {
-                        -1
-                    })
-                    .with_aborted_transactions(if req.isolation_level == 1 {
-                        Some(Vec::new())
-                    } else {
-                        None
-                    })
-                    .with_preferred_read_replica((-1).into())
-                    .with_records(Some(out.splice(r.records))),
-            );
+    let mut topics: Vec<FetchableTopicResponse> = Vec::new();
+    for ((w, mut r), included) in wanted.iter().zip(results).zip(include) {
+        if !included {
+            continue;
         }
-        topics.push(
-            FetchableTopicResponse::default()
-                .with_topic(t.topic.clone())
-                .with_partitions(partitions),
-        );
+        let bytes = r.bytes();
+        if budget_used > 0 && budget_used + bytes > max_bytes {
+            r.records.clear();
+        } else {
+            budget_used += bytes;
+        }
+        let hw = r.high_watermark;
+        let data = PartitionData::default()
+            .with_partition_index(w.partition)
+            .with_error_code(r.error)
+            .with_high_watermark(hw)
+            .with_last_stable_offset(hw)
+            .with_log_start_offset(if frame.api_version >= 5 {
+                r.log_start_offset
+            } else {
+                -1
+            })
+            .with_aborted_transactions(if req.isolation_level == 1 {
+                Some(Vec::new())
+            } else {
+                None
+            })
+            .with_preferred_read_replica((-1).into())
+            .with_records(Some(out.splice(r.records)));
+        // Consecutive partitions of one topic share a topic entry.
+        match topics.last_mut() {
+            Some(t) if t.topic.0.as_str() == w.topic => t.partitions.push(data),
+            _ => topics.push(
+                FetchableTopicResponse::default()
+                    .with_topic(TopicName(StrBytes::from_string(w.topic.clone())))
+                    .with_partitions(vec![data]),
+            ),
+        }
     }
     let resp = FetchResponse::default()
-        .with_session_id(0)
+        .with_session_id(session_id)
         .with_responses(topics);
     respond(&frame, out, &resp)
 }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod delete_records;
 pub mod errors;
 pub mod fetch;
+pub mod fetch_session;
 pub mod groups;
 pub mod init_producer_id;
 pub mod list_offsets;

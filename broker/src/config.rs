@@ -18,9 +18,13 @@ pub const PARTITIONS_PER_BROKER_MAX: usize = 50_000;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// host:port announced to clients in Metadata.
+    /// host:port announced to clients in Metadata: the listen address unless an advertised
+    /// listener was given.
     pub advertised_host: String,
     pub advertised_port: i32,
+    /// An advertised listener was given (`advertised.listeners` or `--advertised-listener`):
+    /// later changes of the listen address leave it alone.
+    pub advertised_explicit: bool,
     pub data_dir: PathBuf,
     pub shards: usize,
     pub node_id: i32,
@@ -191,6 +195,7 @@ impl Config {
             listen,
             advertised_host: listen.ip().to_string(),
             advertised_port: listen.port() as i32,
+            advertised_explicit: false,
             data_dir,
             shards,
             node_id: 0,
@@ -205,6 +210,26 @@ impl Config {
             producer_id_expiration_ms: 86_400_000,
             group: crate::group::GroupConfig::default(),
         }
+    }
+
+    /// Sets the listen address; it is also what Metadata announces unless an advertised
+    /// listener was given.
+    pub fn set_listen(&mut self, listen: SocketAddr) {
+        self.listen = listen;
+        if !self.advertised_explicit {
+            self.advertised_host = listen.ip().to_string();
+            self.advertised_port = listen.port() as i32;
+        }
+    }
+
+    /// Sets the advertised listener (`PLAINTEXT://host:port` or `host:port`); it wins over
+    /// the listen address whichever is set later.
+    pub fn set_advertised(&mut self, listener: &str) -> Result<()> {
+        let (host, port) = parse_listener(listener)?;
+        self.advertised_host = host;
+        self.advertised_port = port;
+        self.advertised_explicit = true;
+        Ok(())
     }
 
     /// Applies a Kafka server.properties file. Unknown keys are logged and ignored, as Kafka
@@ -290,16 +315,14 @@ impl Config {
             }
             "producer.id.expiration.ms" => self.producer_id_expiration_ms = parse_i64_min(v, 1)?,
             "max.connections" => self.connections_per_shard_max = parse_i64_min(v, 1)? as usize,
-            "listeners" | "advertised.listeners" => {
+            "listeners" => {
                 let (host, port) = parse_listener(v)?;
-                if k == "listeners" {
-                    self.listen = format!("{host}:{port}")
-                        .parse()
-                        .with_context(|| format!("listener {v} is not an ip:port"))?;
-                }
-                self.advertised_host = host;
-                self.advertised_port = port;
+                let listen = format!("{host}:{port}")
+                    .parse()
+                    .with_context(|| format!("listener {v} is not an ip:port"))?;
+                self.set_listen(listen);
             }
+            "advertised.listeners" => self.set_advertised(v)?,
             _ => tracing::warn!(key = k, "ignoring server.properties key Weir does not use"),
         }
         Ok(())
@@ -366,6 +389,56 @@ mod tests {
         let mut bad = BTreeMap::new();
         bad.insert("no.such.key".to_string(), "1".to_string());
         assert!(base.with_topic_overrides(&bad).is_err());
+    }
+
+    #[test]
+    fn advertised_listener_wins_over_the_listen_address_in_any_order() {
+        let flag: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        // File: advertised after listeners, then the --listen flag.
+        let mut c = cfg();
+        c.apply_properties(
+            "listeners=PLAINTEXT://127.0.0.1:9093\nadvertised.listeners=PLAINTEXT://adv.example:9094\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9093");
+        c.set_listen(flag);
+        assert_eq!(c.listen, flag);
+        assert_eq!(
+            (c.advertised_host.as_str(), c.advertised_port),
+            ("adv.example", 9094)
+        );
+        // File: advertised before listeners.
+        let mut c = cfg();
+        c.apply_properties(
+            "advertised.listeners=adv.example:9094\nlisteners=PLAINTEXT://127.0.0.1:9093\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9093");
+        assert_eq!(
+            (c.advertised_host.as_str(), c.advertised_port),
+            ("adv.example", 9094)
+        );
+        // Only listeners: the listen address is announced, and a later --listen replaces both.
+        let mut c = cfg();
+        c.apply_properties("listeners=PLAINTEXT://127.0.0.1:9093\n")
+            .unwrap();
+        assert_eq!(
+            (c.advertised_host.as_str(), c.advertised_port),
+            ("127.0.0.1", 9093)
+        );
+        c.set_listen(flag);
+        assert_eq!(
+            (c.advertised_host.as_str(), c.advertised_port),
+            ("127.0.0.1", 7000)
+        );
+        // --advertised-listener wins over the file.
+        c.set_advertised("flag.example:1").unwrap();
+        c.apply_properties("listeners=PLAINTEXT://127.0.0.1:9093\n")
+            .unwrap();
+        assert_eq!(
+            (c.advertised_host.as_str(), c.advertised_port),
+            ("flag.example", 1)
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use weir_broker::config::{parse_listener, Config};
+use weir_broker::config::Config;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -14,15 +14,17 @@ use weir_broker::config::{parse_listener, Config};
     about = "Weir: a Kafka-compatible event-streaming broker"
 )]
 struct Args {
-    /// Address to accept Kafka clients on.
-    #[arg(long, default_value = "127.0.0.1:9092")]
-    listen: SocketAddr,
-    /// host:port announced to clients in Metadata (default: the listen address).
+    /// Address to accept Kafka clients on [default: `listeners` from --config, else
+    /// 127.0.0.1:9092].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// host:port announced to clients in Metadata [default: `advertised.listeners` from
+    /// --config, else the listen address].
     #[arg(long)]
     advertised_listener: Option<String>,
-    /// Directory for logs and metadata.
-    #[arg(long, default_value = "./data")]
-    data_dir: PathBuf,
+    /// Directory for logs and metadata [default: `log.dirs` from --config, else ./data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Number of shards (one pinned thread each); default: one per core.
     #[arg(long)]
     shards: Option<usize>,
@@ -62,7 +64,11 @@ fn run() -> Result<()> {
         (1..=256).contains(&shards),
         "--shards must be between 1 and 256"
     );
-    let mut config = Config::new(args.listen, args.data_dir.clone(), shards);
+    let mut config = Config::new(
+        "127.0.0.1:9092".parse().expect("a socket address"),
+        PathBuf::from("./data"),
+        shards,
+    );
     if let Some(path) = &args.config {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -70,19 +76,16 @@ fn run() -> Result<()> {
             .apply_properties(&text)
             .with_context(|| format!("in {}", path.display()))?;
     }
-    // Command-line flags override the file.
-    if args.listen.to_string() != "127.0.0.1:9092" || args.config.is_none() {
-        config.listen = args.listen;
-        config.advertised_host = args.listen.ip().to_string();
-        config.advertised_port = args.listen.port() as i32;
+    // Flags given on the command line override the file; an advertised listener (from either)
+    // wins over the listen address.
+    if let Some(listen) = args.listen {
+        config.set_listen(listen);
     }
     if let Some(a) = &args.advertised_listener {
-        let (host, port) = parse_listener(a)?;
-        config.advertised_host = host;
-        config.advertised_port = port;
+        config.set_advertised(a)?;
     }
-    if args.data_dir != PathBuf::from("./data") || args.config.is_none() {
-        config.data_dir = args.data_dir;
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
     }
     if let Some(n) = args.node_id {
         config.node_id = n;
@@ -95,6 +98,7 @@ fn run() -> Result<()> {
     }
     tracing::info!(
         listen = %config.listen,
+        advertised = %format!("{}:{}", config.advertised_host, config.advertised_port),
         data_dir = %config.data_dir.display(),
         shards = config.shards,
         cache_bytes = config.cache_bytes,

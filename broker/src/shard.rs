@@ -991,8 +991,17 @@ impl Shard {
                 results.push(r);
             }
             let has_news = total > 0 || results.iter().any(|r| r.error != NONE);
+            // At shutdown a long poll answers now instead of holding its connection open.
+            let stopping = self.stopped.listen();
             let deadline = match wait_until {
-                Some(d) if !has_news && d > Instant::now() && !listeners.is_empty() => d,
+                Some(d)
+                    if !has_news
+                        && d > Instant::now()
+                        && !listeners.is_empty()
+                        && !self.shutting_down.get() =>
+                {
+                    d
+                }
                 _ => {
                     for (p, r) in parts.iter().zip(&results) {
                         if let (Some(p), false) = (p, r.records.is_empty()) {
@@ -1004,7 +1013,12 @@ impl Shard {
                 }
             };
             let any_append = futures::future::select_all(listeners);
-            let timer = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+            let timer = select(
+                Box::pin(glommio::timer::sleep(
+                    deadline.saturating_duration_since(Instant::now()),
+                )),
+                stopping,
+            );
             let cancelled = reply.cancellation();
             let woke = match select(Box::pin(any_append), select(Box::pin(timer), cancelled)).await
             {

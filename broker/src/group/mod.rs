@@ -1131,7 +1131,16 @@ impl Shard {
         loop {
             glommio::timer::sleep(TICK).await;
             if self.shutting_down.get() {
-                return;
+                // No rebalance completes from now on: every tick until the shard stops,
+                // answer the members waiting in JoinGroup/SyncGroup (COORDINATOR_NOT_AVAILABLE,
+                // REBALANCE_IN_PROGRESS) so their connections can close.
+                for g in self.groups.groups.borrow_mut().values_mut() {
+                    for m in g.members.values_mut() {
+                        m.join_waiter = None;
+                        m.sync_waiter = None;
+                    }
+                }
+                continue;
             }
             let cfg = self.config.group.clone();
             let now = Instant::now();

@@ -441,7 +441,9 @@ fn create_topics_with_manual_replica_assignments() {
 fn delete_records_moves_the_log_start_and_frees_segments() {
     let mut b = Broker::start(2);
     admin::create(&b, "dr", 2, 1, &[("segment.bytes", "4096")]).unwrap();
-    let acked = produce(&b.client_config(), "dr", 0..2000, &[("acks", "all")]);
+    // Small batches, so a partition spans many 4 KiB segments.
+    let small = [("acks", "all"), ("batch.num.messages", "20"), ("linger.ms", "1")];
+    let acked = produce(&b.client_config(), "dr", 0..2000, &small);
     let in_p0 = acked.iter().filter(|a| a.partition == 0).count() as i64;
     assert!(in_p0 > 100);
     let seg_count = |b: &Broker| {
@@ -465,7 +467,6 @@ fn delete_records_moves_the_log_start_and_frees_segments() {
         }
         futures::executor::block_on(a.delete_records(&tpl, &admin::opts())).unwrap()
     };
-    // Producer batches are bigger than a segment here: each batch has a segment of its own.
     let cut = acked
         .iter()
         .filter(|a| a.partition == 0)

@@ -116,6 +116,16 @@ impl Broker {
     /// (Re)starts the broker process on the same port and data directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "broker already running");
+        // A killed broker's listening socket can outlive its process by a few milliseconds;
+        // wait until nothing accepts on the port, so the readiness check below cannot be
+        // answered by the old socket.
+        let released = Instant::now() + Duration::from_secs(5);
+        while self.starts > 0
+            && Instant::now() < released
+            && TcpStream::connect(self.bootstrap()).is_ok()
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.starts += 1;
         let log = std::fs::OpenOptions::new()
             .create(true)

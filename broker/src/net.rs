@@ -44,9 +44,10 @@ const MEMORY_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// arrive (never to more than the frame's size).
 const BODY_FIRST_BYTES: usize = 64 << 10;
 /// Growth factor of a body buffer. Each growth may move (copy) what has arrived: with a factor
-/// of 4 that is at most a third of a byte copied per byte, instead of today's zero fill of the
-/// whole frame (a recv straight into spare capacity needs no zeroing); the buffer is never more
-/// than 4 times what arrived, so an untouched reservation stays small.
+/// of 4 that is at most a third of a byte copied per byte, less than the zero fill of the whole
+/// frame this replaces (a recv straight into spare capacity needs no zeroing); the buffer is
+/// never more than max(BODY_FIRST_BYTES, 4 times what arrived), so an untouched reservation
+/// stays small.
 const BODY_GROWTH: usize = 4;
 /// Bytes read into the connection's stack buffer when a socket has nothing queued: waiting
 /// needs a buffer, and a peer that sends nothing must not make us allocate one on the heap.

@@ -477,12 +477,15 @@ async fn read_body(
     let mut body: Vec<u8> = Vec::new();
     let mut hold = PartialHold::new(mem, size);
     let mut waiting_since: Option<Instant> = None;
+    // The last recv came back short: the socket is most likely empty, so go straight to
+    // waiting (whose read tries the socket first anyway) and spare a recv that would fail.
+    let mut drained = false;
     while body.len() < size {
         let left = size - body.len();
         if body.len() == body.capacity() && !body.is_empty() {
             grow(&mut body, size, 1);
         }
-        if body.capacity() > body.len() {
+        if body.capacity() > body.len() && !drained {
             let want = (body.capacity() - body.len()).min(left);
             let granted = hold.grant(want as u64) as usize;
             if granted == 0 {
@@ -494,7 +497,10 @@ async fn read_body(
             hold.give_back((granted - got.as_ref().ok().copied().flatten().unwrap_or(0)) as u64);
             match got {
                 Ok(Some(0)) => return Err("peer closed mid-frame".into()),
-                Ok(Some(_)) => continue,
+                Ok(Some(n)) => {
+                    drained = n < granted;
+                    continue;
+                }
                 Ok(None) => {}
                 Err(e) => return Err(format!("reading a frame: {e}")),
             }
@@ -528,6 +534,7 @@ async fn read_body(
             grow(&mut body, size, n);
         }
         body.extend_from_slice(&head[..n]);
+        drained = false;
     }
     assert_eq!(body.len(), size);
     // Complete: the frame moves from the partial pool to the complete budget (the partial

@@ -93,8 +93,8 @@ pub struct Shard {
     flushed: Event,
     /// Serialises metadata changes (used on the controller, shard 0).
     pub control_lock: Semaphore,
-    /// Bytes of request frames being read or handled on this shard.
-    pub request_memory: Rc<Semaphore>,
+    /// Bytes of request frames being read or handled on this shard (only bytes that arrived).
+    pub request_memory: crate::net::RequestMemory,
     pub stats: RefCell<Stats>,
     pub shutting_down: Cell<bool>,
     pub stopped: Event,
@@ -239,7 +239,7 @@ impl Shard {
         image: Arc<Image>,
         senders: Senders<ShardMsg>,
     ) -> Rc<Shard> {
-        let request_bytes = (config.socket_request_bytes_max as u64).max(256 << 20);
+        let request_memory = crate::net::RequestMemory::new(config.socket_request_bytes_max);
         let s = Rc::new(Shard {
             id,
             count,
@@ -260,7 +260,7 @@ impl Shard {
             stalled: RefCell::new(Vec::new()),
             flushed: Event::new(),
             control_lock: Semaphore::new(1),
-            request_memory: Rc::new(Semaphore::new(request_bytes)),
+            request_memory,
             stats: RefCell::new(Stats::default()),
             shutting_down: Cell::new(false),
             stopped: Event::new(),

@@ -1215,14 +1215,7 @@ async fn remove_segments(p: &Rc<Partition>, bases: Vec<i64>, why: &str) {
             continue;
         };
         drop(file);
-        let r = blocking(move || -> std::io::Result<()> {
-            std::fs::remove_file(&path)?;
-            for ext in ["index", "timeindex"] {
-                let _ = std::fs::remove_file(path.with_extension(ext));
-            }
-            Ok(())
-        })
-        .await;
+        let r = blocking(move || log::delete_segment_files(&path)).await;
         match r {
             Ok(()) => {
                 tracing::info!(topic = %p.topic, partition = p.index, base, "deleted segment ({why})")

@@ -58,19 +58,7 @@ impl Broker {
     }
 
     pub fn start_with(shards: usize, extra: &[&str]) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("broker.log");
-        let mut b = Broker {
-            port: free_port(),
-            dir,
-            shards,
-            extra_args: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            log_path,
-            starts: 0,
-        };
-        b.restart();
-        b
+        Broker::start_in(tempfile::tempdir().unwrap(), shards, extra)
     }
 
     /// Starts a broker whose data directory is `dir/data`, prepared by the caller (for example

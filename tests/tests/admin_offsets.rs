@@ -442,7 +442,11 @@ fn delete_records_moves_the_log_start_and_frees_segments() {
     let mut b = Broker::start(2);
     admin::create(&b, "dr", 2, 1, &[("segment.bytes", "4096")]).unwrap();
     // Small batches, so a partition spans many 4 KiB segments.
-    let small = [("acks", "all"), ("batch.num.messages", "20"), ("linger.ms", "1")];
+    let small = [
+        ("acks", "all"),
+        ("batch.num.messages", "20"),
+        ("linger.ms", "1"),
+    ];
     let acked = produce(&b.client_config(), "dr", 0..2000, &small);
     let in_p0 = acked.iter().filter(|a| a.partition == 0).count() as i64;
     assert!(in_p0 > 100);

@@ -309,14 +309,7 @@ impl PartitionLog {
                 let seg = self.segments.remove(&base).expect("listed");
                 let path = seg.path.clone();
                 drop(seg);
-                let r = blocking(move || -> std::io::Result<()> {
-                    std::fs::remove_file(&path)?;
-                    for ext in ["index", "timeindex"] {
-                        let _ = std::fs::remove_file(path.with_extension(ext));
-                    }
-                    Ok(())
-                })
-                .await;
+                let r = blocking(move || delete_segment_files(&path)).await;
                 tracing::warn!(dir = %self.dir.display(), segment = base, "deleted a rolled segment that recovery emptied ({r:?})");
             }
         }
@@ -782,6 +775,15 @@ impl PartitionLog {
             .find(|s| s.size > 0 && s.max_timestamp >= ts)?;
         Some(seg.base_offset + seg.index.offset_for_time(ts) as i64)
     }
+}
+
+/// Deletes a removed segment's log file and its index files. Blocking.
+pub fn delete_segment_files(log_path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(log_path)?;
+    for ext in ["index", "timeindex"] {
+        let _ = std::fs::remove_file(log_path.with_extension(ext));
+    }
+    Ok(())
 }
 
 /// A partition's log start offset, when DeleteRecords moved it (one decimal number).

@@ -87,6 +87,78 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "compression.type",
 ];
 
+/// Topic config keys whose value is a comma-separated list (IncrementalAlterConfigs may
+/// APPEND to and SUBTRACT from them).
+pub const TOPIC_LIST_CONFIG_KEYS: &[&str] = &["cleanup.policy"];
+
+/// A change to one topic's config overrides.
+#[derive(Clone, Debug)]
+pub enum ConfigEdit {
+    /// AlterConfigs: the given overrides replace all of them.
+    Replace(BTreeMap<String, String>),
+    /// IncrementalAlterConfigs: (key, operation 0 SET / 1 DELETE / 2 APPEND / 3 SUBTRACT, value).
+    Incremental(Vec<(String, i8, Option<String>)>),
+}
+
+impl ConfigEdit {
+    /// The overrides after this edit (not yet validated: see `LogConfig::with_topic_overrides`).
+    /// `defaults` gives a list key's effective value when APPEND or SUBTRACT finds no override.
+    pub fn apply(
+        self,
+        current: &BTreeMap<String, String>,
+        defaults: &LogConfig,
+    ) -> Result<BTreeMap<String, String>> {
+        let ops = match self {
+            ConfigEdit::Replace(all) => return Ok(all),
+            ConfigEdit::Incremental(ops) => ops,
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut out = current.clone();
+        for (key, op, value) in ops {
+            if !seen.insert(key.clone()) {
+                bail!("Error due to duplicate config keys");
+            }
+            let list = TOPIC_LIST_CONFIG_KEYS.contains(&key.as_str());
+            match (op, value) {
+                (0, Some(v)) => {
+                    out.insert(key, v);
+                }
+                (1, _) => {
+                    out.remove(&key);
+                }
+                (2 | 3, _) if !list => {
+                    let verb = if op == 2 { "append" } else { "subtract" };
+                    bail!("Config value {verb} is not allowed for config key: {key}");
+                }
+                (2 | 3, Some(v)) => {
+                    let now = out
+                        .get(&key)
+                        .cloned()
+                        .or_else(|| defaults.describe(&key))
+                        .unwrap_or_default();
+                    let mut items: Vec<String> = now
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|x| !x.is_empty())
+                        .map(str::to_string)
+                        .collect();
+                    for x in v.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+                        if op == 2 && !items.iter().any(|i| i == x) {
+                            items.push(x.to_string());
+                        } else if op == 3 {
+                            items.retain(|i| i != x);
+                        }
+                    }
+                    out.insert(key, items.join(","));
+                }
+                (0 | 2 | 3, None) => bail!("Null value not supported for topic config {key}"),
+                (op, _) => bail!("Unknown config operation {op} for config key {key}"),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl LogConfig {
     /// Applies topic-level overrides. Returns an error naming the first bad key or value.
     pub fn with_topic_overrides(&self, overrides: &BTreeMap<String, String>) -> Result<LogConfig> {

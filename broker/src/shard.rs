@@ -185,7 +185,12 @@ pub enum ControlOp {
     CreateTopics(Vec<metadata::NewTopic>, bool),
     DeleteTopics(Vec<String>),
     CreatePartitions(Vec<(String, i32)>, bool),
+    /// New complete override maps for topics (AlterConfigs and IncrementalAlterConfigs resolve
+    /// their operations against the current image first), and validate_only.
+    AlterTopicConfigs(Vec<(String, ConfigEdit)>, bool),
 }
+
+pub use crate::config::ConfigEdit;
 
 pub type ControlReply = Vec<Result<(i32, i16), metadata::TopicError>>;
 
@@ -343,6 +348,14 @@ impl Shard {
                     }
                 })?;
             tracing::info!(topic = %p.topic, partition = p.index, shard = self.id, "deleted partition");
+        }
+        // Config changes reach the logs already open.
+        for p in self.all_partitions() {
+            let cfg = image.log_config(&self.config.log, &p.topic);
+            let mut l = p.log.borrow_mut();
+            if l.config != cfg {
+                l.config = cfg;
+            }
         }
         for (name, t) in &image.topics {
             for (i, pm) in t.partitions.iter().enumerate() {

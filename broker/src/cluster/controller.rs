@@ -79,6 +79,24 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
                 Ok((count, 1))
             })
             .collect(),
+        ControlOp::AlterTopicConfigs(edits, validate_only) => edits
+            .into_iter()
+            .map(|(name, edit)| {
+                let t = image.topics.get(&name).ok_or(TopicError::Unknown)?;
+                let new = edit
+                    .apply(&t.configs, &s.config.log)
+                    .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+                s.config
+                    .log
+                    .with_topic_overrides(&new)
+                    .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+                if !validate_only && new != t.configs {
+                    image.topics.get_mut(&name).expect("checked above").configs = new;
+                    changed = true;
+                }
+                Ok((0, 0))
+            })
+            .collect(),
     };
     if !changed {
         return results;

@@ -8,6 +8,7 @@
 //! Responses are written in request order by the connection's writer.
 
 pub mod admin;
+pub mod alter_configs;
 pub mod delete_records;
 pub mod errors;
 pub mod fetch;
@@ -46,6 +47,10 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::DeleteTopics => ready(admin::handle_delete_topics(frame).await),
         ApiKey::CreatePartitions => ready(admin::handle_create_partitions(frame).await),
         ApiKey::DescribeConfigs => ready(admin::handle_describe_configs(frame)),
+        ApiKey::AlterConfigs => ready(alter_configs::handle_alter_configs(frame).await),
+        ApiKey::IncrementalAlterConfigs => {
+            ready(alter_configs::handle_incremental_alter_configs(frame).await)
+        }
         ApiKey::InitProducerId => ready(init_producer_id::handle(frame).await),
         ApiKey::FindCoordinator => ready(groups::handle_find_coordinator(frame)),
         ApiKey::JoinGroup => ready(groups::handle_join(frame).await),

@@ -1,0 +1,177 @@
+//! Altering topic configs: AlterConfigs through librdkafka's admin client, IncrementalAlterConfigs
+//! over the raw protocol, with Kafka's error codes; changes are persisted, described, and take
+//! effect on the partitions already open.
+
+use kafka_protocol::messages::incremental_alter_configs_request::{
+    AlterConfigsResource, AlterableConfig,
+};
+use kafka_protocol::messages::{
+    ApiKey, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
+};
+use kafka_protocol::protocol::StrBytes;
+use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+use weir_tests::raw::Conn;
+use weir_tests::workload::produce;
+use weir_tests::{admin, Broker};
+
+fn describe(b: &Broker, topic: &str) -> std::collections::HashMap<String, (String, bool)> {
+    let a = admin::client(b);
+    let res = futures::executor::block_on(
+        a.describe_configs([&ResourceSpecifier::Topic(topic)], &admin::opts()),
+    )
+    .unwrap();
+    let r = res.into_iter().next().unwrap().unwrap();
+    r.entries
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                (
+                    e.value.clone().unwrap_or_default(),
+                    e.source == rdkafka::admin::ConfigSource::DynamicTopic,
+                ),
+            )
+        })
+        .collect()
+}
+
+fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_string())
+}
+
+/// One IncrementalAlterConfigs resource: (type, name, [(key, op, value)]); returns its code.
+fn incremental(
+    c: &mut Conn,
+    ty: i8,
+    name: &str,
+    ops: &[(&str, i8, Option<&str>)],
+) -> (i16, String) {
+    let req = IncrementalAlterConfigsRequest::default().with_resources(vec![
+        AlterConfigsResource::default()
+            .with_resource_type(ty)
+            .with_resource_name(s(name))
+            .with_configs(
+                ops.iter()
+                    .map(|&(k, op, v)| {
+                        AlterableConfig::default()
+                            .with_name(s(k))
+                            .with_config_operation(op)
+                            .with_value(v.map(s))
+                    })
+                    .collect(),
+            ),
+    ]);
+    let r: IncrementalAlterConfigsResponse = c.call(ApiKey::IncrementalAlterConfigs, 1, &req);
+    let x = &r.responses[0];
+    (
+        x.error_code,
+        x.error_message
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn segments(b: &Broker, dir: &str) -> usize {
+    std::fs::read_dir(b.data_dir().join(dir))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count()
+}
+
+#[test]
+fn alter_topic_configs_persist_and_apply_to_open_partitions() {
+    let mut b = Broker::start(2);
+    admin::create(&b, "c", 1, 1, &[("retention.ms", "86400000")]).unwrap();
+    produce(&b.client_config(), "c", 0..200, &[("acks", "all")]);
+    assert_eq!(segments(&b, "c-0"), 1);
+
+    // AlterConfigs (librdkafka): the given overrides replace all of them.
+    let a = admin::client(&b);
+    let alter = AlterConfig::new(ResourceSpecifier::Topic("c")).set("segment.bytes", "4096");
+    let r = futures::executor::block_on(a.alter_configs([&alter], &admin::opts())).unwrap();
+    assert!(r[0].is_ok(), "{r:?}");
+    let m = describe(&b, "c");
+    assert_eq!(m["segment.bytes"], ("4096".to_string(), true));
+    assert_eq!(m["retention.ms"].1, false, "replaced: back to the default");
+    // The open partition rolls at the new size.
+    produce(
+        &b.client_config(),
+        "c",
+        200..1200,
+        &[("acks", "all"), ("batch.num.messages", "20")],
+    );
+    assert!(
+        segments(&b, "c-0") > 5,
+        "rolled at 4 KiB: {}",
+        segments(&b, "c-0")
+    );
+
+    // IncrementalAlterConfigs: SET, DELETE, and Kafka's errors.
+    let mut c = Conn::new(&b.bootstrap());
+    assert_eq!(
+        incremental(&mut c, 2, "c", &[("retention.ms", 0, Some("5000"))]).0,
+        0
+    );
+    assert_eq!(
+        describe(&b, "c")["retention.ms"],
+        ("5000".to_string(), true)
+    );
+    assert_eq!(describe(&b, "c")["segment.bytes"].0, "4096", "kept");
+    assert_eq!(
+        incremental(&mut c, 2, "c", &[("segment.bytes", 1, None)]).0,
+        0
+    );
+    assert_eq!(
+        describe(&b, "c")["segment.bytes"].1,
+        false,
+        "deleted: default again"
+    );
+    let (code, msg) = incremental(&mut c, 2, "c", &[("retention.ms", 2, Some("1"))]);
+    assert_eq!(code, 40, "INVALID_CONFIG: append to a non-list key");
+    assert!(msg.contains("append"), "{msg}");
+    let (code, msg) = incremental(&mut c, 2, "c", &[("retention.ms", 0, Some("soon"))]);
+    assert_eq!(code, 40, "INVALID_CONFIG: {msg}");
+    assert_eq!(
+        incremental(&mut c, 2, "c", &[("no.such.key", 0, Some("1"))]).0,
+        40
+    );
+    assert_eq!(
+        incremental(&mut c, 2, "nope", &[("retention.ms", 0, Some("1"))]).0,
+        3
+    );
+    assert_eq!(
+        incremental(
+            &mut c,
+            2,
+            "c",
+            &[("retention.ms", 0, Some("1")), ("retention.ms", 1, None)]
+        )
+        .0,
+        42,
+        "INVALID_REQUEST: duplicate keys"
+    );
+    assert_eq!(
+        incremental(&mut c, 4, "0", &[("log.retention.ms", 0, Some("1"))]).0,
+        42
+    );
+    assert_eq!(
+        describe(&b, "c")["retention.ms"].0,
+        "5000",
+        "failed edits changed nothing"
+    );
+
+    // Persisted across a restart.
+    assert!(b.stop());
+    b.restart();
+    assert_eq!(
+        describe(&b, "c")["retention.ms"],
+        ("5000".to_string(), true)
+    );
+}

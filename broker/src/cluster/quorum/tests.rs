@@ -196,6 +196,7 @@ fn three_voters_replicate_fail_over_catch_up_and_restart() {
 
     // Stop the leader: the other two elect a new one within the liveness bound.
     let stopped = leader;
+    let stopped_last = nodes[&stopped].handle().status().last_log_index.unwrap();
     let t = Instant::now();
     nodes.remove(&stopped).unwrap().shutdown();
     let leader = wait_until("new leader", || agreed_leader(&nodes));
@@ -225,8 +226,8 @@ fn three_voters_replicate_fail_over_catch_up_and_restart() {
         "no snapshot or purge: {status:?}"
     );
     assert!(
-        status.purged.unwrap() > before.version,
-        "the leader kept entries the stopped voter lacks: {status:?}"
+        status.purged.unwrap() > stopped_last,
+        "the leader still has the entries the stopped voter lacks (up to {stopped_last}): {status:?}"
     );
 
     // The stopped voter comes back from its directory and catches up (by snapshot: the leader
@@ -236,7 +237,11 @@ fn three_voters_replicate_fail_over_catch_up_and_restart() {
     let image = converged(&nodes, last.unwrap().log_index);
     eprintln!("voter {stopped} caught up after {:?}", t.elapsed());
     assert_eq!(image.producer_id_block_end, 25_000);
-    assert!(nodes[&stopped].handle().status().snapshot.is_some());
+    let caught_up = nodes[&stopped].handle().status();
+    assert!(
+        caught_up.snapshot.is_some_and(|s| s > stopped_last),
+        "voter {stopped} did not install the leader's snapshot: {caught_up:?}"
+    );
 
     // Restart all three: the committed image comes back from snapshot + log.
     let before = image;

@@ -353,3 +353,79 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io::{Read, Write};
+
+    use openraft::Vote;
+
+    use super::super::{Quorum, QuorumConfig};
+    use super::*;
+
+    fn exchange(s: &mut std::net::TcpStream, req: &Request) -> Option<Response> {
+        let body = serde_json::to_vec(req).unwrap();
+        s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        let mut header = [0u8; 4];
+        s.read_exact(&mut header).ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+        s.read_exact(&mut body).ok()?;
+        Some(serde_json::from_slice(&body).unwrap())
+    }
+
+    #[test]
+    fn requests_for_another_cluster_or_node_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let q = Quorum::start(QuorumConfig::new(
+            1,
+            BTreeMap::from([(1, addr)]),
+            dir.path().into(),
+        ))
+        .unwrap();
+        let vote = |cluster: &str, to: NodeId| Request {
+            cluster: cluster.into(),
+            from: 7,
+            to,
+            rpc: Rpc::Vote(VoteRequest::new(Vote::new(0, 7), None)),
+        };
+        for (req, what) in [
+            (vote("other", 1), "another cluster"),
+            (vote("weir", 2), "another node"),
+        ] {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            match exchange(&mut s, &req) {
+                Some(Response::Refused(_)) => {}
+                _ => panic!("a request for {what} was not refused"),
+            }
+            assert_eq!(
+                s.read(&mut [0u8; 8]).unwrap_or(0),
+                0,
+                "the connection stays open after a refusal"
+            );
+        }
+        // The right cluster and node get an answer: a stale candidate is not granted a vote.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        match exchange(&mut s, &vote("weir", 1)) {
+            Some(Response::Vote(Ok(r))) => assert!(!r.vote_granted),
+            _ => panic!("no vote response"),
+        }
+        // Served on the same connection again.
+        assert!(matches!(
+            exchange(&mut s, &vote("weir", 1)),
+            Some(Response::Vote(Ok(_)))
+        ));
+        q.shutdown();
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "the listener outlived its voter"
+        );
+    }
+}

@@ -415,7 +415,7 @@ mod tests {
             partitions: vec![vec![1, 2], vec![2, 1]],
             configs: BTreeMap::new(),
         };
-        img.apply_batch(5, &[create.clone()]).unwrap();
+        img.apply_batch(5, std::slice::from_ref(&create)).unwrap();
         assert!(img.apply_batch(6, &[create]).is_err());
         assert_eq!(img.topics["t"].partitions[1].leader, 2);
         let change = PartitionChange {
@@ -427,7 +427,7 @@ mod tests {
             isr: vec![2],
             partition_epoch: 1,
         };
-        img.apply_batch(7, &[change.clone()]).unwrap();
+        img.apply_batch(7, std::slice::from_ref(&change)).unwrap();
         assert!(img.apply_batch(8, &[change]).unwrap_err().contains("stale"));
         assert!(img
             .apply_batch(

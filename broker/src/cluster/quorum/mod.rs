@@ -388,7 +388,8 @@ impl Quorum {
     }
 
     /// Stops the voter: Raft shuts down, the listener and peer connections close, the thread
-    /// ends. What was committed stays in the log and snapshot.
+    /// ends. What was committed stays in the log and snapshot. Blocks until the thread has
+    /// ended (so does dropping a `Quorum`): call it off the glommio executors.
     pub fn shutdown(mut self) {
         self.stop();
     }

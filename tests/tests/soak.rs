@@ -263,8 +263,9 @@ fn send_tagged(
 /// Tags of probe records: apart from the load's (writer << 48 | sequence).
 const PROBE_TAG: u64 = 0xffff << 48;
 
-/// Sends one small tagged record to each topic with acks=all and reports, per topic, its
-/// acknowledgement, or why none came within `timeout`.
+/// Sends one small tagged record to each topic with acks=all, each from its own producer (its
+/// own connection, so one stuck shard does not hold up the answer for another), and reports
+/// per topic its acknowledgement, or why none came within `timeout`.
 fn probe(
     b: &Broker,
     topics: &[String],
@@ -274,37 +275,57 @@ fn probe(
     cfg.set("acks", "all")
         .set("linger.ms", "0")
         .set("message.timeout.ms", timeout.as_millis().to_string());
-    let acks = TagAcks::new();
-    let p: BaseProducer<TagCtx> = cfg.create_with_context(TagCtx(acks.clone())).unwrap();
-    for (i, t) in topics.iter().enumerate() {
-        let tag = PROBE_TAG | i as u64;
-        let payload = format!("probe-{i}-{t}");
-        let mut full = tag.to_be_bytes().to_vec();
-        full.extend_from_slice(&((TAG_BYTES + payload.len()) as u32).to_be_bytes());
-        full.extend_from_slice(payload.as_bytes());
-        assert!(send_tagged(&p, &acks, t, tag, &full, &|| false));
-    }
-    let started = Instant::now();
-    let _ = p.flush(timeout + Duration::from_secs(2));
-    let waited = started.elapsed();
-    drop(p); // purges whatever is still unacknowledged
-    let acked = acks.acked.lock().unwrap().clone();
-    let err = acks.last_error.lock().unwrap().clone();
-    topics
+    let probes: Vec<_> = topics
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let r = match acked.iter().find(|a| a.tag == PROBE_TAG | i as u64) {
-                Some(a) => Ok(a.clone()),
-                None => Err(format!(
-                    "no ack within {:.1} s (last client error: {})",
-                    waited.as_secs_f64(),
-                    err.clone().unwrap_or_else(|| "none".into())
-                )),
-            };
-            (t.clone(), r)
+            let (cfg, t) = (cfg.clone(), t.clone());
+            std::thread::spawn(move || {
+                let acks = TagAcks::new();
+                let p: BaseProducer<TagCtx> =
+                    cfg.create_with_context(TagCtx(acks.clone())).unwrap();
+                let tag = PROBE_TAG | i as u64;
+                let payload = format!("probe-{i}-{t}");
+                let mut full = tag.to_be_bytes().to_vec();
+                full.extend_from_slice(&((TAG_BYTES + payload.len()) as u32).to_be_bytes());
+                full.extend_from_slice(payload.as_bytes());
+                assert!(send_tagged(&p, &acks, &t, tag, &full, &|| false));
+                let started = Instant::now();
+                let _ = p.flush(timeout + Duration::from_secs(2));
+                let waited = started.elapsed();
+                drop(p); // purges the record if it is still unacknowledged
+                let r = match acks.acked.lock().unwrap().first() {
+                    Some(a) => Ok(a.clone()),
+                    None => Err(format!(
+                        "no ack within {:.1} s (client error: {})",
+                        waited.as_secs_f64(),
+                        acks.last_error
+                            .lock()
+                            .unwrap()
+                            .clone()
+                            .unwrap_or_else(|| "none".into())
+                    )),
+                };
+                (t, r)
+            })
         })
-        .collect()
+        .collect();
+    probes.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Probe results, one line each.
+fn show_probes(probes: &[(String, Result<TagAck, String>)]) -> String {
+    probes
+        .iter()
+        .map(|(t, r)| match r {
+            Ok(a) => format!(
+                "  {t}: acked at partition {} offset {}",
+                a.partition, a.offset
+            ),
+            Err(e) => format!("  {t}: {e}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// What a read-back found in one partition: its high watermark and the tag of every record
@@ -570,7 +591,10 @@ fn overload_writes_keep_flowing() {
         &[topics[0].clone(), "overload-probe-new".to_string()],
         Duration::from_secs(10),
     );
-    summary.push_str(&format!("\nprobes after the load: {probes:?}"));
+    summary.push_str(&format!(
+        "\nprobes after the load:\n{}",
+        show_probes(&probes)
+    ));
     for (t, r) in probes {
         match r {
             // The probe to a load topic is one more record the read-back must find.
@@ -704,7 +728,7 @@ fn large_records_then_small_fetch_limit() {
     let mut targets: Vec<String> = (0..4).map(|i| format!("after-large-{i}")).collect();
     targets.push("large".to_string());
     let probes = probe(&b, &targets, Duration::from_secs(10));
-    summary.push_str(&format!("\nprobes afterwards: {probes:?}"));
+    summary.push_str(&format!("\nprobes afterwards:\n{}", show_probes(&probes)));
     for (t, r) in &probes {
         if let Err(e) = r {
             problems.push(format!("probe to {t}: {e}"));

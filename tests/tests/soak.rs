@@ -265,23 +265,24 @@ fn send_tagged(
 /// Tags of probe records: apart from the load's (writer << 48 | sequence).
 const PROBE_TAG: u64 = 0xffff << 48;
 
-/// Sends one small tagged record to each topic with acks=all, each from its own producer (its
-/// own connection, so one stuck shard does not hold up the answer for another), and reports
-/// per topic its acknowledgement, or why none came within `timeout`.
+/// Sends one small tagged record to each target (a topic, and a partition or the
+/// partitioner's choice) with acks=all, each from its own producer (its own connection, so one
+/// stuck shard does not hold up the answer for another), and reports per target its
+/// acknowledgement, or why none came within `timeout`.
 fn probe(
     b: &Broker,
-    topics: &[String],
+    targets: &[(String, Option<i32>)],
     timeout: Duration,
 ) -> Vec<(String, Result<TagAck, String>)> {
     let mut cfg = b.client_config();
     cfg.set("acks", "all")
         .set("linger.ms", "0")
         .set("message.timeout.ms", timeout.as_millis().to_string());
-    let probes: Vec<_> = topics
+    let probes: Vec<_> = targets
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            let (cfg, t) = (cfg.clone(), t.clone());
+        .map(|(i, (t, partition))| {
+            let (cfg, t, partition) = (cfg.clone(), t.clone(), *partition);
             std::thread::spawn(move || {
                 let acks = TagAcks::new();
                 let p: BaseProducer<TagCtx> =
@@ -291,7 +292,12 @@ fn probe(
                 let mut full = tag.to_be_bytes().to_vec();
                 full.extend_from_slice(&((TAG_BYTES + payload.len()) as u32).to_be_bytes());
                 full.extend_from_slice(payload.as_bytes());
-                assert!(send_tagged(&p, &acks, &t, tag, &full, &|| false));
+                let mut rec: BaseRecord<(), [u8], Box<u64>> =
+                    BaseRecord::with_opaque_to(&t, Box::new(tag)).payload(&full);
+                rec.partition = partition;
+                if let Err((e, _)) = p.send(rec) {
+                    *acks.last_error.lock().unwrap() = Some(format!("send refused: {e}"));
+                }
                 let started = Instant::now();
                 let _ = p.flush(timeout + Duration::from_secs(2));
                 let waited = started.elapsed();
@@ -308,7 +314,11 @@ fn probe(
                             .unwrap_or_else(|| "none".into())
                     )),
                 };
-                (t, r)
+                let name = match partition {
+                    Some(n) => format!("{t}-{n}"),
+                    None => t,
+                };
+                (name, r)
             })
         })
         .collect();
@@ -636,12 +646,14 @@ fn overload_writes_keep_flowing() {
         ));
     }
 
-    // (b) A probe to an existing topic and to a brand-new one (auto-created).
-    let probes = probe(
-        &b,
-        &[topics[0].clone(), "overload-probe-new".to_string()],
-        Duration::from_secs(10),
-    );
+    // (b) A probe to every partition of the load (both shards) and to two brand-new topics
+    // (auto-created, round-robin over the shards).
+    let targets: Vec<(String, Option<i32>)> = topics
+        .iter()
+        .flat_map(|t| (0..PARTITIONS).map(move |p| (t.clone(), Some(p))))
+        .chain((0..2).map(|i| (format!("overload-probe-new-{i}"), None)))
+        .collect();
+    let probes = probe(&b, &targets, Duration::from_secs(10));
     summary.push_str(&format!(
         "\nprobes after the load:\n{}",
         show_probes(&probes)
@@ -785,8 +797,9 @@ fn large_records_then_small_fetch_limit() {
     check_acked(&acked, &read, failed == 0, false, &mut problems);
 
     // New topics are auto-created round-robin over the shards: four of them hit both.
-    let mut targets: Vec<String> = (0..4).map(|i| format!("after-large-{i}")).collect();
-    targets.push("large".to_string());
+    let mut targets: Vec<(String, Option<i32>)> =
+        (0..4).map(|i| (format!("after-large-{i}"), None)).collect();
+    targets.push(("large".to_string(), Some(0)));
     let probes = probe(&b, &targets, Duration::from_secs(10));
     summary.push_str(&format!("\nprobes afterwards:\n{}", show_probes(&probes)));
     for (t, r) in &probes {

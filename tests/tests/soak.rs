@@ -2,8 +2,8 @@
 //! small fetch limit, a kill -9 loop under an idempotent producer, and a bounded frame fuzzer,
 //! each against the real broker process.
 //!
-//! Every test scales with `WEIR_SOAK_SCALE` (default 1, the CI size: each test stays well under
-//! 90 s on two cores; the long run uses e.g. 10). Random choices come from a seed printed at the
+//! Every test scales with `WEIR_SOAK_SCALE` (default 1, the CI size: each test under 90 s on
+//! two cores, the overload test the longest at 60-80 s; the long run uses e.g. 10). Random choices come from a seed printed at the
 //! start of each test; `WEIR_SOAK_SEED=N` replays it. Failures print what was measured (acks per
 //! window, probe results, read-back counts) and the tail of the broker's log.
 

@@ -71,7 +71,8 @@ impl<'a> Header<'a> {
     /// Total bytes of the batch on disk or on the wire, or None when the length is nonsense.
     pub fn total_bytes(&self) -> Option<usize> {
         let l = self.batch_length();
-        (l >= (HEADER_BYTES - LOG_OVERHEAD) as i32).then_some(l as usize + LOG_OVERHEAD)
+        // `then`, not `then_some`: the sum must not be computed for a negative length.
+        (l >= (HEADER_BYTES - LOG_OVERHEAD) as i32).then(|| l as usize + LOG_OVERHEAD)
     }
     pub fn leader_epoch(&self) -> i32 {
         be_i32(self.0, 12)
@@ -400,5 +401,26 @@ mod tests {
         assert_eq!(check_stored(&[0u8; 100], None), Stored::Corrupt);
         assert!(validate_produce(&[], 100).is_err());
         assert!(validate_produce(&[0u8; 5], 100).is_err());
+    }
+}
+
+#[cfg(test)]
+mod header_length_tests {
+    use super::*;
+
+    /// A negative batch length off the wire once overflowed in `total_bytes` (found by the
+    /// soak fuzzer): it must read as nonsense, not panic.
+    #[test]
+    fn negative_batch_length_is_nonsense_not_a_panic() {
+        let mut b = vec![0u8; HEADER_BYTES];
+        for len in [-1i32, i32::MIN, 0, 10] {
+            b[8..12].copy_from_slice(&len.to_be_bytes());
+            assert_eq!(Header::new(&b).unwrap().total_bytes(), None, "length {len}");
+        }
+        b[8..12].copy_from_slice(&100i32.to_be_bytes());
+        assert_eq!(
+            Header::new(&b).unwrap().total_bytes(),
+            Some(100 + LOG_OVERHEAD)
+        );
     }
 }

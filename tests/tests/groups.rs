@@ -547,6 +547,8 @@ fn offsets_of_empty_groups_expire_after_offsets_retention_minutes() {
     )
     .unwrap();
     let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
+    // Commits are accepted only for partitions that exist.
+    weir_tests::admin::create(&b, "t", 1, 1, &[]).unwrap();
     let mut c = weir_tests::raw::Conn::new(&b.bootstrap());
     let commit = OffsetCommitRequest::default()
         .with_group_id(GroupId(StrBytes::from_static_str("idle")))

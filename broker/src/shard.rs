@@ -43,11 +43,8 @@ pub struct Partition {
     pub topic_id: uuid::Uuid,
     pub log: RefCell<PartitionLog>,
     pub cache: RefCell<PartitionCache>,
-    /// Serialises disk writes and rolls of this log.
+    /// Serialises disk writes, syncs and rolls of this log.
     io_lock: Semaphore,
-    /// One fdatasync of this log at a time. Syncs do not take `io_lock`: a write may run
-    /// while the previous bytes are synced (a sync covers what was written when it started).
-    sync_lock: Semaphore,
     /// Notified on every append (wakes long-polling fetches) and on deletion.
     pub appended: Event,
     in_dirty: Cell<bool>,
@@ -89,8 +86,6 @@ pub struct Shard {
     pending: Rc<PendingLedger>,
     flush_wanted: Event,
     sync_requested: Cell<bool>,
-    /// A sync round is in flight (at most one); the flusher writes meanwhile.
-    sync_running: Cell<bool>,
     /// An acks=1 producer waits for a write: the flusher writes without lingering.
     write_requested: Cell<bool>,
     /// Partitions whose writes failed for lack of space, retried by the flusher.
@@ -264,7 +259,6 @@ impl Shard {
             write_requested: Cell::new(false),
             stalled: RefCell::new(Vec::new()),
             flushed: Event::new(),
-            sync_running: Cell::new(false),
             control_lock: Semaphore::new(1),
             request_memory: Rc::new(Semaphore::new(request_bytes)),
             stats: RefCell::new(Stats::default()),
@@ -370,7 +364,6 @@ impl Shard {
                     log: RefCell::new(log),
                     cache: RefCell::new(PartitionCache::default()),
                     io_lock: Semaphore::new(1),
-                    sync_lock: Semaphore::new(1),
                     appended: Event::new(),
                     in_dirty: Cell::new(false),
                     in_unsynced: Cell::new(false),
@@ -635,16 +628,14 @@ impl Shard {
 
     // ---- the flusher ----
 
-    /// Writes pending batches and, when a producer waits for durability, fdatasyncs. A write
-    /// round covers every dirty partition of the shard. A sync round runs as its own task beside
-    /// the next write rounds (at most one sync round at a time); when it ends, the next one
-    /// starts at once if a producer still waits, so no sync waits for a write it does not need
-    /// and no write waits for a sync.
+    /// Writes pending batches and, when a producer waits for durability, fdatasyncs. One round
+    /// covers every dirty partition of the shard; requests that arrive during a round share the
+    /// next one.
     pub async fn flusher(self: Rc<Self>) {
         loop {
-            while self.dirty.borrow().is_empty() && !self.sync_startable() {
+            while self.dirty.borrow().is_empty() && !self.sync_requested.get() {
                 let l = self.flush_wanted.listen();
-                if !self.dirty.borrow().is_empty() || self.sync_startable() {
+                if !self.dirty.borrow().is_empty() || self.sync_requested.get() {
                     break;
                 }
                 if self.shutting_down.get() && self.by_id.borrow().is_empty() {
@@ -669,27 +660,8 @@ impl Shard {
                     let _ = select(Box::pin(glommio::timer::sleep(FLUSH_INTERVAL)), l).await;
                 }
             }
-            self.write_round().await;
-            if self.sync_startable() {
-                // The sync runs beside the next writes; when it ends the flusher is woken and
-                // starts the next one at once if anyone still waits.
-                self.sync_requested.set(false);
-                self.sync_running.set(true);
-                let me = self.clone();
-                glommio::spawn_local(async move {
-                    me.sync_round().await;
-                    me.sync_running.set(false);
-                    me.evict();
-                    me.flushed.notify(usize::MAX);
-                    me.flush_wanted.notify(1);
-                })
-                .detach();
-            }
+            self.flush_round().await;
         }
-    }
-
-    fn sync_startable(&self) -> bool {
-        self.sync_requested.get() && !self.sync_running.get()
     }
 
     /// Tries the writes of partitions stalled on a full disk again; the ones that succeed
@@ -726,8 +698,8 @@ impl Shard {
         }
     }
 
-    /// Writes every dirty partition; the written partitions wait for the next sync round.
-    async fn write_round(&self) {
+    pub async fn flush_round(&self) {
+        let sync = self.sync_requested.replace(false);
         self.write_requested.set(false);
         let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.dirty.borrow_mut());
         for p in &parts {
@@ -740,32 +712,13 @@ impl Shard {
                 self.unsynced.borrow_mut().push(p);
             }
         }
-        self.evict();
-        self.flushed.notify(usize::MAX);
-    }
-
-    /// fdatasyncs every partition written since the last sync round.
-    async fn sync_round(&self) {
-        let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.unsynced.borrow_mut());
-        for p in &parts {
-            p.in_unsynced.set(false);
-        }
-        futures::future::join_all(parts.iter().map(|p| self.sync_partition(p))).await;
-    }
-
-    /// Writes and syncs everything pending, after any sync round in flight (clean shutdown).
-    pub async fn flush_round(&self) {
-        // Bounded: the running sync round ends and notifies `flushed`.
-        while self.sync_running.get() {
-            let l = self.flushed.listen();
-            if !self.sync_running.get() {
-                break;
+        if sync {
+            let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.unsynced.borrow_mut());
+            for p in &parts {
+                p.in_unsynced.set(false);
             }
-            l.await;
+            futures::future::join_all(parts.iter().map(|p| self.sync_partition(p))).await;
         }
-        self.sync_requested.set(false);
-        self.write_round().await;
-        self.sync_round().await;
         self.evict();
         self.flushed.notify(usize::MAX);
     }
@@ -809,12 +762,10 @@ impl Shard {
     }
 
     async fn sync_partition(&self, p: &Rc<Partition>) {
-        let _permit = p.sync_lock.acquire_permit(1).await;
+        let _permit = p.io_lock.acquire_permit(1).await;
         if p.deleted.get() || p.failed.get() {
             return;
         }
-        // Writes may complete while this sync runs (it holds `sync_lock`, not `io_lock`): only
-        // what was written before the fdatasync started is declared durable.
         let (files, written) = {
             let l = p.log.borrow();
             (l.files_to_sync(), l.written_offset)

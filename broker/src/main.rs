@@ -39,7 +39,31 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+/// glibc's allocator serves each request frame (up to 1 MB) and each stamped batch copy from
+/// fresh pages: with its default, adaptive mmap threshold and a 128 KiB trim threshold, freed
+/// frames go back to the kernel and the next ones page-fault and are zeroed again. Profiled on
+/// the 1 KiB / 1 MB-batch kcat workload, page faults and `clear_page` were over half of the
+/// broker's CPU. A fixed 16 MiB mmap threshold and a 256 MiB trim threshold keep freed memory
+/// for reuse instead; what is kept is bounded by the broker's own limits (request memory,
+/// cache, unwritten bytes), since it only holds memory that was in use at a peak.
+/// Measured (300k x 1 KiB, acks=all, kcat, --shards 1): broker CPU per record 1.73/2.17 us
+/// before, 1.43/1.37 us after; write throughput 117k/113k before, 159k/139k msgs/s after.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD_BYTES: libc::c_int = 16 << 20;
+        const TRIM_THRESHOLD_BYTES: libc::c_int = 256 << 20;
+        // SAFETY: mallopt only changes allocator parameters; called before any other thread
+        // exists. A refused value (returns 0) leaves glibc's default, which is only slower.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+        }
+    }
+}
+
 fn main() {
+    tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -97,6 +97,20 @@ impl Broker {
         self.dir.path().join("data")
     }
 
+    /// How many segment files (`*.log`) partition directory `dir` (e.g. "t-0") holds.
+    pub fn segment_count(&self, dir: &str) -> usize {
+        std::fs::read_dir(self.data_dir().join(dir))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "log")
+            })
+            .count()
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

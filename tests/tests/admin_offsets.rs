@@ -181,16 +181,7 @@ fn list_offsets_earliest_latest_and_by_timestamp() {
         assert!(b.stop());
         b.restart();
     }
-    let segments = std::fs::read_dir(b.data_dir().join("times-0"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "log")
-        })
-        .count();
+    let segments = b.segment_count("times-0");
     assert!(segments > 5, "lookups crossed {segments} segments");
 }
 
@@ -450,18 +441,7 @@ fn delete_records_moves_the_log_start_and_frees_segments() {
     let acked = produce(&b.client_config(), "dr", 0..2000, &small);
     let in_p0 = acked.iter().filter(|a| a.partition == 0).count() as i64;
     assert!(in_p0 > 100);
-    let seg_count = |b: &Broker| {
-        std::fs::read_dir(b.data_dir().join("dr-0"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "log")
-            })
-            .count()
-    };
+    let seg_count = |b: &Broker| b.segment_count("dr-0");
     let before = seg_count(&b);
     let a = admin::client(&b);
     let delete = |tp: &[(&str, i32, i64)]| {

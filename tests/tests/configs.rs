@@ -72,25 +72,12 @@ fn incremental(
     )
 }
 
-fn segments(b: &Broker, dir: &str) -> usize {
-    std::fs::read_dir(b.data_dir().join(dir))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "log")
-        })
-        .count()
-}
-
 #[test]
 fn alter_topic_configs_persist_and_apply_to_open_partitions() {
     let mut b = Broker::start(2);
     admin::create(&b, "c", 1, 1, &[("retention.ms", "86400000")]).unwrap();
     produce(&b.client_config(), "c", 0..200, &[("acks", "all")]);
-    assert_eq!(segments(&b, "c-0"), 1);
+    assert_eq!(b.segment_count("c-0"), 1);
 
     // AlterConfigs (librdkafka): the given overrides replace all of them.
     let a = admin::client(&b);
@@ -108,9 +95,9 @@ fn alter_topic_configs_persist_and_apply_to_open_partitions() {
         &[("acks", "all"), ("batch.num.messages", "20")],
     );
     assert!(
-        segments(&b, "c-0") > 5,
+        b.segment_count("c-0") > 5,
         "rolled at 4 KiB: {}",
-        segments(&b, "c-0")
+        b.segment_count("c-0")
     );
 
     // IncrementalAlterConfigs: SET, DELETE, and Kafka's errors.

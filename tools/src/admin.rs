@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::*;
@@ -36,6 +36,24 @@ pub struct GroupDescription {
     pub state: String,
     pub protocol: String,
     pub members: Vec<(String, String, String)>,
+}
+
+/// Kafka's ConfigResource type of a topic.
+const RESOURCE_TOPIC: i8 = 2;
+
+/// Kafka's names of DescribeConfigs' config sources, as kafka-configs.sh prints them.
+fn config_source_name(source: i8) -> &'static str {
+    match source {
+        1 => "DYNAMIC_TOPIC_CONFIG",
+        2 => "DYNAMIC_BROKER_CONFIG",
+        3 => "DYNAMIC_DEFAULT_BROKER_CONFIG",
+        4 => "STATIC_BROKER_CONFIG",
+        5 => "DEFAULT_CONFIG",
+        6 => "DYNAMIC_BROKER_LOGGER_CONFIG",
+        7 => "CLIENT_METRICS_CONFIG",
+        8 => "GROUP_CONFIG",
+        _ => "UNKNOWN",
+    }
 }
 
 fn s(v: &str) -> StrBytes {
@@ -128,6 +146,87 @@ impl Admin {
             t.error_code,
             t.error_message.as_ref(),
             &format!("altering topic {name}"),
+        )
+    }
+
+    /// A topic's configs as DescribeConfigs reports them: (name, value, source), source being
+    /// Kafka's name (DYNAMIC_TOPIC_CONFIG, DEFAULT_CONFIG, ...).
+    pub fn describe_topic_configs(
+        &mut self,
+        topic: &str,
+    ) -> Result<Vec<(String, Option<String>, &'static str)>> {
+        let (r, _): (DescribeConfigsResponse, i16) = self.conn.call(
+            ApiKey::DescribeConfigs,
+            4,
+            &DescribeConfigsRequest::default().with_resources(vec![
+                describe_configs_request::DescribeConfigsResource::default()
+                    .with_resource_type(RESOURCE_TOPIC)
+                    .with_resource_name(s(topic))
+                    // null asks for every key; an empty list would ask for none.
+                    .with_configuration_keys(None),
+            ]),
+        )?;
+        let res = r
+            .results
+            .first()
+            .context("an empty DescribeConfigs response")?;
+        check(
+            res.error_code,
+            res.error_message.as_ref(),
+            &format!("describing configs of topic {topic}"),
+        )?;
+        Ok(res
+            .configs
+            .iter()
+            .map(|c| {
+                (
+                    c.name.to_string(),
+                    c.value.as_ref().map(|v| v.to_string()),
+                    config_source_name(c.config_source),
+                )
+            })
+            .collect())
+    }
+
+    /// IncrementalAlterConfigs on one topic: `set` pairs are SET, `delete` keys are DELETE.
+    pub fn alter_topic_configs(
+        &mut self,
+        topic: &str,
+        set: &[(String, String)],
+        delete: &[String],
+    ) -> Result<()> {
+        let mut ops: Vec<incremental_alter_configs_request::AlterableConfig> = set
+            .iter()
+            .map(|(k, v)| {
+                incremental_alter_configs_request::AlterableConfig::default()
+                    .with_name(s(k))
+                    .with_config_operation(0)
+                    .with_value(Some(s(v)))
+            })
+            .collect();
+        ops.extend(delete.iter().map(|k| {
+            incremental_alter_configs_request::AlterableConfig::default()
+                .with_name(s(k))
+                .with_config_operation(1)
+        }));
+        let (r, _): (IncrementalAlterConfigsResponse, i16) = self.conn.call(
+            ApiKey::IncrementalAlterConfigs,
+            1,
+            &IncrementalAlterConfigsRequest::default().with_resources(vec![
+                incremental_alter_configs_request::AlterConfigsResource::default()
+                    .with_resource_type(RESOURCE_TOPIC)
+                    .with_resource_name(s(topic))
+                    .with_configs(ops),
+            ]),
+        )?;
+        let res = r
+            .responses
+            .first()
+            .context("an empty IncrementalAlterConfigs response")?;
+        check(
+            res.error_code,
+            res.error_message.as_ref(),
+            &format!("altering configs of topic {topic}"),
         )
     }
 

@@ -4,6 +4,9 @@
 //!   weir console-producer --bootstrap-server H:P --topic T [--property parse.key=true]
 //!   weir console-consumer --bootstrap-server H:P --topic T [--from-beginning] [--group G]
 //!   weir consumer-groups --bootstrap-server H:P --list | --describe --group G | --reset-offsets ...
+//!   weir configs --bootstrap-server H:P --entity-type topics --entity-name T --describe [--all]
+//!   weir configs --bootstrap-server H:P --entity-type topics --entity-name T --alter \
+//!       [--add-config k=v,k2=[a,b]] [--delete-config k,k2]
 
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
@@ -36,6 +39,32 @@ enum Cmd {
     ConsoleConsumer(ConsumerArgs),
     /// List, describe and reset consumer groups (kafka-consumer-groups.sh).
     ConsumerGroups(GroupsArgs),
+    /// Describe and alter topic configs (kafka-configs.sh).
+    Configs(ConfigsArgs),
+}
+
+#[derive(Args)]
+struct ConfigsArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    /// Only `topics` for now (broker configs are static: server.properties).
+    #[arg(long)]
+    entity_type: String,
+    #[arg(long)]
+    entity_name: Option<String>,
+    #[arg(long)]
+    describe: bool,
+    /// With --describe: every config, not only the overrides.
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    alter: bool,
+    /// k=v pairs separated by commas; a list value goes in brackets: cleanup.policy=[a,b].
+    #[arg(long)]
+    add_config: Option<String>,
+    /// Keys separated by commas.
+    #[arg(long)]
+    delete_config: Option<String>,
 }
 
 #[derive(Args)]
@@ -164,11 +193,95 @@ fn main() {
         Cmd::ConsoleProducer(a) => console_producer(a),
         Cmd::ConsoleConsumer(a) => console_consumer(a),
         Cmd::ConsumerGroups(a) => groups(a),
+        Cmd::Configs(a) => configs(a),
     };
     if let Err(e) = r {
         eprintln!("Error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
+}
+
+/// kafka-configs.sh's --add-config syntax: `k=v,k2=[a,b]` (brackets keep a list's commas).
+fn parse_add_config(text: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    let mut parts = Vec::new();
+    for (i, ch) in text.char_indices() {
+        match ch {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    for p in parts.into_iter().filter(|p| !p.trim().is_empty()) {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("{p:?} in --add-config is not key=value"))?;
+        let v = v.trim();
+        let v = v
+            .strip_prefix('[')
+            .and_then(|x| x.strip_suffix(']'))
+            .unwrap_or(v);
+        out.push((k.trim().to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+fn configs(a: ConfigsArgs) -> Result<()> {
+    if a.entity_type != "topics" {
+        bail!(
+            "--entity-type {} is not supported: only topics (broker configs are static, in server.properties)",
+            a.entity_type
+        );
+    }
+    if a.describe == a.alter {
+        bail!("exactly one of --describe, --alter is required");
+    }
+    let topic = a.entity_name.clone().context("--entity-name is required")?;
+    let mut admin = Admin::connect(&a.bootstrap_server)?;
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    if a.describe {
+        let configs = admin.describe_topic_configs(&topic)?;
+        let which = if a.all { "All" } else { "Dynamic" };
+        writeln!(out, "{which} configs for topic {topic} are:")?;
+        for (k, v, source) in configs {
+            if !a.all && source != "DYNAMIC_TOPIC_CONFIG" {
+                continue;
+            }
+            let v = v.unwrap_or_else(|| "null".into());
+            writeln!(
+                out,
+                "  {k}={v} sensitive=false synonyms={{{source}:{k}={v}}}"
+            )?;
+        }
+        return Ok(());
+    }
+    let set = match &a.add_config {
+        Some(t) => parse_add_config(t)?,
+        None => Vec::new(),
+    };
+    let delete: Vec<String> = a
+        .delete_config
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_string)
+        .collect();
+    if set.is_empty() && delete.is_empty() {
+        bail!("--alter needs --add-config or --delete-config");
+    }
+    admin.alter_topic_configs(&topic, &set, &delete)?;
+    writeln!(out, "Completed updating config for topic {topic}.")?;
+    Ok(())
 }
 
 fn props(list: &[String]) -> Result<Vec<(String, String)>> {

@@ -331,3 +331,127 @@ fn topics_console_round_trip_and_consumer_groups() {
     ])
     .contains("does not exist"));
 }
+
+#[test]
+fn configs_describe_and_alter_topic_configs() {
+    let b = Broker::start(1);
+    let bs = b.bootstrap();
+    let bs = bs.as_str();
+    ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            bs,
+            "--create",
+            "--topic",
+            "cfg",
+            "--partitions",
+            "1",
+            "--replication-factor",
+            "1",
+        ],
+        None,
+    );
+    let describe = |all: bool| {
+        let mut args = vec![
+            "configs",
+            "--bootstrap-server",
+            bs,
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            "cfg",
+            "--describe",
+        ];
+        if all {
+            args.push("--all");
+        }
+        ok(&args, None)
+    };
+    assert_eq!(describe(false), "Dynamic configs for topic cfg are:\n");
+    let out = ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            bs,
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            "cfg",
+            "--alter",
+            "--add-config",
+            "retention.ms=5000,segment.bytes=1048576",
+        ],
+        None,
+    );
+    assert_eq!(out, "Completed updating config for topic cfg.\n");
+    let d = describe(false);
+    assert!(
+        d.contains(
+            "  retention.ms=5000 sensitive=false synonyms={DYNAMIC_TOPIC_CONFIG:retention.ms=5000}"
+        ),
+        "{d}"
+    );
+    assert!(d.contains("  segment.bytes=1048576 "), "{d}");
+    ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            bs,
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            "cfg",
+            "--alter",
+            "--delete-config",
+            "segment.bytes",
+        ],
+        None,
+    );
+    let d = describe(false);
+    assert!(
+        d.contains("retention.ms=5000") && !d.contains("segment.bytes"),
+        "{d}"
+    );
+    let all = describe(true);
+    assert!(all.starts_with("All configs for topic cfg are:\n"));
+    assert!(
+        all.contains("  segment.bytes=1073741824 sensitive=false synonyms={DEFAULT_CONFIG:"),
+        "{all}"
+    );
+    // Kafka's errors come back as one line with a non-zero exit.
+    let err = fails(&[
+        "configs",
+        "--bootstrap-server",
+        bs,
+        "--entity-type",
+        "topics",
+        "--entity-name",
+        "cfg",
+        "--alter",
+        "--add-config",
+        "retention.ms=soon",
+    ]);
+    assert!(err.contains("INVALID_CONFIG"), "{err}");
+    let err = fails(&[
+        "configs",
+        "--bootstrap-server",
+        bs,
+        "--entity-type",
+        "topics",
+        "--entity-name",
+        "nope",
+        "--describe",
+    ]);
+    assert!(err.contains("UNKNOWN_TOPIC_OR_PARTITION"), "{err}");
+    fails(&[
+        "configs",
+        "--bootstrap-server",
+        bs,
+        "--entity-type",
+        "brokers",
+        "--entity-name",
+        "0",
+        "--describe",
+    ]);
+}

@@ -195,7 +195,7 @@ mod tests {
         // Nothing written: nothing is in the FIFO, nothing can be evicted.
         assert_eq!(shard.bytes, 0);
         assert_eq!(p.unadmitted_bytes(), 400);
-        let mut drop_front = |p: &mut PartitionCache, base: i64| {
+        let drop_front = |p: &mut PartitionCache, base: i64| {
             assert!(p.pop_front_if(base));
             Evicted::Dropped
         };

@@ -234,11 +234,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 .iter()
                 .zip(&results)
                 .map(|(w, r)| {
-                    let cached = sess
-                        .partitions
-                        .iter_mut()
-                        .find(|c| c.topic == w.topic && c.partition == w.partition);
-                    let news = match cached {
+                    let news = match sess.get_mut(&w.topic, w.partition) {
                         Some(c) => c.must_respond(
                             !r.records.is_empty(),
                             r.error,

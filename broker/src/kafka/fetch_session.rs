@@ -81,7 +81,9 @@ pub struct Session {
     pub next_epoch: i32,
     /// In the order partitions were added (responses keep that order).
     pub partitions: Vec<CachedPartition>,
-    index: HashMap<(String, i32), usize>,
+    /// topic -> partition -> position in `partitions`; keyed by topic first so lookups by
+    /// `&str` allocate nothing.
+    index: HashMap<String, HashMap<i32, usize>>,
     last_used: Instant,
 }
 
@@ -98,9 +100,7 @@ impl Session {
 
     /// Adds or updates a partition from a request. False when the session is full.
     pub fn upsert(&mut self, p: CachedPartition) -> bool {
-        let key = (p.topic.clone(), p.partition);
-        if let Some(&i) = self.index.get(&key) {
-            let c = &mut self.partitions[i];
+        if let Some(c) = self.get_mut(&p.topic, p.partition) {
             c.fetch_offset = p.fetch_offset;
             c.max_bytes = p.max_bytes;
             c.current_leader_epoch = p.current_leader_epoch;
@@ -109,18 +109,34 @@ impl Session {
         if self.partitions.len() >= SESSION_PARTITIONS_MAX {
             return false;
         }
-        self.index.insert(key, self.partitions.len());
+        self.index
+            .entry(p.topic.clone())
+            .or_default()
+            .insert(p.partition, self.partitions.len());
         self.partitions.push(p);
         true
     }
 
+    /// The cached partition, found through the index (not a scan: sessions hold thousands).
+    pub fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut CachedPartition> {
+        let &i = self.index.get(topic)?.get(&partition)?;
+        self.partitions.get_mut(i)
+    }
+
     pub fn forget(&mut self, topic: &str, partition: i32) {
-        if let Some(i) = self.index.remove(&(topic.to_string(), partition)) {
-            self.partitions.remove(i);
-            for v in self.index.values_mut() {
-                if *v > i {
-                    *v -= 1;
-                }
+        let Some(parts) = self.index.get_mut(topic) else {
+            return;
+        };
+        let Some(i) = parts.remove(&partition) else {
+            return;
+        };
+        if parts.is_empty() {
+            self.index.remove(topic);
+        }
+        self.partitions.remove(i);
+        for v in self.index.values_mut().flat_map(|m| m.values_mut()) {
+            if *v > i {
+                *v -= 1;
             }
         }
     }
@@ -206,7 +222,8 @@ mod tests {
             s.forget("a", 0);
             assert_eq!(s.partitions.len(), 1);
             assert!(s.upsert(CachedPartition::new("b".into(), 0, 0, 1, -1)));
-            assert_eq!(s.index[&("b".to_string(), 0)], 1);
+            assert_eq!(s.index["b"][&0], 1);
+            assert_eq!(s.get_mut("a", 1).unwrap().fetch_offset, 0);
         })
         .unwrap();
         remove(id);

@@ -17,6 +17,50 @@ use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 
+/// One record of `batch`: key, value, timestamp.
+pub type RawRecord = (Option<Bytes>, Option<Bytes>, i64);
+
+/// Encodes one v2 record batch (offsets from 0) of `records`, with producer id, epoch and
+/// first sequence (-1, -1, -1 for a producer without idempotence).
+pub fn batch(
+    records: impl IntoIterator<Item = RawRecord>,
+    pid: i64,
+    epoch: i16,
+    seq: i32,
+    compression: Compression,
+) -> Bytes {
+    let records: Vec<Record> = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, (key, value, timestamp))| Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: 0,
+            producer_id: pid,
+            producer_epoch: epoch,
+            timestamp_type: TimestampType::Creation,
+            delete_horizon: false,
+            offset: i as i64,
+            sequence: if seq < 0 { -1 } else { seq + i as i32 },
+            timestamp,
+            key,
+            value,
+            headers: Default::default(),
+        })
+        .collect();
+    let mut out = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut out,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression,
+        },
+    )
+    .unwrap();
+    out.freeze()
+}
+
 pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut v = (body.len() as i32).to_be_bytes().to_vec();
     v.extend_from_slice(body);
@@ -80,33 +124,14 @@ impl Conn {
         seq: i32,
         n: usize,
     ) -> (i16, i64) {
-        let records: Vec<Record> = (0..n)
-            .map(|i| Record {
-                transactional: false,
-                control: false,
-                partition_leader_epoch: 0,
-                producer_id: pid,
-                producer_epoch: epoch,
-                timestamp_type: TimestampType::Creation,
-                delete_horizon: false,
-                offset: i as i64,
-                sequence: seq + i as i32,
-                timestamp: 1_000 + i as i64,
-                key: Some(Bytes::from(format!("k{}", seq + i as i32))),
-                value: Some(Bytes::from(format!("v{}", seq + i as i32))),
-                headers: Default::default(),
-            })
-            .collect();
-        let mut batch = BytesMut::new();
-        RecordBatchEncoder::encode(
-            &mut batch,
-            &records,
-            &RecordEncodeOptions {
-                version: 2,
-                compression: Compression::None,
-            },
-        )
-        .unwrap();
+        let records = (0..n as i32).map(|i| {
+            (
+                Some(Bytes::from(format!("k{}", seq + i))),
+                Some(Bytes::from(format!("v{}", seq + i))),
+                1_000 + i as i64,
+            )
+        });
+        let batch = batch(records, pid, epoch, seq, Compression::None);
         let req = ProduceRequest::default()
             .with_acks(-1)
             .with_timeout_ms(30_000)
@@ -114,7 +139,7 @@ impl Conn {
                 .with_name(TopicName(StrBytes::from_string(topic.to_string())))
                 .with_partition_data(vec![PartitionProduceData::default()
                     .with_index(partition)
-                    .with_records(Some(batch.freeze()))])]);
+                    .with_records(Some(batch))])]);
         let r: ProduceResponse = self.call(ApiKey::Produce, 9, &req);
         let p = &r.responses[0].partition_responses[0];
         (p.error_code, p.base_offset)

@@ -16,9 +16,7 @@ use kafka_protocol::messages::{
     ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::Compression;
 use rdkafka::producer::Producer;
 use weir_tests::{admin, raw, workload, Broker};
 
@@ -182,34 +180,14 @@ fn produce_frame(
     value_bytes: usize,
     correlation_id: i32,
 ) -> Vec<u8> {
-    let records: Vec<Record> = (0..count)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            delete_horizon: false,
-            offset: i as i64,
-            sequence: -1,
-            timestamp: workload::timestamp(i),
-            key: Some(Bytes::from(format!("k{i}"))),
-            value: Some(Bytes::from(vec![b'a' + (i % 26) as u8; value_bytes])),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut batch = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut batch,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .unwrap();
-    let batch = batch.freeze();
+    let records = (0..count).map(|i| {
+        (
+            Some(Bytes::from(format!("k{i}"))),
+            Some(Bytes::from(vec![b'a' + (i % 26) as u8; value_bytes])),
+            workload::timestamp(i),
+        )
+    });
+    let batch = raw::batch(records, -1, -1, -1, Compression::None);
     let req = ProduceRequest::default()
         .with_acks(-1)
         .with_timeout_ms(30_000)

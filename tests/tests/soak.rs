@@ -23,9 +23,7 @@ use kafka_protocol::messages::{
     TopicName,
 };
 use kafka_protocol::protocol::{Encodable, StrBytes};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::Compression;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -33,7 +31,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use weir_tests::raw::frame;
+use weir_tests::raw::{self, frame};
 use weir_tests::workload::{self, Consumed};
 use weir_tests::{admin, eventually, Broker};
 
@@ -1050,35 +1048,17 @@ fn encode_request<R: Encodable>(key: ApiKey, version: i16, correlation: i32, req
 
 fn small_batch(rng: &mut StdRng) -> Bytes {
     let n = rng.gen_range(1..20);
-    let records: Vec<Record> = (0..n)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            delete_horizon: false,
-            offset: i as i64,
-            sequence: -1,
-            timestamp: workload::base_timestamp_ms() + i as i64,
-            key: Some(Bytes::from(format!("fk{i}"))),
-            value: Some(Bytes::from(vec![b'v'; rng.gen_range(0..300)])),
-            headers: Default::default(),
+    let records: Vec<raw::RawRecord> = (0..n)
+        .map(|i| {
+            (
+                Some(Bytes::from(format!("fk{i}"))),
+                Some(Bytes::from(vec![b'v'; rng.gen_range(0..300)])),
+                workload::base_timestamp_ms() + i as i64,
+            )
         })
         .collect();
-    let mut batch = BytesMut::new();
     let compression = [Compression::None, Compression::Gzip, Compression::Lz4][rng.gen_range(0..3)];
-    RecordBatchEncoder::encode(
-        &mut batch,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression,
-        },
-    )
-    .unwrap();
-    batch.freeze()
+    raw::batch(records, -1, -1, -1, compression)
 }
 
 /// A valid frame body to mutate, with where its record batches are (Produce only).

@@ -352,40 +352,32 @@ fn configs_describe_and_alter_topic_configs() {
         ],
         None,
     );
-    let describe = |all: bool| {
-        let mut args = vec![
+    // `weir configs --bootstrap-server B --entity-type TYPE --entity-name NAME <rest>`.
+    let args = |ty: &'static str, name: &'static str, rest: &[&'static str]| {
+        let mut v = vec![
             "configs",
             "--bootstrap-server",
             bs,
             "--entity-type",
-            "topics",
+            ty,
             "--entity-name",
-            "cfg",
-            "--describe",
+            name,
         ];
-        if all {
-            args.push("--all");
-        }
-        ok(&args, None)
+        v.extend_from_slice(rest);
+        v
     };
-    assert_eq!(describe(false), "Dynamic configs for topic cfg are:\n");
-    let out = ok(
-        &[
-            "configs",
-            "--bootstrap-server",
-            bs,
-            "--entity-type",
-            "topics",
-            "--entity-name",
-            "cfg",
-            "--alter",
-            "--add-config",
-            "retention.ms=5000,segment.bytes=1048576",
-        ],
-        None,
+    let describe = |rest: &[&'static str]| ok(&args("topics", "cfg", rest), None);
+    assert_eq!(
+        describe(&["--describe"]),
+        "Dynamic configs for topic cfg are:\n"
     );
+    let out = describe(&[
+        "--alter",
+        "--add-config",
+        "retention.ms=5000,segment.bytes=1048576",
+    ]);
     assert_eq!(out, "Completed updating config for topic cfg.\n");
-    let d = describe(false);
+    let d = describe(&["--describe"]);
     assert!(
         d.contains(
             "  retention.ms=5000 sensitive=false synonyms={DYNAMIC_TOPIC_CONFIG:retention.ms=5000}"
@@ -393,65 +385,26 @@ fn configs_describe_and_alter_topic_configs() {
         "{d}"
     );
     assert!(d.contains("  segment.bytes=1048576 "), "{d}");
-    ok(
-        &[
-            "configs",
-            "--bootstrap-server",
-            bs,
-            "--entity-type",
-            "topics",
-            "--entity-name",
-            "cfg",
-            "--alter",
-            "--delete-config",
-            "segment.bytes",
-        ],
-        None,
-    );
-    let d = describe(false);
+    describe(&["--alter", "--delete-config", "segment.bytes"]);
+    let d = describe(&["--describe"]);
     assert!(
         d.contains("retention.ms=5000") && !d.contains("segment.bytes"),
         "{d}"
     );
-    let all = describe(true);
+    let all = describe(&["--describe", "--all"]);
     assert!(all.starts_with("All configs for topic cfg are:\n"));
     assert!(
         all.contains("  segment.bytes=1073741824 sensitive=false synonyms={DEFAULT_CONFIG:"),
         "{all}"
     );
     // Kafka's errors come back as one line with a non-zero exit.
-    let err = fails(&[
-        "configs",
-        "--bootstrap-server",
-        bs,
-        "--entity-type",
+    let err = fails(&args(
         "topics",
-        "--entity-name",
         "cfg",
-        "--alter",
-        "--add-config",
-        "retention.ms=soon",
-    ]);
+        &["--alter", "--add-config", "retention.ms=soon"],
+    ));
     assert!(err.contains("INVALID_CONFIG"), "{err}");
-    let err = fails(&[
-        "configs",
-        "--bootstrap-server",
-        bs,
-        "--entity-type",
-        "topics",
-        "--entity-name",
-        "nope",
-        "--describe",
-    ]);
+    let err = fails(&args("topics", "nope", &["--describe"]));
     assert!(err.contains("UNKNOWN_TOPIC_OR_PARTITION"), "{err}");
-    fails(&[
-        "configs",
-        "--bootstrap-server",
-        bs,
-        "--entity-type",
-        "brokers",
-        "--entity-name",
-        "0",
-        "--describe",
-    ]);
+    fails(&args("brokers", "0", &["--describe"]));
 }

@@ -89,6 +89,14 @@ pub fn producer(cfg: &ClientConfig) -> (BaseProducer<Ctx>, Arc<Acks>) {
 
 /// Sends record `i` (retrying while librdkafka's queue is full).
 pub fn send(p: &BaseProducer<Ctx>, topic: &str, i: usize) {
+    if let Err(e) = try_send(p, topic, i) {
+        panic!("send failed: {e}");
+    }
+}
+
+/// Sends record `i`, retrying while librdkafka's queue is full; the error when the client
+/// refuses it for good.
+pub fn try_send(p: &BaseProducer<Ctx>, topic: &str, i: usize) -> Result<(), KafkaError> {
     let k = key(i);
     let v = value(i);
     let idx = i.to_string();
@@ -108,12 +116,12 @@ pub fn send(p: &BaseProducer<Ctx>, topic: &str, i: usize) {
         .timestamp(timestamp(i));
     loop {
         match p.send(rec) {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 rec = r;
                 p.poll(Duration::from_millis(5));
             }
-            Err((e, _)) => panic!("send failed: {e}"),
+            Err((e, _)) => return Err(e),
         }
     }
 }

@@ -28,7 +28,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use weir_tests::raw::{self, frame};
@@ -822,34 +822,11 @@ fn send_workload(
     i: usize,
     errors: &Mutex<Option<String>>,
 ) -> bool {
-    let k = workload::key(i);
-    let v = workload::value(i);
-    let idx = i.to_string();
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "idx",
-            value: Some(idx.as_bytes()),
-        })
-        .insert(Header {
-            key: "kind",
-            value: Some(b"test".as_slice()),
-        });
-    let mut rec = BaseRecord::with_opaque_to(topic, Box::new(i))
-        .key(&k)
-        .payload(&v)
-        .headers(headers)
-        .timestamp(workload::timestamp(i));
-    loop {
-        match p.send(rec) {
-            Ok(()) => return true,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                rec = r;
-                p.poll(Duration::from_millis(5));
-            }
-            Err((e, _)) => {
-                *errors.lock().unwrap() = Some(format!("record {i} refused: {e}"));
-                return false;
-            }
+    match workload::try_send(p, topic, i) {
+        Ok(()) => true,
+        Err(e) => {
+            *errors.lock().unwrap() = Some(format!("record {i} refused: {e}"));
+            false
         }
     }
 }

@@ -24,6 +24,24 @@ use crate::shard::{shard, ControlOp};
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 
+/// One response entry per request resource, for either API's generated response type (the
+/// two have the same fields but are different types).
+macro_rules! resource_responses {
+    ($ty:ty, $resources:expr, $results:expr) => {
+        $resources
+            .iter()
+            .zip($results)
+            .map(|(r, (code, msg))| {
+                <$ty>::default()
+                    .with_error_code(code)
+                    .with_error_message(msg.map(StrBytes::from_string))
+                    .with_resource_type(r.resource_type)
+                    .with_resource_name(r.resource_name.clone())
+            })
+            .collect()
+    };
+}
+
 /// (resource type, name, edit) in request order -> (error code, message) per resource.
 async fn alter(
     resources: Vec<(i8, String, Result<ConfigEdit, TopicError>)>,
@@ -112,19 +130,11 @@ pub async fn handle_alter_configs(frame: RequestFrame) -> Result<Response, Strin
         })
         .collect();
     let results = alter(resources, req.validate_only).await;
-    let resp = AlterConfigsResponse::default().with_responses(
-        req.resources
-            .iter()
-            .zip(results)
-            .map(|(r, (code, msg))| {
-                kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse::default()
-                    .with_error_code(code)
-                    .with_error_message(msg.map(StrBytes::from_string))
-                    .with_resource_type(r.resource_type)
-                    .with_resource_name(r.resource_name.clone())
-            })
-            .collect(),
-    );
+    let resp = AlterConfigsResponse::default().with_responses(resource_responses!(
+        kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse,
+        req.resources,
+        results
+    ));
     respond(&frame, OutBuf::new(), &resp)
 }
 
@@ -157,18 +167,10 @@ pub async fn handle_incremental_alter_configs(frame: RequestFrame) -> Result<Res
         })
         .collect();
     let results = alter(resources, req.validate_only).await;
-    let resp = IncrementalAlterConfigsResponse::default().with_responses(
-        req.resources
-            .iter()
-            .zip(results)
-            .map(|(r, (code, msg))| {
-                kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse::default()
-                    .with_error_code(code)
-                    .with_error_message(msg.map(StrBytes::from_string))
-                    .with_resource_type(r.resource_type)
-                    .with_resource_name(r.resource_name.clone())
-            })
-            .collect(),
-    );
+    let resp = IncrementalAlterConfigsResponse::default().with_responses(resource_responses!(
+        kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse,
+        req.resources,
+        results
+    ));
     respond(&frame, OutBuf::new(), &resp)
 }

@@ -732,7 +732,7 @@ impl Shard {
             }
             futures::future::join_all(parts.iter().map(|p| self.sync_partition(p))).await;
         }
-        self.evict();
+        // No eviction here: each write already admitted its batches and evicted.
         self.flushed.notify(usize::MAX);
     }
 

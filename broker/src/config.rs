@@ -92,7 +92,7 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
 pub const TOPIC_LIST_CONFIG_KEYS: &[&str] = &["cleanup.policy"];
 
 /// A change to one topic's config overrides.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConfigEdit {
     /// AlterConfigs: the given overrides replace all of them.
     Replace(BTreeMap<String, String>),

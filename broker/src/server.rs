@@ -378,8 +378,10 @@ pub fn run(config: Config) -> Result<()> {
             },
         );
         image.version += 1;
+        image.single_node(&config);
         metadata::store(&config.data_dir, &image)?;
     }
+    image.single_node(&config);
     let image: Arc<Image> = Arc::new(image);
     let marker = config.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let clean = marker.exists();

@@ -316,17 +316,20 @@ impl Shard {
     /// and deletes the ones whose topic is gone.
     pub async fn apply_image(self: &Rc<Self>, image: Arc<Image>, clean: bool) -> Result<()> {
         *self.image.borrow_mut() = image.clone();
-        let stale: Vec<Rc<Partition>> =
-            self.by_id
-                .borrow()
-                .values()
-                .filter(|p| {
-                    image.topics.get(&p.topic).is_none_or(|t| {
-                        t.id != p.topic_id || p.index as usize >= t.partitions.len()
-                    })
+        let stale: Vec<Rc<Partition>> = self
+            .by_id
+            .borrow()
+            .values()
+            .filter(|p| {
+                image.topics.get(&p.topic).is_none_or(|t| {
+                    t.id != p.topic_id
+                        || t.partitions
+                            .get(p.index as usize)
+                            .is_none_or(|pm| !pm.hosted_on(self.config.node_id))
                 })
-                .cloned()
-                .collect();
+            })
+            .cloned()
+            .collect();
         for p in stale {
             if let Some(t) = self.partitions.borrow_mut().get_mut(&p.topic) {
                 t.remove(&p.index);
@@ -359,7 +362,10 @@ impl Shard {
         }
         for (name, t) in &image.topics {
             for (i, pm) in t.partitions.iter().enumerate() {
-                if pm.shard as usize != self.id || self.partition(name, i as i32).is_some() {
+                if pm.shard as usize != self.id
+                    || !pm.hosted_on(self.config.node_id)
+                    || self.partition(name, i as i32).is_some()
+                {
                     continue;
                 }
                 let dir = metadata::partition_dir(&self.config.data_dir, name, i as i32);

@@ -102,6 +102,7 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
         return results;
     }
     image.version += 1;
+    image.single_node(&s.config);
     let image = Arc::new(image);
     let (dir, to_store) = (s.config.data_dir.clone(), image.clone());
     let stored = blocking(move || {

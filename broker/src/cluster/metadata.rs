@@ -36,9 +36,47 @@ pub const TOPIC_NAME_BYTES_MAX: usize = 249;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PartitionMeta {
-    /// The shard (core) that owns this partition's log.
+    /// The shard (core) that owns this partition's log on this broker (meaningful only when
+    /// this broker holds a replica: the controller decides which brokers hold replicas, each
+    /// broker which of its cores owns its own).
     pub shard: u32,
     pub leader_epoch: i32,
+    /// Brokers holding a replica, the preferred leader first. Images written before clusters
+    /// existed have none: `Image::single_node` reads that as this node alone.
+    #[serde(default)]
+    pub replicas: Vec<i32>,
+    /// In-sync replicas.
+    #[serde(default)]
+    pub isr: Vec<i32>,
+    /// The leading broker, or -1 (none).
+    #[serde(default = "no_leader")]
+    pub leader: i32,
+    /// Grows with every leader or ISR change (KRaft's partition epoch).
+    #[serde(default)]
+    pub partition_epoch: i32,
+}
+
+fn no_leader() -> i32 {
+    -1
+}
+
+impl PartitionMeta {
+    /// Whether broker `node` holds a replica of this partition.
+    pub fn hosted_on(&self, node: i32) -> bool {
+        self.replicas.contains(&node)
+    }
+}
+
+/// A registered broker as clients see it (Metadata, DescribeCluster).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BrokerMeta {
+    pub host: String,
+    pub port: i32,
+    #[serde(default)]
+    pub rack: Option<String>,
+    /// Missed its session timeout (or shut down): listed nowhere, leads nothing.
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -60,6 +98,12 @@ pub struct Image {
     /// Producer ids below this have been handed out (or reserved): never reused.
     #[serde(default)]
     pub producer_id_block_end: i64,
+    /// Registered brokers by node id (fenced ones included).
+    #[serde(default)]
+    pub brokers: BTreeMap<i32, BrokerMeta>,
+    /// The active controller's node id, or -1 while none is known.
+    #[serde(default = "no_leader")]
+    pub controller_id: i32,
 }
 
 impl Image {
@@ -86,10 +130,66 @@ impl Image {
     pub fn topic_by_id(&self, id: uuid::Uuid) -> Option<(&String, &TopicMeta)> {
         self.topics.iter().find(|(_, t)| t.id == id)
     }
+
+    /// The shard of this broker that serves a client's produce or fetch for a partition:
+    /// UNKNOWN_TOPIC_OR_PARTITION when there is no such partition, NOT_LEADER_OR_FOLLOWER
+    /// when broker `node` does not lead it (the client refreshes metadata and moves on).
+    pub fn route(&self, topic: &str, partition: i32, node: i32) -> Result<u32, i16> {
+        use crate::kafka::errors::{NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION};
+        let p = self
+            .topics
+            .get(topic)
+            .and_then(|t| {
+                usize::try_from(partition)
+                    .ok()
+                    .and_then(|i| t.partitions.get(i))
+            })
+            .ok_or(UNKNOWN_TOPIC_OR_PARTITION)?;
+        if p.leader != node {
+            return Err(NOT_LEADER_OR_FOLLOWER);
+        }
+        Ok(p.shard)
+    }
+
+    /// Brokers that are registered and not fenced, by node id.
+    pub fn live_brokers(&self) -> impl Iterator<Item = (i32, &BrokerMeta)> {
+        self.brokers
+            .iter()
+            .filter(|(_, b)| !b.fenced)
+            .map(|(&id, b)| (id, b))
+    }
+
+    /// A single broker without a quorum: it is the only broker, the controller, and the
+    /// leader and only replica of every partition (images written before clusters existed
+    /// name no replicas). Called at start-up and on every change the single-node controller
+    /// makes.
+    pub fn single_node(&mut self, cfg: &Config) {
+        let node = cfg.node_id;
+        self.brokers.clear();
+        self.brokers.insert(
+            node,
+            BrokerMeta {
+                host: cfg.advertised_host.clone(),
+                port: cfg.advertised_port,
+                rack: None,
+                fenced: false,
+            },
+        );
+        self.controller_id = node;
+        for t in self.topics.values_mut() {
+            for p in &mut t.partitions {
+                if p.replicas != [node] || p.isr != [node] || p.leader != node {
+                    p.replicas = vec![node];
+                    p.isr = vec![node];
+                    p.leader = node;
+                }
+            }
+        }
+    }
 }
 
 /// Why a topic change was refused; each is one Kafka error code.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TopicError {
     AlreadyExists,
     InvalidName(String),
@@ -157,6 +257,7 @@ pub fn validate_topic_name(name: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewTopic {
     pub name: String,
     pub num_partitions: i32,
@@ -284,6 +385,10 @@ pub fn assign_shards(image: &mut Image, count: usize, shards: usize) -> Vec<Part
             PartitionMeta {
                 shard,
                 leader_epoch: 0,
+                replicas: Vec::new(),
+                isr: Vec::new(),
+                leader: -1,
+                partition_epoch: 0,
             }
         })
         .collect()

@@ -36,6 +36,8 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             } else if image.topics.get(&name).is_some_and(|t| t.internal) {
                 // As Kafka: records of internal topics cannot be deleted.
                 r.error_code = INVALID_TOPIC_EXCEPTION;
+            } else if let Err(code) = image.route(&name, p.partition_index, s.config.node_id) {
+                r.error_code = code;
             } else if let Some(owner) = image.owner(&name, p.partition_index) {
                 let e = plan.entry(owner).or_default();
                 e.0.push((name.clone(), p.partition_index, p.offset));

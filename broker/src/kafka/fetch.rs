@@ -176,8 +176,12 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             log_start_offset: -1,
             records: Vec::new(),
         });
-        let Some(owner) = image.owner(&c.topic, c.partition) else {
-            continue;
+        let owner = match image.route(&c.topic, c.partition, s.config.node_id) {
+            Ok(owner) => owner,
+            Err(code) => {
+                results[i].error = code;
+                continue;
+            }
         };
         plan.entry(owner as usize).or_default().push((
             i,

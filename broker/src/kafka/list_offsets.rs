@@ -35,6 +35,8 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 r.error_code = INVALID_REQUEST;
             } else if p.timestamp == -3 && frame.api_version < 7 {
                 r.error_code = UNSUPPORTED_VERSION;
+            } else if let Err(code) = image.route(&name, p.partition_index, s.config.node_id) {
+                r.error_code = code;
             } else if let Some(owner) = image.owner(&name, p.partition_index) {
                 let e = plan.entry(owner as usize).or_default();
                 e.0.push(ListOffsetItem {

@@ -107,14 +107,12 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                 ));
                 continue;
             }
-            let Some(owner) = image.owner(&name, p.index) else {
-                row.push(partition_error(
-                    p.index,
-                    UNKNOWN_TOPIC_OR_PARTITION,
-                    None,
-                    frame.api_version,
-                ));
-                continue;
+            let owner = match image.route(&name, p.index, s.config.node_id) {
+                Ok(owner) => owner,
+                Err(code) => {
+                    row.push(partition_error(p.index, code, None, frame.api_version));
+                    continue;
+                }
             };
             let Some(records) = p.records.clone() else {
                 row.push(partition_error(

@@ -42,6 +42,8 @@ pub struct Config {
     /// Idempotent producers idle this long are forgotten (Kafka's producer.id.expiration.ms).
     pub producer_id_expiration_ms: i64,
     pub group: crate::group::GroupConfig,
+    /// Cluster mode (issue #11): what this node is and who the controller voters are.
+    pub cluster: ClusterConfig,
 }
 
 /// Per-log settings. Topic-level configs override these field by field.
@@ -281,7 +283,79 @@ impl Config {
             connections_per_shard_max: 10_000,
             producer_id_expiration_ms: 86_400_000,
             group: crate::group::GroupConfig::default(),
+            cluster: ClusterConfig::default(),
         }
+    }
+
+    /// Whether this node runs in a cluster (a controller quorum is configured).
+    pub fn in_cluster(&self) -> bool {
+        !self.cluster.voters.is_empty()
+    }
+
+    /// Checks the cluster settings once every property and flag is applied: the listeners
+    /// resolve (`listeners` may name a controller listener, whose name
+    /// `controller.listener.names` may give after it), and this node's roles fit the voters.
+    pub fn finish(&mut self) -> Result<()> {
+        if let Some(raw) = self.cluster.listeners_raw.take() {
+            let names: Vec<String> = self
+                .cluster
+                .controller_listener_names
+                .split(',')
+                .map(|n| n.trim().to_ascii_uppercase())
+                .collect();
+            let mut client = None;
+            for l in raw.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                let name = l
+                    .split_once("://")
+                    .map(|(n, _)| n.trim().to_ascii_uppercase())
+                    .unwrap_or_else(|| "PLAINTEXT".into());
+                let (host, port) = parse_listener(l)?;
+                let addr: SocketAddr = format!("{host}:{port}")
+                    .parse()
+                    .with_context(|| format!("listener {l} is not an ip:port"))?;
+                if names.contains(&name) {
+                    self.cluster.controller_listen = Some(addr);
+                } else if client.is_none() {
+                    client = Some(addr);
+                }
+            }
+            if let Some(addr) = client {
+                self.set_listen(addr);
+            }
+        }
+        if !self.in_cluster() {
+            return Ok(());
+        }
+        let c = &mut self.cluster;
+        anyhow::ensure!(
+            c.roles_broker || c.roles_controller,
+            "process.roles must name broker, controller or both"
+        );
+        anyhow::ensure!(
+            c.roles_broker,
+            "process.roles=controller (a controller-only node) is not supported yet: use broker,controller"
+        );
+        let me = self.node_id as u64;
+        if c.roles_controller {
+            let voter = c.voters.get(&me).copied().with_context(|| {
+                format!(
+                    "node.id {me} has the controller role but is not in controller.quorum.voters"
+                )
+            })?;
+            if c.controller_listen.is_none() {
+                c.controller_listen = Some(voter);
+            }
+        } else {
+            anyhow::ensure!(
+                !c.voters.contains_key(&me),
+                "node.id {me} is in controller.quorum.voters but process.roles lacks controller"
+            );
+        }
+        anyhow::ensure!(
+            c.heartbeat_interval_ms < c.session_timeout_ms,
+            "broker.heartbeat.interval.ms must be shorter than broker.session.timeout.ms"
+        );
+        Ok(())
     }
 
     /// Sets the listen address; it is also what Metadata announces unless an advertised
@@ -388,12 +462,36 @@ impl Config {
             "producer.id.expiration.ms" => self.producer_id_expiration_ms = parse_i64_min(v, 1)?,
             "max.connections" => self.connections_per_shard_max = parse_i64_min(v, 1)? as usize,
             "listeners" => {
-                let (host, port) = parse_listener(v)?;
-                let listen = format!("{host}:{port}")
-                    .parse()
-                    .with_context(|| format!("listener {v} is not an ip:port"))?;
-                self.set_listen(listen);
+                // Resolved by `finish`, once `controller.listener.names` is known too.
+                for l in v.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+                    parse_listener(l)?;
+                }
+                self.cluster.listeners_raw = Some(v.to_string());
             }
+            "controller.listener.names" => self.cluster.controller_listener_names = v.to_string(),
+            "process.roles" => {
+                let (mut b, mut c) = (false, false);
+                for r in v.split(',').map(str::trim) {
+                    match r {
+                        "broker" => b = true,
+                        "controller" => c = true,
+                        _ => bail!("unknown role {r:?} (expected broker and/or controller)"),
+                    }
+                }
+                self.cluster.roles_broker = b;
+                self.cluster.roles_controller = c;
+            }
+            "controller.quorum.voters" => self.cluster.voters = parse_voters(v)?,
+            "broker.session.timeout.ms" => {
+                self.cluster.session_timeout_ms = parse_i64_min(v, 100)? as u64
+            }
+            "broker.heartbeat.interval.ms" => {
+                self.cluster.heartbeat_interval_ms = parse_i64_min(v, 10)? as u64
+            }
+            "min.insync.replicas" => {
+                self.cluster.min_insync_replicas = parse_i64_min(v, 1)?.min(i16::MAX as i64) as i16
+            }
+            "broker.rack" => self.cluster.rack = Some(v.to_string()),
             "advertised.listeners" => self.set_advertised(v)?,
             _ => tracing::warn!(key = k, "ignoring server.properties key Weir does not use"),
         }
@@ -525,4 +623,66 @@ mod tests {
         );
         assert!(parse_listener("nohost").is_err());
     }
+}
+
+/// Cluster settings, as Kafka names them.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// `process.roles`.
+    pub roles_broker: bool,
+    pub roles_controller: bool,
+    /// `controller.quorum.voters`: node id -> controller listener. Empty: a single node.
+    pub voters: std::collections::BTreeMap<u64, SocketAddr>,
+    /// Where this node's controller listener binds (the `CONTROLLER` entry of `listeners`,
+    /// else its own voter address).
+    pub controller_listen: Option<SocketAddr>,
+    pub controller_listener_names: String,
+    /// `listeners` as given, resolved by `Config::finish`.
+    pub listeners_raw: Option<String>,
+    /// `broker.session.timeout.ms`: a broker silent this long is fenced.
+    pub session_timeout_ms: u64,
+    /// `broker.heartbeat.interval.ms`.
+    pub heartbeat_interval_ms: u64,
+    /// `min.insync.replicas` (used by replication, issue #12).
+    pub min_insync_replicas: i16,
+    /// `broker.rack`.
+    pub rack: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
+            roles_broker: true,
+            roles_controller: true,
+            voters: Default::default(),
+            controller_listen: None,
+            controller_listener_names: "CONTROLLER".into(),
+            listeners_raw: None,
+            session_timeout_ms: 9000,
+            heartbeat_interval_ms: 2000,
+            min_insync_replicas: 1,
+            rack: None,
+        }
+    }
+}
+
+/// Parses `0@127.0.0.1:9093,1@127.0.0.1:9095`.
+pub fn parse_voters(v: &str) -> Result<std::collections::BTreeMap<u64, SocketAddr>> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, addr) = item
+            .split_once('@')
+            .with_context(|| format!("voter {item:?} is not id@host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("voter id in {item:?}"))?;
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .with_context(|| format!("voter address in {item:?} is not an ip:port"))?;
+        anyhow::ensure!(out.insert(id, addr).is_none(), "voter {id} is named twice");
+    }
+    anyhow::ensure!(!out.is_empty(), "controller.quorum.voters names no voter");
+    Ok(out)
 }

@@ -37,6 +37,10 @@ struct Args {
     /// A Kafka server.properties file; flags given on the command line win.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A server.properties key=value that wins over --config (repeatable), as Kafka's
+    /// `kafka-server-start.sh --override`.
+    #[arg(long = "override", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
 }
 
 /// glibc's allocator serves each request frame (up to 1 MB) and each stamped batch copy from
@@ -66,7 +70,10 @@ fn main() {
     tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // openraft narrates every vote and append at INFO; its warnings still show.
+                "info,openraft=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -100,6 +107,15 @@ fn run() -> Result<()> {
             .apply_properties(&text)
             .with_context(|| format!("in {}", path.display()))?;
     }
+    for o in &args.overrides {
+        let (k, v) = o
+            .split_once('=')
+            .with_context(|| format!("--override {o:?} is not key=value"))?;
+        config
+            .apply_property(k.trim(), v.trim())
+            .with_context(|| format!("--override {o}"))?;
+    }
+    config.finish()?;
     // Flags given on the command line override the file; an advertised listener (from either)
     // wins over the listen address.
     if let Some(listen) = args.listen {

@@ -354,10 +354,22 @@ pub fn run(config: Config) -> Result<()> {
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     lock_data_dir(&config.data_dir)?;
     lock_listen_address(config.listen)?;
-    let cluster_id = Arc::new(metadata::cluster_id(&config.data_dir, config.node_id)?);
+    let wanted_id = config
+        .in_cluster()
+        .then(|| metadata::cluster_id_of_voters(&config.cluster.voters));
+    let cluster_id = Arc::new(metadata::cluster_id(
+        &config.data_dir,
+        config.node_id,
+        wanted_id.as_deref(),
+    )?);
     let fresh = !config.data_dir.join(metadata::METADATA_FILE).exists();
     let mut image = metadata::load(&config.data_dir, config.shards)?;
-    if !image.topics.contains_key(crate::group::OFFSETS_TOPIC) {
+    let cluster = if config.in_cluster() {
+        Some(start_cluster(&config, &mut image)?)
+    } else {
+        None
+    };
+    if cluster.is_none() && !image.topics.contains_key(crate::group::OFFSETS_TOPIC) {
         // The internal topic of committed offsets and group metadata. Never deleted by
         // retention: it holds the only copy of committed offsets.
         let partitions = metadata::assign_shards(
@@ -381,7 +393,9 @@ pub fn run(config: Config) -> Result<()> {
         image.single_node(&config);
         metadata::store(&config.data_dir, &image)?;
     }
-    image.single_node(&config);
+    if cluster.is_none() {
+        image.single_node(&config);
+    }
     let image: Arc<Image> = Arc::new(image);
     let marker = config.data_dir.join(CLEAN_SHUTDOWN_MARKER);
     let clean = marker.exists();
@@ -457,8 +471,18 @@ pub fn run(config: Config) -> Result<()> {
             stop.store(true, Ordering::SeqCst);
         }
     }
-    let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
     tracing::info!("shutting down");
+    if let Some(agent) = crate::cluster::agent::agent() {
+        // Controlled shutdown: leaderships move off this broker while its shards drain.
+        let wait = Duration::from_millis(config.cluster.session_timeout_ms)
+            .min(CONTROLLED_SHUTDOWN_TIMEOUT);
+        if agent.controlled_shutdown(wait) {
+            tracing::info!("controlled shutdown: the controller moved this broker's leaderships");
+        } else {
+            tracing::warn!("controlled shutdown: no answer from the controller within {wait:?}");
+        }
+    }
+    let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
     while finished.iter().any(|f| !f) {
         match exited.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(x) => record(x, &mut finished),
@@ -477,9 +501,58 @@ pub fn run(config: Config) -> Result<()> {
     if let Some(e) = first_error {
         return Err(e.context("unclean shutdown: the next start will recover the logs"));
     }
+    if let Some((agent, quorum)) = cluster {
+        drop(agent);
+        if let Some(q) = quorum {
+            q.shutdown();
+        }
+    }
     write_marker(&config.data_dir)?;
     tracing::info!("clean shutdown complete");
     Ok(())
+}
+
+/// Bound on waiting for the controller to move leaderships at SIGTERM.
+const CONTROLLED_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts this node's part of a cluster: its controller quorum voter (with the controller
+/// role) and its cluster agent. The stored image's leaderships are forgotten: the broker leads
+/// nothing until the controller's current image says so.
+fn start_cluster(
+    config: &Arc<Config>,
+    image: &mut Image,
+) -> Result<(
+    crate::cluster::agent::Agent,
+    Option<crate::cluster::quorum::Quorum>,
+)> {
+    use crate::cluster::quorum::{metadata_dir, Quorum, QuorumConfig};
+    let qdir = metadata_dir(&config.data_dir);
+    let user_topics = image
+        .topics
+        .keys()
+        .any(|t| t != crate::group::OFFSETS_TOPIC);
+    if user_topics && config.cluster.roles_controller && !qdir.exists() {
+        // Never a cluster member before, yet it holds topics: a single node's data dir. Its
+        // topics are in no cluster's metadata, and following the cluster would delete them.
+        anyhow::bail!(
+            "{} holds a single broker's topics; a cluster broker needs a data dir of its own",
+            config.data_dir.display()
+        );
+    }
+    image.forget_leaders();
+    let quorum = if config.cluster.roles_controller {
+        let mut qc = QuorumConfig::new(config.node_id as u64, config.cluster.voters.clone(), qdir);
+        if let Some(l) = config.cluster.controller_listen {
+            qc.listen = l;
+        }
+        let q = Quorum::start(qc).context("starting the controller quorum")?;
+        crate::cluster::active::Active::new(config.clone(), q.handle()).install();
+        Some(q)
+    } else {
+        None
+    };
+    let agent = crate::cluster::agent::start(config.clone(), quorum.as_ref().map(|q| q.handle()))?;
+    Ok((agent, quorum))
 }
 
 fn write_marker(dir: &Path) -> Result<()> {
@@ -566,30 +639,10 @@ async fn shard_main(
         "partitions open"
     );
     glommio::spawn_local(s.clone().flusher()).detach();
-    // Replay this shard's partitions of __consumer_offsets; until then their groups answer
-    // COORDINATOR_LOAD_IN_PROGRESS.
-    let owned: Vec<i32> = s
-        .image()
-        .topics
-        .get(crate::group::OFFSETS_TOPIC)
-        .map(|t| {
-            t.partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.shard as usize == id)
-                .map(|(i, _)| i as i32)
-                .collect()
-        })
-        .unwrap_or_default();
-    s.groups.loading.borrow_mut().extend(owned.iter().copied());
-    let loader = s.clone();
-    glommio::spawn_local(async move {
-        for p in owned {
-            crate::group::load_partition(&loader, p).await;
-        }
-    })
-    .detach();
     glommio::spawn_local(s.clone().group_ticker()).detach();
+    if config.in_cluster() && id == crate::cluster::controller::CONTROLLER_SHARD {
+        glommio::spawn_local(crate::cluster::controller::follow_cluster(s.clone())).detach();
+    }
     glommio::spawn_local(s.clone().retention()).detach();
 
     // Bind the port only when every shard has opened its partitions: a connection may route

@@ -100,6 +100,8 @@ pub struct Shard {
     pub stopped: Event,
     /// Controller only: the next producer id of the reserved block.
     pub producer_id_next: Cell<i64>,
+    /// In a cluster: the end of the block the controller gave this broker.
+    pub producer_id_end: Cell<i64>,
     /// This shard's share of the group coordinator.
     pub groups: crate::group::Coordinator,
 }
@@ -180,7 +182,8 @@ pub struct ListOffsetResult {
     pub leader_epoch: i32,
 }
 
-/// Requests the controller (shard 0) serves.
+/// Requests the controller (shard 0) serves; in a cluster, forwarded to the active controller.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum ControlOp {
     CreateTopics(Vec<metadata::NewTopic>, bool),
     DeleteTopics(Vec<String>),
@@ -270,6 +273,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             stopped: Event::new(),
             producer_id_next: Cell::new(i64::MAX),
+            producer_id_end: Cell::new(0),
             groups: crate::group::Coordinator::default(),
         });
         SHARD.with(|cell| *cell.borrow_mut() = Some(s.clone()));
@@ -360,6 +364,7 @@ impl Shard {
                 l.config = cfg;
             }
         }
+        let mut offsets_opened = Vec::new();
         for (name, t) in &image.topics {
             for (i, pm) in t.partitions.iter().enumerate() {
                 if pm.shard as usize != self.id
@@ -398,7 +403,25 @@ impl Shard {
                     .entry(name.clone())
                     .or_default()
                     .insert(i as i32, p);
+                if name == crate::group::OFFSETS_TOPIC {
+                    offsets_opened.push(i as i32);
+                }
             }
+        }
+        if !offsets_opened.is_empty() {
+            // Replay the new partitions of __consumer_offsets; until then their groups answer
+            // COORDINATOR_LOAD_IN_PROGRESS.
+            self.groups
+                .loading
+                .borrow_mut()
+                .extend(offsets_opened.iter().copied());
+            let loader = self.clone();
+            glommio::spawn_local(async move {
+                for p in offsets_opened {
+                    crate::group::load_partition(&loader, p).await;
+                }
+            })
+            .detach();
         }
         Ok(())
     }

@@ -6,10 +6,15 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use futures::channel::oneshot;
 
+use super::agent;
 use super::metadata::{self, Image, TopicError, TopicMeta};
+use super::rpc::{Request, Response as RpcResponse};
 use crate::config::{PARTITIONS_PER_BROKER_MAX, PARTITIONS_PER_TOPIC_MAX};
 use crate::shard::{ControlOp, ControlReply, Shard, ShardMsg};
 use crate::storage::log::blocking;
@@ -21,6 +26,9 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
         s.id, CONTROLLER_SHARD,
         "metadata changes run on the controller shard"
     );
+    if s.config.in_cluster() {
+        return forward(op).await;
+    }
     let _permit = s.control_lock.acquire_permit(1).await;
     let mut image: Image = (*s.image()).clone();
     let mut changed = false;
@@ -127,6 +135,9 @@ pub const PRODUCER_ID_BLOCK: i64 = 1000;
 /// block whose end is persisted before any id in it is used.
 pub async fn allocate_producer_id(s: &Rc<Shard>) -> anyhow::Result<i64> {
     assert_eq!(s.id, CONTROLLER_SHARD);
+    if s.config.in_cluster() {
+        return allocate_producer_id_in_cluster(s).await;
+    }
     let _permit = s.control_lock.acquire_permit(1).await;
     let mut image: Image = (*s.image()).clone();
     if s.producer_id_next.get() >= image.producer_id_block_end {
@@ -181,4 +192,112 @@ pub async fn request(s: &Rc<Shard>, op: ControlOp) -> Option<ControlReply> {
     s.send(CONTROLLER_SHARD, ShardMsg::Control { op, reply: tx })
         .await;
     rx.await.ok()
+}
+
+// ---- in a cluster ----
+
+/// How long a forwarded change may take: the controller's answer, then this broker applying
+/// the version it committed at.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Shard 0 of a broker in a cluster: turns each image the agent sees into this broker's
+/// `Image` (keeping its shard table), stores it, and applies it on every shard. Runs until the
+/// agent stops.
+pub async fn follow_cluster(s: Rc<Shard>) {
+    assert_eq!(s.id, CONTROLLER_SHARD);
+    let Some(agent) = agent::agent() else { return };
+    let mut rx = agent.watch_view();
+    loop {
+        let view = rx.borrow_and_update().clone();
+        let current = s.image();
+        if view.image.version > current.version
+            || (view.image.version == current.version && view.controller != current.controller_id)
+            || current.brokers.is_empty() && !view.image.brokers.is_empty()
+        {
+            let _permit = s.control_lock.acquire_permit(1).await;
+            let image = Arc::new(Image::from_cluster(
+                &view.image,
+                view.controller,
+                &s.image(),
+                s.config.node_id,
+                s.count,
+            ));
+            let (dir, to_store) = (s.config.data_dir.clone(), image.clone());
+            let stored = blocking(move || {
+                crate::storage::reserve::with_reserve(&dir, || metadata::store(&dir, &to_store))
+            })
+            .await;
+            match stored {
+                Ok(()) => {
+                    let version = image.version;
+                    broadcast(&s, image).await;
+                    agent.set_applied(version);
+                }
+                Err(e) => {
+                    tracing::error!("persisting metadata failed: {e:#}; retrying");
+                    glommio::timer::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A change asked of the active controller; answered once this shard applied it, so the
+/// client that created a topic can use it on this broker at once.
+async fn forward(op: ControlOp) -> ControlReply {
+    let n = match &op {
+        ControlOp::CreateTopics(t, _) => t.len(),
+        ControlOp::DeleteTopics(t) => t.len(),
+        ControlOp::CreatePartitions(t, _) => t.len(),
+        ControlOp::AlterTopicConfigs(t, _) => t.len(),
+    };
+    let fail = |why: String| vec![Err(TopicError::InvalidRequest(why)); n];
+    let Some(agent) = agent::agent() else {
+        return fail("no cluster agent".into());
+    };
+    let deadline = std::time::Instant::now() + FORWARD_TIMEOUT;
+    match agent.ask(Request::Control(op), deadline).await {
+        Ok(RpcResponse::Control { answers, version }) => {
+            // Bounded by the deadline; the image arrives within a heartbeat or two.
+            while agent.applied() < version && std::time::Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            answers
+        }
+        Ok(other) => fail(format!("unexpected controller answer: {other:?}")),
+        Err(e) => fail(format!("The active controller is not available: {e}")),
+    }
+}
+
+/// A producer id from this broker's block, asking the controller for a new block when it is
+/// used up.
+async fn allocate_producer_id_in_cluster(s: &Rc<Shard>) -> anyhow::Result<i64> {
+    let _permit = s.control_lock.acquire_permit(1).await;
+    if s.producer_id_next.get() >= s.producer_id_end.get() {
+        let agent = agent::agent().context("no cluster agent")?;
+        let deadline = std::time::Instant::now() + FORWARD_TIMEOUT;
+        match agent
+            .ask(
+                Request::ProducerIds {
+                    node_id: s.config.node_id,
+                },
+                deadline,
+            )
+            .await
+        {
+            Ok(RpcResponse::ProducerIds { start, end }) => {
+                s.producer_id_next.set(start);
+                s.producer_id_end.set(end);
+            }
+            Ok(other) => anyhow::bail!("unexpected controller answer: {other:?}"),
+            Err(e) => anyhow::bail!("no producer ids: {e}"),
+        }
+    }
+    let id = s.producer_id_next.get();
+    s.producer_id_next.set(id + 1);
+    Ok(id)
 }

@@ -159,6 +159,97 @@ impl Image {
             .map(|(&id, b)| (id, b))
     }
 
+    /// This broker's image of a committed cluster image: the same topics, brokers and
+    /// leaderships, plus the shard table for the replicas this broker holds. A replica keeps
+    /// the shard `prev` gave it (its log is open there); a new one gets the next shard in
+    /// rotation.
+    pub fn from_cluster(
+        ci: &crate::cluster::quorum::ClusterImage,
+        controller: i32,
+        prev: &Image,
+        node: i32,
+        shards: usize,
+    ) -> Image {
+        let shards = shards.max(1) as u32;
+        let mut next_shard = prev.next_shard % shards;
+        let mut topics = BTreeMap::new();
+        for (name, ct) in &ci.topics {
+            let old = prev.topics.get(name).filter(|t| t.id == ct.id);
+            let partitions = ct
+                .partitions
+                .iter()
+                .enumerate()
+                .map(|(i, cp)| {
+                    let kept = old
+                        .and_then(|t| t.partitions.get(i))
+                        .filter(|p| p.hosted_on(node))
+                        .map(|p| p.shard);
+                    let shard = match kept {
+                        Some(s) => s,
+                        None if cp.replicas.contains(&node) => {
+                            let s = next_shard;
+                            next_shard = (next_shard + 1) % shards;
+                            s
+                        }
+                        None => 0,
+                    };
+                    PartitionMeta {
+                        shard,
+                        leader_epoch: cp.leader_epoch,
+                        replicas: cp.replicas.clone(),
+                        isr: cp.isr.clone(),
+                        leader: cp.leader,
+                        partition_epoch: cp.partition_epoch,
+                    }
+                })
+                .collect();
+            topics.insert(
+                name.clone(),
+                TopicMeta {
+                    id: ct.id,
+                    partitions,
+                    configs: ct.configs.clone(),
+                    internal: name == crate::group::OFFSETS_TOPIC,
+                },
+            );
+        }
+        let brokers = ci
+            .brokers
+            .iter()
+            .map(|(&id, b)| {
+                (
+                    id,
+                    BrokerMeta {
+                        host: b.host.clone(),
+                        port: b.port as i32,
+                        rack: b.rack.clone(),
+                        fenced: b.fenced,
+                    },
+                )
+            })
+            .collect();
+        Image {
+            version: ci.version,
+            topics,
+            next_shard,
+            producer_id_block_end: ci.producer_id_block_end,
+            brokers,
+            controller_id: controller,
+        }
+    }
+
+    /// A broker in a cluster starts knowing no leader: what it stored may be stale, and it
+    /// serves a partition only once the controller's current image says it leads it.
+    pub fn forget_leaders(&mut self) {
+        for t in self.topics.values_mut() {
+            for p in &mut t.partitions {
+                p.leader = -1;
+            }
+        }
+        self.brokers.clear();
+        self.controller_id = -1;
+    }
+
     /// A single broker without a quorum: it is the only broker, the controller, and the
     /// leader and only replica of every partition (images written before clusters existed
     /// name no replicas). Called at start-up and on every change the single-node controller
@@ -438,6 +529,10 @@ fn partition_dirs(data_dir: &Path) -> Result<Vec<(String, i32)>> {
             continue;
         };
         let Ok(p) = p.parse::<i32>() else { continue };
+        // The controller quorum's metadata log lives beside the partitions, named as KRaft's.
+        if topic == "__cluster_metadata" {
+            continue;
+        }
         if p >= 0 && validate_topic_name(topic).is_ok() {
             out.push((topic.to_string(), p));
         }
@@ -671,7 +766,22 @@ pub fn partition_dir(data_dir: &Path, topic: &str, partition: i32) -> PathBuf {
 
 /// Reads or creates `meta.properties`; returns the cluster id. Refuses a data directory that
 /// belongs to another node id.
-pub fn cluster_id(data_dir: &Path, node_id: i32) -> Result<String> {
+/// The cluster id of a cluster's brokers: the same on every broker without coordination, from
+/// the voters they were all given (FNV-1a 128 of `controller.quorum.voters`, printed as Kafka
+/// prints ids).
+pub fn cluster_id_of_voters(voters: &BTreeMap<u64, std::net::SocketAddr>) -> String {
+    let text: String = voters.iter().map(|(id, a)| format!("{id}@{a},")).collect();
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in text.bytes() {
+        h ^= b as u128;
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    base64_uuid(uuid::Uuid::from_u128(h))
+}
+
+/// This data dir's cluster id (`meta.properties`), created on first start: `wanted` (a
+/// cluster's id) or a random one for a single node. A data dir of another cluster is refused.
+pub fn cluster_id(data_dir: &Path, node_id: i32, wanted: Option<&str>) -> Result<String> {
     let path = data_dir.join("meta.properties");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let mut id = None;
@@ -690,10 +800,19 @@ pub fn cluster_id(data_dir: &Path, node_id: i32) -> Result<String> {
             }
         }
         if let Some(id) = id {
+            if let Some(w) = wanted {
+                anyhow::ensure!(
+                    id == w,
+                    "{} belongs to cluster {id}, but this node's controller.quorum.voters make cluster {w}",
+                    path.display()
+                );
+            }
             return Ok(id);
         }
     }
-    let id = base64_uuid(uuid::Uuid::new_v4());
+    let id = wanted
+        .map(str::to_string)
+        .unwrap_or_else(|| base64_uuid(uuid::Uuid::new_v4()));
     let text = format!("#Weir\nversion=1\ncluster.id={id}\nnode.id={node_id}\n");
     write_atomically(data_dir, "meta.properties", text.as_bytes())?;
     Ok(id)
@@ -807,10 +926,10 @@ mod tests {
         assert_eq!(load(dir.path(), 4).unwrap(), image);
         let fewer = load(dir.path(), 2).unwrap();
         assert!(fewer.topics["t"].partitions.iter().all(|p| p.shard < 2));
-        let id = cluster_id(dir.path(), 1).unwrap();
+        let id = cluster_id(dir.path(), 1, None).unwrap();
         assert_eq!(id.len(), 22);
-        assert_eq!(cluster_id(dir.path(), 1).unwrap(), id);
-        assert!(cluster_id(dir.path(), 2).is_err());
+        assert_eq!(cluster_id(dir.path(), 1, None).unwrap(), id);
+        assert!(cluster_id(dir.path(), 2, None).is_err());
     }
 
     fn image_with(topics: usize) -> Image {

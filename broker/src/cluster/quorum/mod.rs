@@ -288,6 +288,8 @@ pub struct QuorumHandle {
     submit_tx: mpsc::Sender<Submit>,
     image_rx: watch::Receiver<Arc<ClusterImage>>,
     status_rx: watch::Receiver<QuorumStatus>,
+    service: network::ServiceSlot,
+    runtime: tokio::runtime::Handle,
 }
 
 impl QuorumHandle {
@@ -336,6 +338,16 @@ impl QuorumHandle {
     /// Yields each newly applied image (`changed().await`, then `borrow()`).
     pub fn watch_image(&self) -> watch::Receiver<Arc<ClusterImage>> {
         self.image_rx.clone()
+    }
+
+    /// The quorum thread's runtime, for the controller's own tasks.
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.runtime.clone()
+    }
+
+    /// Installs the answerer of brokers' controller requests (once; later calls are ignored).
+    pub fn set_service(&self, service: network::Service) {
+        let _ = self.service.set(service);
     }
 
     pub fn status(&self) -> QuorumStatus {
@@ -483,11 +495,13 @@ async fn start_voter(
         .await
         .context("starting raft")?;
 
+    let service: network::ServiceSlot = Default::default();
     let mut tasks = vec![tokio::spawn(network::serve(
         listener,
         raft.clone(),
         id,
         cluster,
+        service.clone(),
     ))];
 
     if !raft.is_initialized().await? {
@@ -547,6 +561,8 @@ async fn start_voter(
         submit_tx,
         image_rx,
         status_rx,
+        service,
+        runtime: tokio::runtime::Handle::current(),
     };
     Ok((raft, handle, tasks))
 }

@@ -47,7 +47,24 @@ enum Rpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A broker's request to the controller (registration, heartbeat, a forwarded change):
+    /// opaque here, answered by the [`Service`] the broker installed.
+    Controller(serde_json::Value),
 }
+
+/// Answers brokers' controller requests (`from` is the asking node). Installed once the
+/// broker's controller logic exists (`QuorumHandle::set_service`); until then such requests
+/// are answered `Refused`, and the broker retries.
+pub type Service = Arc<
+    dyn Fn(
+            NodeId,
+            serde_json::Value,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value> + Send>>
+        + Send
+        + Sync,
+>;
+pub type ServiceSlot = Arc<std::sync::OnceLock<Service>>;
 
 #[derive(Serialize, Deserialize)]
 struct Request {
@@ -64,6 +81,7 @@ enum Response {
     InstallSnapshot(
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
     ),
+    Controller(serde_json::Value),
     Refused(String),
 }
 
@@ -105,7 +123,13 @@ async fn read_body(s: &mut TcpStream, header: [u8; 4]) -> std::io::Result<Vec<u8
 // ---- server ----
 
 /// Accepts voter connections until the task is dropped (the quorum runtime shuts down).
-pub(super) async fn serve(listener: TcpListener, raft: Raft, id: NodeId, cluster: Arc<str>) {
+pub(super) async fn serve(
+    listener: TcpListener,
+    raft: Raft,
+    id: NodeId,
+    cluster: Arc<str>,
+    service: ServiceSlot,
+) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -120,9 +144,9 @@ pub(super) async fn serve(listener: TcpListener, raft: Raft, id: NodeId, cluster
             tracing::warn!(node = id, %peer, "refusing a controller connection: {CONNECTIONS_MAX} are open");
             continue;
         };
-        let (raft, cluster) = (raft.clone(), cluster.clone());
+        let (raft, cluster, service) = (raft.clone(), cluster.clone(), service.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, raft, id, &cluster).await {
+            if let Err(e) = serve_connection(stream, raft, id, &cluster, &service).await {
                 tracing::debug!(node = id, %peer, "controller connection closed: {e}");
             }
             drop(slot);
@@ -135,6 +159,7 @@ async fn serve_connection(
     raft: Raft,
     id: NodeId,
     cluster: &str,
+    service: &ServiceSlot,
 ) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     loop {
@@ -163,8 +188,92 @@ async fn serve_connection(
             Rpc::AppendEntries(r) => Response::AppendEntries(raft.append_entries(r).await),
             Rpc::Vote(r) => Response::Vote(raft.vote(r).await),
             Rpc::InstallSnapshot(r) => Response::InstallSnapshot(raft.install_snapshot(r).await),
+            Rpc::Controller(body) => match service.get() {
+                Some(f) => Response::Controller(f(req.from, body).await),
+                None => Response::Refused("the controller service is starting".into()),
+            },
         };
         write_frame(&mut s, &resp).await?;
+    }
+}
+
+// ---- broker -> controller client ----
+
+/// A broker's connection to one voter's controller listener, for controller requests. One
+/// request at a time; any failure drops the connection and the next call reconnects.
+pub struct ControllerClient {
+    from: NodeId,
+    cluster: Arc<str>,
+    conn: Option<(NodeId, TcpStream)>,
+}
+
+impl ControllerClient {
+    pub fn new(from: NodeId, cluster: &str) -> ControllerClient {
+        ControllerClient {
+            from,
+            cluster: cluster.into(),
+            conn: None,
+        }
+    }
+
+    /// Sends `body` to voter `to` at `addr` and returns its answer, within `ttl`.
+    pub async fn call(
+        &mut self,
+        to: NodeId,
+        addr: SocketAddr,
+        body: serde_json::Value,
+        ttl: Duration,
+    ) -> std::io::Result<serde_json::Value> {
+        let r = tokio::time::timeout(ttl, self.exchange(to, addr, body))
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "controller request timed out",
+                ))
+            });
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    async fn exchange(
+        &mut self,
+        to: NodeId,
+        addr: SocketAddr,
+        body: serde_json::Value,
+    ) -> std::io::Result<serde_json::Value> {
+        if self.conn.as_ref().is_none_or(|(t, _)| *t != to) {
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+            s.set_nodelay(true)?;
+            self.conn = Some((to, s));
+        }
+        let (_, s) = self.conn.as_mut().expect("connected above");
+        let req = Request {
+            cluster: self.cluster.to_string(),
+            from: self.from,
+            to,
+            rpc: Rpc::Controller(body),
+        };
+        write_frame(s, &req).await?;
+        let mut header = [0u8; 4];
+        s.read_exact(&mut header).await?;
+        let body = read_body(s, header).await?;
+        let resp: Response = serde_json::from_slice(&body)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        match resp {
+            Response::Controller(v) => Ok(v),
+            Response::Refused(why) => Err(std::io::Error::other(why)),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "unexpected response to a controller request",
+            )),
+        }
     }
 }
 

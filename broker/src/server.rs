@@ -512,6 +512,9 @@ pub fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
+/// How often a broker waiting for the cluster's metadata says so.
+const CATCH_UP_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Bound on waiting for the controller to move leaderships at SIGTERM.
 const CONTROLLED_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -651,6 +654,23 @@ async fn shard_main(
     life.ready.fetch_add(1, Ordering::SeqCst);
     while life.ready.load(Ordering::SeqCst) < count && !life.stopping() {
         glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    // In a cluster, clients are served once this broker follows the cluster's metadata (its
+    // own registration included), as a Kafka broker waits for its initial catch-up: before
+    // that it would answer Metadata with no brokers and lead nothing.
+    let mut waiting_since = Instant::now();
+    while config.in_cluster()
+        && !life.stopping()
+        && !s.image().brokers.contains_key(&config.node_id)
+    {
+        if waiting_since.elapsed() > CATCH_UP_WARN_EVERY {
+            tracing::warn!(
+                shard = id,
+                "waiting for the controller quorum's metadata before serving clients (is a majority of controller.quorum.voters up?)"
+            );
+            waiting_since = Instant::now();
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     if !life.stopping() {
         let listener = glommio::net::TcpListener::bind(config.listen)

@@ -1,6 +1,8 @@
 // The Java reference client (kafka-clients) against Weir, with its defaults: an idempotent
 // producer (acks=all, enable.idempotence=true since Kafka 3.0) and a consumer group that
-// subscribes, polls and commits. Prints "OK <records>" on success; exits non-zero otherwise.
+// subscribes, polls and commits. Prints "BROKERS <n> CONTROLLER <id>" as DescribeCluster says,
+// then "OK <records>" on success; exits non-zero otherwise. Arguments: bootstrap topic records
+// [compression [replication factor]].
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.*;
@@ -18,11 +20,14 @@ public class WeirJavaClient {
         String topic = args[1];
         int n = Integer.parseInt(args[2]);
         String compression = args.length > 3 ? args[3] : "none";
+        short replicationFactor = args.length > 4 ? Short.parseShort(args[4]) : 1;
 
         Properties a = new Properties();
         a.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
         try (Admin admin = Admin.create(a)) {
-            admin.createTopics(List.of(new NewTopic(topic, 3, (short) 1))).all().get();
+            DescribeClusterResult cluster = admin.describeCluster();
+            System.out.println("BROKERS " + cluster.nodes().get().size() + " CONTROLLER " + cluster.controller().get().id());
+            admin.createTopics(List.of(new NewTopic(topic, 3, replicationFactor))).all().get();
             Set<String> names = admin.listTopics().names().get();
             check(names.contains(topic) && !names.contains("__consumer_offsets"), "listTopics hides internal topics: " + names);
         }

@@ -214,7 +214,7 @@ impl Active {
     async fn control(&self, op: ControlOp) -> Response {
         let _g = self.decide_lock.lock().await;
         let image = self.quorum.image();
-        let mut rng = rand_seed();
+        let mut rng = decide::Rng::new(rand_seed());
         let (answers, records) = match &op {
             ControlOp::CreateTopics(topics, validate_only) => {
                 decide::create_topics(&image, &self.cfg, topics, *validate_only, &mut rng)
@@ -322,8 +322,13 @@ impl Active {
             return Ok(());
         }
         let topic = offsets_topic(&self.cfg, wanted);
-        let (answers, records) =
-            decide::create_topics(&image, &self.cfg, &[topic], false, &mut rand_seed());
+        let (answers, records) = decide::create_topics(
+            &image,
+            &self.cfg,
+            &[topic],
+            false,
+            &mut decide::Rng::new(rand_seed()),
+        );
         if let Some(Err(e)) = answers.first() {
             // Checked every tick: said once per controller term.
             let mut l = self.liveness.lock().expect("liveness lock");

@@ -1,56 +1,713 @@
-//! STUB until the helper's branch lands.
-use super::metadata::{NewTopic, TopicError};
-use super::quorum::{BrokerId, ClusterImage, MetadataRecord};
-use crate::config::{Config, ConfigEdit};
+//! The active controller's decisions: pure functions from the committed [`ClusterImage`] and a
+//! request to the answers for the client and the records that carry them out. Nothing here does
+//! I/O; `active.rs` submits the records as one log entry.
+//!
+//! Each item of a request is checked against the image as changed by the items before it (a
+//! name created twice in one request is refused the second time): its records are applied to
+//! a scratch copy with [`ClusterImage::apply_batch`], the same code every voter runs, so a
+//! record that would not apply is never submitted.
+
+use std::collections::BTreeMap;
+
+use super::metadata::{validate_topic_name, NewTopic, TopicError};
+use super::quorum::record::NO_LEADER;
+use super::quorum::{BrokerId, ClusterImage, ClusterPartition, MetadataRecord};
+use crate::config::{Config, ConfigEdit, PARTITIONS_PER_BROKER_MAX, PARTITIONS_PER_TOPIC_MAX};
+
+/// Per item: (partitions, replication factor) or why it was refused.
 pub type Answers = Vec<Result<(i32, i16), TopicError>>;
+
+/// A small deterministic generator (xorshift64*) seeded by the caller, so decisions are
+/// reproducible in tests and random in production.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
+    }
+}
+
+/// Registered, unfenced brokers, by id (Kafka sorts them before assigning).
+pub fn live_brokers(img: &ClusterImage) -> Vec<BrokerId> {
+    img.brokers
+        .values()
+        .filter(|b| !b.fenced)
+        .map(|b| b.node_id)
+        .collect()
+}
+
+/// Kafka's rack-unaware replica assignment (`assignReplicasToBrokersRackUnaware`): partition
+/// `p`'s first replica (its preferred leader) is broker `(p + start_index) % n`, so leaders go
+/// round robin from a random start; each further replica is shifted from the first by an
+/// amount that grows by one every `n` partitions, so followers spread too.
+pub fn assign_replicas(
+    brokers: &[BrokerId],
+    partitions: usize,
+    rf: usize,
+    start_index: usize,
+    first_partition: usize,
+    shift: usize,
+) -> Vec<Vec<BrokerId>> {
+    let n = brokers.len();
+    assert!(n > 0 && rf >= 1 && rf <= n, "rf {rf} over {n} brokers");
+    let mut shift = shift;
+    let mut out = Vec::with_capacity(partitions);
+    for p in first_partition..first_partition + partitions {
+        if p > 0 && p % n == 0 {
+            shift += 1;
+        }
+        let first = (p + start_index) % n;
+        let mut replicas = vec![brokers[first]];
+        for j in 0..rf - 1 {
+            let step = 1 + (shift + j) % (n - 1);
+            replicas.push(brokers[(first + step) % n]);
+        }
+        out.push(replicas);
+    }
+    out
+}
+
+fn replicas_held(img: &ClusterImage) -> BTreeMap<BrokerId, usize> {
+    let mut held = BTreeMap::new();
+    for t in img.topics.values() {
+        for p in &t.partitions {
+            for r in &p.replicas {
+                *held.entry(*r).or_insert(0) += 1;
+            }
+        }
+    }
+    held
+}
+
+fn check_limits(img: &ClusterImage, assignment: &[Vec<BrokerId>]) -> Result<(), TopicError> {
+    let mut held = replicas_held(img);
+    for replicas in assignment {
+        for r in replicas {
+            let n = held.entry(*r).or_insert(0);
+            *n += 1;
+            if *n > PARTITIONS_PER_BROKER_MAX {
+                return Err(TopicError::InvalidPartitions(format!(
+                    "Broker {r} would host more than {PARTITIONS_PER_BROKER_MAX} partitions."
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rf_error(rf: i64, live: usize) -> TopicError {
+    TopicError::InvalidReplicationFactor(format!(
+        "Unable to replicate the partition {rf} time(s): The target replication factor of {rf} cannot be reached because only {live} broker(s) are registered."
+    ))
+}
+
+/// Kafka's checks of manual assignments: no count or factor beside them, partitions 0..n, one
+/// replica count, no repeats, registered brokers only.
+fn manual_assignment(img: &ClusterImage, t: &NewTopic) -> Result<Vec<Vec<BrokerId>>, TopicError> {
+    if t.num_partitions != -1 || t.replication_factor != -1 {
+        return Err(TopicError::InvalidRequest(
+            "Both numPartitions or replicationFactor and replicasAssignments were set. Both cannot be used at the same time.".into(),
+        ));
+    }
+    let mut out: Vec<Option<Vec<BrokerId>>> = vec![None; t.assignments.len()];
+    let mut rf: Option<usize> = None;
+    for (index, brokers) in &t.assignments {
+        let slot = usize::try_from(*index).ok().and_then(|i| out.get_mut(i));
+        let Some(slot) = slot.filter(|s| s.is_none()) else {
+            return Err(TopicError::InvalidReplicaAssignment(
+                "Partitions should be a consecutive 0-based integer sequence".into(),
+            ));
+        };
+        if brokers.is_empty() {
+            return Err(TopicError::InvalidReplicaAssignment(format!(
+                "The manual partition assignment includes an empty replica list for partition {index}."
+            )));
+        }
+        if let Some(n) = rf.filter(|&n| n != brokers.len()) {
+            return Err(TopicError::InvalidReplicaAssignment(format!(
+                "The manual partition assignment includes a partition with {} replica(s), but this is inconsistent with previous partitions, which have {n} replica(s).",
+                brokers.len()
+            )));
+        }
+        rf = Some(brokers.len());
+        for (i, b) in brokers.iter().enumerate() {
+            if brokers[..i].contains(b) {
+                return Err(TopicError::InvalidReplicaAssignment(format!(
+                    "The manual partition assignment includes the broker {b} more than once."
+                )));
+            }
+            if !img.brokers.contains_key(b) {
+                return Err(TopicError::InvalidReplicaAssignment(format!(
+                    "The manual partition assignment includes broker {b}, but no such broker is registered."
+                )));
+            }
+        }
+        *slot = Some(brokers.clone());
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every slot filled"))
+        .collect())
+}
+
+/// The replica lists of a new topic, or why it is refused.
+fn plan_topic(
+    img: &ClusterImage,
+    cfg: &Config,
+    t: &NewTopic,
+    rng: &mut Rng,
+) -> Result<Vec<Vec<BrokerId>>, TopicError> {
+    validate_topic_name(&t.name)?;
+    if img.topics.contains_key(&t.name) {
+        return Err(TopicError::AlreadyExists);
+    }
+    let assignment = if t.assignments.is_empty() {
+        let partitions = if t.num_partitions == -1 {
+            cfg.num_partitions
+        } else {
+            t.num_partitions
+        };
+        if partitions <= 0 {
+            return Err(TopicError::InvalidPartitions(
+                "Number of partitions must be larger than 0.".into(),
+            ));
+        }
+        if partitions > PARTITIONS_PER_TOPIC_MAX {
+            return Err(TopicError::InvalidPartitions(format!(
+                "Number of partitions {partitions} exceeds Weir's limit of {PARTITIONS_PER_TOPIC_MAX} per topic."
+            )));
+        }
+        let rf = if t.replication_factor == -1 {
+            cfg.default_replication_factor
+        } else {
+            t.replication_factor
+        };
+        if rf <= 0 {
+            return Err(TopicError::InvalidReplicationFactor(
+                "Replication factor must be larger than 0.".into(),
+            ));
+        }
+        let live = live_brokers(img);
+        if rf as usize > live.len() {
+            return Err(rf_error(rf as i64, live.len()));
+        }
+        let n = live.len();
+        let (start, shift) = (rng.below(n), rng.below(n));
+        assign_replicas(&live, partitions as usize, rf as usize, start, 0, shift)
+    } else {
+        manual_assignment(img, t)?
+    };
+    if assignment.len() > PARTITIONS_PER_TOPIC_MAX as usize {
+        return Err(TopicError::InvalidPartitions(format!(
+            "Number of partitions {} exceeds Weir's limit of {PARTITIONS_PER_TOPIC_MAX} per topic.",
+            assignment.len()
+        )));
+    }
+    check_limits(img, &assignment)?;
+    cfg.log
+        .with_topic_overrides(&t.configs)
+        .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+    Ok(assignment)
+}
+
+/// Applies `records` to the scratch image; a refusal (which would be a bug in a decision) is
+/// reported as the item's error and nothing of it is kept.
+fn try_apply(
+    scratch: &mut ClusterImage,
+    records: &[MetadataRecord],
+    out: &mut Vec<MetadataRecord>,
+) -> Result<(), TopicError> {
+    let mut next = scratch.clone();
+    let index = next.version + 1;
+    if let Err(why) = next.apply_batch(index, records) {
+        return Err(TopicError::InvalidRequest(format!(
+            "The controller refused its own change: {why}"
+        )));
+    }
+    next.version = index;
+    *scratch = next;
+    out.extend_from_slice(records);
+    Ok(())
+}
+
 pub fn create_topics(
-    _: &ClusterImage,
-    _: &Config,
-    t: &[NewTopic],
-    _: bool,
-    _: &mut u64,
+    img: &ClusterImage,
+    cfg: &Config,
+    topics: &[NewTopic],
+    validate_only: bool,
+    rng: &mut Rng,
 ) -> (Answers, Vec<MetadataRecord>) {
-    (vec![Err(TopicError::Unknown); t.len()], vec![])
+    let mut scratch = img.clone();
+    let mut records = Vec::new();
+    let answers = topics
+        .iter()
+        .map(|t| {
+            let assignment = plan_topic(&scratch, cfg, t, rng)?;
+            let answer = (assignment.len() as i32, assignment[0].len() as i16);
+            let record = MetadataRecord::CreateTopic {
+                name: t.name.clone(),
+                id: uuid::Uuid::new_v4(),
+                partitions: assignment,
+                configs: t.configs.clone(),
+            };
+            try_apply(&mut scratch, &[record], &mut records)?;
+            Ok(answer)
+        })
+        .collect();
+    if validate_only {
+        records.clear();
+    }
+    (answers, records)
 }
-pub fn delete_topics(_: &ClusterImage, t: &[String]) -> (Answers, Vec<MetadataRecord>) {
-    (vec![Err(TopicError::Unknown); t.len()], vec![])
+
+pub fn delete_topics(img: &ClusterImage, names: &[String]) -> (Answers, Vec<MetadataRecord>) {
+    let mut scratch = img.clone();
+    let mut records = Vec::new();
+    let answers = names
+        .iter()
+        .map(|n| {
+            let t = scratch.topics.get(n).ok_or(TopicError::Unknown)?;
+            if n == crate::group::OFFSETS_TOPIC {
+                return Err(TopicError::InvalidRequest(format!(
+                    "Topic {n} is an internal topic and cannot be deleted"
+                )));
+            }
+            let answer = (t.partitions.len() as i32, rf_of(&t.partitions));
+            let record = MetadataRecord::DeleteTopic {
+                name: n.clone(),
+                id: t.id,
+            };
+            try_apply(&mut scratch, &[record], &mut records)?;
+            Ok(answer)
+        })
+        .collect();
+    (answers, records)
 }
+
+fn rf_of(parts: &[ClusterPartition]) -> i16 {
+    parts.first().map(|p| p.replicas.len() as i16).unwrap_or(0)
+}
+
 pub fn create_partitions(
-    _: &ClusterImage,
-    _: &Config,
-    t: &[(String, i32)],
-    _: bool,
-    _: &mut u64,
+    img: &ClusterImage,
+    _cfg: &Config,
+    list: &[(String, i32)],
+    validate_only: bool,
+    rng: &mut Rng,
 ) -> (Answers, Vec<MetadataRecord>) {
-    (vec![Err(TopicError::Unknown); t.len()], vec![])
+    let mut scratch = img.clone();
+    let mut records = Vec::new();
+    let answers = list
+        .iter()
+        .map(|(name, count)| {
+            let t = scratch.topics.get(name).ok_or(TopicError::Unknown)?;
+            let current = t.partitions.len() as i32;
+            if *count < current {
+                return Err(TopicError::InvalidPartitions(format!(
+                    "Topic currently has {current} partitions, which is higher than the requested {count}."
+                )));
+            }
+            if *count == current {
+                return Err(TopicError::InvalidPartitions(format!(
+                    "Topic already has {current} partitions."
+                )));
+            }
+            if *count > PARTITIONS_PER_TOPIC_MAX {
+                return Err(TopicError::InvalidPartitions(format!(
+                    "{count} partitions exceed Weir's limit of {PARTITIONS_PER_TOPIC_MAX} per topic."
+                )));
+            }
+            let rf = rf_of(&t.partitions).max(1) as usize;
+            let live = live_brokers(&scratch);
+            if rf > live.len() {
+                return Err(rf_error(rf as i64, live.len()));
+            }
+            // As Kafka: continue from where partition 0's leader sits among the brokers.
+            let start = t
+                .partitions
+                .first()
+                .and_then(|p| p.replicas.first())
+                .and_then(|b| live.iter().position(|l| l == b))
+                .unwrap_or_else(|| rng.below(live.len()));
+            let shift = rng.below(live.len());
+            let assignment = assign_replicas(
+                &live,
+                (*count - current) as usize,
+                rf,
+                start,
+                current as usize,
+                shift,
+            );
+            check_limits(&scratch, &assignment)?;
+            let record = MetadataRecord::CreatePartitions {
+                name: name.clone(),
+                id: t.id,
+                partitions: assignment,
+            };
+            try_apply(&mut scratch, &[record], &mut records)?;
+            Ok((*count, rf as i16))
+        })
+        .collect();
+    if validate_only {
+        records.clear();
+    }
+    (answers, records)
 }
+
 pub fn alter_topic_configs(
-    _: &ClusterImage,
-    _: &Config,
-    t: &[(String, ConfigEdit)],
-    _: bool,
+    img: &ClusterImage,
+    cfg: &Config,
+    edits: &[(String, ConfigEdit)],
+    validate_only: bool,
 ) -> (Answers, Vec<MetadataRecord>) {
-    (vec![Err(TopicError::Unknown); t.len()], vec![])
+    let mut scratch = img.clone();
+    let mut records = Vec::new();
+    let answers = edits
+        .iter()
+        .map(|(name, edit)| {
+            let t = scratch.topics.get(name).ok_or(TopicError::Unknown)?;
+            let new = edit
+                .clone()
+                .apply(&t.configs, &cfg.log)
+                .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+            cfg.log
+                .with_topic_overrides(&new)
+                .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+            let mut changes = Vec::new();
+            for (k, v) in &new {
+                if t.configs.get(k) != Some(v) {
+                    changes.push(MetadataRecord::TopicConfig {
+                        name: name.clone(),
+                        key: k.clone(),
+                        value: Some(v.clone()),
+                    });
+                }
+            }
+            for k in t.configs.keys().filter(|k| !new.contains_key(*k)) {
+                changes.push(MetadataRecord::TopicConfig {
+                    name: name.clone(),
+                    key: k.clone(),
+                    value: None,
+                });
+            }
+            try_apply(&mut scratch, &changes, &mut records)?;
+            Ok((0, 0))
+        })
+        .collect();
+    if validate_only {
+        records.clear();
+    }
+    (answers, records)
 }
+
+/// Fences a broker and moves what it leads, as KRaft does: it leaves every ISR it is in unless
+/// it is the last member (then the ISR stays and the partition has no leader, so no replica
+/// that may lack acknowledged records is elected); a partition it led gets the first replica,
+/// in replica order, that is in the new ISR and on a live broker. Leader epoch + 1 when the
+/// leader changes; partition epoch + 1 with every change.
 pub fn fence_broker(img: &ClusterImage, node: BrokerId) -> Vec<MetadataRecord> {
-    img.brokers
-        .get(&node)
-        .map(|b| {
-            vec![MetadataRecord::FenceBroker {
-                node_id: node,
-                epoch: b.epoch,
-            }]
-        })
-        .unwrap_or_default()
+    let Some(b) = img.brokers.get(&node) else {
+        return Vec::new();
+    };
+    let mut records = vec![MetadataRecord::FenceBroker {
+        node_id: node,
+        epoch: b.epoch,
+    }];
+    let live = |r: &BrokerId| *r != node && img.brokers.get(r).is_some_and(|b| !b.fenced);
+    for (name, t) in &img.topics {
+        for (i, p) in t.partitions.iter().enumerate() {
+            if p.leader != node && !p.isr.contains(&node) {
+                continue;
+            }
+            let isr: Vec<BrokerId> = if p.isr == [node] {
+                p.isr.clone()
+            } else {
+                p.isr.iter().copied().filter(|r| *r != node).collect()
+            };
+            let leader = if p.leader != node && p.leader != NO_LEADER {
+                p.leader
+            } else {
+                p.replicas
+                    .iter()
+                    .copied()
+                    .find(|r| isr.contains(r) && live(r))
+                    .unwrap_or(NO_LEADER)
+            };
+            records.push(change(name, t.id, i, p, leader, isr));
+        }
+    }
+    records
 }
+
+/// Unfences a broker; partitions without a leader whose ISR holds it get it as leader.
 pub fn unfence_broker(img: &ClusterImage, node: BrokerId) -> Vec<MetadataRecord> {
-    img.brokers
-        .get(&node)
-        .map(|b| {
-            vec![MetadataRecord::UnfenceBroker {
-                node_id: node,
-                epoch: b.epoch,
-            }]
-        })
-        .unwrap_or_default()
+    let Some(b) = img.brokers.get(&node) else {
+        return Vec::new();
+    };
+    let mut records = vec![MetadataRecord::UnfenceBroker {
+        node_id: node,
+        epoch: b.epoch,
+    }];
+    for (name, t) in &img.topics {
+        for (i, p) in t.partitions.iter().enumerate() {
+            if p.leader == NO_LEADER && p.isr.contains(&node) {
+                records.push(change(name, t.id, i, p, node, p.isr.clone()));
+            }
+        }
+    }
+    records
+}
+
+fn change(
+    name: &str,
+    id: uuid::Uuid,
+    index: usize,
+    p: &ClusterPartition,
+    leader: BrokerId,
+    isr: Vec<BrokerId>,
+) -> MetadataRecord {
+    MetadataRecord::PartitionChange {
+        name: name.to_string(),
+        id,
+        partition: index as i32,
+        leader,
+        leader_epoch: if leader != p.leader {
+            p.leader_epoch + 1
+        } else {
+            p.leader_epoch
+        },
+        isr,
+        partition_epoch: p.partition_epoch + 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::new(
+            "127.0.0.1:9092".parse().unwrap(),
+            std::path::PathBuf::from("/nonexistent"),
+            1,
+        )
+    }
+
+    fn apply(img: &mut ClusterImage, records: &[MetadataRecord]) {
+        let index = img.version + 1;
+        img.apply_batch(index, records).expect("the records apply");
+        img.version = index;
+    }
+
+    /// An image with brokers 0..n registered and unfenced.
+    fn cluster(n: i32) -> ClusterImage {
+        let mut img = ClusterImage::default();
+        for b in 0..n {
+            apply(
+                &mut img,
+                &[MetadataRecord::RegisterBroker {
+                    node_id: b,
+                    host: "127.0.0.1".into(),
+                    port: 9091 + b as u16,
+                    rack: None,
+                    incarnation: uuid::Uuid::new_v4(),
+                }],
+            );
+            let epoch = img.brokers[&b].epoch;
+            apply(
+                &mut img,
+                &[MetadataRecord::UnfenceBroker { node_id: b, epoch }],
+            );
+        }
+        img
+    }
+
+    fn topic(name: &str, partitions: i32, rf: i16) -> NewTopic {
+        NewTopic {
+            name: name.into(),
+            num_partitions: partitions,
+            replication_factor: rf,
+            configs: BTreeMap::new(),
+            assignments: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn assignment_is_kafkas_round_robin_with_shifted_followers() {
+        // Kafka's documented example: 5 brokers, 10 partitions, RF 3, start index 0, shift 0.
+        let a = assign_replicas(&[0, 1, 2, 3, 4], 10, 3, 0, 0, 0);
+        let want: Vec<Vec<i32>> = vec![
+            vec![0, 1, 2],
+            vec![1, 2, 3],
+            vec![2, 3, 4],
+            vec![3, 4, 0],
+            vec![4, 0, 1],
+            vec![0, 2, 3],
+            vec![1, 3, 4],
+            vec![2, 4, 0],
+            vec![3, 0, 1],
+            vec![4, 1, 2],
+        ];
+        assert_eq!(a, want);
+    }
+
+    #[test]
+    fn topics_spread_over_live_brokers_and_rf_above_them_is_refused() {
+        let mut img = cluster(3);
+        let mut rng = Rng::new(7);
+        let (answers, records) = create_topics(
+            &img,
+            &cfg(),
+            &[
+                topic("a", 6, 3),
+                topic("b", 6, 1),
+                topic("a", 1, 1),
+                topic("c", 1, 4),
+            ],
+            false,
+            &mut rng,
+        );
+        assert_eq!(answers[0], Ok((6, 3)));
+        assert_eq!(answers[1], Ok((6, 1)));
+        assert_eq!(answers[2], Err(TopicError::AlreadyExists));
+        assert!(
+            matches!(&answers[3], Err(TopicError::InvalidReplicationFactor(m)) if m.contains("only 3 broker(s)")),
+            "{:?}",
+            answers[3]
+        );
+        apply(&mut img, &records);
+        let a = &img.topics["a"];
+        for p in &a.partitions {
+            let mut r = p.replicas.clone();
+            r.sort();
+            assert_eq!(r, vec![0, 1, 2], "RF 3 on 3 brokers: every broker");
+            assert_eq!(p.leader, p.replicas[0]);
+        }
+        let leaders: Vec<i32> = img.topics["b"]
+            .partitions
+            .iter()
+            .map(|p| p.leader)
+            .collect();
+        for w in leaders.windows(2) {
+            assert_eq!(w[1], (w[0] + 1) % 3, "round robin: {leaders:?}");
+        }
+        // validate_only decides but writes nothing.
+        let (answers, records) = create_topics(&img, &cfg(), &[topic("d", 2, 2)], true, &mut rng);
+        assert_eq!(answers, vec![Ok((2, 2))]);
+        assert!(records.is_empty());
+    }
+
+    #[test]
+    fn fenced_brokers_take_no_new_replicas() {
+        let mut img = cluster(3);
+        let r = fence_broker(&img, 2);
+        apply(&mut img, &r);
+        let (answers, records) = create_topics(
+            &img,
+            &cfg(),
+            &[topic("t", 4, 2), topic("u", 1, 3)],
+            false,
+            &mut Rng::new(1),
+        );
+        assert_eq!(answers[0], Ok((4, 2)));
+        assert!(matches!(
+            answers[1],
+            Err(TopicError::InvalidReplicationFactor(_))
+        ));
+        apply(&mut img, &records);
+        assert!(img.topics["t"]
+            .partitions
+            .iter()
+            .all(|p| !p.replicas.contains(&2)));
+    }
+
+    #[test]
+    fn manual_assignments_name_registered_brokers() {
+        let img = cluster(3);
+        let mut t = topic("m", -1, -1);
+        t.assignments = vec![(0, vec![2, 0]), (1, vec![0, 1])];
+        let (answers, records) = create_topics(&img, &cfg(), &[t.clone()], false, &mut Rng::new(1));
+        assert_eq!(answers, vec![Ok((2, 2))]);
+        let MetadataRecord::CreateTopic { partitions, .. } = &records[0] else {
+            panic!()
+        };
+        assert_eq!(partitions, &vec![vec![2, 0], vec![0, 1]]);
+        t.assignments = vec![(0, vec![7])];
+        let (answers, _) = create_topics(&img, &cfg(), &[t.clone()], false, &mut Rng::new(1));
+        assert!(matches!(
+            answers[0],
+            Err(TopicError::InvalidReplicaAssignment(_))
+        ));
+        t.assignments = vec![(1, vec![0])];
+        let (answers, _) = create_topics(&img, &cfg(), &[t], false, &mut Rng::new(1));
+        assert!(matches!(
+            answers[0],
+            Err(TopicError::InvalidReplicaAssignment(_))
+        ));
+    }
+
+    #[test]
+    fn fencing_moves_leadership_and_unfencing_restores_leaderless_partitions() {
+        let mut img = cluster(3);
+        let mut f = topic("f", -1, -1);
+        f.assignments = vec![(0, vec![0, 1, 2])];
+        let mut g = topic("g", -1, -1);
+        g.assignments = vec![(0, vec![0])];
+        let (answers, records) = create_topics(&img, &cfg(), &[f, g], false, &mut Rng::new(1));
+        assert_eq!(answers, vec![Ok((1, 3)), Ok((1, 1))]);
+        apply(&mut img, &records);
+        let records = fence_broker(&img, 0);
+        apply(&mut img, &records);
+        let p0 = &img.topics["f"].partitions[0];
+        assert_eq!((p0.leader, p0.isr.clone()), (1, vec![1, 2]));
+        assert_eq!((p0.leader_epoch, p0.partition_epoch), (1, 1));
+        let p1 = &img.topics["g"].partitions[0];
+        assert_eq!(
+            (p1.leader, p1.isr.clone()),
+            (-1, vec![0]),
+            "the last ISR member keeps it"
+        );
+        assert!(img.brokers[&0].fenced);
+        let r = unfence_broker(&img, 0);
+        apply(&mut img, &r);
+        let p1 = &img.topics["g"].partitions[0];
+        assert_eq!((p1.leader, p1.leader_epoch), (0, 2));
+        // Partition 0 stays with broker 1: broker 0 is out of its ISR until it catches up.
+        assert_eq!(img.topics["f"].partitions[0].leader, 1);
+    }
+
+    #[test]
+    fn partitions_are_added_with_the_topics_rf_and_deleted_topics_go() {
+        let mut img = cluster(3);
+        let (_, records) =
+            create_topics(&img, &cfg(), &[topic("p", 2, 2)], false, &mut Rng::new(3));
+        apply(&mut img, &records);
+        let (answers, records) = create_partitions(
+            &img,
+            &cfg(),
+            &[("p".into(), 5), ("p".into(), 1), ("x".into(), 2)],
+            false,
+            &mut Rng::new(3),
+        );
+        assert_eq!(answers[0], Ok((5, 2)));
+        assert!(matches!(answers[1], Err(TopicError::InvalidPartitions(_))));
+        assert_eq!(answers[2], Err(TopicError::Unknown));
+        apply(&mut img, &records);
+        assert_eq!(img.topics["p"].partitions.len(), 5);
+        assert!(img.topics["p"]
+            .partitions
+            .iter()
+            .all(|p| p.replicas.len() == 2));
+        let (answers, records) = delete_topics(&img, &["p".into(), "p".into()]);
+        assert_eq!(answers[0], Ok((5, 2)));
+        assert_eq!(answers[1], Err(TopicError::Unknown));
+        apply(&mut img, &records);
+        assert!(img.topics.is_empty());
+    }
 }

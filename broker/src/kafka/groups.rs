@@ -39,12 +39,33 @@ fn sb(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
 }
 
-/// (coordinator shard, __consumer_offsets partition) of a group.
-fn coordinator(s: &Shard, group: &str) -> Option<(usize, i32)> {
+/// (coordinator shard, __consumer_offsets partition) of a group on this broker:
+/// COORDINATOR_NOT_AVAILABLE while the partition does not exist or has no leader,
+/// NOT_COORDINATOR when another broker leads it (the client asks FindCoordinator again).
+fn coordinator(s: &Shard, group: &str) -> Result<(usize, i32), i16> {
     let partition = records::partition_for(group, s.config.group.offsets_partitions);
-    s.image()
-        .owner(OFFSETS_TOPIC, partition)
-        .map(|shard| (shard as usize, partition))
+    match s.image().route(OFFSETS_TOPIC, partition, s.config.node_id) {
+        Ok(shard) => Ok((shard as usize, partition)),
+        Err(NOT_LEADER_OR_FOLLOWER) if coordinator_node(s, group).is_ok() => Err(NOT_COORDINATOR),
+        Err(_) => Err(COORDINATOR_NOT_AVAILABLE),
+    }
+}
+
+/// The broker coordinating `group`: the leader of its `__consumer_offsets` partition, with the
+/// address it registered.
+fn coordinator_node(s: &Shard, group: &str) -> Result<(i32, String, i32), i16> {
+    let partition = records::partition_for(group, s.config.group.offsets_partitions);
+    let image = s.image();
+    let leader = image
+        .topics
+        .get(OFFSETS_TOPIC)
+        .and_then(|t| t.partitions.get(partition as usize))
+        .map(|p| p.leader)
+        .ok_or(COORDINATOR_NOT_AVAILABLE)?;
+    match image.brokers.get(&leader) {
+        Some(b) if !b.fenced => Ok((leader, b.host.clone(), b.port)),
+        _ => Err(COORDINATOR_NOT_AVAILABLE),
+    }
 }
 
 /// Runs `f` for `group` on its coordinator shard, or answers `on_error(code)`.
@@ -54,8 +75,9 @@ async fn on_coordinator<R: Send + 'static>(
     f: impl FnOnce(Rc<Shard>, i32) -> futures::future::LocalBoxFuture<'static, R> + Send + 'static,
 ) -> R {
     let s = shard();
-    let Some((target, partition)) = coordinator(&s, group) else {
-        return on_error(COORDINATOR_NOT_AVAILABLE);
+    let (target, partition) = match coordinator(&s, group) {
+        Ok(x) => x,
+        Err(code) => return on_error(code),
     };
     let r = s
         .run_on(target, move |t| {
@@ -78,14 +100,13 @@ async fn on_coordinator<R: Send + 'static>(
 pub fn handle_find_coordinator(frame: RequestFrame) -> Result<Response, String> {
     let req: FindCoordinatorRequest = decode(&frame)?;
     let s = shard();
-    let node = s.config.node_id;
-    let answer = |key_type: i8| -> (i16, Option<&'static str>) {
+    let answer = |key_type: i8, key: &str| -> Result<(i32, String, i32), (i16, &'static str)> {
         match key_type {
-            0 => (NONE, None),
-            _ => (
+            0 => coordinator_node(&s, key).map_err(|c| (c, "The coordinator is not available.")),
+            _ => Err((
                 COORDINATOR_NOT_AVAILABLE,
-                Some("Transactions are not supported yet"),
-            ),
+                "Transactions are not supported yet",
+            )),
         }
     };
     let mut resp = FindCoordinatorResponse::default();
@@ -94,33 +115,35 @@ pub fn handle_find_coordinator(frame: RequestFrame) -> Result<Response, String> 
             .coordinator_keys
             .iter()
             .map(|k| {
-                let (code, msg) = answer(req.key_type);
-                let c = Coordinator::default()
-                    .with_key(k.clone())
-                    .with_error_code(code)
-                    .with_error_message(msg.map(sb));
-                if code == NONE {
-                    c.with_node_id(BrokerId(node))
-                        .with_host(sb(s.config.advertised_host.clone()))
-                        .with_port(s.config.advertised_port)
-                } else {
-                    c.with_node_id(BrokerId(-1)).with_port(-1)
+                let c = Coordinator::default().with_key(k.clone());
+                match answer(req.key_type, k) {
+                    Ok((node, host, port)) => c
+                        .with_node_id(BrokerId(node))
+                        .with_host(sb(host))
+                        .with_port(port),
+                    Err((code, msg)) => c
+                        .with_error_code(code)
+                        .with_error_message(Some(sb(msg)))
+                        .with_node_id(BrokerId(-1))
+                        .with_port(-1),
                 }
             })
             .collect();
     } else {
-        let (code, msg) = answer(req.key_type);
-        resp.error_code = code;
-        if frame.api_version >= 1 {
-            resp.error_message = msg.map(sb);
-        }
-        if code == NONE {
-            resp = resp
-                .with_node_id(BrokerId(node))
-                .with_host(sb(s.config.advertised_host.clone()))
-                .with_port(s.config.advertised_port);
-        } else {
-            resp = resp.with_node_id(BrokerId(-1)).with_port(-1);
+        match answer(req.key_type, &req.key) {
+            Ok((node, host, port)) => {
+                resp = resp
+                    .with_node_id(BrokerId(node))
+                    .with_host(sb(host))
+                    .with_port(port);
+            }
+            Err((code, msg)) => {
+                resp.error_code = code;
+                if frame.api_version >= 1 {
+                    resp.error_message = Some(sb(msg));
+                }
+                resp = resp.with_node_id(BrokerId(-1)).with_port(-1);
+            }
         }
     }
     respond(&frame, OutBuf::new(), &resp)

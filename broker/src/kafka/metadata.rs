@@ -54,7 +54,20 @@ pub fn unsupported_api_versions(correlation_id: i32) -> Vec<bytes::Bytes> {
     .expect("ApiVersions v0 always encodes")
 }
 
-fn topic_entry(name: &str, t: &TopicMeta, node: i32, version: i16) -> MetadataResponseTopic {
+/// A replica is offline when its broker is fenced or not registered.
+fn offline(image: &Image, replicas: &[i32]) -> Vec<BrokerId> {
+    replicas
+        .iter()
+        .filter(|r| image.brokers.get(r).is_none_or(|b| b.fenced))
+        .map(|&r| BrokerId(r))
+        .collect()
+}
+
+fn ids(v: &[i32]) -> Vec<BrokerId> {
+    v.iter().map(|&r| BrokerId(r)).collect()
+}
+
+fn topic_entry(image: &Image, name: &str, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_error_code(NONE)
         .with_name(Some(TopicName(StrBytes::from_string(name.to_string()))))
@@ -70,14 +83,20 @@ fn topic_entry(name: &str, t: &TopicMeta, node: i32, version: i16) -> MetadataRe
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
+                    // As Kafka: a partition without a leader is listed with LEADER_NOT_AVAILABLE.
+                    let error = if p.leader < 0 {
+                        LEADER_NOT_AVAILABLE
+                    } else {
+                        NONE
+                    };
                     MetadataResponsePartition::default()
-                        .with_error_code(NONE)
+                        .with_error_code(error)
                         .with_partition_index(i as i32)
-                        .with_leader_id(BrokerId(node))
+                        .with_leader_id(BrokerId(p.leader))
                         .with_leader_epoch(if version >= 7 { p.leader_epoch } else { -1 })
-                        .with_replica_nodes(vec![BrokerId(node)])
-                        .with_isr_nodes(vec![BrokerId(node)])
-                        .with_offline_replicas(vec![])
+                        .with_replica_nodes(ids(&p.replicas))
+                        .with_isr_nodes(ids(&p.isr))
+                        .with_offline_replicas(offline(image, &p.replicas))
                 })
                 .collect(),
         )
@@ -94,7 +113,6 @@ fn topic_error(name: Option<String>, id: uuid::Uuid, code: i16) -> MetadataRespo
 pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
     let req: MetadataRequest = decode(&frame)?;
     let s = shard();
-    let node = s.config.node_id;
     let version = frame.api_version;
     let mut image = s.image();
     let auto =
@@ -103,7 +121,7 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
         None => image
             .topics
             .iter()
-            .map(|(n, t)| topic_entry(n, t, node, version))
+            .map(|(n, t)| topic_entry(&image, n, t, version))
             .collect(),
         Some(list) => {
             if auto {
@@ -123,7 +141,6 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
                         &image,
                         t.name.as_ref().map(|n| n.0.to_string()),
                         t.topic_id,
-                        node,
                         version,
                     )
                 })
@@ -131,12 +148,20 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
         }
     };
     let resp = MetadataResponse::default()
-        .with_brokers(vec![MetadataResponseBroker::default()
-            .with_node_id(BrokerId(node))
-            .with_host(StrBytes::from_string(s.config.advertised_host.clone()))
-            .with_port(s.config.advertised_port)])
+        .with_brokers(
+            image
+                .live_brokers()
+                .map(|(id, b)| {
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(id))
+                        .with_host(StrBytes::from_string(b.host.clone()))
+                        .with_port(b.port)
+                        .with_rack(b.rack.clone().map(StrBytes::from_string))
+                })
+                .collect(),
+        )
         .with_cluster_id(Some(StrBytes::from_string(s.cluster_id.to_string())))
-        .with_controller_id(BrokerId(node))
+        .with_controller_id(BrokerId(image.controller_id))
         .with_topics(topics)
         .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
     respond(&frame, OutBuf::new(), &resp)
@@ -146,12 +171,11 @@ fn lookup(
     image: &Image,
     name: Option<String>,
     id: uuid::Uuid,
-    node: i32,
     version: i16,
 ) -> MetadataResponseTopic {
     match name {
         Some(n) => match image.topics.get(&n) {
-            Some(t) => topic_entry(&n, t, node, version),
+            Some(t) => topic_entry(image, &n, t, version),
             None => {
                 let code = if validate_topic_name(&n).is_err() {
                     INVALID_TOPIC_EXCEPTION
@@ -162,7 +186,7 @@ fn lookup(
             }
         },
         None => match image.topic_by_id(id) {
-            Some((n, t)) => topic_entry(n, t, node, version),
+            Some((n, t)) => topic_entry(image, n, t, version),
             None => topic_error(None, id, UNKNOWN_TOPIC_ID),
         },
     }
@@ -170,14 +194,22 @@ fn lookup(
 
 pub fn handle_describe_cluster(frame: RequestFrame) -> Result<Response, String> {
     let s = shard();
-    let node = s.config.node_id;
+    let image = s.image();
     let resp = DescribeClusterResponse::default()
         .with_cluster_id(StrBytes::from_string(s.cluster_id.to_string()))
-        .with_controller_id(BrokerId(node))
-        .with_brokers(vec![DescribeClusterBroker::default()
-            .with_broker_id(BrokerId(node))
-            .with_host(StrBytes::from_string(s.config.advertised_host.clone()))
-            .with_port(s.config.advertised_port)])
+        .with_controller_id(BrokerId(image.controller_id))
+        .with_brokers(
+            image
+                .live_brokers()
+                .map(|(id, b)| {
+                    DescribeClusterBroker::default()
+                        .with_broker_id(BrokerId(id))
+                        .with_host(StrBytes::from_string(b.host.clone()))
+                        .with_port(b.port)
+                        .with_rack(b.rack.clone().map(StrBytes::from_string))
+                })
+                .collect(),
+        )
         .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
     respond(&frame, OutBuf::new(), &resp)
 }

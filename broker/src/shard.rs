@@ -356,12 +356,21 @@ impl Shard {
                 })?;
             tracing::info!(topic = %p.topic, partition = p.index, shard = self.id, "deleted partition");
         }
-        // Config changes reach the logs already open.
+        // Config and leader epoch changes reach the logs already open: a new leader epoch
+        // stamps the batches appended from now on, and fetches and ListOffsets check it.
         for p in self.all_partitions() {
             let cfg = image.log_config(&self.config.log, &p.topic);
+            let epoch = image
+                .topics
+                .get(&p.topic)
+                .and_then(|t| t.partitions.get(p.index as usize))
+                .map(|pm| pm.leader_epoch);
             let mut l = p.log.borrow_mut();
             if l.config != cfg {
                 l.config = cfg;
+            }
+            if let Some(e) = epoch.filter(|&e| e > l.leader_epoch) {
+                l.leader_epoch = e;
             }
         }
         let mut offsets_opened = Vec::new();

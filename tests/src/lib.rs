@@ -117,6 +117,13 @@ impl Broker {
 
     /// (Re)starts the broker process on the same port and data directory.
     pub fn restart(&mut self) {
+        self.spawn();
+        self.wait_listening();
+    }
+
+    /// Starts the broker process without waiting for it to listen (a cluster's brokers listen
+    /// only once a majority of the controller quorum runs).
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "broker already running");
         // A killed broker's listening socket can outlive its process by a few milliseconds;
         // wait until nothing accepts on the port, so the readiness check below cannot be
@@ -146,13 +153,17 @@ impl Broker {
             .args(&self.extra_args)
             .env(
                 "RUST_LOG",
-                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
             )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("starting broker");
         self.child = Some(child);
+    }
+
+    /// Waits until the started broker accepts connections (panics after 30 s or if it exited).
+    pub fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if TcpStream::connect(self.bootstrap()).is_ok() {
@@ -309,5 +320,113 @@ pub mod admin {
             .expect("one result")
             .map(|_| ())
             .map_err(|(_, e)| e)
+    }
+}
+
+/// Several broker processes on loopback forming one cluster: every node is a broker and a
+/// controller voter (combined mode), with its own data dir, Kafka port and controller port.
+pub struct Cluster {
+    pub nodes: Vec<Broker>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (session timeout 3 s, heartbeats every 500 ms unless `extra` says
+    /// otherwise: `extra` are server.properties key/values for every node) and waits until
+    /// each serves clients.
+    pub fn start(n: usize, extra: &[(&str, &str)]) -> Cluster {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let voters: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{i}@127.0.0.1:{c}"))
+            .collect();
+        let mut nodes = Vec::with_capacity(n);
+        for (i, (port, cport)) in ports.iter().enumerate() {
+            let mut props: Vec<(String, String)> = vec![
+                ("node.id".into(), i.to_string()),
+                ("process.roles".into(), "broker,controller".into()),
+                (
+                    "listeners".into(),
+                    format!("PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"),
+                ),
+                ("controller.listener.names".into(), "CONTROLLER".into()),
+                ("controller.quorum.voters".into(), voters.join(",")),
+                ("broker.session.timeout.ms".into(), "3000".into()),
+                ("broker.heartbeat.interval.ms".into(), "500".into()),
+            ];
+            for (k, v) in extra {
+                props.retain(|(pk, _)| pk != k);
+                props.push((k.to_string(), v.to_string()));
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let log_path = dir.path().join("broker.log");
+            let mut b = Broker {
+                port: *port,
+                dir,
+                shards: 1,
+                extra_args: props
+                    .iter()
+                    .flat_map(|(k, v)| ["--override".to_string(), format!("{k}={v}")])
+                    .collect(),
+                child: None,
+                log_path,
+                starts: 0,
+            };
+            b.spawn();
+            nodes.push(b);
+        }
+        for b in &mut nodes {
+            b.wait_listening();
+        }
+        Cluster { nodes }
+    }
+
+    pub fn node(&self, i: usize) -> &Broker {
+        &self.nodes[i]
+    }
+
+    /// Every node's Kafka address, comma separated.
+    pub fn bootstrap(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|b| b.bootstrap())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill9();
+    }
+
+    /// SIGTERM node `i` and wait for it to exit (a controlled shutdown); true if it exited 0.
+    pub fn stop(&mut self, i: usize) -> bool {
+        self.nodes[i].stop()
+    }
+
+    /// Restarts a stopped node on its ports and data dir; waits until it serves clients.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].restart();
+    }
+
+    /// Restarts every stopped node at once (a quorum needs a majority before anyone serves).
+    pub fn restart_all(&mut self) {
+        for b in &mut self.nodes {
+            if !b.is_running() {
+                b.spawn();
+            }
+        }
+        for b in &mut self.nodes {
+            b.wait_listening();
+        }
+    }
+
+    /// Every node's log, labelled.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("===== node {i} =====\n{}", b.log()))
+            .collect()
     }
 }

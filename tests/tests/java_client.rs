@@ -45,27 +45,53 @@ fn classpath() -> String {
     .clone()
 }
 
-fn run(b: &Broker, topic: &str, n: usize, compression: &str) {
+/// Runs the Java program; returns its standard output.
+fn run_java(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    compression: &str,
+    rf: i16,
+    log: impl Fn() -> String,
+) -> String {
     let out = Command::new("java")
         .args([
             "-cp",
             &classpath(),
             "WeirJavaClient",
-            &b.bootstrap(),
+            bootstrap,
             topic,
             &n.to_string(),
             compression,
+            &rf.to_string(),
         ])
         .output()
         .expect("java");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success() && stdout.contains(&format!("OK {n}")),
         "Java client failed ({}):\n{stdout}\n{}\nbroker log:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr),
-        b.log()
+        log()
     );
+    stdout
+}
+
+fn run(b: &Broker, topic: &str, n: usize, compression: &str) {
+    let out = run_java(&b.bootstrap(), topic, n, compression, 1, || b.log());
+    assert!(out.contains("BROKERS 1 CONTROLLER 0"), "{out}");
+}
+
+/// The Java client against three broker processes: it sees three brokers and the active
+/// controller, creates a topic with RF 3 (forwarded to the controller), produces idempotently
+/// to the partitions' leaders on different brokers and consumes in a group coordinated by the
+/// leader of the group's `__consumer_offsets` partition.
+#[test]
+fn java_client_on_a_three_broker_cluster() {
+    let c = weir_tests::Cluster::start(3, &[]);
+    let out = run_java(&c.bootstrap(), "java-cluster", 3_000, "lz4", 3, || c.logs());
+    assert!(out.contains("BROKERS 3 CONTROLLER "), "{out}");
 }
 
 #[test]

@@ -138,12 +138,20 @@ pub fn start(cfg: Arc<Config>, quorum: Option<QuorumHandle>) -> anyhow::Result<A
                 .enable_all()
                 .build()
                 .expect("building the cluster agent's runtime");
-            rt.block_on(async move {
-                tokio::select! {
-                    _ = run(cfg, quorum, view_tx, calls_rx, shutdown_rx, applied) => {}
-                    _ = stop_rx => {}
-                }
-            });
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                rt.block_on(async move {
+                    tokio::select! {
+                        _ = run(cfg, quorum, view_tx, calls_rx, shutdown_rx, applied) => {}
+                        _ = stop_rx => {}
+                    }
+                })
+            }));
+            if ran.is_err() {
+                // A broker whose agent died would keep serving stale leaderships and never
+                // heartbeat: stop the process instead (a restart recovers).
+                tracing::error!("the cluster agent panicked: aborting");
+                std::process::abort();
+            }
         })
         .context("starting the cluster agent")?;
     Ok(Agent {
@@ -163,7 +171,7 @@ struct Voters {
 impl Voters {
     fn next_after(&self, id: u64) -> u64 {
         self.addrs
-            .range(id + 1..)
+            .range(id.saturating_add(1)..)
             .next()
             .or_else(|| self.addrs.iter().next())
             .map(|(&i, _)| i)
@@ -178,11 +186,12 @@ impl Voters {
         deadline: Instant,
     ) -> Result<Response, String> {
         let body = serde_json::to_value(req).map_err(|e| e.to_string())?;
-        let mut target = self
-            .guess
-            .lock()
-            .expect("guess lock")
-            .unwrap_or_else(|| self.next_after(self.me.wrapping_sub(1)));
+        let first = if self.addrs.contains_key(&self.me) {
+            self.me
+        } else {
+            *self.addrs.keys().next().expect("at least one voter")
+        };
+        let mut target = self.guess.lock().expect("guess lock").unwrap_or(first);
         let mut last_error = String::from("no voter answered");
         // Bounded by the deadline; each try by CALL_TIMEOUT.
         loop {

@@ -210,9 +210,14 @@ pub async fn follow_cluster(s: Rc<Shard>) {
     loop {
         let view = rx.borrow_and_update().clone();
         let current = s.image();
-        if view.image.version > current.version
-            || (view.image.version == current.version && view.controller != current.controller_id)
-            || current.brokers.is_empty() && !view.image.brokers.is_empty()
+        // Never an image older than the one stored: a restarted voter's state machine starts
+        // from its snapshot and re-applies the log only once it learns the commit index, and
+        // following that older image would delete every partition created since.
+        let newer = view.image.version > current.version;
+        let same = view.image.version == current.version;
+        if newer
+            || (same && view.controller != current.controller_id)
+            || (same && current.brokers.is_empty() && !view.image.brokers.is_empty())
         {
             let _permit = s.control_lock.acquire_permit(1).await;
             let image = Arc::new(Image::from_cluster(

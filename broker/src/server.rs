@@ -655,13 +655,17 @@ async fn shard_main(
     while life.ready.load(Ordering::SeqCst) < count && !life.stopping() {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
-    // In a cluster, clients are served once this broker follows the cluster's metadata (its
-    // own registration included), as a Kafka broker waits for its initial catch-up: before
-    // that it would answer Metadata with no brokers and lead nothing.
+    // In a cluster, clients are served once this broker follows the cluster's metadata and the
+    // controller has unfenced it, as a Kafka broker waits for its initial catch-up and unfence:
+    // before that it would answer Metadata without itself and lead nothing.
     let mut waiting_since = Instant::now();
     while config.in_cluster()
         && !life.stopping()
-        && !s.image().brokers.contains_key(&config.node_id)
+        && !s
+            .image()
+            .brokers
+            .get(&config.node_id)
+            .is_some_and(|b| !b.fenced)
     {
         if waiting_since.elapsed() > CATCH_UP_WARN_EVERY {
             tracing::warn!(

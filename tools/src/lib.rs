@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod cluster;
 pub mod consumer;
 pub mod partitioner;
 pub mod producer;

@@ -408,3 +408,104 @@ fn configs_describe_and_alter_topic_configs() {
     assert!(err.contains("UNKNOWN_TOPIC_OR_PARTITION"), "{err}");
     fails(&args("brokers", "0", &["--describe"]));
 }
+
+/// `base..base + n` are all free on loopback.
+fn free_port_run(n: u16) -> u16 {
+    for _ in 0..100 {
+        let base = weir_tests::free_port();
+        if base > u16::MAX - 2 * n {
+            continue;
+        }
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no run of {n} free ports");
+}
+
+/// `weir cluster start|status|stop`: three broker processes from one command, a topic with
+/// RF 3 spread over them, and nothing left running after stop.
+#[test]
+fn cluster_start_status_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (port, cport) = (free_port_run(3), free_port_run(3));
+    let broker = weir_tests::broker_binary();
+    let (p, c) = (port.to_string(), cport.to_string());
+    let started = ok(
+        &[
+            "cluster",
+            "start",
+            "--nodes",
+            "3",
+            "--dir",
+            d,
+            "--port",
+            &p,
+            "--controller-port",
+            &c,
+            "--broker",
+            broker.to_str().unwrap(),
+            "--shards",
+            "1",
+            "--override",
+            "broker.heartbeat.interval.ms=500",
+        ],
+        None,
+    );
+    assert!(started.contains("cluster up"), "{started}");
+    let status = ok(&["cluster", "status", "--dir", d], None);
+    assert_eq!(
+        status.matches("serving").count() - status.matches("not serving").count(),
+        3,
+        "{status}"
+    );
+    assert!(status.contains("3 live brokers"), "{status}");
+    let bs = format!("127.0.0.1:{port}");
+    ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            &bs,
+            "--create",
+            "--topic",
+            "c3",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+        None,
+    );
+    let described = ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            &bs,
+            "--describe",
+            "--topic",
+            "c3",
+        ],
+        None,
+    );
+    assert!(described.contains("ReplicationFactor: 3"), "{described}");
+    let pids: Vec<i32> = (0..3)
+        .map(|i| {
+            std::fs::read_to_string(dir.path().join(format!("node-{i}/broker.pid")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let stopped = ok(&["cluster", "stop", "--dir", d], None);
+    assert_eq!(stopped.matches(": stopped").count(), 3, "{stopped}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} still runs"
+        );
+    }
+    let status = ok(&["cluster", "status", "--dir", d], None);
+    assert_eq!(status.matches(": down").count(), 3, "{status}");
+}

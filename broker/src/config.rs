@@ -296,45 +296,54 @@ impl Config {
     /// resolve (`listeners` may name a controller listener, whose name
     /// `controller.listener.names` may give after it), and this node's roles fit the voters.
     pub fn finish(&mut self) -> Result<()> {
-        if let Some(raw) = self.cluster.listeners_raw.take() {
-            let names: Vec<String> = self
-                .cluster
-                .controller_listener_names
-                .split(',')
-                .map(|n| n.trim().to_ascii_uppercase())
-                .collect();
-            let mut client = None;
-            for l in raw.split(',').map(str::trim).filter(|l| !l.is_empty()) {
-                let name = l
-                    .split_once("://")
-                    .map(|(n, _)| n.trim().to_ascii_uppercase())
-                    .unwrap_or_else(|| "PLAINTEXT".into());
-                let (host, port) = parse_listener(l)?;
-                let addr: SocketAddr = format!("{host}:{port}")
-                    .parse()
-                    .with_context(|| format!("listener {l} is not an ip:port"))?;
-                if names.contains(&name) {
-                    self.cluster.controller_listen = Some(addr);
-                } else if client.is_none() {
-                    client = Some(addr);
-                }
-            }
-            if let Some(addr) = client {
-                self.set_listen(addr);
-            }
-        }
+        self.resolve_listeners()?;
         if !self.in_cluster() {
             return Ok(());
         }
-        let c = &mut self.cluster;
         anyhow::ensure!(
-            c.roles_broker || c.roles_controller,
+            self.cluster.roles_broker || self.cluster.roles_controller,
             "process.roles must name broker, controller or both"
         );
-        anyhow::ensure!(
-            c.roles_broker,
-            "process.roles=controller (a controller-only node) is not supported yet: use broker,controller"
-        );
+        self.check_roles()
+    }
+
+    /// The client listener is the first entry of `listeners` not named in
+    /// `controller.listener.names`; the controller listener is the one named there.
+    fn resolve_listeners(&mut self) -> Result<()> {
+        let Some(raw) = self.cluster.listeners_raw.clone() else {
+            return Ok(());
+        };
+        let names: Vec<String> = self
+            .cluster
+            .controller_listener_names
+            .split(',')
+            .map(|n| n.trim().to_ascii_uppercase())
+            .collect();
+        let mut client = None;
+        for l in raw.split(',').map(str::trim).filter(|l| !l.is_empty()) {
+            let name = l
+                .split_once("://")
+                .map(|(n, _)| n.trim().to_ascii_uppercase())
+                .unwrap_or_else(|| "PLAINTEXT".into());
+            let (host, port) = parse_listener(l)?;
+            let addr: SocketAddr = format!("{host}:{port}")
+                .parse()
+                .with_context(|| format!("listener {l} is not an ip:port"))?;
+            if names.contains(&name) {
+                self.cluster.controller_listen = Some(addr);
+            } else if client.is_none() {
+                client = Some(addr);
+            }
+        }
+        if let Some(addr) = client {
+            self.set_listen(addr);
+        }
+        Ok(())
+    }
+
+    /// A cluster node's roles fit the voters; the timeouts fit each other.
+    fn check_roles(&mut self) -> Result<()> {
+        let c = &mut self.cluster;
         let me = self.node_id as u64;
         if c.roles_controller {
             let voter = c.voters.get(&me).copied().with_context(|| {
@@ -462,11 +471,10 @@ impl Config {
             "producer.id.expiration.ms" => self.producer_id_expiration_ms = parse_i64_min(v, 1)?,
             "max.connections" => self.connections_per_shard_max = parse_i64_min(v, 1)? as usize,
             "listeners" => {
-                // Resolved by `finish`, once `controller.listener.names` is known too.
-                for l in v.split(',').map(str::trim).filter(|l| !l.is_empty()) {
-                    parse_listener(l)?;
-                }
+                // Resolved now, and again by `finish` in case `controller.listener.names`
+                // comes later.
                 self.cluster.listeners_raw = Some(v.to_string());
+                self.resolve_listeners()?;
             }
             "controller.listener.names" => self.cluster.controller_listener_names = v.to_string(),
             "process.roles" => {

@@ -353,6 +353,9 @@ pub fn run(config: Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     lock_data_dir(&config.data_dir)?;
+    if config.in_cluster() && !config.cluster.roles_broker {
+        return run_controller_only(config);
+    }
     lock_listen_address(config.listen)?;
     let wanted_id = config
         .in_cluster()
@@ -508,6 +511,38 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
     write_marker(&config.data_dir)?;
+    tracing::info!("clean shutdown complete");
+    Ok(())
+}
+
+/// A controller-only node (`process.roles=controller`): a quorum voter and, when elected, the
+/// active controller; no Kafka listener, no partitions. Runs until SIGINT or SIGTERM.
+fn run_controller_only(config: Arc<Config>) -> Result<()> {
+    use crate::cluster::quorum::{metadata_dir, Quorum, QuorumConfig};
+    let wanted = metadata::cluster_id_of_voters(&config.cluster.voters);
+    metadata::cluster_id(&config.data_dir, config.node_id, Some(&wanted))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let mut qc = QuorumConfig::new(
+        config.node_id as u64,
+        config.cluster.voters.clone(),
+        metadata_dir(&config.data_dir),
+    );
+    if let Some(l) = config.cluster.controller_listen {
+        qc.listen = l;
+    }
+    let q = Quorum::start(qc).context("starting the controller quorum")?;
+    crate::cluster::active::Active::new(config.clone(), q.handle()).install();
+    tracing::info!(
+        listen = ?config.cluster.controller_listen,
+        "controller-only node running"
+    );
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("shutting down");
+    q.shutdown();
     tracing::info!("clean shutdown complete");
     Ok(())
 }

@@ -334,21 +334,31 @@ impl Cluster {
     /// otherwise: `extra` are server.properties key/values for every node) and waits until
     /// each serves clients.
     pub fn start(n: usize, extra: &[(&str, &str)]) -> Cluster {
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        Cluster::start_roles(&vec!["broker,controller"; n], extra)
+    }
+
+    /// Starts one node per entry of `roles` (`process.roles`: "broker,controller", "broker" or
+    /// "controller"); the nodes with the controller role are the voters. Waits until every
+    /// node with the broker role serves clients.
+    pub fn start_roles(roles: &[&str], extra: &[(&str, &str)]) -> Cluster {
+        let ports: Vec<(u16, u16)> = roles.iter().map(|_| (free_port(), free_port())).collect();
         let voters: Vec<String> = ports
             .iter()
             .enumerate()
+            .filter(|(i, _)| roles[*i].contains("controller"))
             .map(|(i, (_, c))| format!("{i}@127.0.0.1:{c}"))
             .collect();
-        let mut nodes = Vec::with_capacity(n);
+        let mut nodes = Vec::with_capacity(roles.len());
         for (i, (port, cport)) in ports.iter().enumerate() {
+            let listeners = match roles[i] {
+                "controller" => format!("CONTROLLER://127.0.0.1:{cport}"),
+                "broker" => format!("PLAINTEXT://127.0.0.1:{port}"),
+                _ => format!("PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"),
+            };
             let mut props: Vec<(String, String)> = vec![
                 ("node.id".into(), i.to_string()),
-                ("process.roles".into(), "broker,controller".into()),
-                (
-                    "listeners".into(),
-                    format!("PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"),
-                ),
+                ("process.roles".into(), roles[i].into()),
+                ("listeners".into(), listeners),
                 ("controller.listener.names".into(), "CONTROLLER".into()),
                 ("controller.quorum.voters".into(), voters.join(",")),
                 ("broker.session.timeout.ms".into(), "3000".into()),
@@ -372,11 +382,15 @@ impl Cluster {
                 log_path,
                 starts: 0,
             };
+            // A controller-only node ignores the --listen every Broker gets: it has no Kafka
+            // listener.
             b.spawn();
             nodes.push(b);
         }
-        for b in &mut nodes {
-            b.wait_listening();
+        for (i, b) in nodes.iter_mut().enumerate() {
+            if roles[i].contains("broker") {
+                b.wait_listening();
+            }
         }
         Cluster { nodes }
     }

@@ -247,3 +247,36 @@ fn whole_cluster_restart_keeps_metadata_and_records() {
     );
     workload::verify(&acked, &got);
 }
+
+/// Kafka's other layouts: a controller-only voter (no Kafka listener) and a broker-only node
+/// (not a voter: it learns the metadata from the active controller). Clients never see the
+/// controller-only node as a broker, and Metadata names a reachable broker as the controller.
+#[test]
+fn controller_only_and_broker_only_nodes() {
+    let c = Cluster::start_roles(
+        &[
+            "broker,controller",
+            "broker,controller",
+            "controller",
+            "broker",
+        ],
+        &[],
+    );
+    let v = converge(&c, &[0, 1, 3], "three brokers", |v| v.brokers.len() == 3);
+    assert_eq!(v.brokers, BTreeSet::from([0, 1, 3]));
+    for i in [0, 1, 3] {
+        assert!(
+            v.brokers.contains(&controller_of(c.node(i))),
+            "a reachable controller"
+        );
+    }
+    // Created through the broker-only node, spread over all three brokers.
+    admin::create(c.node(3), "mixed", 3, 3, &[]).expect("create");
+    let v = converge(&c, &[0, 1, 3], "topic", |v| v.topics.contains_key("mixed"));
+    for (_, replicas, _) in &v.topics["mixed"] {
+        assert_eq!(
+            replicas.iter().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([0, 1, 3])
+        );
+    }
+}

@@ -30,7 +30,7 @@ pub const PRODUCER_ID_BLOCK: i64 = 1000;
 /// How often the active controller checks heartbeats and internal topics.
 const TICK_MS_MAX: u64 = 250;
 /// Replication factor of `__consumer_offsets`: Kafka's `offsets.topic.replication.factor`,
-/// capped by the voters, so a small cluster gets one too.
+/// capped by the brokers registered, so a small cluster gets one too.
 const OFFSETS_TOPIC_RF_MAX: usize = 3;
 
 pub struct Active {
@@ -311,8 +311,20 @@ impl Active {
         if image.topics.contains_key(crate::group::OFFSETS_TOPIC) {
             return Ok(());
         }
+        // RF min(3, registered brokers), once three have registered or every broker had a
+        // session timeout since this controller's election to register.
+        let registered = image.brokers.len();
+        let settled = {
+            let l = self.liveness.lock().expect("liveness lock");
+            l.leader_since.is_some_and(|(_, since)| {
+                since.elapsed() > Duration::from_millis(self.cfg.cluster.session_timeout_ms)
+            })
+        };
+        if registered == 0 || (registered < OFFSETS_TOPIC_RF_MAX && !settled) {
+            return Ok(());
+        }
         let live = image.brokers.values().filter(|b| !b.fenced).count();
-        let wanted = self.cfg.cluster.voters.len().clamp(1, OFFSETS_TOPIC_RF_MAX);
+        let wanted = registered.min(OFFSETS_TOPIC_RF_MAX);
         if live < wanted {
             return Ok(());
         }

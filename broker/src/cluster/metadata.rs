@@ -228,13 +228,23 @@ impl Image {
                 )
             })
             .collect();
+        // Clients send admin requests to the controller Metadata names, so it must be a broker
+        // they can reach: the active controller when it is a live broker, else (a
+        // controller-only node leads the quorum) the lowest live broker, which forwards, as
+        // KRaft names a live broker there.
+        let live = |id: &i32| ci.brokers.get(id).is_some_and(|b| !b.fenced);
+        let controller_id = if live(&controller) {
+            controller
+        } else {
+            ci.brokers.keys().copied().find(live).unwrap_or(-1)
+        };
         Image {
             version: ci.version,
             topics,
             next_shard,
             producer_id_block_end: ci.producer_id_block_end,
             brokers,
-            controller_id: controller,
+            controller_id,
         }
     }
 

@@ -107,9 +107,13 @@ fn rf_error(rf: i64, live: usize) -> TopicError {
     ))
 }
 
-/// Kafka's checks of manual assignments: no count or factor beside them, partitions 0..n, one
-/// replica count, no repeats, registered brokers only.
-fn manual_assignment(img: &ClusterImage, t: &NewTopic) -> Result<Vec<Vec<BrokerId>>, TopicError> {
+/// Kafka's checks of manual assignments: no count or factor beside them, partitions 0..n
+/// without gaps, each replica list non-empty, of one length, without repeats, naming
+/// `registered` brokers only. Returns the replica lists in partition order.
+pub fn manual_assignment(
+    t: &NewTopic,
+    registered: impl Fn(BrokerId) -> bool,
+) -> Result<Vec<Vec<BrokerId>>, TopicError> {
     if t.num_partitions != -1 || t.replication_factor != -1 {
         return Err(TopicError::InvalidRequest(
             "Both numPartitions or replicationFactor and replicasAssignments were set. Both cannot be used at the same time.".into(),
@@ -142,7 +146,7 @@ fn manual_assignment(img: &ClusterImage, t: &NewTopic) -> Result<Vec<Vec<BrokerI
                     "The manual partition assignment includes the broker {b} more than once."
                 )));
             }
-            if !img.brokers.contains_key(b) {
+            if !registered(*b) {
                 return Err(TopicError::InvalidReplicaAssignment(format!(
                     "The manual partition assignment includes broker {b}, but no such broker is registered."
                 )));
@@ -201,7 +205,7 @@ fn plan_topic(
         let (start, shift) = (rng.below(n), rng.below(n));
         assign_replicas(&live, partitions as usize, rf as usize, start, 0, shift)
     } else {
-        manual_assignment(img, t)?
+        manual_assignment(t, |b| img.brokers.contains_key(&b))?
     };
     if assignment.len() > PARTITIONS_PER_TOPIC_MAX as usize {
         return Err(TopicError::InvalidPartitions(format!(

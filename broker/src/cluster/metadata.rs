@@ -368,56 +368,11 @@ pub struct NewTopic {
     pub assignments: Vec<(i32, Vec<i32>)>,
 }
 
-/// Kafka's rules for CreateTopics with manual replica assignments: no partition count or
-/// replication factor beside them, partitions numbered 0..n without gaps, each replica list
-/// non-empty, of one length, without repeats, naming registered brokers only (on a single node:
-/// this one). Returns (partitions, replication factor).
+/// Manual replica assignments on a single node: Kafka's rules (`decide::manual_assignment`),
+/// with this node the only registered broker. Returns (partitions, replication factor).
 fn check_manual_assignment(cfg: &Config, t: &NewTopic) -> Result<(i32, i16), TopicError> {
-    if t.num_partitions != -1 || t.replication_factor != -1 {
-        return Err(TopicError::InvalidRequest(
-            "Both numPartitions or replicationFactor and replicasAssignments were set. Both cannot be used at the same time.".into(),
-        ));
-    }
-    let mut seen = vec![false; t.assignments.len()];
-    let mut rf: Option<usize> = None;
-    for (index, brokers) in &t.assignments {
-        let slot = usize::try_from(*index).ok().and_then(|i| seen.get_mut(i));
-        match slot {
-            Some(s) if !*s => *s = true,
-            _ => {
-                return Err(TopicError::InvalidReplicaAssignment(
-                    "Partitions should be a consecutive 0-based integer sequence".into(),
-                ))
-            }
-        }
-        if brokers.is_empty() {
-            return Err(TopicError::InvalidReplicaAssignment(format!(
-                "The manual partition assignment includes an empty replica list for partition {index}."
-            )));
-        }
-        if let Some(n) = rf {
-            if n != brokers.len() {
-                return Err(TopicError::InvalidReplicaAssignment(format!(
-                    "The manual partition assignment includes a partition with {} replica(s), but this is inconsistent with previous partitions, which have {n} replica(s).",
-                    brokers.len()
-                )));
-            }
-        }
-        rf = Some(brokers.len());
-        for (i, b) in brokers.iter().enumerate() {
-            if brokers[..i].contains(b) {
-                return Err(TopicError::InvalidReplicaAssignment(format!(
-                    "The manual partition assignment includes the broker {b} more than once."
-                )));
-            }
-            if *b != cfg.node_id {
-                return Err(TopicError::InvalidReplicaAssignment(format!(
-                    "The manual partition assignment includes broker {b}, but no such broker is registered."
-                )));
-            }
-        }
-    }
-    Ok((t.assignments.len() as i32, rf.unwrap_or(1) as i16))
+    let a = crate::cluster::decide::manual_assignment(t, |b| b == cfg.node_id)?;
+    Ok((a.len() as i32, a.first().map_or(1, |r| r.len()) as i16))
 }
 
 /// Validates a new topic against the image and the broker config; resolves -1 defaults.

@@ -177,16 +177,7 @@ fn plan_topic(
         } else {
             t.num_partitions
         };
-        if partitions <= 0 {
-            return Err(TopicError::InvalidPartitions(
-                "Number of partitions must be larger than 0.".into(),
-            ));
-        }
-        if partitions > PARTITIONS_PER_TOPIC_MAX {
-            return Err(TopicError::InvalidPartitions(format!(
-                "Number of partitions {partitions} exceeds Weir's limit of {PARTITIONS_PER_TOPIC_MAX} per topic."
-            )));
-        }
+        super::metadata::check_partition_count(partitions)?;
         let rf = if t.replication_factor == -1 {
             cfg.default_replication_factor
         } else {

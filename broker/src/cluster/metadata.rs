@@ -375,6 +375,21 @@ fn check_manual_assignment(cfg: &Config, t: &NewTopic) -> Result<(i32, i16), Top
     Ok((a.len() as i32, a.first().map_or(1, |r| r.len()) as i16))
 }
 
+/// Kafka's lower bound and Weir's upper bound on a topic's partition count.
+pub fn check_partition_count(partitions: i32) -> Result<(), TopicError> {
+    if partitions <= 0 {
+        return Err(TopicError::InvalidPartitions(
+            "Number of partitions must be larger than 0.".into(),
+        ));
+    }
+    if partitions > PARTITIONS_PER_TOPIC_MAX {
+        return Err(TopicError::InvalidPartitions(format!(
+            "Number of partitions {partitions} exceeds Weir's limit of {PARTITIONS_PER_TOPIC_MAX} per topic."
+        )));
+    }
+    Ok(())
+}
+
 /// Validates a new topic against the image and the broker config; resolves -1 defaults.
 pub fn check_new_topic(
     image: &Image,
@@ -395,16 +410,7 @@ pub fn check_new_topic(
         None if t.num_partitions == -1 => cfg.num_partitions,
         None => t.num_partitions,
     };
-    if partitions <= 0 {
-        return Err(TopicError::InvalidPartitions(
-            "Number of partitions must be larger than 0.".into(),
-        ));
-    }
-    if partitions > PARTITIONS_PER_TOPIC_MAX {
-        return Err(TopicError::InvalidPartitions(format!(
-            "Number of partitions {partitions} exceeds Weir's limit of {PARTITIONS_PER_TOPIC_MAX} per topic."
-        )));
-    }
+    check_partition_count(partitions)?;
     if image.partition_count() + partitions as usize > PARTITIONS_PER_BROKER_MAX {
         return Err(TopicError::InvalidPartitions(format!(
             "The broker would host more than {PARTITIONS_PER_BROKER_MAX} partitions."

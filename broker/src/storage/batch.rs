@@ -203,6 +203,59 @@ pub fn validate_produce(
     Ok(out)
 }
 
+/// A batch a follower copies from its leader, as the leader stored it.
+#[derive(Clone, Debug)]
+pub struct ReplicaBatch {
+    pub base: i64,
+    pub last: i64,
+    pub leader_epoch: i32,
+    pub max_timestamp: i64,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    /// A zero-copy slice of the fetch response.
+    pub bytes: Bytes,
+}
+
+/// Splits a leader's fetched `records` into whole batches for a follower whose log ends at
+/// `next_offset`: checks each batch's framing and CRC, skips batches wholly below
+/// `next_offset`, drops a trailing partial batch (fetch responses may end in one), and requires
+/// the rest to be contiguous from `next_offset` on.
+pub fn validate_replica(records: &Bytes, next_offset: i64) -> Result<Vec<ReplicaBatch>, BatchError> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    let mut next = next_offset;
+    while pos < records.len() {
+        let rest = &records[pos..];
+        let total = match check_stored(rest, None) {
+            Stored::Valid { bytes } => bytes,
+            Stored::Incomplete => break,
+            Stored::Corrupt => return Err(BatchError::Corrupt("corrupt batch from the leader")),
+        };
+        let h = Header::new(rest).expect("checked");
+        if h.last_offset() < next {
+            pos += total;
+            continue;
+        }
+        if h.base_offset() != next {
+            return Err(BatchError::Corrupt("batches from the leader are not contiguous"));
+        }
+        out.push(ReplicaBatch {
+            base: h.base_offset(),
+            last: h.last_offset(),
+            leader_epoch: h.leader_epoch(),
+            max_timestamp: h.max_timestamp(),
+            producer_id: h.producer_id(),
+            producer_epoch: h.producer_epoch(),
+            base_sequence: h.base_sequence(),
+            bytes: records.slice(pos..pos + total),
+        });
+        next = h.last_offset() + 1;
+        pos += total;
+    }
+    Ok(out)
+}
+
 /// Copies one validated batch into a buffer of exactly its size, with the broker's base offset
 /// and leader epoch written into the header; with `log_append_time_ms` it also sets the
 /// timestamp type and max timestamp and recomputes the CRC.

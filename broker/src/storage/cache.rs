@@ -145,6 +145,22 @@ impl ShardCache {
         cache.admitted_end = Some(end);
     }
 
+    /// Drops a partition's cached batches and their FIFO entries (its log was truncated).
+    /// O(FIFO length); truncation is rare.
+    pub fn forget(&mut self, partition_id: u64, cache: &mut PartitionCache) {
+        let mut released = 0;
+        self.fifo.retain(|&(pid, _, len)| {
+            if pid == partition_id {
+                released += len;
+                false
+            } else {
+                true
+            }
+        });
+        self.bytes -= released;
+        *cache = PartitionCache::default();
+    }
+
     pub fn over_limit(&self) -> bool {
         self.bytes > self.limit_bytes
     }

@@ -18,7 +18,8 @@ use glommio::io::DmaFile;
 
 use super::file::SegmentFile;
 
-use super::batch::{self, BatchInfo, Header, Stored};
+use super::batch::{self, BatchInfo, Header, ReplicaBatch, Stored};
+use super::epochs::EpochCache;
 use super::index::SegmentIndex;
 use super::producer_state::{self, BatchMeta, Check, ProducerStates};
 use crate::config::LogConfig;
@@ -164,6 +165,8 @@ pub struct PartitionLog {
     pub max_timestamp: (i64, i64),
     /// Idempotent producers' sequence state.
     pub producers: ProducerStates,
+    /// Leader epoch -> first offset, for a follower's truncation (`storage::epochs`).
+    pub epochs: EpochCache,
     /// The shard's count of unwritten bytes, shared by all its logs.
     ledger: Rc<PendingLedger>,
 }
@@ -238,6 +241,7 @@ impl PartitionLog {
             leader_epoch,
             max_timestamp: (-1, -1),
             producers: ProducerStates::default(),
+            epochs: EpochCache::default(),
             ledger,
         };
         let count = listing.len();
@@ -280,7 +284,156 @@ impl PartitionLog {
             log.log_start_offset = log.log_start_offset.max(start.min(end));
         }
         log.load_producer_state().await?;
+        let d = dir.clone();
+        let loaded = blocking(move || EpochCache::load(&d)).await?;
+        log.epochs = match loaded {
+            Some(mut c) => {
+                c.truncate_from_end(log.log_end_offset);
+                c
+            }
+            // A log from before replication: its batches count as epoch 0.
+            None if log.log_end_offset > log.log_start_offset => {
+                let mut c = EpochCache::default();
+                c.assign(0, log.log_start_offset);
+                c
+            }
+            None => EpochCache::default(),
+        };
         Ok(log)
+    }
+
+    /// Where to start looking for the cut before `offset`: (segment base, its file, the index
+    /// position at or before `offset`, the written end, the next segment's base).
+    fn cut_search(&self, offset: i64) -> Option<(i64, Rc<SegmentFile>, u64, u64, Option<i64>)> {
+        let (&base, seg) = self
+            .segments
+            .range(..=offset)
+            .next_back()
+            .or_else(|| self.segments.iter().next())?;
+        let pos = if offset >= base {
+            seg.index.position_for(seg.rel(offset)) as u64
+        } else {
+            0
+        };
+        let next = self.segments.range(base + 1..).next().map(|(&b, _)| b);
+        Some((base, seg.file.clone(), pos, seg.written.min(seg.size), next))
+    }
+
+    /// Truncates the log so that it ends before `offset` (a follower whose log diverged from its
+    /// leader's): writes what is pending, cuts the segment holding `offset` at the first batch
+    /// reaching it, deletes the segments after it, and reopens the log, which rescans the cut
+    /// segment and rebuilds its indexes and the producer state. The caller holds the I/O lock
+    /// and appends nothing meanwhile. Never cuts below the log start.
+    pub async fn truncate_to(log: &std::cell::RefCell<PartitionLog>, offset: i64) -> Result<()> {
+        PartitionLog::write_all(log).await?;
+        let offset = offset.max(log.borrow().log_start_offset);
+        if offset >= log.borrow().log_end_offset {
+            return Ok(());
+        }
+        let search = log.borrow().cut_search(offset);
+        let cut = match search {
+            None => None,
+            Some((base, file, pos, end, next)) => {
+                match cut_in_segment(&file, pos, end, offset).await? {
+                    Some(pos) => Some((base, pos)),
+                    None => next.map(|b| (b, 0)),
+                }
+            }
+        };
+        let Some((base, pos)) = cut else {
+            return Ok(());
+        };
+        let (file, later, dir, config, epoch, ledger, start) = {
+            let l = log.borrow();
+            let later: Vec<PathBuf> = l
+                .segments
+                .range(base + 1..)
+                .map(|(_, s)| s.path.clone())
+                .collect();
+            (
+                l.segments[&base].file.clone(),
+                later,
+                l.dir.clone(),
+                l.config.clone(),
+                l.leader_epoch,
+                l.ledger.clone(),
+                l.log_start_offset,
+            )
+        };
+        file.truncate(pos).await?;
+        file.fdatasync().await?;
+        let mut epochs = log.borrow().epochs.clone();
+        epochs.truncate_from_end(offset);
+        let text = epochs.encode();
+        let d = dir.clone();
+        let index = dir.join(segment_file_name(base, "index"));
+        blocking(move || -> std::io::Result<()> {
+            for path in later {
+                delete_segment_files(&path)?;
+            }
+            let _ = std::fs::remove_file(&index);
+            let _ = std::fs::remove_file(index.with_extension("timeindex"));
+            EpochCache::store(&d, &text)?;
+            std::fs::File::open(&d)?.sync_all()
+        })
+        .await?;
+        drop(file);
+        let mut reopened = PartitionLog::open(dir, config, epoch, false, ledger).await?;
+        reopened.log_start_offset = reopened.log_start_offset.max(start.min(reopened.log_end_offset));
+        debug_assert!(reopened.log_end_offset <= offset);
+        *log.borrow_mut() = reopened;
+        Ok(())
+    }
+
+    /// Appends batches copied from the leader as they are (offsets, epochs, CRCs kept): the
+    /// follower's log stays byte-identical to the leader's. The batches continue the log
+    /// (`batch::validate_replica` checked that). No I/O happens here.
+    pub fn append_replica(&mut self, batches: &[ReplicaBatch]) -> Result<(), AppendError> {
+        let Some(first) = batches.first() else {
+            return Ok(());
+        };
+        debug_assert_eq!(first.base, self.log_end_offset);
+        let incoming: u64 = batches.iter().map(|b| b.bytes.len() as u64).sum();
+        if self.needs_roll(incoming, now_ms()) {
+            return Err(AppendError::NeedsRoll);
+        }
+        let interval = self.config.index_interval_bytes;
+        let ledger = self.ledger.clone();
+        let mut max_ts = self.max_timestamp;
+        let seg = self.active_mut();
+        for b in batches {
+            let len = b.bytes.len();
+            seg.index
+                .on_append(seg.rel(b.base), seg.size as u32, len as u32, b.max_timestamp, interval);
+            seg.size += len as u64;
+            seg.pending_bytes += len as u64;
+            ledger.add(len as u64);
+            seg.pending.push_back(b.bytes.clone());
+            seg.next_offset = b.last + 1;
+            seg.max_timestamp = seg.max_timestamp.max(b.max_timestamp);
+            if b.max_timestamp > max_ts.0 {
+                max_ts = (b.max_timestamp, b.last);
+            }
+        }
+        for b in batches {
+            self.epochs.assign(b.leader_epoch, b.base);
+            if b.producer_id >= 0 {
+                let meta = BatchMeta {
+                    first_seq: b.base_sequence,
+                    last_seq: producer_state::last_sequence(
+                        b.base_sequence,
+                        (b.last - b.base) as i32,
+                    ),
+                    first_offset: b.base,
+                    last_offset: b.last,
+                    max_timestamp: b.max_timestamp,
+                };
+                self.producers.record(b.producer_id, b.producer_epoch, meta);
+            }
+        }
+        self.max_timestamp = max_ts;
+        self.log_end_offset = batches.last().expect("non-empty").last + 1;
+        Ok(())
     }
 
     /// After recovery: says which offsets were lost (a rolled segment truncated short of the
@@ -444,6 +597,7 @@ impl PartitionLog {
             return Err(AppendError::NeedsRoll);
         }
         let epoch = self.leader_epoch;
+        self.epochs.assign(epoch, self.log_end_offset);
         let append_time = self.config.log_append_time.then_some(now_ms);
         let interval = self.config.index_interval_bytes;
         let base_offset = self.log_end_offset;
@@ -584,6 +738,19 @@ impl PartitionLog {
         // Bounded: every round takes at least one pending batch, and none is added back
         // without returning.
         loop {
+            // A new leader epoch reaches the checkpoint before any of its batches reaches disk.
+            let epochs = {
+                let mut l = log.borrow_mut();
+                let dirty = std::mem::replace(&mut l.epochs.dirty, false);
+                dirty.then(|| (l.dir.clone(), l.epochs.encode()))
+            };
+            if let Some((dir, text)) = epochs {
+                if let Err(e) = blocking(move || EpochCache::store(&dir, &text)).await {
+                    log.borrow_mut().epochs.dirty = true;
+                    return Err(e).context("writing the leader-epoch checkpoint");
+                }
+                continue;
+            }
             let w = log.borrow_mut().take_write();
             let Some(w) = w else { return Ok(()) };
             match w.run().await {
@@ -775,6 +942,25 @@ impl PartitionLog {
             .find(|s| s.size > 0 && s.max_timestamp >= ts)?;
         Some(seg.base_offset + seg.index.offset_for_time(ts) as i64)
     }
+}
+
+/// The byte position of the first batch in `file[pos..end]` whose last offset is >= `offset`.
+async fn cut_in_segment(file: &SegmentFile, mut pos: u64, end: u64, offset: i64) -> Result<Option<u64>> {
+    // Bounded: every step moves past one batch.
+    while pos < end {
+        let head = file.read_at(pos, batch::HEADER_BYTES).await?;
+        let Some(h) = Header::new(&head) else {
+            bail!("short batch header at {pos}");
+        };
+        let Some(total) = h.total_bytes() else {
+            bail!("corrupt batch at {pos}");
+        };
+        if h.last_offset() >= offset {
+            return Ok(Some(pos));
+        }
+        pos += total as u64;
+    }
+    Ok(None)
 }
 
 /// Deletes a removed segment's log file and its index files. Blocking.
@@ -1286,6 +1472,94 @@ mod tests {
             drop(log);
             let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 412);
+        });
+    }
+
+    /// Reads every batch of `log` from disk, for byte comparisons.
+    async fn all_bytes(log: &RefCell<PartitionLog>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut offset = log.borrow().log_start_offset;
+        let end = log.borrow().log_end_offset;
+        while offset < end {
+            let chunk = {
+                let range = log.borrow().locate(offset);
+                match range {
+                    Some(r) => read_from_disk(&r, offset, 1 << 20).await.unwrap(),
+                    None => None,
+                }
+            };
+            let Some(chunk) = chunk else { break };
+            let mut at = 0;
+            while at < chunk.len() {
+                let h = Header::new(&chunk[at..]).unwrap();
+                offset = h.last_offset() + 1;
+                at += h.total_bytes().unwrap();
+            }
+            out.extend_from_slice(&chunk);
+        }
+        out
+    }
+
+    /// A follower copies a leader's batches byte for byte, keeps their epochs in its epoch
+    /// cache (and checkpoint), and after diverging (batches of an epoch the new leader never
+    /// had) truncates to the new leader's end of the common epoch, across segments, and
+    /// reopens to the same state.
+    #[test]
+    fn replica_append_epochs_and_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lp, fp) = (dir.path().join("leader"), dir.path().join("follower"));
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 3_000;
+            cfg.index_interval_bytes = 500;
+            let leader = open_log(&lp, &cfg, true).await;
+            append_n(&leader, 10).await; // epoch 0: offsets 0..40
+            leader.borrow_mut().leader_epoch = 2;
+            append_n(&leader, 10).await; // epoch 2: 40..80
+            flush(&leader).await;
+            assert_eq!(leader.borrow().epochs.entries(), &[(0, 0), (2, 40)]);
+            let follower = open_log(&fp, &cfg, true).await;
+            // Copy in pieces, as fetches would.
+            while follower.borrow().log_end_offset < 80 {
+                let next = follower.borrow().log_end_offset;
+                let range = leader.borrow().locate(next).unwrap();
+                let chunk = read_from_disk(&range, next, 700).await.unwrap().unwrap();
+                let batches = batch::validate_replica(&chunk, next).unwrap();
+                assert!(!batches.is_empty());
+                loop {
+                    let r = follower.borrow_mut().append_replica(&batches);
+                    match r {
+                        Ok(()) => break,
+                        Err(AppendError::NeedsRoll) => PartitionLog::roll(&follower).await.unwrap(),
+                        Err(AppendError::Refused(c)) => panic!("refused {c}"),
+                    }
+                }
+            }
+            flush(&follower).await;
+            assert_eq!(all_bytes(&follower).await, all_bytes(&leader).await);
+            assert_eq!(follower.borrow().epochs.entries(), &[(0, 0), (2, 40)]);
+            // The follower then leads epoch 3 alone for a while (records the others never get).
+            follower.borrow_mut().leader_epoch = 3;
+            append_n(&follower, 12).await; // 80..128
+            flush(&follower).await;
+            assert!(follower.borrow().segments.len() > 3);
+            // The real new leader (epoch 4) never had epoch 3: it ended epoch 2 at 80.
+            assert_eq!(leader.borrow().epochs.end_offset_for(3, 80), (2, 80));
+            PartitionLog::truncate_to(&follower, 80).await.unwrap();
+            assert_eq!(follower.borrow().log_end_offset, 80);
+            assert_eq!(follower.borrow().epochs.entries(), &[(0, 0), (2, 40)]);
+            assert_eq!(all_bytes(&follower).await, all_bytes(&leader).await);
+            // Truncating mid-batch cuts the whole batch; the log reopens to the same end.
+            PartitionLog::truncate_to(&follower, 42).await.unwrap();
+            assert_eq!(follower.borrow().log_end_offset, 40);
+            assert_eq!(follower.borrow().epochs.entries(), &[(0, 0)]);
+            drop(follower);
+            let follower = open_log(&fp, &cfg, false).await;
+            assert_eq!(follower.borrow().log_end_offset, 40);
+            assert_eq!(follower.borrow().epochs.entries(), &[(0, 0)]);
+            let lead = all_bytes(&leader).await;
+            let got = all_bytes(&follower).await;
+            assert_eq!(&lead[..got.len()], &got[..]);
         });
     }
 

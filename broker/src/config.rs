@@ -500,6 +500,34 @@ impl Config {
                 self.cluster.min_insync_replicas = parse_i64_min(v, 1)?.min(i16::MAX as i64) as i16
             }
             "broker.rack" => self.cluster.rack = Some(v.to_string()),
+            "replica.fetch.max.bytes" => {
+                self.cluster.replica_fetch_max_bytes =
+                    parse_i64_min(v, 1024)?.min(crate::config::MESSAGE_BYTES_CEILING as i64) as usize
+            }
+            "replica.fetch.response.max.bytes" => {
+                self.cluster.replica_fetch_response_max_bytes =
+                    parse_i64_min(v, 1024)?.min(crate::kafka::fetch::FETCH_RESPONSE_BYTES_MAX as i64)
+                        as usize
+            }
+            "replica.fetch.wait.max.ms" => {
+                self.cluster.replica_fetch_wait_max_ms = parse_i64_min(v, 0)?.min(30_000) as u64
+            }
+            "replica.fetch.backoff.ms" => {
+                self.cluster.replica_fetch_backoff_ms = parse_i64_min(v, 0)?.min(60_000) as u64
+            }
+            "replica.lag.time.max.ms" => {
+                self.cluster.replica_lag_time_max_ms = parse_i64_min(v, 100)? as u64
+            }
+            "num.replica.fetchers" => {
+                if parse_i64_min(v, 1)? != 1 {
+                    bail!("num.replica.fetchers: Weir runs one fetcher per leader broker (1)");
+                }
+            }
+            "unclean.leader.election.enable" => {
+                if parse_bool(v)? {
+                    bail!("unclean.leader.election.enable=true is not supported: Weir elects leaders from the ISR only");
+                }
+            }
             "advertised.listeners" => self.set_advertised(v)?,
             _ => tracing::warn!(key = k, "ignoring server.properties key Weir does not use"),
         }
@@ -655,6 +683,16 @@ pub struct ClusterConfig {
     pub min_insync_replicas: i16,
     /// `broker.rack`.
     pub rack: Option<String>,
+    /// `replica.fetch.max.bytes`: one partition's share of a follower's fetch.
+    pub replica_fetch_max_bytes: usize,
+    /// `replica.fetch.response.max.bytes`: a whole follower fetch response.
+    pub replica_fetch_response_max_bytes: usize,
+    /// `replica.fetch.wait.max.ms`: how long a follower's fetch waits at the leader for data.
+    pub replica_fetch_wait_max_ms: u64,
+    /// `replica.fetch.backoff.ms`: a follower's pause after a failed fetch.
+    pub replica_fetch_backoff_ms: u64,
+    /// `replica.lag.time.max.ms`: a follower not caught up for this long leaves the ISR.
+    pub replica_lag_time_max_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -670,6 +708,11 @@ impl Default for ClusterConfig {
             heartbeat_interval_ms: 2000,
             min_insync_replicas: 1,
             rack: None,
+            replica_fetch_max_bytes: 1 << 20,
+            replica_fetch_response_max_bytes: 10 << 20,
+            replica_fetch_wait_max_ms: 500,
+            replica_fetch_backoff_ms: 1000,
+            replica_lag_time_max_ms: 30_000,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod group;
 pub mod kafka;
 pub mod net;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod shard;
 pub mod storage;

@@ -680,6 +680,10 @@ async fn shard_main(
     glommio::spawn_local(s.clone().group_ticker()).detach();
     if config.in_cluster() && id == crate::cluster::controller::CONTROLLER_SHARD {
         glommio::spawn_local(crate::cluster::controller::follow_cluster(s.clone())).detach();
+        glommio::spawn_local(crate::replication::fetcher::supervise(s.clone())).detach();
+    }
+    if config.in_cluster() {
+        glommio::spawn_local(crate::replication::isr_ticker(s.clone())).detach();
     }
     glommio::spawn_local(s.clone().retention()).detach();
 

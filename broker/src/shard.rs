@@ -22,6 +22,7 @@ use glommio::sync::Semaphore;
 
 use crate::cluster::metadata::{self, Image};
 use crate::config::Config;
+use crate::replication::ReplicaState;
 use crate::kafka::errors::*;
 use crate::storage::batch::{BatchInfo, Header};
 use crate::storage::cache::{CachedBatch, Evicted, PartitionCache, ShardCache};
@@ -33,6 +34,8 @@ pub const PENDING_BYTES_MAX: u64 = 64 << 20;
 const FLUSH_INTERVAL: Duration = Duration::from_millis(5);
 /// A partition whose disk is full retries its pending writes this often.
 const STALL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest an acks=all produce waits for its in-sync replicas.
+const REPLICATION_WAIT: Duration = Duration::from_secs(30);
 /// Operations from one peer shard handled at once; further messages wait in the channel.
 pub const PEER_OPS_MAX: u64 = 4096;
 
@@ -55,6 +58,8 @@ pub struct Partition {
     /// flusher retries the pending writes every `STALL_RETRY_INTERVAL` until they succeed.
     pub stalled: Cell<bool>,
     pub deleted: Cell<bool>,
+    /// Leader, followers, ISR and high watermark (`replication`).
+    pub repl: RefCell<ReplicaState>,
     /// Batches appended and fetches served with data, for the shard's stats line.
     produced_batches: Cell<u64>,
     fetches_served: Cell<u64>,
@@ -143,7 +148,17 @@ pub struct FetchItem {
     pub offset: i64,
     pub partition_max_bytes: usize,
     pub current_leader_epoch: i32,
+    /// Who reads: a consumer (-1) sees up to the high watermark; a follower broker (its id)
+    /// reads to the log end and reports its position; the broker itself (`INTERNAL_READ`,
+    /// the group coordinator, timestamp lookups) reads to the log end.
+    pub replica_id: i32,
+    /// A follower's epoch of its last batch (Fetch v12), checked for divergence; -1: none.
+    pub last_fetched_epoch: i32,
 }
+
+/// `FetchItem::replica_id` of the broker's own reads.
+pub const INTERNAL_READ: i32 = -2;
+pub const CONSUMER: i32 = -1;
 
 #[derive(Clone, Debug, Default)]
 pub struct FetchResult {
@@ -151,6 +166,8 @@ pub struct FetchResult {
     pub high_watermark: i64,
     pub log_start_offset: i64,
     pub records: Vec<Bytes>,
+    /// To a follower whose log diverged: (epoch, end offset) of the leader's log to truncate to.
+    pub diverging: Option<(i32, i64)>,
 }
 
 impl FetchResult {
@@ -163,6 +180,7 @@ impl FetchResult {
             high_watermark: -1,
             log_start_offset: -1,
             records: Vec::new(),
+            diverging: None,
         }
     }
 }
@@ -191,6 +209,16 @@ pub enum ControlOp {
     /// New complete override maps for topics (AlterConfigs and IncrementalAlterConfigs resolve
     /// their operations against the current image first), and validate_only.
     AlterTopicConfigs(Vec<(String, ConfigEdit)>, bool),
+    /// A partition leader's new ISR (Kafka's AlterPartition), based on the leader and
+    /// partition epochs it saw. Answered `Ok((0, error code))`.
+    AlterPartition {
+        topic: String,
+        partition: i32,
+        leader: i32,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        isr: Vec<i32>,
+    },
 }
 
 pub use crate::config::ConfigEdit;
@@ -297,7 +325,7 @@ impl Shard {
         self.by_id.borrow().len()
     }
 
-    fn all_partitions(&self) -> Vec<Rc<Partition>> {
+    pub fn all_partitions(&self) -> Vec<Rc<Partition>> {
         self.by_id.borrow().values().cloned().collect()
     }
 
@@ -373,6 +401,7 @@ impl Shard {
                 l.leader_epoch = e;
             }
         }
+        self.update_replication(&image);
         let mut offsets_opened = Vec::new();
         for (name, t) in &image.topics {
             for (i, pm) in t.partitions.iter().enumerate() {
@@ -387,6 +416,9 @@ impl Shard {
                 let log =
                     PartitionLog::open(dir, cfg, pm.leader_epoch, clean, self.pending.clone())
                         .await?;
+                // Until a checkpoint exists, a replica's HW starts at its log start: what it
+                // held above was maybe never committed; the leader's fetches move it on.
+                let start = log.log_start_offset;
                 let id = self.next_pid.get();
                 self.next_pid.set(id + 1);
                 let p = Rc::new(Partition {
@@ -403,6 +435,7 @@ impl Shard {
                     failed: Cell::new(false),
                     stalled: Cell::new(false),
                     deleted: Cell::new(false),
+                    repl: RefCell::new(ReplicaState::new(self.config.node_id, start)),
                     produced_batches: Cell::new(0),
                     fetches_served: Cell::new(0),
                 });
@@ -417,6 +450,7 @@ impl Shard {
                 }
             }
         }
+        self.update_replication(&image);
         if !offsets_opened.is_empty() {
             // Replay the new partitions of __consumer_offsets; until then their groups answer
             // COORDINATOR_LOAD_IN_PROGRESS.
@@ -433,6 +467,32 @@ impl Shard {
             .detach();
         }
         Ok(())
+    }
+
+    /// Gives every open partition its leader, ISR and epochs from `image`; wakes whoever waits
+    /// on a partition whose leadership changed (acks=all producers fail over, fetches answer).
+    fn update_replication(&self, image: &Image) {
+        let now = now_ms();
+        for p in self.all_partitions() {
+            let Some(pm) = image
+                .topics
+                .get(&p.topic)
+                .and_then(|t| t.partitions.get(p.index as usize))
+            else {
+                continue;
+            };
+            let leo = p.log.borrow().log_end_offset;
+            let changed = {
+                let mut r = p.repl.borrow_mut();
+                let before = (r.leader, r.leader_epoch, r.isr.clone());
+                r.update(pm, now);
+                r.advance_high_watermark(leo);
+                before != (r.leader, r.leader_epoch, r.isr.clone())
+            };
+            if changed {
+                p.appended.notify(usize::MAX);
+            }
+        }
     }
 
     // ---- produce ----
@@ -457,9 +517,155 @@ impl Shard {
         self.append(p, item).await
     }
 
-    /// Waits until `p` is fdatasynced up to `end`.
+    /// Waits until `p` is fdatasynced up to `end`, here and on every in-sync replica.
     pub async fn wait_durable_one(&self, p: &Rc<Partition>, end: i64) -> Result<(), i16> {
-        self.wait_stored(&[(p.clone(), end)], true).await
+        let waits = [(p.clone(), end)];
+        self.wait_stored(&waits, true).await?;
+        self.wait_replicated(&waits).await
+    }
+
+    // ---- follower side (driven by `replication::fetcher`) ----
+
+    /// Appends batches copied from the leader to a follower replica, as they are. Returns the
+    /// new log end.
+    pub async fn append_replica(
+        self: &Rc<Self>,
+        p: &Rc<Partition>,
+        batches: &[crate::storage::batch::ReplicaBatch],
+    ) -> Result<i64, i16> {
+        self.wait_for_room().await;
+        // Bounded: a roll makes room for the batches (or fails the partition).
+        loop {
+            if p.deleted.get() {
+                return Err(UNKNOWN_TOPIC_OR_PARTITION);
+            }
+            if p.failed.get() || p.stalled.get() {
+                return Err(KAFKA_STORAGE_ERROR);
+            }
+            if batches.first().is_some_and(|b| b.base != p.log.borrow().log_end_offset) {
+                // The log moved meanwhile (a truncation): the next fetch starts over.
+                return Err(OFFSET_OUT_OF_RANGE);
+            }
+            let r = p.log.borrow_mut().append_replica(batches);
+            match r {
+                Ok(()) => break,
+                Err(AppendError::Refused(code)) => return Err(code),
+                Err(AppendError::NeedsRoll) => {
+                    let _permit = p.io_lock.acquire_permit(1).await;
+                    let incoming: u64 = batches.iter().map(|b| b.bytes.len() as u64).sum();
+                    if p.deleted.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
+                        continue;
+                    }
+                    let r = PartitionLog::roll(&p.log).await;
+                    self.check_pending_ledger();
+                    self.admit_written(p);
+                    if let Err(e) = r {
+                        self.on_write_error(p, e, "segment roll");
+                        return Err(KAFKA_STORAGE_ERROR);
+                    }
+                }
+            }
+        }
+        {
+            let mut cache = self.cache.borrow_mut();
+            let mut pc = p.cache.borrow_mut();
+            for b in batches {
+                cache.insert(
+                    &mut pc,
+                    CachedBatch {
+                        base: b.base,
+                        last: b.last,
+                        bytes: b.bytes.clone(),
+                    },
+                );
+            }
+        }
+        self.mark_dirty(p);
+        p.produced_batches
+            .set(p.produced_batches.get() + batches.len() as u64);
+        p.appended.notify(usize::MAX);
+        Ok(p.log.borrow().log_end_offset)
+    }
+
+    /// Truncates a follower replica's log to end before `offset` (its log diverged from the
+    /// leader's), dropping its cached batches.
+    pub async fn truncate_replica(&self, p: &Rc<Partition>, offset: i64) -> Result<(), i16> {
+        let _permit = p.io_lock.acquire_permit(1).await;
+        if p.deleted.get() {
+            return Err(UNKNOWN_TOPIC_OR_PARTITION);
+        }
+        let before = p.log.borrow().log_end_offset;
+        let r = PartitionLog::truncate_to(&p.log, offset).await;
+        self.check_pending_ledger();
+        self.cache
+            .borrow_mut()
+            .forget(p.id, &mut p.cache.borrow_mut());
+        match r {
+            Ok(()) => {
+                let after = p.log.borrow().log_end_offset;
+                {
+                    let mut rs = p.repl.borrow_mut();
+                    rs.high_watermark = rs.high_watermark.min(after);
+                }
+                tracing::warn!(topic = %p.topic, partition = p.index, from = before, to = after, "truncated a diverged replica");
+                p.appended.notify(usize::MAX);
+                Ok(())
+            }
+            Err(e) => {
+                self.on_write_error(p, e, "truncation");
+                Err(KAFKA_STORAGE_ERROR)
+            }
+        }
+    }
+
+    /// Waits until every (partition, end) is fdatasynced on this broker.
+    pub async fn wait_synced(&self, waits: &[(Rc<Partition>, i64)]) -> Result<(), i16> {
+        self.wait_stored(waits, true).await
+    }
+
+    /// `min.insync.replicas`.
+    fn min_insync_replicas(&self) -> usize {
+        self.config.cluster.min_insync_replicas.max(1) as usize
+    }
+
+    /// acks=all: waits until the high watermark of every (partition, end offset) reaches the end,
+    /// i.e. every ISR replica has the batches (followers fetch only past what they fdatasynced).
+    /// Fails when this replica stops leading (NOT_LEADER_OR_FOLLOWER), when the ISR shrinks
+    /// below `min.insync.replicas` first (NOT_ENOUGH_REPLICAS_AFTER_APPEND), or after
+    /// `REPLICATION_WAIT` (REQUEST_TIMED_OUT).
+    async fn wait_replicated(&self, waits: &[(Rc<Partition>, i64)]) -> Result<(), i16> {
+        let epochs: Vec<i32> = waits
+            .iter()
+            .map(|(p, _)| p.repl.borrow().leader_epoch)
+            .collect();
+        let deadline = Instant::now() + REPLICATION_WAIT;
+        for ((p, end), epoch) in waits.iter().zip(epochs) {
+            // Bounded by the deadline; every wake-up re-checks.
+            loop {
+                let l = p.appended.listen();
+                if p.deleted.get() {
+                    return Err(UNKNOWN_TOPIC_OR_PARTITION);
+                }
+                {
+                    let r = p.repl.borrow();
+                    if !r.is_leader() || r.leader_epoch != epoch {
+                        return Err(NOT_LEADER_OR_FOLLOWER);
+                    }
+                    if r.high_watermark >= *end {
+                        break;
+                    }
+                    if r.isr.len() < self.min_insync_replicas() {
+                        return Err(NOT_ENOUGH_REPLICAS_AFTER_APPEND);
+                    }
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || self.shutting_down.get() {
+                    return Err(REQUEST_TIMED_OUT);
+                }
+                let _ = select(l, Box::pin(glommio::timer::sleep(left.min(Duration::from_millis(500))))).await;
+            }
+        }
+        Ok(())
     }
 
     /// Reads a partition the coordinator owns (cache or disk).
@@ -526,6 +732,8 @@ impl Shard {
                         }
                     }
                     self.mark_dirty(p);
+                    let leo = p.log.borrow().log_end_offset;
+                    p.repl.borrow_mut().advance_high_watermark(leo);
                     p.produced_batches
                         .set(p.produced_batches.get() + item.infos.len() as u64);
                     p.appended.notify(usize::MAX);
@@ -597,6 +805,25 @@ impl Shard {
                 });
                 continue;
             };
+            let refused = {
+                let r = p.repl.borrow();
+                if !r.is_leader() {
+                    Some(NOT_LEADER_OR_FOLLOWER)
+                } else if acks == -1 && r.isr.len() < self.min_insync_replicas() {
+                    Some(NOT_ENOUGH_REPLICAS)
+                } else {
+                    None
+                }
+            };
+            if let Some(error) = refused {
+                results.push(ProduceResult {
+                    error,
+                    base_offset: -1,
+                    log_append_time_ms: -1,
+                    log_start_offset: -1,
+                });
+                continue;
+            }
             match self.append(&p, item).await {
                 Ok((base, append_time)) => {
                     let (start, end) = {
@@ -626,7 +853,10 @@ impl Shard {
             let me = self.clone();
             let sync = acks == -1;
             glommio::spawn_local(async move {
-                let r = me.wait_stored(&waits, sync).await;
+                let mut r = me.wait_stored(&waits, sync).await;
+                if r.is_ok() && sync {
+                    r = me.wait_replicated(&waits).await;
+                }
                 let _ = tx.send(r);
             })
             .detach();
@@ -968,11 +1198,13 @@ impl Shard {
             let l = p.log.borrow();
             (l.log_start_offset, l.log_end_offset, l.leader_epoch)
         };
+        let hw = p.repl.borrow().high_watermark.min(end);
         let mut r = FetchResult {
             error: NONE,
-            high_watermark: end,
+            high_watermark: if item.replica_id == INTERNAL_READ { end } else { hw },
             log_start_offset: start,
             records: Vec::new(),
+            diverging: None,
         };
         if item.current_leader_epoch >= 0 && item.current_leader_epoch != epoch {
             r.error = if item.current_leader_epoch > epoch {
@@ -986,22 +1218,59 @@ impl Shard {
             r.error = OFFSET_OUT_OF_RANGE;
             return r;
         }
-        if item.offset == end || max_bytes == 0 {
+        if item.replica_id >= 0 {
+            if let Some(d) = self.on_follower_fetch(p, item, end) {
+                r.diverging = Some(d);
+                return r;
+            }
+            r.high_watermark = p.repl.borrow().high_watermark.min(end);
+        }
+        // Consumers read below the high watermark only.
+        let visible = if item.replica_id == CONSUMER { hw } else { end };
+        if item.offset >= visible || max_bytes == 0 {
             return r;
         }
         let cache_start = p.cache.borrow().start(end);
         if item.offset >= cache_start {
             r.records = p.cache.borrow().read(item.offset, max_bytes);
-            return r;
-        }
-        match read_disk(p, item.offset, max_bytes).await {
-            Ok(b) => r.records = b.into_iter().collect(),
-            Err(e) => {
-                tracing::error!(topic = %p.topic, partition = p.index, "read failed: {e:#}");
-                r.error = KAFKA_STORAGE_ERROR;
+        } else {
+            match read_disk(p, item.offset, max_bytes).await {
+                Ok(b) => r.records = b.into_iter().collect(),
+                Err(e) => {
+                    tracing::error!(topic = %p.topic, partition = p.index, "read failed: {e:#}");
+                    r.error = KAFKA_STORAGE_ERROR;
+                }
             }
         }
+        if visible < end {
+            cap_batches(&mut r.records, visible);
+        }
         r
+    }
+
+    /// A follower's fetch reached this leader: notes its position (moving the HW and waking
+    /// acks=all producers when it moves), and answers a diverging epoch (KIP-595's
+    /// DivergingEpoch) when the follower's last epoch ended earlier here than its fetch offset.
+    fn on_follower_fetch(&self, p: &Rc<Partition>, item: &FetchItem, leo: i64) -> Option<(i32, i64)> {
+        if item.last_fetched_epoch >= 0 {
+            let (epoch, end) = p
+                .log
+                .borrow()
+                .epochs
+                .end_offset_for(item.last_fetched_epoch, leo);
+            if epoch < item.last_fetched_epoch || end < item.offset {
+                return Some((epoch, end));
+            }
+        }
+        let moved = {
+            let mut r = p.repl.borrow_mut();
+            r.on_follower_fetch(item.replica_id, item.offset, leo, now_ms());
+            r.advance_high_watermark(leo)
+        };
+        if moved {
+            p.appended.notify(usize::MAX);
+        }
+        None
     }
 
     async fn fetch(
@@ -1041,7 +1310,10 @@ impl Shard {
                 total += r.bytes();
                 results.push(r);
             }
-            let has_news = total > 0 || results.iter().any(|r| r.error != NONE);
+            let has_news = total > 0
+                || results
+                    .iter()
+                    .any(|r| r.error != NONE || r.diverging.is_some());
             // At shutdown a long poll answers now instead of holding its connection open.
             let stopping = self.stopped.listen();
             let deadline = match wait_until {
@@ -1135,7 +1407,7 @@ impl Shard {
         }
         match item.timestamp {
             -2 => r.offset = start,
-            -1 => r.offset = end,
+            -1 => r.offset = p.repl.borrow().high_watermark.min(end),
             -3 => {
                 if max_ts.1 >= start {
                     match self.offset_of_max_timestamp(p, max_ts).await {
@@ -1171,6 +1443,8 @@ impl Shard {
             offset: batch_last,
             partition_max_bytes: 1,
             current_leader_epoch: -1,
+            replica_id: crate::shard::INTERNAL_READ,
+            last_fetched_epoch: -1,
         };
         let r = self.read_partition(p, &item, 1).await;
         if r.error != NONE {
@@ -1213,6 +1487,8 @@ impl Shard {
                 offset,
                 partition_max_bytes: 1 << 20,
                 current_leader_epoch: -1,
+                replica_id: crate::shard::INTERNAL_READ,
+                last_fetched_epoch: -1,
             };
             let r = self.read_partition(p, &item, 1 << 20).await;
             if r.error != NONE {
@@ -1291,6 +1567,30 @@ async fn read_disk(p: &Rc<Partition>, offset: i64, max_bytes: usize) -> Result<O
             .and_then(|next| p.log.borrow().locate_segment(next));
     }
     Ok(None)
+}
+
+/// Drops the batches that start at or past `end` (a consumer's view stops at the HW).
+fn cap_batches(records: &mut Vec<Bytes>, end: i64) {
+    let mut out = Vec::with_capacity(records.len());
+    for chunk in records.drain(..) {
+        let mut at = 0;
+        while at < chunk.len() {
+            let Some(h) = Header::new(&chunk[at..]) else { break };
+            let Some(total) = h.total_bytes() else { break };
+            if h.base_offset() >= end {
+                break;
+            }
+            at += total;
+        }
+        let whole = at >= chunk.len();
+        if at > 0 {
+            out.push(chunk.slice(..at.min(chunk.len())));
+        }
+        if !whole {
+            break;
+        }
+    }
+    *records = out;
 }
 
 enum Wake {

@@ -226,6 +226,22 @@ impl Active {
             ControlOp::AlterTopicConfigs(edits, validate_only) => {
                 decide::alter_topic_configs(&image, &self.cfg, edits, *validate_only)
             }
+            ControlOp::AlterPartition {
+                topic,
+                partition,
+                leader,
+                leader_epoch,
+                partition_epoch,
+                isr,
+            } => decide::alter_partition(
+                &image,
+                topic,
+                *partition,
+                *leader,
+                *leader_epoch,
+                *partition_epoch,
+                isr,
+            ),
         };
         if records.is_empty() {
             return Response::Control {

@@ -87,6 +87,9 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
                 Ok((count, 1))
             })
             .collect(),
+        ControlOp::AlterPartition { .. } => vec![Err(TopicError::InvalidRequest(
+            "a single node has no replicas to change".into(),
+        ))],
         ControlOp::AlterTopicConfigs(edits, validate_only) => edits
             .into_iter()
             .map(|(name, edit)| {
@@ -259,6 +262,7 @@ async fn forward(op: ControlOp) -> ControlReply {
         ControlOp::DeleteTopics(t) => t.len(),
         ControlOp::CreatePartitions(t, _) => t.len(),
         ControlOp::AlterTopicConfigs(t, _) => t.len(),
+        ControlOp::AlterPartition { .. } => 1,
     };
     let fail = |why: String| vec![Err(TopicError::InvalidRequest(why)); n];
     let Some(agent) = agent::agent() else {

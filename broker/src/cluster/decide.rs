@@ -459,6 +459,57 @@ pub fn unfence_broker(img: &ClusterImage, node: BrokerId) -> Vec<MetadataRecord>
     records
 }
 
+/// A leader's AlterPartition: its new ISR, if it still leads at the epochs it saw (else
+/// FENCED_LEADER_EPOCH or INVALID_UPDATE_VERSION, as Kafka answers), and the ISR holds the
+/// leader, only replicas, and only unfenced brokers joining (else INELIGIBLE_REPLICA).
+pub fn alter_partition(
+    img: &ClusterImage,
+    topic: &str,
+    partition: i32,
+    leader: BrokerId,
+    leader_epoch: i32,
+    partition_epoch: i32,
+    isr: &[BrokerId],
+) -> (Vec<Result<(i32, i16), TopicError>>, Vec<MetadataRecord>) {
+    use crate::kafka::errors::{
+        FENCED_LEADER_EPOCH, INELIGIBLE_REPLICA, INVALID_UPDATE_VERSION, NOT_LEADER_OR_FOLLOWER,
+        UNKNOWN_TOPIC_OR_PARTITION,
+    };
+    let answer = |code: i16| (vec![Ok((0, code))], Vec::new());
+    let Some(t) = img.topics.get(topic) else {
+        return answer(UNKNOWN_TOPIC_OR_PARTITION);
+    };
+    let Some(p) = usize::try_from(partition).ok().and_then(|i| t.partitions.get(i)) else {
+        return answer(UNKNOWN_TOPIC_OR_PARTITION);
+    };
+    if p.leader != leader {
+        return answer(NOT_LEADER_OR_FOLLOWER);
+    }
+    if leader_epoch != p.leader_epoch {
+        return answer(FENCED_LEADER_EPOCH);
+    }
+    if partition_epoch != p.partition_epoch {
+        return answer(INVALID_UPDATE_VERSION);
+    }
+    let mut new: Vec<BrokerId> = isr.to_vec();
+    new.sort_unstable();
+    new.dedup();
+    let eligible = |r: &BrokerId| {
+        p.replicas.contains(r)
+            && (p.isr.contains(r) || img.brokers.get(r).is_some_and(|b| !b.fenced))
+    };
+    if !new.contains(&leader) || !new.iter().all(eligible) {
+        return answer(INELIGIBLE_REPLICA);
+    }
+    // Kept in replica order, as the controller writes it elsewhere.
+    let ordered: Vec<BrokerId> = p.replicas.iter().copied().filter(|r| new.contains(r)).collect();
+    if ordered == p.isr {
+        return answer(0);
+    }
+    let record = change(topic, t.id, partition as usize, p, leader, ordered);
+    (vec![Ok((0, 0))], vec![record])
+}
+
 fn change(
     name: &str,
     id: uuid::Uuid,

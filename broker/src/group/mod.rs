@@ -401,6 +401,8 @@ pub async fn load_partition(s: &Rc<Shard>, partition: i32) {
             offset,
             partition_max_bytes: 1 << 20,
             current_leader_epoch: -1,
+            replica_id: crate::shard::INTERNAL_READ,
+            last_fetched_epoch: -1,
         };
         let r = s.read_for_coordinator(&p, &item).await;
         if r.error != NONE || r.records.is_empty() {

@@ -18,7 +18,7 @@ use super::fetch_session::{
 };
 use super::{decode, respond, Response};
 use crate::protocol::{OutBuf, RequestFrame};
-use crate::shard::{shard, FetchItem, FetchResult, ShardMsg};
+use crate::shard::{shard, FetchItem, FetchResult, ShardMsg, CONSUMER};
 
 /// Upper bound on one fetch response's record bytes, whatever the client asks (Kafka's
 /// fetch.max.bytes default is 50 MiB).
@@ -45,6 +45,8 @@ async fn run_plan(
                 offset: i.offset,
                 partition_max_bytes: i.partition_max_bytes,
                 current_leader_epoch: i.current_leader_epoch,
+                replica_id: i.replica_id,
+                last_fetched_epoch: i.last_fetched_epoch,
             })
             .collect();
         s.send(
@@ -167,6 +169,26 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         }
     };
 
+    // A follower broker's fetch (replica id >= 0) reads to the log end and reports its
+    // position; its LastFetchedEpoch (v12) is checked for divergence.
+    let replica_id = if req.replica_id.0 >= 0 {
+        req.replica_id.0
+    } else {
+        CONSUMER
+    };
+    let last_fetched: std::collections::HashMap<(&str, i32), i32> =
+        if replica_id >= 0 && frame.api_version >= 12 {
+            req.topics
+                .iter()
+                .flat_map(|t| {
+                    t.partitions
+                        .iter()
+                        .map(move |p| ((t.topic.0.as_str(), p.partition), p.last_fetched_epoch))
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
     let mut results: Vec<FetchResult> = Vec::with_capacity(wanted.len());
     let mut plan: Plan = BTreeMap::new();
     for (i, c) in wanted.iter().enumerate() {
@@ -175,6 +197,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             high_watermark: -1,
             log_start_offset: -1,
             records: Vec::new(),
+            diverging: None,
         });
         let owner = match image.route(&c.topic, c.partition, s.config.node_id) {
             Ok(owner) => owner,
@@ -191,6 +214,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 offset: c.fetch_offset,
                 partition_max_bytes: c.max_bytes,
                 current_leader_epoch: c.current_leader_epoch,
+                replica_id,
+                last_fetched_epoch: last_fetched
+                    .get(&(c.topic.as_str(), c.partition))
+                    .copied()
+                    .unwrap_or(-1),
             },
         ));
     }
@@ -202,7 +230,9 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         }
     }
     let total: usize = results.iter().map(|r| r.bytes()).sum();
-    let errors = results.iter().any(|r| r.error != NONE);
+    let errors = results
+        .iter()
+        .any(|r| r.error != NONE || r.diverging.is_some());
     if total < min_bytes.max(1) && !errors && !max_wait.is_zero() && !plan.is_empty() {
         // Pass two: every owner waits for an append (or the deadline); the first to return
         // with data ends the wait, and dropping the others' replies cancels their waits.
@@ -214,7 +244,9 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 futures::future::select_all(pending.iter_mut().map(|(_, rx)| rx)).await;
             let (target, _) = pending.swap_remove(i);
             if let Ok(got) = got {
-                let news = got.iter().any(|r| !r.records.is_empty() || r.error != NONE);
+                let news = got
+                    .iter()
+                    .any(|r| !r.records.is_empty() || r.error != NONE || r.diverging.is_some());
                 store(&mut results, &plan, target, got);
                 if news {
                     break;
@@ -286,6 +318,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 None
             })
             .with_preferred_read_replica((-1).into())
+            .with_diverging_epoch(
+                kafka_protocol::messages::fetch_response::EpochEndOffset::default()
+                    .with_epoch(r.diverging.map(|d| d.0).unwrap_or(-1))
+                    .with_end_offset(r.diverging.map(|d| d.1).unwrap_or(-1)),
+            )
             .with_records(Some(out.splice(r.records)));
         // Consecutive partitions of one topic share a topic entry.
         match topics.last_mut() {

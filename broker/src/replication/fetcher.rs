@@ -1,0 +1,457 @@
+//! Follower fetchers: one per leader broker this broker follows (Kafka's `num.replica.fetchers`
+//! = 1), on shard 0. Each carries every partition the pair shares in one Fetch (v12, replica id
+//! = this broker, `LastFetchedEpoch` per partition), long-polls the leader for
+//! `replica.fetch.wait.max.ms`, and hands each owner shard its partitions' results in one
+//! message. The owner appends the leader's batches as they are (same offsets, epochs and CRCs),
+//! truncates where the leader answers a diverging epoch, takes the leader's high watermark, and
+//! fdatasyncs before the next fetch, so the fetch offset the leader sees is durable here.
+//!
+//! | what | limit |
+//! |---|---|
+//! | one partition in a fetch | `replica.fetch.max.bytes` (1 MiB) |
+//! | one response | `replica.fetch.response.max.bytes` (10 MiB); frames above `RESPONSE_FRAME_MAX` close the connection |
+//! | a fetch round trip | `replica.fetch.wait.max.ms` + `IO_TIMEOUT` |
+//! | after an error | `replica.fetch.backoff.ms` |
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use bytes::{Bytes, BytesMut};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{
+    ApiKey, BrokerId, FetchRequest, FetchResponse, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+
+use crate::kafka::errors::*;
+use crate::shard::{Partition, Shard};
+use crate::storage::batch;
+
+const FETCH_VERSION: i16 = 12;
+/// Connecting, writing a request, and reading beyond the long-poll wait.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest response frame read from a leader: a whole response plus one oversized batch.
+const RESPONSE_FRAME_MAX: usize =
+    crate::kafka::fetch::FETCH_RESPONSE_BYTES_MAX + crate::config::MESSAGE_BYTES_CEILING;
+/// The supervisor looks for leaders without a fetcher this often.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A partition this broker follows: (topic, index, owner shard, leader epoch).
+type Followed = (String, i32, usize, i32);
+
+/// Shard 0: starts a fetcher for every leader broker some local replica follows; a fetcher
+/// ends when nothing here follows its leader any more. Runs until shutdown.
+pub async fn supervise(s: Rc<Shard>) {
+    let running: Rc<RefCell<BTreeSet<i32>>> = Default::default();
+    // Bounded: one pass per interval until shutdown.
+    while !s.shutting_down.get() {
+        let image = s.image();
+        let me = s.config.node_id;
+        let leaders: BTreeSet<i32> = image
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .filter(|pm| pm.hosted_on(me) && pm.leader >= 0 && pm.leader != me)
+            .map(|pm| pm.leader)
+            .collect();
+        for leader in leaders {
+            if running.borrow_mut().insert(leader) {
+                let (s, running) = (s.clone(), running.clone());
+                glommio::spawn_local(async move {
+                    tracing::info!(leader, "follower fetcher started");
+                    fetch_from(&s, leader).await;
+                    running.borrow_mut().remove(&leader);
+                    tracing::info!(leader, "follower fetcher stopped");
+                })
+                .detach();
+            }
+        }
+        glommio::timer::sleep(SUPERVISE_INTERVAL).await;
+    }
+}
+
+fn followed(s: &Shard, leader: i32) -> Vec<Followed> {
+    let image = s.image();
+    let me = s.config.node_id;
+    let mut out = Vec::new();
+    for (name, t) in &image.topics {
+        for (i, pm) in t.partitions.iter().enumerate() {
+            if pm.leader == leader && pm.hosted_on(me) {
+                out.push((name.clone(), i as i32, pm.shard as usize, pm.leader_epoch));
+            }
+        }
+    }
+    out
+}
+
+/// A follower replica's position: (log end, epoch of its last batch, log start).
+type Position = (i64, i32, i64);
+
+/// One fetcher's loop against `leader`.
+async fn fetch_from(s: &Rc<Shard>, leader: i32) {
+    let cfg = s.config.cluster.clone();
+    let backoff = Duration::from_millis(cfg.replica_fetch_backoff_ms);
+    let mut conn: Option<Conn> = None;
+    // Bounded by shutdown and by the partitions followed: it ends when none is left.
+    while !s.shutting_down.get() {
+        let parts = followed(s, leader);
+        if parts.is_empty() {
+            return;
+        }
+        let addr = s
+            .image()
+            .brokers
+            .get(&leader)
+            .map(|b| format!("{}:{}", b.host, b.port));
+        let Some(addr) = addr else {
+            glommio::timer::sleep(backoff).await;
+            continue;
+        };
+        // Where each replica is, asked of its owner shard (one message per shard).
+        let mut by_shard: BTreeMap<usize, Vec<(String, i32)>> = BTreeMap::new();
+        for (t, p, shard, _) in &parts {
+            by_shard.entry(*shard).or_default().push((t.clone(), *p));
+        }
+        let mut positions: BTreeMap<(String, i32), Position> = BTreeMap::new();
+        for (shard, list) in by_shard {
+            let got = s
+                .run_on(shard, move |sh| {
+                    Box::pin(async move {
+                        list.into_iter()
+                            .filter_map(|(t, i)| {
+                                let p = sh.partition(&t, i)?;
+                                let l = p.log.borrow();
+                                Some(((t, i), (l.log_end_offset, l.epochs.latest_epoch(), l.log_start_offset)))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .await
+                .unwrap_or_default();
+            positions.extend(got);
+        }
+        if positions.is_empty() {
+            // The replicas are not open yet (metadata still applying).
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let req = build_request(s.config.node_id, &cfg, &parts, &positions);
+        if conn.as_ref().is_none_or(|c| c.addr != addr) {
+            match Conn::connect(&addr).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    tracing::debug!(leader, %addr, "follower fetcher cannot connect: {e:#}");
+                    glommio::timer::sleep(backoff).await;
+                    continue;
+                }
+            }
+        }
+        let c = conn.as_mut().expect("connected above");
+        let wait = Duration::from_millis(cfg.replica_fetch_wait_max_ms) + IO_TIMEOUT;
+        let resp = match c.fetch(&req, wait).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(leader, %addr, "follower fetch failed: {e:#}");
+                conn = None;
+                glommio::timer::sleep(backoff).await;
+                continue;
+            }
+        };
+        if resp.error_code != NONE {
+            tracing::debug!(leader, code = resp.error_code, "follower fetch refused");
+            glommio::timer::sleep(backoff).await;
+            continue;
+        }
+        // Results to their owner shards, one message each, applied concurrently.
+        let owner: BTreeMap<(String, i32), (usize, i32)> = parts
+            .iter()
+            .map(|(t, p, sh, e)| ((t.clone(), *p), (*sh, *e)))
+            .collect();
+        let mut work: BTreeMap<usize, Vec<Fetched>> = BTreeMap::new();
+        for t in resp.responses {
+            let topic = t.topic.0.to_string();
+            for pd in t.partitions {
+                let key = (topic.clone(), pd.partition_index);
+                let (Some(&(shard, _)), Some(&(fetch_offset, _, _))) =
+                    (owner.get(&key), positions.get(&key))
+                else {
+                    continue;
+                };
+                let diverging = (pd.diverging_epoch.end_offset >= 0
+                    || pd.diverging_epoch.epoch >= 0)
+                    .then_some((pd.diverging_epoch.epoch, pd.diverging_epoch.end_offset));
+                work.entry(shard).or_default().push(Fetched {
+                    topic: topic.clone(),
+                    partition: pd.partition_index,
+                    fetch_offset,
+                    error: pd.error_code,
+                    high_watermark: pd.high_watermark,
+                    leader_log_start: pd.log_start_offset,
+                    diverging,
+                    records: pd.records.unwrap_or_default(),
+                });
+            }
+        }
+        let mut refused = false;
+        let jobs = work.into_iter().map(|(shard, items)| {
+            s.run_on(shard, move |sh| {
+                Box::pin(async move { apply(&sh, leader, items).await })
+            })
+        });
+        for r in futures::future::join_all(jobs).await {
+            refused |= r.unwrap_or(true);
+        }
+        if refused {
+            // Stale metadata on one side: give it a moment to arrive.
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn build_request(
+    me: i32,
+    cfg: &crate::config::ClusterConfig,
+    parts: &[Followed],
+    positions: &BTreeMap<(String, i32), Position>,
+) -> FetchRequest {
+    let mut topics: Vec<FetchTopic> = Vec::new();
+    for (t, p, _, epoch) in parts {
+        let Some(&(leo, last_epoch, start)) = positions.get(&(t.clone(), *p)) else {
+            continue;
+        };
+        let fp = FetchPartition::default()
+            .with_partition(*p)
+            .with_current_leader_epoch(*epoch)
+            .with_fetch_offset(leo)
+            .with_last_fetched_epoch(last_epoch)
+            .with_log_start_offset(start)
+            .with_partition_max_bytes(cfg.replica_fetch_max_bytes as i32);
+        match topics.last_mut() {
+            Some(ft) if ft.topic.0.as_str() == t => ft.partitions.push(fp),
+            _ => topics.push(
+                FetchTopic::default()
+                    .with_topic(TopicName(StrBytes::from_string(t.clone())))
+                    .with_partitions(vec![fp]),
+            ),
+        }
+    }
+    FetchRequest::default()
+        .with_replica_id(BrokerId(me))
+        .with_max_wait_ms(cfg.replica_fetch_wait_max_ms as i32)
+        .with_min_bytes(1)
+        .with_max_bytes(cfg.replica_fetch_response_max_bytes as i32)
+        .with_isolation_level(0)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(topics)
+}
+
+/// One partition's part of a leader's fetch response.
+pub struct Fetched {
+    topic: String,
+    partition: i32,
+    /// The offset this broker asked from.
+    fetch_offset: i64,
+    error: i16,
+    high_watermark: i64,
+    leader_log_start: i64,
+    diverging: Option<(i32, i64)>,
+    records: Bytes,
+}
+
+/// On the owner shard: applies one fetch's results to this shard's follower replicas, then
+/// waits until what was appended is fdatasynced. Returns whether the leader refused some
+/// partition for stale metadata.
+async fn apply(s: &Rc<Shard>, leader: i32, items: Vec<Fetched>) -> bool {
+    let mut refused = false;
+    let mut waits = Vec::new();
+    for f in items {
+        let Some(p) = s.partition(&f.topic, f.partition) else {
+            continue;
+        };
+        if p.repl.borrow().leader != leader {
+            continue;
+        }
+        match f.error {
+            NONE => {}
+            OFFSET_OUT_OF_RANGE => {
+                tracing::warn!(topic = %f.topic, partition = f.partition, offset = f.fetch_offset, leader_log_start = f.leader_log_start, "follower fetch offset out of range at the leader");
+                refused = true;
+                continue;
+            }
+            code => {
+                tracing::debug!(topic = %f.topic, partition = f.partition, code, "follower fetch partition error");
+                refused = true;
+                continue;
+            }
+        }
+        if p.log.borrow().log_end_offset != f.fetch_offset {
+            continue;
+        }
+        if let Some((epoch, end)) = f.diverging {
+            let to = truncation_offset(&p, epoch, end);
+            tracing::info!(topic = %f.topic, partition = f.partition, leader_epoch = epoch, leader_end = end, to, "log diverged from the leader's");
+            let _ = s.truncate_replica(&p, to).await;
+            continue;
+        }
+        let mut leo = f.fetch_offset;
+        if !f.records.is_empty() {
+            match batch::validate_replica(&f.records, f.fetch_offset) {
+                Ok(batches) if !batches.is_empty() => match s.append_replica(&p, &batches).await {
+                    Ok(end) => {
+                        leo = end;
+                        waits.push((p.clone(), end));
+                    }
+                    Err(code) => {
+                        tracing::warn!(topic = %f.topic, partition = f.partition, code, "appending replicated batches failed");
+                        continue;
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(topic = %f.topic, partition = f.partition, "leader sent unusable batches: {e:?}");
+                    continue;
+                }
+            }
+        }
+        let mut r = p.repl.borrow_mut();
+        let hw = f.high_watermark.min(leo);
+        if hw > r.high_watermark {
+            r.high_watermark = hw;
+        }
+    }
+    if !waits.is_empty() {
+        let _ = s.wait_synced(&waits).await;
+    }
+    refused
+}
+
+/// Where a follower cuts its log when the leader says its last epoch diverged: the leader's
+/// end of that epoch, or this log's own end of it if that comes first (KIP-279). With no epoch
+/// in common, down to the high watermark.
+fn truncation_offset(p: &Partition, leader_epoch: i32, leader_end: i64) -> i64 {
+    let l = p.log.borrow();
+    let hw = p.repl.borrow().high_watermark;
+    if leader_epoch < 0 || leader_end < 0 {
+        return hw.min(l.log_end_offset);
+    }
+    let (mine, my_end) = l.epochs.end_offset_for(leader_epoch, l.log_end_offset);
+    if mine < 0 {
+        return hw.min(l.log_end_offset);
+    }
+    leader_end.min(my_end)
+}
+
+/// A connection to a leader's client listener.
+struct Conn {
+    addr: String,
+    stream: TcpStream,
+    next_correlation: i32,
+}
+
+impl Conn {
+    async fn connect(addr: &str) -> Result<Conn> {
+        let sa: std::net::SocketAddr = match addr.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                let a = addr.to_string();
+                crate::storage::log::blocking(move || {
+                    use std::net::ToSocketAddrs;
+                    a.to_socket_addrs().ok().and_then(|mut i| i.next())
+                })
+                .await
+                .ok_or_else(|| anyhow!("cannot resolve {addr}"))?
+            }
+        };
+        let stream = TcpStream::connect_timeout(sa, IO_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        Ok(Conn {
+            addr: addr.to_string(),
+            stream,
+            next_correlation: 1,
+        })
+    }
+
+    async fn fetch(&mut self, req: &FetchRequest, wait: Duration) -> Result<FetchResponse> {
+        let corr = self.next_correlation;
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        let mut buf = BytesMut::with_capacity(1024);
+        buf.extend_from_slice(&[0; 4]);
+        RequestHeader::default()
+            .with_request_api_key(ApiKey::Fetch as i16)
+            .with_request_api_version(FETCH_VERSION)
+            .with_correlation_id(corr)
+            .with_client_id(Some(StrBytes::from_static_str("weir-replica-fetcher")))
+            .encode(&mut buf, ApiKey::Fetch.request_header_version(FETCH_VERSION))?;
+        req.encode(&mut buf, FETCH_VERSION)?;
+        let size = (buf.len() - 4) as i32;
+        buf[0..4].copy_from_slice(&size.to_be_bytes());
+        let io = async {
+            self.stream.write_all(&buf).await?;
+            let mut size = [0u8; 4];
+            self.stream.read_exact(&mut size).await?;
+            let size = i32::from_be_bytes(size);
+            if size < 4 || size as usize > RESPONSE_FRAME_MAX {
+                bail!("response frame of {size} bytes");
+            }
+            // Grown as bytes arrive, never reserved ahead of them.
+            let mut body = Vec::new();
+            let mut chunk = vec![0u8; 256 << 10];
+            while body.len() < size as usize {
+                let want = (size as usize - body.len()).min(chunk.len());
+                let n = self.stream.read(&mut chunk[..want]).await?;
+                if n == 0 {
+                    bail!("the leader closed the connection");
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            Ok::<_, anyhow::Error>(Bytes::from(body))
+        };
+        let timeout = glommio::timer::sleep(wait);
+        let mut body = match futures::future::select(Box::pin(io), Box::pin(timeout)).await {
+            futures::future::Either::Left((r, _)) => r?,
+            futures::future::Either::Right(_) => bail!("no answer within {wait:?}"),
+        };
+        let h = ResponseHeader::decode(&mut body, ApiKey::Fetch.response_header_version(FETCH_VERSION))?;
+        if h.correlation_id != corr {
+            bail!("response {} does not answer request {corr}", h.correlation_id);
+        }
+        Ok(FetchResponse::decode(&mut body, FETCH_VERSION)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_carry_replica_id_and_last_epochs() {
+        let cfg = crate::config::ClusterConfig::default();
+        let parts = vec![
+            ("a".to_string(), 0, 0, 4),
+            ("a".to_string(), 1, 1, 4),
+            ("b".to_string(), 0, 0, 2),
+        ];
+        let mut pos = BTreeMap::new();
+        pos.insert(("a".to_string(), 0), (10, 3, 0));
+        pos.insert(("b".to_string(), 0), (7, 2, 5));
+        let req = build_request(2, &cfg, &parts, &pos);
+        assert_eq!(req.replica_id.0, 2);
+        assert_eq!(req.topics.len(), 2, "a partition without a position is skipped");
+        let a0 = &req.topics[0].partitions[0];
+        assert_eq!((a0.fetch_offset, a0.last_fetched_epoch, a0.current_leader_epoch), (10, 3, 4));
+        let b0 = &req.topics[1].partitions[0];
+        assert_eq!((b0.fetch_offset, b0.log_start_offset), (7, 5));
+        let mut buf = BytesMut::new();
+        req.encode(&mut buf, FETCH_VERSION).unwrap();
+        let back = FetchRequest::decode(&mut buf.freeze(), FETCH_VERSION).unwrap();
+        assert_eq!(back, req);
+    }
+}

@@ -1,0 +1,256 @@
+//! Replication (issue #12) on three broker processes on loopback: followers copy leaders
+//! byte for byte, acks=all waits for the ISR, the ISR shrinks and grows, and kill -9 of leaders
+//! loses no acknowledged record. Clients: librdkafka (rdkafka) and raw requests.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use weir_tests::{admin, eventually, raw, workload, Broker, Cluster};
+
+/// (leader, isr) of each partition of `topic`, as broker `b`'s Metadata says.
+fn partitions(b: &Broker, topic: &str) -> Option<Vec<(i32, Vec<i32>)>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create()
+        .ok()?;
+    let m = c
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()?;
+    let t = m.topics().iter().find(|t| t.name() == topic)?;
+    if t.error().is_some() {
+        return None;
+    }
+    let mut v: Vec<_> = t
+        .partitions()
+        .iter()
+        .map(|p| (p.id(), (p.leader(), p.isr().to_vec())))
+        .collect();
+    v.sort_by_key(|(id, _)| *id);
+    let mut out: Vec<(i32, Vec<i32>)> = v.into_iter().map(|(_, x)| x).collect();
+    for (_, isr) in &mut out {
+        isr.sort_unstable();
+    }
+    Some(out)
+}
+
+/// Waits until broker `b` reports `topic` with `ok` true; returns that view.
+fn wait_for(
+    b: &Broker,
+    topic: &str,
+    what: &str,
+    ok: impl Fn(&[(i32, Vec<i32>)]) -> bool,
+) -> Vec<(i32, Vec<i32>)> {
+    let mut last = None;
+    let done = eventually(Duration::from_secs(60), || {
+        last = partitions(b, topic);
+        last.as_deref().is_some_and(&ok)
+    });
+    assert!(done, "{what}: last view {last:?}");
+    last.expect("checked")
+}
+
+fn full_isr(v: &[(i32, Vec<i32>)]) -> bool {
+    v.iter().all(|(l, isr)| *l >= 0 && isr == &[0, 1, 2])
+}
+
+/// The bytes of every segment of a partition directory, in offset order (after a clean stop,
+/// which trims each segment file to its data).
+fn log_bytes(dir: &Path) -> Vec<u8> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    files.iter().flat_map(|f| std::fs::read(f).unwrap()).collect()
+}
+
+/// Stops every broker cleanly and asserts each partition's log is byte-identical on all three.
+fn assert_replicas_identical(c: &mut Cluster, topic: &str, partitions: i32) {
+    for i in 0..3 {
+        assert!(c.stop(i), "broker {i} stops cleanly");
+    }
+    for p in 0..partitions {
+        let logs: Vec<Vec<u8>> = (0..3)
+            .map(|i| log_bytes(&c.node(i).data_dir().join(format!("{topic}-{p}"))))
+            .collect();
+        assert!(!logs[0].is_empty(), "{topic}-{p} holds data");
+        for i in 1..3 {
+            assert!(
+                logs[i] == logs[0],
+                "{topic}-{p}: broker {i}'s log ({} bytes) differs from broker 0's ({} bytes)",
+                logs[i].len(),
+                logs[0].len()
+            );
+        }
+    }
+}
+
+const FAST: &[(&str, &str)] = &[
+    ("replica.lag.time.max.ms", "2000"),
+    ("min.insync.replicas", "2"),
+    ("replica.fetch.wait.max.ms", "200"),
+    ("replica.fetch.backoff.ms", "200"),
+];
+
+#[test]
+fn followers_copy_leaders_byte_for_byte_and_acks_all_waits_for_them() {
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(0), "r3", 3, 3, &[]).expect("create");
+    wait_for(c.node(0), "r3", "topic with full ISR", full_isr);
+    let cfg = c.node(1).client_config();
+    let acked = workload::produce(
+        &cfg,
+        "r3",
+        0..6_000,
+        &[("acks", "all"), ("enable.idempotence", "true")],
+    );
+    let got = workload::consume(&cfg, "r3", 3, acked.len(), Duration::from_secs(60));
+    workload::verify(&acked, &got);
+    // acks=all answered means every ISR member has it: the logs agree right after the last ack.
+    assert_replicas_identical(&mut c, "r3", 3);
+    // And after a restart everything reads back.
+    c.restart_all();
+    wait_for(c.node(0), "r3", "after restart", full_isr);
+    let got = workload::consume(
+        &c.node(2).client_config(),
+        "r3",
+        3,
+        acked.len(),
+        Duration::from_secs(60),
+    );
+    workload::verify(&acked, &got);
+}
+
+#[test]
+fn isr_shrinks_without_a_follower_and_grows_back_with_min_insync() {
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(0), "isr", 1, 3, &[]).expect("create");
+    let v = wait_for(c.node(0), "isr", "full ISR", full_isr);
+    let leader = v[0].0 as usize;
+    let f1 = (leader + 1) % 3;
+    let f2 = (leader + 2) % 3;
+    let mut conn = raw::Conn::new(&c.node(leader).bootstrap());
+    assert_eq!(conn.produce("isr", 0, -1, -1, -1, 10).0, 0);
+
+    // One follower gone: it leaves the ISR, and acks=all with min.insync 2 still works.
+    c.kill(f1);
+    wait_for(c.node(leader), "isr", "ISR without the stopped follower", |v| {
+        v[0].1.len() == 2 && !v[0].1.contains(&(f1 as i32))
+    });
+    let (code, base) = conn.produce("isr", 0, -1, -1, -1, 10);
+    assert_eq!((code, base), (0, 10), "acks=all with 2 of 3 in sync");
+
+    // Two gone: NOT_ENOUGH_REPLICAS (19), and nothing is appended.
+    c.kill(f2);
+    wait_for(c.node(leader), "isr", "ISR of the leader alone", |v| {
+        v[0].1 == [leader as i32]
+    });
+    let (code, _) = conn.produce("isr", 0, -1, -1, -1, 10);
+    assert_eq!(code, 19, "NOT_ENOUGH_REPLICAS with 1 of 3 in sync");
+    let (_, hw, _) = conn.fetch("isr", 0, 0, 0, 1);
+    assert_eq!(hw, 20, "the refused batch was not appended");
+
+    // Both return: they catch up and rejoin; acks=all works again.
+    c.restart(f1);
+    c.restart(f2);
+    wait_for(c.node(leader), "isr", "ISR grows back", full_isr);
+    let mut conn = raw::Conn::new(&c.node(leader).bootstrap());
+    assert_eq!(conn.produce("isr", 0, -1, -1, -1, 10), (0, 20));
+    assert_replicas_identical(&mut c, "isr", 1);
+}
+
+/// Kills the leader of a partition with kill -9 again and again while an idempotent acks=all
+/// producer runs, restarting it each time. Afterwards every acknowledged record is there
+/// exactly once, in order, and all replicas' logs are byte-identical.
+#[test]
+fn kill_9_of_leaders_loses_no_acknowledged_record() {
+    let cycles: usize = std::env::var("WEIR_REPLICATION_KILL_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(0), "kill", 3, 3, &[]).expect("create");
+    wait_for(c.node(0), "kill", "full ISR", full_isr);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut cfg = c.node(0).client_config();
+    cfg.set(
+        "bootstrap.servers",
+        (0..3)
+            .map(|i| c.node(i).bootstrap())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .set("acks", "all")
+    .set("enable.idempotence", "true")
+    .set("linger.ms", "5")
+    .set("message.timeout.ms", "300000")
+    .set("topic.metadata.refresh.interval.ms", "500");
+    let producer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (p, acks) = workload::producer(&cfg);
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                workload::send(&p, "kill", i);
+                i += 1;
+                if i % 50 == 0 {
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+            use rdkafka::producer::Producer;
+            p.flush(Duration::from_secs(240)).expect("flush");
+            (i, acks)
+        })
+    };
+
+    let started = Instant::now();
+    for cycle in 0..cycles {
+        let alive = (cycle + 1) % 3;
+        let v = wait_for(c.node(alive), "kill", "leaders before a kill", full_isr);
+        let victim = v[cycle % 3].0 as usize;
+        std::thread::sleep(Duration::from_millis(300));
+        c.kill(victim);
+        let other = (victim + 1) % 3;
+        wait_for(c.node(other), "kill", "a new leader", |v| {
+            v[cycle % 3].0 >= 0 && v[cycle % 3].0 != victim as i32
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        c.restart(victim);
+    }
+    wait_for(c.node(0), "kill", "full ISR at the end", full_isr);
+    stop.store(true, Ordering::Relaxed);
+    let (sent, acks) = producer.join().expect("producer thread");
+    let failed = acks.failed.load(Ordering::Relaxed);
+    assert_eq!(
+        failed,
+        0,
+        "deliveries failed: {:?}",
+        acks.last_error.lock().unwrap()
+    );
+    let mut acked = acks.acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), sent, "every record acknowledged");
+    acked.sort_by_key(|a| a.idx);
+    eprintln!(
+        "{cycles} leader kills in {:?}; {sent} records acknowledged",
+        started.elapsed()
+    );
+    let got = workload::consume(
+        &c.node(1).client_config(),
+        "kill",
+        3,
+        acked.len(),
+        Duration::from_secs(120),
+    );
+    // Exactly once and in order, each where it was acknowledged.
+    workload::verify(&acked, &got);
+    let per_partition: BTreeMap<i32, usize> = got.iter().map(|(p, v)| (*p, v.len())).collect();
+    eprintln!("records per partition: {per_partition:?}");
+    assert_replicas_identical(&mut c, "kill", 3);
+}

@@ -208,6 +208,14 @@ impl Broker {
         }
     }
 
+    /// SIGSTOP (true) or SIGCONT (false): the process freezes with its sockets open.
+    pub fn pause(&self, stop: bool) {
+        if let Some(child) = self.child.as_ref() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc_kill(child.id() as i32, if stop { 19 } else { 18 }) };
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => c.try_wait().unwrap().is_none(),

@@ -173,6 +173,44 @@ fn isr_shrinks_without_a_follower_and_grows_back_with_min_insync() {
     assert!(logs[0] == logs[1] && logs[1] == logs[2], "replicas are byte-identical");
 }
 
+/// SIGSTOP the leader until it is fenced and another replica leads; a produce it received
+/// meanwhile is never acknowledged; after SIGCONT it learns it no longer leads, truncates what
+/// the new leader does not have, and rejoins the ISR with a byte-identical log.
+#[test]
+fn paused_leader_is_replaced_and_truncates_when_it_resumes() {
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(0), "zombie", 1, 3, &[]).expect("create");
+    let v = wait_for(c.node(0), "zombie", "full ISR", full_isr);
+    let old = v[0].0 as usize;
+    let other = (old + 1) % 3;
+    let mut conn = raw::Conn::new(&c.node(old).bootstrap());
+    assert_eq!(conn.produce("zombie", 0, -1, -1, -1, 10), (0, 0));
+
+    c.node(old).pause(true);
+    // A produce that reaches the frozen leader waits in its socket.
+    let zombie_produce = std::thread::spawn(move || conn.produce("zombie", 0, -1, -1, -1, 5));
+    let v = wait_for(c.node(other), "zombie", "a new leader", |v| {
+        v[0].0 >= 0 && v[0].0 != old as i32
+    });
+    let new = v[0].0 as usize;
+    let mut conn = raw::Conn::new(&c.node(new).bootstrap());
+    assert_eq!(conn.produce("zombie", 0, -1, -1, -1, 7), (0, 10));
+
+    c.node(old).pause(false);
+    let (code, _) = zombie_produce.join().expect("zombie produce");
+    assert_ne!(code, 0, "the deposed leader never acknowledges with acks=all");
+    wait_for(c.node(new), "zombie", "the old leader back in the ISR", full_isr);
+    // Only what the new leader acknowledged is there.
+    let (_, hw, _) = conn.fetch("zombie", 0, 0, 0, 1);
+    assert_eq!(hw, 17);
+    assert_eq!(conn.produce("zombie", 0, -1, -1, -1, 3), (0, 17));
+    eprintln!(
+        "zombie produce answered {code}; the old leader truncated: {}",
+        c.node(old).log().contains("truncated a diverged replica")
+    );
+    assert_replicas_identical(&mut c, "zombie", 1);
+}
+
 /// Kills the leader of a partition with kill -9 again and again while an idempotent acks=all
 /// producer runs, restarting it each time. Afterwards every acknowledged record is there
 /// exactly once, in order, and all replicas' logs are byte-identical.
@@ -261,4 +299,92 @@ fn kill_9_of_leaders_loses_no_acknowledged_record() {
     let per_partition: BTreeMap<i32, usize> = got.iter().map(|(p, v)| (*p, v.len())).collect();
     eprintln!("records per partition: {per_partition:?}");
     assert_replicas_identical(&mut c, "kill", 3);
+}
+
+/// The broker FindCoordinator names for `group`, asked of broker `b`.
+fn coordinator_of(b: &Broker, group: &str) -> i32 {
+    use kafka_protocol::messages::{ApiKey, FindCoordinatorRequest, FindCoordinatorResponse};
+    use kafka_protocol::protocol::StrBytes;
+    let mut c = raw::Conn::new(&b.bootstrap());
+    let r: FindCoordinatorResponse = c.call(
+        ApiKey::FindCoordinator,
+        3,
+        &FindCoordinatorRequest::default().with_key(StrBytes::from_string(group.to_string())),
+    );
+    if r.error_code != 0 {
+        return -1;
+    }
+    r.node_id.0
+}
+
+/// A consumer group keeps consuming, with commits, across kill -9 of the broker that
+/// coordinated it: `__consumer_offsets` is replicated and the new leader of the group's
+/// partition loads the group, so a later member resumes from the committed offsets.
+#[test]
+fn consumer_group_survives_the_loss_of_its_coordinator() {
+    use rdkafka::consumer::CommitMode;
+    use rdkafka::Message;
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(0), "grp", 3, 3, &[]).expect("create");
+    wait_for(c.node(0), "grp", "full ISR", full_isr);
+    let bootstrap = (0..3)
+        .map(|i| c.node(i).bootstrap())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cfg = c.node(0).client_config();
+    cfg.set("bootstrap.servers", &bootstrap);
+    let acked = workload::produce(&cfg, "grp", 0..3_000, &[("acks", "all")]);
+    assert_eq!(acked.len(), 3_000);
+
+    let member = || -> BaseConsumer {
+        let mut m = cfg.clone();
+        m.set("group.id", "survivor")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("topic.metadata.refresh.interval.ms", "500");
+        let c: BaseConsumer = m.create().expect("consumer");
+        c.subscribe(&["grp"]).expect("subscribe");
+        c
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let consumer = member();
+    let mut coordinator = -1;
+    let mut killed = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < 3_000 && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            use rdkafka::message::Headers;
+            let idx: usize = m
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == "idx"))
+                .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse().ok())
+                .expect("idx header");
+            seen.insert(idx);
+            let _ = consumer.commit_message(&m, CommitMode::Sync);
+        }
+        if !killed && seen.len() >= 1_000 {
+            coordinator = coordinator_of(c.node(0), "survivor");
+            assert!(coordinator >= 0, "a coordinator");
+            c.kill(coordinator as usize);
+            killed = true;
+        }
+    }
+    assert!(killed);
+    assert_eq!(seen.len(), 3_000, "every record consumed across the coordinator's loss");
+    let alive = (coordinator as usize + 1) % 3;
+    let now = coordinator_of(c.node(alive), "survivor");
+    assert!(now >= 0 && now != coordinator, "the group moved to {now}");
+    drop(consumer);
+    // A new member resumes from the committed offsets: nothing is left to read.
+    let next = member();
+    let mut again = 0;
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        if let Some(Ok(_)) = next.poll(Duration::from_millis(100)) {
+            again += 1;
+        }
+    }
+    assert_eq!(again, 0, "committed offsets survived the coordinator's loss");
+    c.restart(coordinator as usize);
 }

@@ -501,13 +501,14 @@ impl Config {
             }
             "broker.rack" => self.cluster.rack = Some(v.to_string()),
             "replica.fetch.max.bytes" => {
-                self.cluster.replica_fetch_max_bytes =
-                    parse_i64_min(v, 1024)?.min(crate::config::MESSAGE_BYTES_CEILING as i64) as usize
+                self.cluster.replica_fetch_max_bytes = parse_i64_min(v, 1024)?
+                    .min(crate::config::MESSAGE_BYTES_CEILING as i64)
+                    as usize
             }
             "replica.fetch.response.max.bytes" => {
-                self.cluster.replica_fetch_response_max_bytes =
-                    parse_i64_min(v, 1024)?.min(crate::kafka::fetch::FETCH_RESPONSE_BYTES_MAX as i64)
-                        as usize
+                self.cluster.replica_fetch_response_max_bytes = parse_i64_min(v, 1024)?
+                    .min(crate::kafka::fetch::FETCH_RESPONSE_BYTES_MAX as i64)
+                    as usize
             }
             "replica.fetch.wait.max.ms" => {
                 self.cluster.replica_fetch_wait_max_ms = parse_i64_min(v, 0)?.min(30_000) as u64

@@ -22,8 +22,8 @@ use glommio::sync::Semaphore;
 
 use crate::cluster::metadata::{self, Image};
 use crate::config::Config;
-use crate::replication::ReplicaState;
 use crate::kafka::errors::*;
+use crate::replication::ReplicaState;
 use crate::storage::batch::{BatchInfo, Header};
 use crate::storage::cache::{CachedBatch, Evicted, PartitionCache, ShardCache};
 use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog, PendingLedger};
@@ -401,8 +401,7 @@ impl Shard {
                 l.leader_epoch = e;
             }
         }
-        self.update_replication(&image);
-        let mut offsets_opened = Vec::new();
+        let mut offsets_moved = self.update_replication(&image);
         for (name, t) in &image.topics {
             for (i, pm) in t.partitions.iter().enumerate() {
                 if pm.shard as usize != self.id
@@ -445,15 +444,28 @@ impl Shard {
                     .entry(name.clone())
                     .or_default()
                     .insert(i as i32, p);
-                if name == crate::group::OFFSETS_TOPIC {
-                    offsets_opened.push(i as i32);
-                }
             }
         }
-        self.update_replication(&image);
+        offsets_moved.extend(self.update_replication(&image));
+        // The coordinator follows leadership of __consumer_offsets: a partition this broker
+        // stops leading leaves memory; one it starts leading is replayed from its log (its
+        // groups answer COORDINATOR_LOAD_IN_PROGRESS until then).
+        let mut offsets_opened = Vec::new();
+        let count = image
+            .topics
+            .get(crate::group::OFFSETS_TOPIC)
+            .map(|t| t.partitions.len() as i32)
+            .unwrap_or(1);
+        for (partition, leads) in offsets_moved {
+            self.groups
+                .groups
+                .borrow_mut()
+                .retain(|g, _| crate::group::records::partition_for(g, count) != partition);
+            if leads {
+                offsets_opened.push(partition);
+            }
+        }
         if !offsets_opened.is_empty() {
-            // Replay the new partitions of __consumer_offsets; until then their groups answer
-            // COORDINATOR_LOAD_IN_PROGRESS.
             self.groups
                 .loading
                 .borrow_mut()
@@ -471,8 +483,11 @@ impl Shard {
 
     /// Gives every open partition its leader, ISR and epochs from `image`; wakes whoever waits
     /// on a partition whose leadership changed (acks=all producers fail over, fetches answer).
-    fn update_replication(&self, image: &Image) {
+    /// Returns the `__consumer_offsets` partitions whose leadership here began (true) or ended
+    /// (false).
+    fn update_replication(&self, image: &Image) -> Vec<(i32, bool)> {
         let now = now_ms();
+        let mut offsets_moved = Vec::new();
         for p in self.all_partitions() {
             let Some(pm) = image
                 .topics
@@ -482,17 +497,26 @@ impl Shard {
                 continue;
             };
             let leo = p.log.borrow().log_end_offset;
-            let changed = {
+            let (changed, led, leads) = {
                 let mut r = p.repl.borrow_mut();
                 let before = (r.leader, r.leader_epoch, r.isr.clone());
+                let led = r.is_leader();
                 r.update(pm, now);
                 r.advance_high_watermark(leo);
-                before != (r.leader, r.leader_epoch, r.isr.clone())
+                (
+                    before != (r.leader, r.leader_epoch, r.isr.clone()),
+                    led,
+                    r.is_leader(),
+                )
             };
             if changed {
                 p.appended.notify(usize::MAX);
             }
+            if led != leads && p.topic == crate::group::OFFSETS_TOPIC {
+                offsets_moved.push((p.index, leads));
+            }
         }
+        offsets_moved
     }
 
     // ---- produce ----
@@ -542,7 +566,10 @@ impl Shard {
             if p.failed.get() || p.stalled.get() {
                 return Err(KAFKA_STORAGE_ERROR);
             }
-            if batches.first().is_some_and(|b| b.base != p.log.borrow().log_end_offset) {
+            if batches
+                .first()
+                .is_some_and(|b| b.base != p.log.borrow().log_end_offset)
+            {
                 // The log moved meanwhile (a truncation): the next fetch starts over.
                 return Err(OFFSET_OUT_OF_RANGE);
             }
@@ -662,7 +689,11 @@ impl Shard {
                 if left.is_zero() || self.shutting_down.get() {
                     return Err(REQUEST_TIMED_OUT);
                 }
-                let _ = select(l, Box::pin(glommio::timer::sleep(left.min(Duration::from_millis(500))))).await;
+                let _ = select(
+                    l,
+                    Box::pin(glommio::timer::sleep(left.min(Duration::from_millis(500)))),
+                )
+                .await;
             }
         }
         Ok(())
@@ -1201,7 +1232,11 @@ impl Shard {
         let hw = p.repl.borrow().high_watermark.min(end);
         let mut r = FetchResult {
             error: NONE,
-            high_watermark: if item.replica_id == INTERNAL_READ { end } else { hw },
+            high_watermark: if item.replica_id == INTERNAL_READ {
+                end
+            } else {
+                hw
+            },
             log_start_offset: start,
             records: Vec::new(),
             diverging: None,
@@ -1251,7 +1286,12 @@ impl Shard {
     /// A follower's fetch reached this leader: notes its position (moving the HW and waking
     /// acks=all producers when it moves), and answers a diverging epoch (KIP-595's
     /// DivergingEpoch) when the follower's last epoch ended earlier here than its fetch offset.
-    fn on_follower_fetch(&self, p: &Rc<Partition>, item: &FetchItem, leo: i64) -> Option<(i32, i64)> {
+    fn on_follower_fetch(
+        &self,
+        p: &Rc<Partition>,
+        item: &FetchItem,
+        leo: i64,
+    ) -> Option<(i32, i64)> {
         if item.last_fetched_epoch >= 0 {
             let (epoch, end) = p
                 .log
@@ -1575,7 +1615,9 @@ fn cap_batches(records: &mut Vec<Bytes>, end: i64) {
     for chunk in records.drain(..) {
         let mut at = 0;
         while at < chunk.len() {
-            let Some(h) = Header::new(&chunk[at..]) else { break };
+            let Some(h) = Header::new(&chunk[at..]) else {
+                break;
+            };
             let Some(total) = h.total_bytes() else { break };
             if h.base_offset() >= end {
                 break;

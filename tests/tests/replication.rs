@@ -18,9 +18,7 @@ fn partitions(b: &Broker, topic: &str) -> Option<Vec<(i32, Vec<i32>)>> {
         .set("bootstrap.servers", b.bootstrap())
         .create()
         .ok()?;
-    let m = c
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .ok()?;
+    let m = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
     let t = m.topics().iter().find(|t| t.name() == topic)?;
     if t.error().is_some() {
         return None;
@@ -67,7 +65,10 @@ fn log_bytes(dir: &Path) -> Vec<u8> {
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     files.sort();
-    files.iter().flat_map(|f| std::fs::read(f).unwrap()).collect()
+    files
+        .iter()
+        .flat_map(|f| std::fs::read(f).unwrap())
+        .collect()
 }
 
 /// Stops every broker cleanly and asserts each partition's log is byte-identical on all three.
@@ -142,9 +143,12 @@ fn isr_shrinks_without_a_follower_and_grows_back_with_min_insync() {
 
     // One follower gone: it leaves the ISR, and acks=all with min.insync 2 still works.
     c.kill(f1);
-    wait_for(c.node(leader), "isr", "ISR without the stopped follower", |v| {
-        v[0].1.len() == 2 && !v[0].1.contains(&(f1 as i32))
-    });
+    wait_for(
+        c.node(leader),
+        "isr",
+        "ISR without the stopped follower",
+        |v| v[0].1.len() == 2 && !v[0].1.contains(&(f1 as i32)),
+    );
     let (code, base) = conn.produce("isr", 0, -1, -1, -1, 10);
     assert_eq!((code, base), (0, 10), "acks=all with 2 of 3 in sync");
 
@@ -170,7 +174,10 @@ fn isr_shrinks_without_a_follower_and_grows_back_with_min_insync() {
     let logs: Vec<Vec<u8>> = (1..4)
         .map(|i| log_bytes(&c.node(i).data_dir().join("isr-0")))
         .collect();
-    assert!(logs[0] == logs[1] && logs[1] == logs[2], "replicas are byte-identical");
+    assert!(
+        logs[0] == logs[1] && logs[1] == logs[2],
+        "replicas are byte-identical"
+    );
 }
 
 /// SIGSTOP the leader until it is fenced and another replica leads; a produce it received
@@ -198,8 +205,16 @@ fn paused_leader_is_replaced_and_truncates_when_it_resumes() {
 
     c.node(old).pause(false);
     let (code, _) = zombie_produce.join().expect("zombie produce");
-    assert_ne!(code, 0, "the deposed leader never acknowledges with acks=all");
-    wait_for(c.node(new), "zombie", "the old leader back in the ISR", full_isr);
+    assert_ne!(
+        code, 0,
+        "the deposed leader never acknowledges with acks=all"
+    );
+    wait_for(
+        c.node(new),
+        "zombie",
+        "the old leader back in the ISR",
+        full_isr,
+    );
     // Only what the new leader acknowledged is there.
     let (_, hw, _) = conn.fetch("zombie", 0, 0, 0, 1);
     assert_eq!(hw, 17);
@@ -371,7 +386,11 @@ fn consumer_group_survives_the_loss_of_its_coordinator() {
         }
     }
     assert!(killed);
-    assert_eq!(seen.len(), 3_000, "every record consumed across the coordinator's loss");
+    assert_eq!(
+        seen.len(),
+        3_000,
+        "every record consumed across the coordinator's loss"
+    );
     let alive = (coordinator as usize + 1) % 3;
     let now = coordinator_of(c.node(alive), "survivor");
     assert!(now >= 0 && now != coordinator, "the group moved to {now}");
@@ -385,6 +404,9 @@ fn consumer_group_survives_the_loss_of_its_coordinator() {
             again += 1;
         }
     }
-    assert_eq!(again, 0, "committed offsets survived the coordinator's loss");
+    assert_eq!(
+        again, 0,
+        "committed offsets survived the coordinator's loss"
+    );
     c.restart(coordinator as usize);
 }

@@ -479,7 +479,10 @@ pub fn alter_partition(
     let Some(t) = img.topics.get(topic) else {
         return answer(UNKNOWN_TOPIC_OR_PARTITION);
     };
-    let Some(p) = usize::try_from(partition).ok().and_then(|i| t.partitions.get(i)) else {
+    let Some(p) = usize::try_from(partition)
+        .ok()
+        .and_then(|i| t.partitions.get(i))
+    else {
         return answer(UNKNOWN_TOPIC_OR_PARTITION);
     };
     if p.leader != leader {
@@ -502,7 +505,12 @@ pub fn alter_partition(
         return answer(INELIGIBLE_REPLICA);
     }
     // Kept in replica order, as the controller writes it elsewhere.
-    let ordered: Vec<BrokerId> = p.replicas.iter().copied().filter(|r| new.contains(r)).collect();
+    let ordered: Vec<BrokerId> = p
+        .replicas
+        .iter()
+        .copied()
+        .filter(|r| new.contains(r))
+        .collect();
     if ordered == p.isr {
         return answer(0);
     }

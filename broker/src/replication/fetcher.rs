@@ -126,7 +126,14 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
                             .filter_map(|(t, i)| {
                                 let p = sh.partition(&t, i)?;
                                 let l = p.log.borrow();
-                                Some(((t, i), (l.log_end_offset, l.epochs.latest_epoch(), l.log_start_offset)))
+                                Some((
+                                    (t, i),
+                                    (
+                                        l.log_end_offset,
+                                        l.epochs.latest_epoch(),
+                                        l.log_start_offset,
+                                    ),
+                                ))
                             })
                             .collect::<Vec<_>>()
                     })
@@ -389,7 +396,10 @@ impl Conn {
             .with_request_api_version(FETCH_VERSION)
             .with_correlation_id(corr)
             .with_client_id(Some(StrBytes::from_static_str("weir-replica-fetcher")))
-            .encode(&mut buf, ApiKey::Fetch.request_header_version(FETCH_VERSION))?;
+            .encode(
+                &mut buf,
+                ApiKey::Fetch.request_header_version(FETCH_VERSION),
+            )?;
         req.encode(&mut buf, FETCH_VERSION)?;
         let size = (buf.len() - 4) as i32;
         buf[0..4].copy_from_slice(&size.to_be_bytes());
@@ -419,9 +429,15 @@ impl Conn {
             futures::future::Either::Left((r, _)) => r?,
             futures::future::Either::Right(_) => bail!("no answer within {wait:?}"),
         };
-        let h = ResponseHeader::decode(&mut body, ApiKey::Fetch.response_header_version(FETCH_VERSION))?;
+        let h = ResponseHeader::decode(
+            &mut body,
+            ApiKey::Fetch.response_header_version(FETCH_VERSION),
+        )?;
         if h.correlation_id != corr {
-            bail!("response {} does not answer request {corr}", h.correlation_id);
+            bail!(
+                "response {} does not answer request {corr}",
+                h.correlation_id
+            );
         }
         Ok(FetchResponse::decode(&mut body, FETCH_VERSION)?)
     }
@@ -444,9 +460,20 @@ mod tests {
         pos.insert(("b".to_string(), 0), (7, 2, 5));
         let req = build_request(2, &cfg, &parts, &pos);
         assert_eq!(req.replica_id.0, 2);
-        assert_eq!(req.topics.len(), 2, "a partition without a position is skipped");
+        assert_eq!(
+            req.topics.len(),
+            2,
+            "a partition without a position is skipped"
+        );
         let a0 = &req.topics[0].partitions[0];
-        assert_eq!((a0.fetch_offset, a0.last_fetched_epoch, a0.current_leader_epoch), (10, 3, 4));
+        assert_eq!(
+            (
+                a0.fetch_offset,
+                a0.last_fetched_epoch,
+                a0.current_leader_epoch
+            ),
+            (10, 3, 4)
+        );
         let b0 = &req.topics[1].partitions[0];
         assert_eq!((b0.fetch_offset, b0.log_start_offset), (7, 5));
         let mut buf = BytesMut::new();

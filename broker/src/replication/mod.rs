@@ -250,7 +250,10 @@ mod tests {
         let mut s = ReplicaState::new(1, 0);
         s.update(&meta(1, 5, &[1, 2, 3], 7), 0);
         assert!(s.is_leader());
-        assert!(!s.advance_high_watermark(100), "followers have not fetched yet");
+        assert!(
+            !s.advance_high_watermark(100),
+            "followers have not fetched yet"
+        );
         s.on_follower_fetch(2, 60, 100, 1);
         assert!(!s.advance_high_watermark(100));
         s.on_follower_fetch(3, 40, 100, 1);

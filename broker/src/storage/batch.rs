@@ -221,7 +221,10 @@ pub struct ReplicaBatch {
 /// `next_offset`: checks each batch's framing and CRC, skips batches wholly below
 /// `next_offset`, drops a trailing partial batch (fetch responses may end in one), and requires
 /// the rest to be contiguous from `next_offset` on.
-pub fn validate_replica(records: &Bytes, next_offset: i64) -> Result<Vec<ReplicaBatch>, BatchError> {
+pub fn validate_replica(
+    records: &Bytes,
+    next_offset: i64,
+) -> Result<Vec<ReplicaBatch>, BatchError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     let mut next = next_offset;
@@ -238,7 +241,9 @@ pub fn validate_replica(records: &Bytes, next_offset: i64) -> Result<Vec<Replica
             continue;
         }
         if h.base_offset() != next {
-            return Err(BatchError::Corrupt("batches from the leader are not contiguous"));
+            return Err(BatchError::Corrupt(
+                "batches from the leader are not contiguous",
+            ));
         }
         out.push(ReplicaBatch {
             base: h.base_offset(),

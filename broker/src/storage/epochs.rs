@@ -183,7 +183,10 @@ mod tests {
             "0\n2\n1 0\n4 77\n"
         );
         std::fs::write(dir.path().join(EPOCH_CHECKPOINT), "0\n2\n4 0\n1 77\n").unwrap();
-        assert!(EpochCache::load(dir.path()).is_err(), "epochs must increase");
+        assert!(
+            EpochCache::load(dir.path()).is_err(),
+            "epochs must increase"
+        );
         std::fs::write(dir.path().join(EPOCH_CHECKPOINT), "0\n3\n1 0\n").unwrap();
         assert!(EpochCache::load(dir.path()).is_err(), "short file");
     }

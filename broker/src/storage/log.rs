@@ -379,7 +379,9 @@ impl PartitionLog {
         .await?;
         drop(file);
         let mut reopened = PartitionLog::open(dir, config, epoch, false, ledger).await?;
-        reopened.log_start_offset = reopened.log_start_offset.max(start.min(reopened.log_end_offset));
+        reopened.log_start_offset = reopened
+            .log_start_offset
+            .max(start.min(reopened.log_end_offset));
         debug_assert!(reopened.log_end_offset <= offset);
         *log.borrow_mut() = reopened;
         Ok(())
@@ -403,8 +405,13 @@ impl PartitionLog {
         let seg = self.active_mut();
         for b in batches {
             let len = b.bytes.len();
-            seg.index
-                .on_append(seg.rel(b.base), seg.size as u32, len as u32, b.max_timestamp, interval);
+            seg.index.on_append(
+                seg.rel(b.base),
+                seg.size as u32,
+                len as u32,
+                b.max_timestamp,
+                interval,
+            );
             seg.size += len as u64;
             seg.pending_bytes += len as u64;
             ledger.add(len as u64);
@@ -945,7 +952,12 @@ impl PartitionLog {
 }
 
 /// The byte position of the first batch in `file[pos..end]` whose last offset is >= `offset`.
-async fn cut_in_segment(file: &SegmentFile, mut pos: u64, end: u64, offset: i64) -> Result<Option<u64>> {
+async fn cut_in_segment(
+    file: &SegmentFile,
+    mut pos: u64,
+    end: u64,
+    offset: i64,
+) -> Result<Option<u64>> {
     // Bounded: every step moves past one batch.
     while pos < end {
         let head = file.read_at(pos, batch::HEADER_BYTES).await?;

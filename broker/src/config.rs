@@ -519,6 +519,14 @@ impl Config {
             "replica.lag.time.max.ms" => {
                 self.cluster.replica_lag_time_max_ms = parse_i64_min(v, 100)? as u64
             }
+            "auto.leader.rebalance.enable" => self.cluster.auto_leader_rebalance = parse_bool(v)?,
+            "leader.imbalance.check.interval.seconds" => {
+                self.cluster.leader_imbalance_check_interval_s = parse_i64_min(v, 1)? as u64
+            }
+            "leader.imbalance.per.broker.percentage" => {
+                self.cluster.leader_imbalance_per_broker_percentage =
+                    parse_i64_min(v, 0)?.min(100) as u32
+            }
             "num.replica.fetchers" => {
                 if parse_i64_min(v, 1)? != 1 {
                     bail!("num.replica.fetchers: Weir runs one fetcher per leader broker (1)");
@@ -694,6 +702,13 @@ pub struct ClusterConfig {
     pub replica_fetch_backoff_ms: u64,
     /// `replica.lag.time.max.ms`: a follower not caught up for this long leaves the ISR.
     pub replica_lag_time_max_ms: u64,
+    /// `auto.leader.rebalance.enable`: the controller moves leaderships back to preferred
+    /// replicas.
+    pub auto_leader_rebalance: bool,
+    /// `leader.imbalance.check.interval.seconds`.
+    pub leader_imbalance_check_interval_s: u64,
+    /// `leader.imbalance.per.broker.percentage`.
+    pub leader_imbalance_per_broker_percentage: u32,
 }
 
 impl Default for ClusterConfig {
@@ -714,6 +729,9 @@ impl Default for ClusterConfig {
             replica_fetch_wait_max_ms: 500,
             replica_fetch_backoff_ms: 1000,
             replica_lag_time_max_ms: 30_000,
+            auto_leader_rebalance: true,
+            leader_imbalance_check_interval_s: 300,
+            leader_imbalance_per_broker_percentage: 10,
         }
     }
 }

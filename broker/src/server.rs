@@ -684,6 +684,7 @@ async fn shard_main(
     }
     if config.in_cluster() {
         glommio::spawn_local(crate::replication::isr_ticker(s.clone())).detach();
+        glommio::spawn_local(crate::replication::checkpoint::checkpointer(s.clone())).detach();
     }
     glommio::spawn_local(s.clone().retention()).detach();
 

@@ -209,6 +209,9 @@ pub enum ControlOp {
     /// New complete override maps for topics (AlterConfigs and IncrementalAlterConfigs resolve
     /// their operations against the current image first), and validate_only.
     AlterTopicConfigs(Vec<(String, ConfigEdit)>, bool),
+    /// ElectLeaders: (topic, partition) list, preferred (true) or unclean election. Answered
+    /// `Ok((partition, error code))` per partition, in order.
+    ElectLeaders(Vec<(String, i32)>, bool),
     /// A partition leader's new ISR (Kafka's AlterPartition), based on the leader and
     /// partition epochs it saw. Answered `Ok((0, error code))`.
     AlterPartition {
@@ -402,6 +405,8 @@ impl Shard {
             }
         }
         let mut offsets_moved = self.update_replication(&image);
+        // Checkpointed high watermarks, read when the first partition opens.
+        let mut hws: Option<HashMap<(String, i32), i64>> = None;
         for (name, t) in &image.topics {
             for (i, pm) in t.partitions.iter().enumerate() {
                 if pm.shard as usize != self.id
@@ -415,9 +420,19 @@ impl Shard {
                 let log =
                     PartitionLog::open(dir, cfg, pm.leader_epoch, clean, self.pending.clone())
                         .await?;
-                // Until a checkpoint exists, a replica's HW starts at its log start: what it
-                // held above was maybe never committed; the leader's fetches move it on.
-                let start = log.log_start_offset;
+                // A replica's HW starts at its checkpoint (at most its log end), else at its
+                // log start: what it holds above was maybe never committed; the leader's
+                // fetches (or its followers', when it leads) move it on.
+                if hws.is_none() && self.config.in_cluster() {
+                    let d = self.config.data_dir.clone();
+                    hws =
+                        Some(blocking(move || crate::replication::checkpoint::load_all(&d)).await);
+                }
+                let start = hws
+                    .as_ref()
+                    .and_then(|h| h.get(&(name.clone(), i as i32)))
+                    .map(|&hw| hw.clamp(log.log_start_offset, log.log_end_offset))
+                    .unwrap_or(log.log_start_offset);
                 let id = self.next_pid.get();
                 self.next_pid.set(id + 1);
                 let p = Rc::new(Partition {

@@ -410,3 +410,147 @@ fn consumer_group_survives_the_loss_of_its_coordinator() {
     );
     c.restart(coordinator as usize);
 }
+
+/// (leader, preferred replica) of each partition of `topic`, as broker `b`'s Metadata says.
+fn preferred(b: &Broker, topic: &str) -> Option<Vec<(i32, i32)>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create()
+        .ok()?;
+    let m = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+    let t = m.topics().iter().find(|t| t.name() == topic)?;
+    let mut v: Vec<_> = t
+        .partitions()
+        .iter()
+        .map(|p| Some((p.id(), (p.leader(), *p.replicas().first()?))))
+        .collect::<Option<Vec<_>>>()?;
+    v.sort_by_key(|(id, _)| *id);
+    Some(v.into_iter().map(|(_, x)| x).collect())
+}
+
+/// Kills broker `victim` and restarts it once its leaderships moved and it is back in every
+/// ISR.
+fn bounce(c: &mut Cluster, victim: usize, topic: &str) {
+    c.kill(victim);
+    let other = (victim + 1) % 3;
+    wait_for(
+        c.node(other),
+        topic,
+        "leaders moved off the killed broker",
+        |v| v.iter().all(|(l, _)| *l >= 0 && *l != victim as i32),
+    );
+    c.restart(victim);
+    wait_for(
+        c.node(other),
+        topic,
+        "the broker back in every ISR",
+        full_isr,
+    );
+}
+
+#[test]
+fn elect_leaders_moves_leadership_back_to_preferred_replicas() {
+    use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+    use kafka_protocol::messages::{ApiKey, ElectLeadersRequest, ElectLeadersResponse};
+    let mut settings = FAST.to_vec();
+    settings.push(("auto.leader.rebalance.enable", "false"));
+    let mut c = Cluster::start(3, &settings);
+    admin::create(c.node(0), "pref", 6, 3, &[]).expect("create");
+    wait_for(c.node(0), "pref", "full ISR", full_isr);
+    bounce(&mut c, 1, "pref");
+    let v = preferred(c.node(0), "pref").expect("metadata");
+    let moved: Vec<i32> = (0..6).filter(|&i| v[i as usize].1 == 1).collect();
+    assert_eq!(moved.len(), 2, "broker 1 prefers two partitions: {v:?}");
+    assert!(
+        moved.iter().all(|&i| v[i as usize].0 != 1),
+        "and leads none now: {v:?}"
+    );
+
+    // One named partition: elected; one already led by its preferred replica: not needed.
+    let led_ok = (0..6).find(|&i| v[i as usize].1 != 1).unwrap();
+    let mut conn = raw::Conn::new(&c.node(2).bootstrap());
+    let req = ElectLeadersRequest::default()
+        .with_election_type(0)
+        .with_timeout_ms(30_000)
+        .with_topic_partitions(Some(vec![TopicPartitions::default()
+            .with_topic(kafka_protocol::messages::TopicName(
+                kafka_protocol::protocol::StrBytes::from_static_str("pref"),
+            ))
+            .with_partitions(vec![moved[0], led_ok, 99])]));
+    let r: ElectLeadersResponse = conn.call(ApiKey::ElectLeaders, 2, &req);
+    let codes: Vec<(i32, i16)> = r.replica_election_results[0]
+        .partition_result
+        .iter()
+        .map(|p| (p.partition_id, p.error_code))
+        .collect();
+    assert_eq!(codes, vec![(moved[0], 0), (led_ok, 84), (99, 3)]);
+    // No partitions named: every partition whose preferred replica does not lead.
+    let r: ElectLeadersResponse = conn.call(
+        ApiKey::ElectLeaders,
+        2,
+        &ElectLeadersRequest::default()
+            .with_timeout_ms(30_000)
+            .with_topic_partitions(None),
+    );
+    let elected: Vec<(i32, i16)> = r
+        .replica_election_results
+        .iter()
+        .flat_map(|t| {
+            t.partition_result
+                .iter()
+                .map(|p| (p.partition_id, p.error_code))
+        })
+        .collect();
+    assert!(
+        !elected.is_empty() && elected.iter().all(|&(_, code)| code == 0),
+        "{elected:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || preferred(c.node(0), "pref")
+            .is_some_and(|v| v.iter().all(|(l, p)| l == p))),
+        "every partition led by its preferred replica"
+    );
+}
+
+#[test]
+fn auto_leader_rebalance_restores_preferred_leaders_and_hw_survives_restart() {
+    let mut settings = FAST.to_vec();
+    settings.push(("leader.imbalance.check.interval.seconds", "1"));
+    let mut c = Cluster::start(3, &settings);
+    admin::create(c.node(0), "auto", 6, 3, &[]).expect("create");
+    wait_for(c.node(0), "auto", "full ISR", full_isr);
+    let cfg = c.node(0).client_config();
+    let acked = workload::produce(&cfg, "auto", 0..600, &[("acks", "all")]);
+    bounce(&mut c, 2, "auto");
+    assert!(
+        eventually(Duration::from_secs(30), || preferred(c.node(0), "auto")
+            .is_some_and(|v| v.iter().all(|(l, p)| l == p))),
+        "leaderships went back to preferred replicas: {:?}",
+        preferred(c.node(0), "auto")
+    );
+    // Every replica checkpoints its HW (every 5 s): a restarted replica starts from it.
+    std::thread::sleep(Duration::from_secs(6));
+    for i in 0..3 {
+        let dir = c.node(i).data_dir();
+        let text = std::fs::read_to_string(dir.join("replication-offset-checkpoint-0"))
+            .expect("HW checkpoint");
+        assert!(text.starts_with("0\n"), "{text}");
+        let total: i64 = text
+            .lines()
+            .filter(|l| l.starts_with("auto "))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(
+            total, 600,
+            "broker {i}'s checkpointed HWs of `auto`: {text}"
+        );
+    }
+    let got = workload::consume(
+        &c.node(1).client_config(),
+        "auto",
+        6,
+        600,
+        Duration::from_secs(60),
+    );
+    workload::verify(&acked, &got);
+}

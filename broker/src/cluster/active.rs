@@ -46,6 +46,8 @@ struct Liveness {
     leader_since: Option<(u64, Instant)>,
     last_heartbeat: HashMap<BrokerId, Instant>,
     offsets_topic_warned: bool,
+    /// When preferred leaders were last checked (`auto.leader.rebalance.enable`).
+    last_rebalance_check: Option<Instant>,
 }
 
 impl Active {
@@ -226,6 +228,9 @@ impl Active {
             ControlOp::AlterTopicConfigs(edits, validate_only) => {
                 decide::alter_topic_configs(&image, &self.cfg, edits, *validate_only)
             }
+            ControlOp::ElectLeaders(list, preferred) => {
+                decide::elect_leaders(&image, list, *preferred)
+            }
             ControlOp::AlterPartition {
                 topic,
                 partition,
@@ -295,6 +300,7 @@ impl Active {
                 l.leader_since = Some((status.term, now));
                 l.last_heartbeat.clear();
                 l.offsets_topic_warned = false;
+                l.last_rebalance_check = None;
                 tracing::info!(term = status.term, "this node is the active controller");
             }
             let since = l.leader_since.expect("set above").1;
@@ -319,7 +325,49 @@ impl Active {
             );
             self.set_fenced(node, epoch, true).await?;
         }
-        self.ensure_offsets_topic().await
+        self.ensure_offsets_topic().await?;
+        self.rebalance_leaders().await
+    }
+
+    /// `auto.leader.rebalance.enable`: every `leader.imbalance.check.interval.seconds`, moves
+    /// leaderships back to preferred replicas on brokers whose imbalance is above
+    /// `leader.imbalance.per.broker.percentage`.
+    async fn rebalance_leaders(&self) -> Result<(), SubmitError> {
+        if !self.cfg.cluster.auto_leader_rebalance {
+            return Ok(());
+        }
+        let every = Duration::from_secs(self.cfg.cluster.leader_imbalance_check_interval_s);
+        {
+            let mut l = self.liveness.lock().expect("liveness lock");
+            let now = Instant::now();
+            match l.last_rebalance_check {
+                Some(t) if now.duration_since(t) < every => return Ok(()),
+                None => {
+                    // A new controller waits one interval before its first check.
+                    l.last_rebalance_check = Some(now);
+                    return Ok(());
+                }
+                _ => l.last_rebalance_check = Some(now),
+            }
+        }
+        let _g = self.decide_lock.lock().await;
+        let image = self.quorum.image();
+        let list = decide::leader_imbalance(
+            &image,
+            self.cfg.cluster.leader_imbalance_per_broker_percentage,
+        );
+        if list.is_empty() {
+            return Ok(());
+        }
+        let (_, records) = decide::elect_leaders(&image, &list, true);
+        if records.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            partitions = records.len(),
+            "moving leaderships back to preferred replicas"
+        );
+        self.quorum.submit(records).await.map(|_| ())
     }
 
     async fn ensure_offsets_topic(&self) -> Result<(), SubmitError> {

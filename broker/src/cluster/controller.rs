@@ -90,6 +90,17 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
         ControlOp::AlterPartition { .. } => vec![Err(TopicError::InvalidRequest(
             "a single node has no replicas to change".into(),
         ))],
+        // A single node leads every partition: there is nothing to elect.
+        ControlOp::ElectLeaders(list, _) => list
+            .into_iter()
+            .map(|(t, p)| {
+                let known = image
+                    .topics
+                    .get(&t)
+                    .is_some_and(|t| p >= 0 && (p as usize) < t.partitions.len());
+                Ok((p, if known { crate::kafka::errors::ELECTION_NOT_NEEDED } else { crate::kafka::errors::UNKNOWN_TOPIC_OR_PARTITION }))
+            })
+            .collect(),
         ControlOp::AlterTopicConfigs(edits, validate_only) => edits
             .into_iter()
             .map(|(name, edit)| {
@@ -263,6 +274,7 @@ async fn forward(op: ControlOp) -> ControlReply {
         ControlOp::CreatePartitions(t, _) => t.len(),
         ControlOp::AlterTopicConfigs(t, _) => t.len(),
         ControlOp::AlterPartition { .. } => 1,
+        ControlOp::ElectLeaders(list, _) => list.len(),
     };
     let fail = |why: String| vec![Err(TopicError::InvalidRequest(why)); n];
     let Some(agent) = agent::agent() else {

@@ -459,6 +459,97 @@ pub fn unfence_broker(img: &ClusterImage, node: BrokerId) -> Vec<MetadataRecord>
     records
 }
 
+/// ElectLeaders: moves each partition's leadership to its preferred replica (the first) when
+/// that replica is live and in the ISR. Answers per partition: NONE, ELECTION_NOT_NEEDED (it
+/// leads already), PREFERRED_LEADER_NOT_AVAILABLE, UNKNOWN_TOPIC_OR_PARTITION. Unclean
+/// elections are never run: a partition with a leader needs none (ELECTION_NOT_NEEDED), one
+/// without gets ELIGIBLE_LEADERS_NOT_AVAILABLE.
+pub fn elect_leaders(
+    img: &ClusterImage,
+    list: &[(String, i32)],
+    preferred: bool,
+) -> (Vec<Result<(i32, i16), TopicError>>, Vec<MetadataRecord>) {
+    use crate::kafka::errors::{
+        ELECTION_NOT_NEEDED, ELIGIBLE_LEADERS_NOT_AVAILABLE, PREFERRED_LEADER_NOT_AVAILABLE,
+        UNKNOWN_TOPIC_OR_PARTITION,
+    };
+    let mut answers = Vec::with_capacity(list.len());
+    let mut records = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (topic, partition) in list {
+        let found = img.topics.get(topic).and_then(|t| {
+            usize::try_from(*partition)
+                .ok()
+                .and_then(|i| t.partitions.get(i))
+                .map(|p| (t, p))
+        });
+        let Some((t, p)) = found else {
+            answers.push(Ok((*partition, UNKNOWN_TOPIC_OR_PARTITION)));
+            continue;
+        };
+        if !preferred {
+            let code = if p.leader != NO_LEADER {
+                ELECTION_NOT_NEEDED
+            } else {
+                ELIGIBLE_LEADERS_NOT_AVAILABLE
+            };
+            answers.push(Ok((*partition, code)));
+            continue;
+        }
+        let Some(&want) = p.replicas.first() else {
+            answers.push(Ok((*partition, PREFERRED_LEADER_NOT_AVAILABLE)));
+            continue;
+        };
+        if p.leader == want {
+            answers.push(Ok((*partition, ELECTION_NOT_NEEDED)));
+            continue;
+        }
+        let live = img.brokers.get(&want).is_some_and(|b| !b.fenced);
+        if !live || !p.isr.contains(&want) {
+            answers.push(Ok((*partition, PREFERRED_LEADER_NOT_AVAILABLE)));
+            continue;
+        }
+        if seen.insert((topic.clone(), *partition)) {
+            records.push(change(
+                topic,
+                t.id,
+                *partition as usize,
+                p,
+                want,
+                p.isr.clone(),
+            ));
+        }
+        answers.push(Ok((*partition, 0)));
+    }
+    (answers, records)
+}
+
+/// `auto.leader.rebalance.enable`: for every broker whose share of partitions it prefers but
+/// does not lead exceeds `percentage`, the preferred elections that can run now.
+pub fn leader_imbalance(img: &ClusterImage, percentage: u32) -> Vec<(String, i32)> {
+    let mut per_broker: BTreeMap<BrokerId, (usize, Vec<(String, i32)>)> = BTreeMap::new();
+    for (name, t) in &img.topics {
+        for (i, p) in t.partitions.iter().enumerate() {
+            let Some(&want) = p.replicas.first() else {
+                continue;
+            };
+            let e = per_broker.entry(want).or_default();
+            e.0 += 1;
+            if p.leader != want {
+                e.1.push((name.clone(), i as i32));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (b, (total, off)) in per_broker {
+        let live = img.brokers.get(&b).is_some_and(|x| !x.fenced);
+        if live && total > 0 && off.len() * 100 > total * percentage as usize {
+            out.extend(off);
+        }
+    }
+    out
+}
+
 /// A leader's AlterPartition: its new ISR, if it still leads at the epochs it saw (else
 /// FENCED_LEADER_EPOCH or INVALID_UPDATE_VERSION, as Kafka answers), and the ISR holds the
 /// leader, only replicas, and only unfenced brokers joining (else INELIGIBLE_REPLICA).

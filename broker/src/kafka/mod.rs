@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod alter_configs;
 pub mod delete_records;
+pub mod elect_leaders;
 pub mod errors;
 pub mod fetch;
 pub mod fetch_session;
@@ -47,6 +48,7 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::DeleteTopics => ready(admin::handle_delete_topics(frame).await),
         ApiKey::CreatePartitions => ready(admin::handle_create_partitions(frame).await),
         ApiKey::DescribeConfigs => ready(admin::handle_describe_configs(frame)),
+        ApiKey::ElectLeaders => ready(elect_leaders::handle(frame).await),
         ApiKey::AlterConfigs => ready(alter_configs::handle_alter_configs(frame).await),
         ApiKey::IncrementalAlterConfigs => {
             ready(alter_configs::handle_incremental_alter_configs(frame).await)

@@ -13,6 +13,7 @@
 //!   LEO reaches the HW rejoins. Both go to the controller as an AlterPartition (carrying the
 //!   leader and partition epochs it is based on, so a stale leader's change is refused).
 
+pub mod checkpoint;
 pub mod fetcher;
 
 use std::collections::BTreeMap;

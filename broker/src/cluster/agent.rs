@@ -199,7 +199,9 @@ impl Voters {
             if now >= deadline {
                 return Err(format!("no active controller answered: {last_error}"));
             }
-            let ttl = CALL_TIMEOUT.min(deadline - now);
+            // Half of what is left at most, so a voter that does not answer (paused, or cut
+            // off) leaves time to find the active controller among the others.
+            let ttl = CALL_TIMEOUT.min((deadline - now) / 2).max(RETRY_PAUSE);
             let addr = self.addrs[&target];
             match client.call(target, addr, body.clone(), ttl).await {
                 Ok(v) => match serde_json::from_value::<Response>(v) {
@@ -221,7 +223,14 @@ impl Voters {
                     }
                     Err(e) => last_error = format!("voter {target} answered garbage: {e}"),
                 },
-                Err(e) => last_error = format!("voter {target} at {addr}: {e}"),
+                Err(e) => {
+                    last_error = format!("voter {target} at {addr}: {e}");
+                    // The next call starts elsewhere too.
+                    let mut g = self.guess.lock().expect("guess lock");
+                    if *g == Some(target) {
+                        *g = None;
+                    }
+                }
             }
             target = self.next_after(target);
             tokio::time::sleep(RETRY_PAUSE).await;

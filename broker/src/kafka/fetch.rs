@@ -279,7 +279,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                         ),
                         None => true,
                     };
-                    news || !incremental
+                    news || !incremental || r.diverging.is_some()
                 })
                 .collect()
         })

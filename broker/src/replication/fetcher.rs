@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Result};
 use bytes::{Bytes, BytesMut};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
 use kafka_protocol::messages::{
     ApiKey, BrokerId, FetchRequest, FetchResponse, RequestHeader, ResponseHeader, TopicName,
 };
@@ -91,12 +91,26 @@ fn followed(s: &Shard, leader: i32) -> Vec<Followed> {
 
 /// A follower replica's position: (log end, epoch of its last batch, log start).
 type Position = (i64, i32, i64);
+/// What a fetch session holds for one partition: (fetch offset, last fetched epoch, current
+/// leader epoch).
+type Sent = (i64, i32, i32);
+
+/// The follower's side of an incremental fetch session with one leader (KIP-227): after the
+/// first full fetch, a request names only partitions whose position or epoch changed, and
+/// the partitions no longer followed as forgotten.
+struct Session {
+    id: i32,
+    /// The epoch of the next request (1 after the full one, wrapping to 1).
+    epoch: i32,
+    sent: BTreeMap<(String, i32), Sent>,
+}
 
 /// One fetcher's loop against `leader`.
 async fn fetch_from(s: &Rc<Shard>, leader: i32) {
     let cfg = s.config.cluster.clone();
     let backoff = Duration::from_millis(cfg.replica_fetch_backoff_ms);
     let mut conn: Option<Conn> = None;
+    let mut session: Option<Session> = None;
     // Bounded by shutdown and by the partitions followed: it ends when none is left.
     while !s.shutting_down.get() {
         let parts = followed(s, leader);
@@ -147,8 +161,8 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
             glommio::timer::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        let req = build_request(s.config.node_id, &cfg, &parts, &positions);
         if conn.as_ref().is_none_or(|c| c.addr != addr) {
+            session = None;
             match Conn::connect(&addr).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
@@ -158,6 +172,8 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
                 }
             }
         }
+        let (req, current) =
+            build_request(s.config.node_id, &cfg, &parts, &positions, session.as_ref());
         let c = conn.as_mut().expect("connected above");
         let wait = Duration::from_millis(cfg.replica_fetch_wait_max_ms) + IO_TIMEOUT;
         let resp = match c.fetch(&req, wait).await {
@@ -165,15 +181,46 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
             Err(e) => {
                 tracing::debug!(leader, %addr, "follower fetch failed: {e:#}");
                 conn = None;
+                session = None;
                 glommio::timer::sleep(backoff).await;
                 continue;
             }
         };
         if resp.error_code != NONE {
+            let lost = resp.error_code == crate::kafka::fetch_session::FETCH_SESSION_ID_NOT_FOUND
+                || resp.error_code == crate::kafka::fetch_session::INVALID_FETCH_SESSION_EPOCH;
             tracing::debug!(leader, code = resp.error_code, "follower fetch refused");
-            glommio::timer::sleep(backoff).await;
+            session = None;
+            if !lost {
+                glommio::timer::sleep(backoff).await;
+            }
             continue;
         }
+        session = match session.take() {
+            Some(mut sess) => {
+                sess.epoch = if sess.epoch == i32::MAX {
+                    1
+                } else {
+                    sess.epoch + 1
+                };
+                sess.sent = current;
+                Some(sess)
+            }
+            None if resp.session_id != 0 => {
+                tracing::info!(
+                    leader,
+                    session = resp.session_id,
+                    partitions = current.len(),
+                    "follower fetch session opened"
+                );
+                Some(Session {
+                    id: resp.session_id,
+                    epoch: 1,
+                    sent: current,
+                })
+            }
+            None => None,
+        };
         // Results to their owner shards, one message each, applied concurrently.
         let owner: BTreeMap<(String, i32), (usize, i32)> = parts
             .iter()
@@ -220,17 +267,28 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
     }
 }
 
+/// The next fetch to a leader: a full one that opens a session when there is none, else an
+/// incremental one. Returns it with what the session will hold once it is answered.
 fn build_request(
     me: i32,
     cfg: &crate::config::ClusterConfig,
     parts: &[Followed],
     positions: &BTreeMap<(String, i32), Position>,
-) -> FetchRequest {
+    session: Option<&Session>,
+) -> (FetchRequest, BTreeMap<(String, i32), Sent>) {
     let mut topics: Vec<FetchTopic> = Vec::new();
+    let mut current = BTreeMap::new();
     for (t, p, _, epoch) in parts {
-        let Some(&(leo, last_epoch, start)) = positions.get(&(t.clone(), *p)) else {
+        let key = (t.clone(), *p);
+        let Some(&(leo, last_epoch, start)) = positions.get(&key) else {
             continue;
         };
+        let state = (leo, last_epoch, *epoch);
+        let unchanged = session.is_some_and(|s| s.sent.get(&key) == Some(&state));
+        current.insert(key, state);
+        if unchanged {
+            continue;
+        }
         let fp = FetchPartition::default()
             .with_partition(*p)
             .with_current_leader_epoch(*epoch)
@@ -247,15 +305,31 @@ fn build_request(
             ),
         }
     }
-    FetchRequest::default()
+    let mut forgotten: Vec<ForgottenTopic> = Vec::new();
+    if let Some(s) = session {
+        for (t, p) in s.sent.keys().filter(|k| !current.contains_key(*k)) {
+            match forgotten.last_mut() {
+                Some(f) if f.topic.0.as_str() == t => f.partitions.push(*p),
+                _ => forgotten.push(
+                    ForgottenTopic::default()
+                        .with_topic(TopicName(StrBytes::from_string(t.clone())))
+                        .with_partitions(vec![*p]),
+                ),
+            }
+        }
+    }
+    let (id, epoch) = session.map(|s| (s.id, s.epoch)).unwrap_or((0, 0));
+    let req = FetchRequest::default()
         .with_replica_id(BrokerId(me))
         .with_max_wait_ms(cfg.replica_fetch_wait_max_ms as i32)
         .with_min_bytes(1)
         .with_max_bytes(cfg.replica_fetch_response_max_bytes as i32)
         .with_isolation_level(0)
-        .with_session_id(0)
-        .with_session_epoch(-1)
+        .with_session_id(id)
+        .with_session_epoch(epoch)
         .with_topics(topics)
+        .with_forgotten_topics_data(forgotten);
+    (req, current)
 }
 
 /// One partition's part of a leader's fetch response.
@@ -458,8 +532,13 @@ mod tests {
         let mut pos = BTreeMap::new();
         pos.insert(("a".to_string(), 0), (10, 3, 0));
         pos.insert(("b".to_string(), 0), (7, 2, 5));
-        let req = build_request(2, &cfg, &parts, &pos);
+        let (req, current) = build_request(2, &cfg, &parts, &pos, None);
         assert_eq!(req.replica_id.0, 2);
+        assert_eq!(
+            (req.session_id, req.session_epoch),
+            (0, 0),
+            "asks for a session"
+        );
         assert_eq!(
             req.topics.len(),
             2,
@@ -480,5 +559,21 @@ mod tests {
         req.encode(&mut buf, FETCH_VERSION).unwrap();
         let back = FetchRequest::decode(&mut buf.freeze(), FETCH_VERSION).unwrap();
         assert_eq!(back, req);
+
+        // In the session: only what changed, and what is no longer followed is forgotten.
+        let sess = Session {
+            id: 77,
+            epoch: 3,
+            sent: current,
+        };
+        pos.insert(("a".to_string(), 0), (12, 3, 0));
+        let (req, _) = build_request(2, &cfg, &parts[..2], &pos, Some(&sess));
+        assert_eq!((req.session_id, req.session_epoch), (77, 3));
+        assert_eq!(req.topics.len(), 1);
+        assert_eq!(req.topics[0].partitions[0].fetch_offset, 12);
+        assert_eq!(req.forgotten_topics_data.len(), 1);
+        assert_eq!(req.forgotten_topics_data[0].topic.0.as_str(), "b");
+        let (req, _) = build_request(2, &cfg, &parts, &pos, Some(&sess));
+        assert!(req.forgotten_topics_data.is_empty());
     }
 }

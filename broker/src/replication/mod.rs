@@ -25,8 +25,13 @@ use crate::cluster::metadata::PartitionMeta;
 pub struct Follower {
     /// The follower's LEO (its last fetch offset); -1 until it fetched in this leader epoch.
     pub end: i64,
-    /// When its fetch last reached the leader's LEO (ms).
+    /// When it was last caught up (ms): when its fetch reached the leader's LEO, or reached
+    /// the LEO the leader had at its previous fetch (then as of that previous fetch), as
+    /// Kafka's `lastCaughtUpTime` (a follower one batch behind a busy leader keeps up).
     pub caught_up_ms: i64,
+    /// Its previous fetch: when, and the leader's LEO then.
+    pub last_fetch_ms: i64,
+    pub last_fetch_leo: i64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -80,6 +85,8 @@ impl ReplicaState {
                     self.followers.entry(r).or_insert(Follower {
                         end: -1,
                         caught_up_ms: now_ms,
+                        last_fetch_ms: now_ms,
+                        last_fetch_leo: i64::MAX,
                     });
                 }
             }
@@ -103,7 +110,11 @@ impl ReplicaState {
             f.end = fetch_offset;
             if fetch_offset >= leo {
                 f.caught_up_ms = now_ms;
+            } else if fetch_offset >= f.last_fetch_leo {
+                f.caught_up_ms = f.caught_up_ms.max(f.last_fetch_ms);
             }
+            f.last_fetch_ms = now_ms;
+            f.last_fetch_leo = leo;
         }
     }
 
@@ -291,8 +302,24 @@ mod tests {
         // 3 catches up to the HW: back in.
         s.on_follower_fetch(3, 50, 50, 30_100);
         assert_eq!(s.isr_proposal(30_100, 30_000), Some(vec![1, 2, 3]));
+        // Under steady load a follower is always a little behind the leader's LEO, but each
+        // fetch reaches the LEO of the one before: it stays in sync.
+        s.update(&meta(1, 5, &[1, 2, 3], 9), 30_150);
+        let mut leo = 50;
+        for t in 0..100 {
+            let now = 30_200 + t * 100;
+            s.on_follower_fetch(2, leo, leo + 5, now);
+            s.on_follower_fetch(3, leo, leo + 5, now);
+            leo += 5;
+        }
+        assert_eq!(s.isr_proposal(30_200 + 100 * 100, 2_000), None);
+        // A follower that stops fetching is out after the lag time.
+        assert_eq!(
+            s.isr_proposal(30_200 + 100 * 100 + 2_200, 2_000),
+            Some(vec![1])
+        );
         // A follower never leads: no proposals.
-        s.update(&meta(2, 6, &[1, 2], 9), 30_200);
+        s.update(&meta(2, 6, &[1, 2], 10), 50_000);
         assert_eq!(s.isr_proposal(90_000, 30_000), None);
         assert!(!s.advance_high_watermark(1_000));
     }

@@ -311,6 +311,41 @@ fn kill_9_of_leaders_loses_no_acknowledged_record() {
         })
     };
 
+    // A consumer reads all along: what it sees is below the HW, so it must never vanish.
+    let watcher = {
+        let stop = stop.clone();
+        let mut wcfg = c.node(0).client_config();
+        wcfg.set(
+            "bootstrap.servers",
+            (0..3)
+                .map(|i| c.node(i).bootstrap())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .set("topic.metadata.refresh.interval.ms", "500");
+        std::thread::spawn(move || {
+            use rdkafka::message::Headers;
+            use rdkafka::{Message, Offset, TopicPartitionList};
+            let consumer = workload::consumer(&wcfg);
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..3 {
+                tpl.add_partition_offset("kill", p, Offset::Beginning).unwrap();
+            }
+            consumer.assign(&tpl).unwrap();
+            let mut seen: Vec<(i32, i64, usize)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    let idx = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|x| x.key == "idx"))
+                        .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse().ok())
+                        .expect("idx header");
+                    seen.push((m.partition(), m.offset(), idx));
+                }
+            }
+            seen
+        })
+    };
     let started = Instant::now();
     for cycle in 0..cycles {
         let alive = (cycle + 1) % 3;
@@ -328,6 +363,7 @@ fn kill_9_of_leaders_loses_no_acknowledged_record() {
     wait_for(c.node(0), "kill", "full ISR at the end", full_isr);
     stop.store(true, Ordering::Relaxed);
     let (sent, acks) = producer.join().expect("producer thread");
+    let seen = watcher.join().expect("watching consumer");
     let failed = acks.failed.load(Ordering::Relaxed);
     assert_eq!(
         failed,
@@ -351,6 +387,13 @@ fn kill_9_of_leaders_loses_no_acknowledged_record() {
     );
     // Exactly once and in order, each where it was acknowledged.
     workload::verify(&acked, &got);
+    // Nothing a consumer saw during the kills vanished or changed.
+    assert!(!seen.is_empty(), "the watching consumer read records during the kills");
+    for &(p, offset, idx) in &seen {
+        let now = got[&p].get(offset as usize).map(|r| r.idx());
+        assert_eq!(now, Some(idx), "partition {p} offset {offset}: seen during the kills, then changed");
+    }
+    eprintln!("a consumer saw {} records during the kills; none vanished", seen.len());
     let per_partition: BTreeMap<i32, usize> = got.iter().map(|(p, v)| (*p, v.len())).collect();
     eprintln!("records per partition: {per_partition:?}");
     assert_replicas_identical(&mut c, "kill", 3);

@@ -46,6 +46,9 @@ pub struct ProduceArgs {
     /// Partitions of the topic when it has to be created.
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
+    /// Replication factor of the topic when it has to be created (-1: the broker's default).
+    #[arg(long, default_value_t = -1)]
+    pub replication_factor: i16,
     #[arg(long, default_value_t = 1024)]
     pub record_size: usize,
     /// Replay payloads from a file: one per line, or length-prefixed (u32 BE) with --payload-format binary.

@@ -30,6 +30,7 @@ pub struct RunConfig {
     pub bootstrap_server: String,
     pub topic: String,
     pub partitions: i32,
+    pub replication_factor: i16,
     pub record_size: usize,
     pub payload_file: Option<String>,
     pub keys: String,
@@ -82,6 +83,7 @@ impl RunConfig {
             bootstrap_server: a.bootstrap_server.clone(),
             topic: a.topic.clone(),
             partitions: a.partitions,
+            replication_factor: a.replication_factor,
             record_size: payloads[0].len(),
             payload_file: a.payload_file.clone(),
             keys: a.keys.clone(),
@@ -208,7 +210,7 @@ fn ensure_topic(cfg: &RunConfig) -> Result<()> {
     {
         return Ok(());
     }
-    match admin.create_topic(&cfg.topic, cfg.partitions, -1, &[]) {
+    match admin.create_topic(&cfg.topic, cfg.partitions, cfg.replication_factor, &[]) {
         Ok(()) => Ok(()),
         Err(e) if e.to_string().contains("TOPIC_ALREADY_EXISTS") => Ok(()),
         Err(e) => Err(e),

@@ -58,6 +58,8 @@ pub struct LogConfig {
     pub index_interval_bytes: u32,
     pub message_bytes_max: usize,
     pub log_append_time: bool,
+    /// `min.insync.replicas`: acks=all needs this many in-sync replicas.
+    pub min_insync_replicas: i16,
 }
 
 impl Default for LogConfig {
@@ -70,6 +72,7 @@ impl Default for LogConfig {
             index_interval_bytes: 4096,
             message_bytes_max: 1_048_588,
             log_append_time: false,
+            min_insync_replicas: 1,
         }
     }
 }
@@ -197,7 +200,7 @@ impl LogConfig {
                 }
             }
             "min.insync.replicas" => {
-                parse_i64_min(value, 1)?;
+                self.min_insync_replicas = parse_i64_min(value, 1)?.min(i16::MAX as i64) as i16;
             }
             "segment.index.bytes" => {
                 parse_i64_min(value, 4096)?;
@@ -224,7 +227,7 @@ impl LogConfig {
                 "CreateTime"
             }
             .into(),
-            "min.insync.replicas" => "1".into(),
+            "min.insync.replicas" => self.min_insync_replicas.to_string(),
             "compression.type" => "producer".into(),
             _ => return None,
         })
@@ -497,7 +500,8 @@ impl Config {
                 self.cluster.heartbeat_interval_ms = parse_i64_min(v, 10)? as u64
             }
             "min.insync.replicas" => {
-                self.cluster.min_insync_replicas = parse_i64_min(v, 1)?.min(i16::MAX as i64) as i16
+                self.cluster.min_insync_replicas = parse_i64_min(v, 1)?.min(i16::MAX as i64) as i16;
+                self.log.min_insync_replicas = self.cluster.min_insync_replicas;
             }
             "broker.rack" => self.cluster.rack = Some(v.to_string()),
             "replica.fetch.max.bytes" => {

@@ -665,11 +665,6 @@ impl Shard {
         self.wait_stored(waits, true).await
     }
 
-    /// `min.insync.replicas`.
-    fn min_insync_replicas(&self) -> usize {
-        self.config.cluster.min_insync_replicas.max(1) as usize
-    }
-
     /// acks=all: waits until the high watermark of every (partition, end offset) reaches the end,
     /// i.e. every ISR replica has the batches (followers fetch only past what they fdatasynced).
     /// Fails when this replica stops leading (NOT_LEADER_OR_FOLLOWER), when the ISR shrinks
@@ -696,7 +691,7 @@ impl Shard {
                     if r.high_watermark >= *end {
                         break;
                     }
-                    if r.isr.len() < self.min_insync_replicas() {
+                    if r.isr.len() < min_insync(p) {
                         return Err(NOT_ENOUGH_REPLICAS_AFTER_APPEND);
                     }
                 }
@@ -855,7 +850,7 @@ impl Shard {
                 let r = p.repl.borrow();
                 if !r.is_leader() {
                     Some(NOT_LEADER_OR_FOLLOWER)
-                } else if acks == -1 && r.isr.len() < self.min_insync_replicas() {
+                } else if acks == -1 && r.isr.len() < min_insync(&p) {
                     Some(NOT_ENOUGH_REPLICAS)
                 } else {
                     None
@@ -1622,6 +1617,11 @@ async fn read_disk(p: &Rc<Partition>, offset: i64, max_bytes: usize) -> Result<O
             .and_then(|next| p.log.borrow().locate_segment(next));
     }
     Ok(None)
+}
+
+/// The partition's `min.insync.replicas` (topic config, else the broker's).
+fn min_insync(p: &Partition) -> usize {
+    p.log.borrow().config.min_insync_replicas.max(1) as usize
 }
 
 /// Drops the batches that start at or past `end` (a consumer's view stops at the HW).

@@ -146,6 +146,9 @@ fn isr_shrinks_without_a_follower_and_grows_back_with_min_insync() {
     let mut c = Cluster::start_roles(&["controller", "broker", "broker", "broker"], FAST);
     let all = |v: &[(i32, Vec<i32>)]| v.iter().all(|(l, isr)| *l >= 0 && isr == &[1, 2, 3]);
     admin::create(c.node(1), "isr", 1, 3, &[]).expect("create");
+    // The topic config overrides the broker's min.insync.replicas (2).
+    admin::create(c.node(1), "isr1", 1, 3, &[("min.insync.replicas", "1")]).expect("create");
+    wait_for(c.node(1), "isr1", "full ISR", all);
     let v = wait_for(c.node(1), "isr", "full ISR", all);
     let leader = v[0].0 as usize;
     let f1 = leader % 3 + 1;
@@ -173,13 +176,36 @@ fn isr_shrinks_without_a_follower_and_grows_back_with_min_insync() {
     assert_eq!(code, 19, "NOT_ENOUGH_REPLICAS with 1 of 3 in sync");
     let (_, hw, _) = conn.fetch("isr", 0, 0, 0, 1);
     assert_eq!(hw, 20, "the refused batch was not appended");
+    wait_for(
+        c.node(leader),
+        "isr1",
+        "the other topic led by the last broker alone",
+        |v| v[0] == (leader as i32, vec![leader as i32]),
+    );
+    let mut conn1 = raw::Conn::new(&c.node(leader).bootstrap());
+    assert_eq!(
+        conn1.produce("isr1", 0, -1, -1, -1, 10),
+        (0, 0),
+        "min.insync.replicas=1 topic"
+    );
 
     // Both return: they catch up and rejoin; acks=all works again.
     c.restart(f1);
     c.restart(f2);
     wait_for(c.node(leader), "isr", "ISR grows back", all);
     let mut conn = raw::Conn::new(&c.node(leader).bootstrap());
-    assert_eq!(conn.produce("isr", 0, -1, -1, -1, 10), (0, 20));
+    let r = conn.produce("isr", 0, -1, -1, -1, 10);
+    if r != (0, 20) {
+        eprintln!("view {:?}", partitions(c.node(leader), "isr"));
+        std::thread::sleep(Duration::from_secs(2));
+        eprintln!(
+            "again {:?} view {:?}",
+            conn.produce("isr", 0, -1, -1, -1, 10),
+            partitions(c.node(leader), "isr")
+        );
+        eprintln!("{}", c.node(leader).log());
+    }
+    assert_eq!(r, (0, 20));
     for i in 1..4 {
         assert!(c.stop(i), "broker {i} stops cleanly");
     }
@@ -329,7 +355,8 @@ fn kill_9_of_leaders_loses_no_acknowledged_record() {
             let consumer = workload::consumer(&wcfg);
             let mut tpl = TopicPartitionList::new();
             for p in 0..3 {
-                tpl.add_partition_offset("kill", p, Offset::Beginning).unwrap();
+                tpl.add_partition_offset("kill", p, Offset::Beginning)
+                    .unwrap();
             }
             consumer.assign(&tpl).unwrap();
             let mut seen: Vec<(i32, i64, usize)> = Vec::new();
@@ -388,12 +415,22 @@ fn kill_9_of_leaders_loses_no_acknowledged_record() {
     // Exactly once and in order, each where it was acknowledged.
     workload::verify(&acked, &got);
     // Nothing a consumer saw during the kills vanished or changed.
-    assert!(!seen.is_empty(), "the watching consumer read records during the kills");
+    assert!(
+        !seen.is_empty(),
+        "the watching consumer read records during the kills"
+    );
     for &(p, offset, idx) in &seen {
         let now = got[&p].get(offset as usize).map(|r| r.idx());
-        assert_eq!(now, Some(idx), "partition {p} offset {offset}: seen during the kills, then changed");
+        assert_eq!(
+            now,
+            Some(idx),
+            "partition {p} offset {offset}: seen during the kills, then changed"
+        );
     }
-    eprintln!("a consumer saw {} records during the kills; none vanished", seen.len());
+    eprintln!(
+        "a consumer saw {} records during the kills; none vanished",
+        seen.len()
+    );
     let per_partition: BTreeMap<i32, usize> = got.iter().map(|(p, v)| (*p, v.len())).collect();
     eprintln!("records per partition: {per_partition:?}");
     assert_replicas_identical(&mut c, "kill", 3);

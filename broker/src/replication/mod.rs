@@ -67,6 +67,12 @@ impl ReplicaState {
     /// Takes the partition's metadata. A new leader epoch starts follower tracking afresh
     /// (every follower gets `replica.lag.time.max.ms` from now to catch up).
     pub fn update(&mut self, pm: &PartitionMeta, now_ms: i64) {
+        // Metadata older than what this replica already applied changes nothing.
+        if pm.leader_epoch < self.leader_epoch
+            || (pm.leader_epoch == self.leader_epoch && pm.partition_epoch < self.partition_epoch)
+        {
+            return;
+        }
         let new_epoch = pm.leader_epoch != self.leader_epoch || pm.leader != self.leader;
         self.leader = pm.leader;
         self.leader_epoch = pm.leader_epoch;
@@ -318,6 +324,10 @@ mod tests {
             s.isr_proposal(30_200 + 100 * 100 + 2_200, 2_000),
             Some(vec![1])
         );
+        // Older metadata (a late apply) does not roll the state back.
+        let isr_now = s.isr.clone();
+        s.update(&meta(1, 5, &[1], 8), 40_000);
+        assert_eq!(s.isr, isr_now);
         // A follower never leads: no proposals.
         s.update(&meta(2, 6, &[1, 2], 10), 50_000);
         assert_eq!(s.isr_proposal(90_000, 30_000), None);

@@ -212,6 +212,9 @@ pub enum ControlOp {
     /// ElectLeaders: (topic, partition) list, preferred (true) or unclean election. Answered
     /// `Ok((partition, error code))` per partition, in order.
     ElectLeaders(Vec<(String, i32)>, bool),
+    /// AlterPartitionReassignments: (topic, partition, target replicas or None to cancel).
+    /// Answered `Ok((partition, error code))` per partition, in order.
+    AlterReassignments(Vec<(String, i32, Option<Vec<i32>>)>),
     /// A partition leader's new ISR (Kafka's AlterPartition), based on the leader and
     /// partition epochs it saw. Answered `Ok((0, error code))`.
     AlterPartition {
@@ -593,39 +596,14 @@ impl Shard {
                 Ok(()) => break,
                 Err(AppendError::Refused(code)) => return Err(code),
                 Err(AppendError::NeedsRoll) => {
-                    let _permit = p.io_lock.acquire_permit(1).await;
                     let incoming: u64 = batches.iter().map(|b| b.bytes.len() as u64).sum();
-                    if p.deleted.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
-                        continue;
-                    }
-                    let r = PartitionLog::roll(&p.log).await;
-                    self.check_pending_ledger();
-                    self.admit_written(p);
-                    if let Err(e) = r {
-                        self.on_write_error(p, e, "segment roll");
+                    if !self.roll_for(p, incoming).await {
                         return Err(KAFKA_STORAGE_ERROR);
                     }
                 }
             }
         }
-        {
-            let mut cache = self.cache.borrow_mut();
-            let mut pc = p.cache.borrow_mut();
-            for b in batches {
-                cache.insert(
-                    &mut pc,
-                    CachedBatch {
-                        base: b.base,
-                        last: b.last,
-                        bytes: b.bytes.clone(),
-                    },
-                );
-            }
-        }
-        self.mark_dirty(p);
-        p.produced_batches
-            .set(p.produced_batches.get() + batches.len() as u64);
-        p.appended.notify(usize::MAX);
+        self.appended(p, batches.iter().map(|b| (b.base, b.last, b.bytes.clone())));
         Ok(p.log.borrow().log_end_offset)
     }
 
@@ -758,44 +736,55 @@ impl Shard {
                     } else {
                         -1
                     };
-                    {
-                        let mut cache = self.cache.borrow_mut();
-                        let mut pc = p.cache.borrow_mut();
-                        for (base, last, b) in a.batches {
-                            cache.insert(
-                                &mut pc,
-                                CachedBatch {
-                                    base,
-                                    last,
-                                    bytes: b,
-                                },
-                            );
-                        }
-                    }
-                    self.mark_dirty(p);
-                    let leo = p.log.borrow().log_end_offset;
+                    let leo = a.last_offset + 1;
                     p.repl.borrow_mut().advance_high_watermark(leo);
-                    p.produced_batches
-                        .set(p.produced_batches.get() + item.infos.len() as u64);
-                    p.appended.notify(usize::MAX);
+                    self.appended(p, a.batches.into_iter());
                     return Ok((a.base_offset, append_time));
                 }
                 Err(AppendError::Refused(code)) => return Err(code),
                 Err(AppendError::NeedsRoll) => {
-                    let _permit = p.io_lock.acquire_permit(1).await;
                     let incoming: u64 = item.infos.iter().map(|i| i.bytes as u64).sum();
-                    if p.deleted.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
-                        continue;
-                    }
-                    let r = PartitionLog::roll(&p.log).await;
-                    self.check_pending_ledger();
-                    self.admit_written(p);
-                    if let Err(e) = r {
-                        self.on_write_error(p, e, "segment roll");
-                    }
+                    // A failed roll marks the partition failed: the loop then answers.
+                    self.roll_for(p, incoming).await;
                 }
             }
         }
+    }
+
+    /// Rolls `p`'s active segment so `incoming` more bytes fit, unless another task did
+    /// meanwhile. False when the roll failed (the partition is marked failed).
+    async fn roll_for(&self, p: &Rc<Partition>, incoming: u64) -> bool {
+        let _permit = p.io_lock.acquire_permit(1).await;
+        if p.deleted.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
+            return true;
+        }
+        let r = PartitionLog::roll(&p.log).await;
+        self.check_pending_ledger();
+        self.admit_written(p);
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                self.on_write_error(p, e, "segment roll");
+                false
+            }
+        }
+    }
+
+    /// Batches just appended to `p` (base, last offset, bytes): cached, queued for the
+    /// flusher, counted, and announced to waiting fetches.
+    fn appended(&self, p: &Rc<Partition>, batches: impl Iterator<Item = (i64, i64, Bytes)>) {
+        let mut n = 0u64;
+        {
+            let mut cache = self.cache.borrow_mut();
+            let mut pc = p.cache.borrow_mut();
+            for (base, last, bytes) in batches {
+                cache.insert(&mut pc, CachedBatch { base, last, bytes });
+                n += 1;
+            }
+        }
+        self.mark_dirty(p);
+        p.produced_batches.set(p.produced_batches.get() + n);
+        p.appended.notify(usize::MAX);
     }
 
     fn mark_dirty(&self, p: &Rc<Partition>) {

@@ -335,6 +335,9 @@ pub mod admin {
 /// controller voter (combined mode), with its own data dir, Kafka port and controller port.
 pub struct Cluster {
     pub nodes: Vec<Broker>,
+    /// `controller.quorum.voters` of every node.
+    voters: String,
+    extra: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -356,51 +359,72 @@ impl Cluster {
             .filter(|(i, _)| roles[*i].contains("controller"))
             .map(|(i, (_, c))| format!("{i}@127.0.0.1:{c}"))
             .collect();
-        let mut nodes = Vec::with_capacity(roles.len());
-        for (i, (port, cport)) in ports.iter().enumerate() {
-            let listeners = match roles[i] {
-                "controller" => format!("CONTROLLER://127.0.0.1:{cport}"),
-                "broker" => format!("PLAINTEXT://127.0.0.1:{port}"),
-                _ => format!("PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"),
-            };
-            let mut props: Vec<(String, String)> = vec![
-                ("node.id".into(), i.to_string()),
-                ("process.roles".into(), roles[i].into()),
-                ("listeners".into(), listeners),
-                ("controller.listener.names".into(), "CONTROLLER".into()),
-                ("controller.quorum.voters".into(), voters.join(",")),
-                ("broker.session.timeout.ms".into(), "3000".into()),
-                ("broker.heartbeat.interval.ms".into(), "500".into()),
-            ];
-            for (k, v) in extra {
-                props.retain(|(pk, _)| pk != k);
-                props.push((k.to_string(), v.to_string()));
-            }
-            let dir = tempfile::tempdir().unwrap();
-            let log_path = dir.path().join("broker.log");
-            let mut b = Broker {
-                port: *port,
-                dir,
-                shards: 1,
-                extra_args: props
-                    .iter()
-                    .flat_map(|(k, v)| ["--override".to_string(), format!("{k}={v}")])
-                    .collect(),
-                child: None,
-                log_path,
-                starts: 0,
-            };
-            // A controller-only node ignores the --listen every Broker gets: it has no Kafka
-            // listener.
-            b.spawn();
-            nodes.push(b);
+        let mut c = Cluster {
+            nodes: Vec::with_capacity(roles.len()),
+            voters: voters.join(","),
+            extra: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        for (i, &(port, cport)) in ports.iter().enumerate() {
+            let b = c.spawn_node(i, roles[i], port, cport);
+            c.nodes.push(b);
         }
-        for (i, b) in nodes.iter_mut().enumerate() {
+        for (i, b) in c.nodes.iter_mut().enumerate() {
             if roles[i].contains("broker") {
                 b.wait_listening();
             }
         }
-        Cluster { nodes }
+        c
+    }
+
+    fn spawn_node(&self, i: usize, role: &str, port: u16, cport: u16) -> Broker {
+        let listeners = match role {
+            "controller" => format!("CONTROLLER://127.0.0.1:{cport}"),
+            "broker" => format!("PLAINTEXT://127.0.0.1:{port}"),
+            _ => format!("PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}"),
+        };
+        let mut props: Vec<(String, String)> = vec![
+            ("node.id".into(), i.to_string()),
+            ("process.roles".into(), role.into()),
+            ("listeners".into(), listeners),
+            ("controller.listener.names".into(), "CONTROLLER".into()),
+            ("controller.quorum.voters".into(), self.voters.clone()),
+            ("broker.session.timeout.ms".into(), "3000".into()),
+            ("broker.heartbeat.interval.ms".into(), "500".into()),
+        ];
+        for (k, v) in &self.extra {
+            props.retain(|(pk, _)| pk != k);
+            props.push((k.clone(), v.clone()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("broker.log");
+        let mut b = Broker {
+            port,
+            dir,
+            shards: 1,
+            extra_args: props
+                .iter()
+                .flat_map(|(k, v)| ["--override".to_string(), format!("{k}={v}")])
+                .collect(),
+            child: None,
+            log_path,
+            starts: 0,
+        };
+        // A controller-only node ignores the --listen every Broker gets: it has no Kafka
+        // listener.
+        b.spawn();
+        b
+    }
+
+    /// Commissions a new broker-only node (the next node id) into the running cluster.
+    pub fn add_broker(&mut self) -> usize {
+        let i = self.nodes.len();
+        let mut b = self.spawn_node(i, "broker", free_port(), free_port());
+        b.wait_listening();
+        self.nodes.push(b);
+        i
     }
 
     pub fn node(&self, i: usize) -> &Broker {

@@ -228,6 +228,7 @@ impl Active {
             ControlOp::AlterTopicConfigs(edits, validate_only) => {
                 decide::alter_topic_configs(&image, &self.cfg, edits, *validate_only)
             }
+            ControlOp::AlterReassignments(list) => decide::alter_reassignments(&image, list),
             ControlOp::ElectLeaders(list, preferred) => {
                 decide::elect_leaders(&image, list, *preferred)
             }

@@ -90,6 +90,23 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
         ControlOp::AlterPartition { .. } => vec![Err(TopicError::InvalidRequest(
             "a single node has no replicas to change".into(),
         ))],
+        // A single node holds every replica: it can only be asked to keep it.
+        ControlOp::AlterReassignments(list) => list
+            .into_iter()
+            .map(|(t, p, target)| {
+                use crate::kafka::errors::*;
+                let known = image
+                    .topics
+                    .get(&t)
+                    .is_some_and(|t| p >= 0 && (p as usize) < t.partitions.len());
+                Ok((p, match target {
+                    _ if !known => UNKNOWN_TOPIC_OR_PARTITION,
+                    None => NO_REASSIGNMENT_IN_PROGRESS,
+                    Some(r) if r == [s.config.node_id] => NONE,
+                    Some(_) => INVALID_REPLICA_ASSIGNMENT,
+                }))
+            })
+            .collect(),
         // A single node leads every partition: there is nothing to elect.
         ControlOp::ElectLeaders(list, _) => list
             .into_iter()
@@ -275,6 +292,7 @@ async fn forward(op: ControlOp) -> ControlReply {
         ControlOp::AlterTopicConfigs(t, _) => t.len(),
         ControlOp::AlterPartition { .. } => 1,
         ControlOp::ElectLeaders(list, _) => list.len(),
+        ControlOp::AlterReassignments(list) => list.len(),
     };
     let fail = |why: String| vec![Err(TopicError::InvalidRequest(why)); n];
     let Some(agent) = agent::agent() else {

@@ -602,11 +602,171 @@ pub fn alter_partition(
         .copied()
         .filter(|r| new.contains(r))
         .collect();
+    // A reassignment completes once every replica it adds is in sync.
+    if !p.adding.is_empty() && p.adding.iter().all(|r| ordered.contains(r)) {
+        let done = finish_reassignment(img, topic, t.id, partition, p, &p.target(), &ordered);
+        return (vec![Ok((0, 0))], done.into_iter().collect());
+    }
     if ordered == p.isr {
         return answer(0);
     }
     let record = change(topic, t.id, partition as usize, p, leader, ordered);
     (vec![Ok((0, 0))], vec![record])
+}
+
+/// The record that ends a reassignment at `target` (or cancels one, with the original
+/// replicas): the replicas become `target`, the ISR keeps its members in it, and a leader
+/// outside it hands over to the first in-sync target replica on a live broker. None when no
+/// target replica is in sync (the reassignment waits).
+fn finish_reassignment(
+    img: &ClusterImage,
+    topic: &str,
+    id: uuid::Uuid,
+    partition: i32,
+    p: &ClusterPartition,
+    target: &[BrokerId],
+    isr: &[BrokerId],
+) -> Option<MetadataRecord> {
+    let new_isr: Vec<BrokerId> = target.iter().copied().filter(|r| isr.contains(r)).collect();
+    if new_isr.is_empty() {
+        return None;
+    }
+    let live = |r: &BrokerId| img.brokers.get(r).is_some_and(|b| !b.fenced);
+    let leader = if new_isr.contains(&p.leader) {
+        p.leader
+    } else {
+        new_isr.iter().copied().find(live).unwrap_or(NO_LEADER)
+    };
+    Some(MetadataRecord::PartitionReplicas {
+        name: topic.to_string(),
+        id,
+        partition,
+        replicas: target.to_vec(),
+        adding: Vec::new(),
+        removing: Vec::new(),
+        leader,
+        leader_epoch: if leader != p.leader {
+            p.leader_epoch + 1
+        } else {
+            p.leader_epoch
+        },
+        isr: new_isr,
+        partition_epoch: p.partition_epoch + 1,
+    })
+}
+
+/// AlterPartitionReassignments (KIP-455): per partition, a target replica list (start or
+/// replace a reassignment) or None (cancel one). Answers per partition, in order: NONE,
+/// UNKNOWN_TOPIC_OR_PARTITION, INVALID_REPLICA_ASSIGNMENT (empty, duplicate or unregistered
+/// brokers), NO_REASSIGNMENT_IN_PROGRESS (cancel without one).
+pub fn alter_reassignments(
+    img: &ClusterImage,
+    list: &[(String, i32, Option<Vec<BrokerId>>)],
+) -> (Vec<Result<(i32, i16), TopicError>>, Vec<MetadataRecord>) {
+    use crate::kafka::errors::{
+        INVALID_REPLICA_ASSIGNMENT, NO_REASSIGNMENT_IN_PROGRESS, UNKNOWN_TOPIC_OR_PARTITION,
+    };
+    let mut answers = Vec::with_capacity(list.len());
+    let mut records = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (topic, partition, target) in list {
+        let found = img.topics.get(topic).and_then(|t| {
+            usize::try_from(*partition)
+                .ok()
+                .and_then(|i| t.partitions.get(i))
+                .map(|p| (t, p))
+        });
+        let Some((t, p)) = found else {
+            answers.push(Ok((*partition, UNKNOWN_TOPIC_OR_PARTITION)));
+            continue;
+        };
+        if !seen.insert((topic.clone(), *partition)) {
+            answers.push(Err(TopicError::InvalidRequest(format!(
+                "{topic}-{partition} is named twice"
+            ))));
+            continue;
+        }
+        let original = p.original();
+        let Some(target) = target else {
+            if p.adding.is_empty() && p.removing.is_empty() {
+                answers.push(Ok((*partition, NO_REASSIGNMENT_IN_PROGRESS)));
+                continue;
+            }
+            // Cancel: back to the original replicas.
+            match finish_reassignment(img, topic, t.id, *partition, p, &original, &p.isr) {
+                Some(r) => {
+                    records.push(r);
+                    answers.push(Ok((*partition, 0)));
+                }
+                None => answers.push(Err(TopicError::InvalidRequest(
+                    "no original replica is in sync: the reassignment cannot be cancelled now"
+                        .into(),
+                ))),
+            }
+            continue;
+        };
+        let distinct: std::collections::BTreeSet<_> = target.iter().collect();
+        if target.is_empty()
+            || distinct.len() != target.len()
+            || target.iter().any(|b| !img.brokers.contains_key(b))
+        {
+            answers.push(Ok((*partition, INVALID_REPLICA_ASSIGNMENT)));
+            continue;
+        }
+        if *target == p.replicas && p.adding.is_empty() && p.removing.is_empty() {
+            answers.push(Ok((*partition, 0)));
+            continue;
+        }
+        let adding: Vec<BrokerId> = target
+            .iter()
+            .copied()
+            .filter(|r| !original.contains(r))
+            .collect();
+        let removing: Vec<BrokerId> = original
+            .iter()
+            .copied()
+            .filter(|r| !target.contains(r))
+            .collect();
+        // Nothing to copy: done at once (replicas only leave, or the order changes).
+        if adding.is_empty() {
+            if let Some(r) = finish_reassignment(img, topic, t.id, *partition, p, target, &p.isr) {
+                records.push(r);
+                answers.push(Ok((*partition, 0)));
+                continue;
+            }
+        }
+        let replicas: Vec<BrokerId> = target.iter().chain(removing.iter()).copied().collect();
+        // The ISR keeps only replicas still listed (a replaced plan may drop some).
+        let isr: Vec<BrokerId> = p
+            .isr
+            .iter()
+            .copied()
+            .filter(|r| replicas.contains(r))
+            .collect();
+        let leader = if isr.contains(&p.leader) {
+            p.leader
+        } else {
+            NO_LEADER
+        };
+        records.push(MetadataRecord::PartitionReplicas {
+            name: topic.clone(),
+            id: t.id,
+            partition: *partition,
+            replicas,
+            adding,
+            removing,
+            leader,
+            leader_epoch: if leader != p.leader {
+                p.leader_epoch + 1
+            } else {
+                p.leader_epoch
+            },
+            isr,
+            partition_epoch: p.partition_epoch + 1,
+        });
+        answers.push(Ok((*partition, 0)));
+    }
+    (answers, records)
 }
 
 fn change(

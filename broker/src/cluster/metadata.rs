@@ -54,6 +54,11 @@ pub struct PartitionMeta {
     /// Grows with every leader or ISR change (KRaft's partition epoch).
     #[serde(default)]
     pub partition_epoch: i32,
+    /// A running reassignment (KIP-455): replicas joining, and replicas leaving.
+    #[serde(default)]
+    pub adding: Vec<i32>,
+    #[serde(default)]
+    pub removing: Vec<i32>,
 }
 
 fn no_leader() -> i32 {
@@ -200,6 +205,8 @@ impl Image {
                         isr: cp.isr.clone(),
                         leader: cp.leader,
                         partition_epoch: cp.partition_epoch,
+                        adding: cp.adding.clone(),
+                        removing: cp.removing.clone(),
                     }
                 })
                 .collect();
@@ -451,6 +458,8 @@ pub fn assign_shards(image: &mut Image, count: usize, shards: usize) -> Vec<Part
                 isr: Vec::new(),
                 leader: -1,
                 partition_epoch: 0,
+                adding: Vec::new(),
+                removing: Vec::new(),
             }
         })
         .collect()

@@ -19,6 +19,7 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
+pub mod reassign;
 
 use bytes::Bytes;
 use futures::future::LocalBoxFuture;
@@ -49,6 +50,8 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::CreatePartitions => ready(admin::handle_create_partitions(frame).await),
         ApiKey::DescribeConfigs => ready(admin::handle_describe_configs(frame)),
         ApiKey::ElectLeaders => ready(elect_leaders::handle(frame).await),
+        ApiKey::AlterPartitionReassignments => ready(reassign::handle_alter(frame).await),
+        ApiKey::ListPartitionReassignments => ready(reassign::handle_list(frame).await),
         ApiKey::AlterConfigs => ready(alter_configs::handle_alter_configs(frame).await),
         ApiKey::IncrementalAlterConfigs => {
             ready(alter_configs::handle_incremental_alter_configs(frame).await)

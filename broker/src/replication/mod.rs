@@ -260,6 +260,8 @@ mod tests {
             isr: isr.to_vec(),
             leader,
             partition_epoch: pe,
+            adding: Vec::new(),
+            removing: Vec::new(),
         }
     }
 

@@ -77,6 +77,20 @@ pub enum MetadataRecord {
         isr: Vec<BrokerId>,
         partition_epoch: i32,
     },
+    /// A partition's whole replica state: a reassignment begins, completes or is cancelled
+    /// (KIP-455). Checked like `PartitionChange`; `adding` and `removing` are replicas.
+    PartitionReplicas {
+        name: String,
+        id: Uuid,
+        partition: i32,
+        replicas: Vec<BrokerId>,
+        adding: Vec<BrokerId>,
+        removing: Vec<BrokerId>,
+        leader: BrokerId,
+        leader_epoch: i32,
+        isr: Vec<BrokerId>,
+        partition_epoch: i32,
+    },
     /// Producer ids below `end` are handed out (to `node_id`'s block); `end` only grows.
     ProducerIdBlock {
         node_id: BrokerId,
@@ -116,11 +130,37 @@ pub struct BrokerRegistration {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterPartition {
+    /// While a reassignment runs: the target replicas, then those being removed (KIP-455).
     pub replicas: Vec<BrokerId>,
     pub isr: Vec<BrokerId>,
     pub leader: BrokerId,
     pub leader_epoch: i32,
     pub partition_epoch: i32,
+    /// A running reassignment: replicas joining, and replicas leaving once they have joined.
+    #[serde(default)]
+    pub adding: Vec<BrokerId>,
+    #[serde(default)]
+    pub removing: Vec<BrokerId>,
+}
+
+impl ClusterPartition {
+    /// The replicas a running reassignment moves to (all replicas otherwise).
+    pub fn target(&self) -> Vec<BrokerId> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.removing.contains(r))
+            .collect()
+    }
+
+    /// The replicas before a running reassignment began.
+    pub fn original(&self) -> Vec<BrokerId> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|r| !self.adding.contains(r))
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +354,58 @@ impl ClusterImage {
                 p.isr = isr.clone();
                 p.partition_epoch = *partition_epoch;
             }
+            PartitionReplicas {
+                name,
+                id,
+                partition,
+                replicas,
+                adding,
+                removing,
+                leader,
+                leader_epoch,
+                isr,
+                partition_epoch,
+            } => {
+                let t = self.topic_mut(name, *id)?;
+                let p = usize::try_from(*partition)
+                    .ok()
+                    .and_then(|i| t.partitions.get_mut(i))
+                    .ok_or_else(|| format!("unknown partition {name}-{partition}"))?;
+                if *partition_epoch <= p.partition_epoch || *leader_epoch < p.leader_epoch {
+                    return Err(format!("stale replica change of {name}-{partition}"));
+                }
+                let set: BTreeSet<_> = replicas.iter().collect();
+                if replicas.is_empty()
+                    || set.len() != replicas.len()
+                    || replicas.iter().any(|b| *b < 0)
+                {
+                    return Err(format!(
+                        "bad replica list {replicas:?} for {name}-{partition}"
+                    ));
+                }
+                if isr
+                    .iter()
+                    .chain(adding)
+                    .chain(removing)
+                    .any(|b| !set.contains(b))
+                {
+                    return Err(format!(
+                        "ISR, adding or removing of {name}-{partition} names a non-replica"
+                    ));
+                }
+                if *leader != NO_LEADER && !isr.contains(leader) {
+                    return Err(format!(
+                        "leader {leader} of {name}-{partition} is not in its ISR"
+                    ));
+                }
+                p.replicas = replicas.clone();
+                p.adding = adding.clone();
+                p.removing = removing.clone();
+                p.leader = *leader;
+                p.leader_epoch = *leader_epoch;
+                p.isr = isr.clone();
+                p.partition_epoch = *partition_epoch;
+            }
             ProducerIdBlock { end, .. } => {
                 if *end <= self.producer_id_block_end {
                     return Err(format!(
@@ -363,6 +455,8 @@ fn new_partitions(lists: &[Vec<BrokerId>]) -> Result<Vec<ClusterPartition>, Stri
                 leader: replicas[0],
                 leader_epoch: 0,
                 partition_epoch: 0,
+                adding: Vec::new(),
+                removing: Vec::new(),
             })
         })
         .collect()

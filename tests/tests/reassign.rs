@@ -1,0 +1,303 @@
+//! Partition reassignment (issue #13, KIP-455) on broker processes on loopback: a fourth broker
+//! is commissioned and takes replicas under a steady acks=all producer; a reassignment that
+//! cannot finish is listed and cancelled.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kafka_protocol::messages::alter_partition_reassignments_request::{
+    ReassignablePartition, ReassignableTopic,
+};
+use kafka_protocol::messages::{
+    AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, ApiKey, BrokerId,
+    ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use weir_tests::{admin, eventually, raw, workload, Broker, Cluster};
+
+const FAST: &[(&str, &str)] = &[
+    ("replica.lag.time.max.ms", "4000"),
+    ("replica.fetch.wait.max.ms", "200"),
+    ("replica.fetch.backoff.ms", "200"),
+];
+
+/// (leader, replicas, isr) per partition of `topic` as broker `b` reports it.
+fn partitions(b: &Broker, topic: &str) -> Option<Vec<(i32, Vec<i32>, Vec<i32>)>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create()
+        .ok()?;
+    let m = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+    let t = m.topics().iter().find(|t| t.name() == topic)?;
+    let mut v: Vec<_> = t
+        .partitions()
+        .iter()
+        .map(|p| {
+            let mut isr = p.isr().to_vec();
+            isr.sort_unstable();
+            (p.id(), (p.leader(), p.replicas().to_vec(), isr))
+        })
+        .collect();
+    v.sort_by_key(|(id, _)| *id);
+    Some(v.into_iter().map(|(_, x)| x).collect())
+}
+
+fn reassign(b: &Broker, topic: &str, plan: &[(i32, Option<Vec<i32>>)]) -> Vec<(i32, i16)> {
+    let mut c = raw::Conn::new(&b.bootstrap());
+    let req = AlterPartitionReassignmentsRequest::default()
+        .with_timeout_ms(30_000)
+        .with_topics(vec![ReassignableTopic::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(
+                plan.iter()
+                    .map(|(p, r)| {
+                        ReassignablePartition::default()
+                            .with_partition_index(*p)
+                            .with_replicas(
+                                r.as_ref().map(|r| r.iter().map(|&b| BrokerId(b)).collect()),
+                            )
+                    })
+                    .collect(),
+            )]);
+    let r: AlterPartitionReassignmentsResponse =
+        c.call(ApiKey::AlterPartitionReassignments, 0, &req);
+    assert_eq!(r.error_code, 0);
+    r.responses[0]
+        .partitions
+        .iter()
+        .map(|p| (p.partition_index, p.error_code))
+        .collect()
+}
+
+/// Ongoing reassignments: partition -> (replicas, adding, removing).
+fn ongoing(b: &Broker) -> BTreeMap<i32, (Vec<i32>, Vec<i32>, Vec<i32>)> {
+    let mut c = raw::Conn::new(&b.bootstrap());
+    let r: ListPartitionReassignmentsResponse = c.call(
+        ApiKey::ListPartitionReassignments,
+        0,
+        &ListPartitionReassignmentsRequest::default()
+            .with_timeout_ms(30_000)
+            .with_topics(None),
+    );
+    assert_eq!(r.error_code, 0);
+    let ids = |v: &[BrokerId]| v.iter().map(|b| b.0).collect::<Vec<_>>();
+    r.topics
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .map(|p| {
+            (
+                p.partition_index,
+                (
+                    ids(&p.replicas),
+                    ids(&p.adding_replicas),
+                    ids(&p.removing_replicas),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn log_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| std::fs::read(f).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_fourth_broker_takes_replicas_under_load_without_losing_records() {
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(0), "move", 6, 2, &[]).expect("create");
+    assert!(eventually(Duration::from_secs(30), || partitions(
+        c.node(0),
+        "move"
+    )
+    .is_some_and(|v| v
+        .iter()
+        .all(|(l, r, isr)| *l >= 0 && isr.len() == r.len()))));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut cfg = c.node(0).client_config();
+    cfg.set(
+        "bootstrap.servers",
+        (0..3)
+            .map(|i| c.node(i).bootstrap())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .set("acks", "all")
+    .set("enable.idempotence", "true")
+    .set("linger.ms", "5")
+    .set("message.timeout.ms", "120000")
+    .set("topic.metadata.refresh.interval.ms", "500");
+    let producer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (p, acks) = workload::producer(&cfg);
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                workload::send(&p, "move", i);
+                i += 1;
+                if i % 20 == 0 {
+                    p.poll(Duration::from_millis(5));
+                }
+            }
+            use rdkafka::producer::Producer;
+            p.flush(Duration::from_secs(120)).expect("flush");
+            (i, acks)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Commission broker 3, then spread every partition over brokers 0-3.
+    let new = c.add_broker();
+    assert_eq!(new, 3);
+    let plan: Vec<(i32, Option<Vec<i32>>)> = (0..6)
+        .map(|p| (p, Some(vec![(p % 4), ((p + 1) % 4)])))
+        .collect();
+    let codes = reassign(c.node(1), "move", &plan);
+    assert!(codes.iter().all(|(_, code)| *code == 0), "{codes:?}");
+    // Verify: until no reassignment is listed (asked of the broker that took the change, which
+    // answered once it had applied it).
+    assert!(
+        eventually(Duration::from_secs(60), || ongoing(c.node(1)).is_empty()),
+        "reassignments still running: {:?}",
+        ongoing(c.node(1))
+    );
+    let v = partitions(c.node(1), "move").expect("metadata");
+    for (p, target) in &plan {
+        let (leader, replicas, _) = &v[*p as usize];
+        assert_eq!(Some(replicas), target.as_ref(), "partition {p}");
+        assert!(
+            replicas.contains(leader),
+            "partition {p} led by a replica: {leader}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, acks) = producer.join().expect("producer");
+    assert_eq!(
+        acks.failed.load(Ordering::Relaxed),
+        0,
+        "{:?}",
+        acks.last_error.lock().unwrap()
+    );
+    let mut acked = acks.acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), sent);
+    acked.sort_by_key(|a| a.idx);
+    let got = workload::consume(
+        &c.node(3).client_config(),
+        "move",
+        6,
+        acked.len(),
+        Duration::from_secs(60),
+    );
+    workload::verify(&acked, &got);
+    eprintln!("{sent} records acknowledged across the reassignment");
+
+    // Replicas hold byte-identical logs; brokers that left a partition deleted it.
+    for i in 0..4 {
+        assert!(c.stop(i), "broker {i} stops cleanly");
+    }
+    for (p, target) in &plan {
+        let target = target.as_ref().unwrap();
+        for b in 0..4usize {
+            let dir = c.node(b).data_dir().join(format!("move-{p}"));
+            assert_eq!(
+                dir.exists(),
+                target.contains(&(b as i32)),
+                "broker {b} holds move-{p}"
+            );
+        }
+        let a = log_bytes(
+            &c.node(target[0] as usize)
+                .data_dir()
+                .join(format!("move-{p}")),
+        );
+        let b = log_bytes(
+            &c.node(target[1] as usize)
+                .data_dir()
+                .join(format!("move-{p}")),
+        );
+        assert!(
+            !a.is_empty() && a == b,
+            "move-{p}: replicas differ ({} / {} bytes)",
+            a.len(),
+            b.len()
+        );
+    }
+}
+
+#[test]
+fn a_reassignment_that_cannot_finish_is_listed_and_cancelled() {
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(0), "stuck", 1, 2, &[]).expect("create");
+    let mut before = None;
+    assert!(eventually(Duration::from_secs(30), || {
+        before = partitions(c.node(0), "stuck");
+        before
+            .as_ref()
+            .is_some_and(|v| v[0].0 >= 0 && v[0].2.len() == 2)
+    }));
+    let (_, original, _) = before.unwrap().remove(0);
+    let spare = (0..3).find(|b| !original.contains(b)).unwrap();
+    // The broker to add is down: the reassignment cannot complete.
+    c.stop(spare as usize);
+    let target = vec![original[0], spare];
+    assert_eq!(
+        reassign(
+            c.node(original[0] as usize),
+            "stuck",
+            &[(0, Some(target.clone()))]
+        ),
+        vec![(0, 0)]
+    );
+    let listed = ongoing(c.node(original[0] as usize));
+    assert_eq!(
+        listed.get(&0),
+        Some(&(
+            vec![original[0], spare, original[1]],
+            vec![spare],
+            vec![original[1]]
+        )),
+        "{listed:?}"
+    );
+    // Unknown partitions and brokers, and cancelling nothing, are refused per partition.
+    assert_eq!(
+        reassign(c.node(original[0] as usize), "stuck", &[(5, Some(vec![0]))]),
+        vec![(5, 3)]
+    );
+    assert_eq!(
+        reassign(
+            c.node(original[0] as usize),
+            "stuck",
+            &[(0, Some(vec![0, 9]))]
+        ),
+        vec![(0, 39)]
+    );
+    // Cancel: back to the original replicas.
+    assert_eq!(
+        reassign(c.node(original[0] as usize), "stuck", &[(0, None)]),
+        vec![(0, 0)]
+    );
+    assert!(ongoing(c.node(original[0] as usize)).is_empty());
+    assert_eq!(
+        reassign(c.node(original[0] as usize), "stuck", &[(0, None)]),
+        vec![(0, 85)]
+    );
+    assert!(eventually(Duration::from_secs(10), || partitions(
+        c.node(original[0] as usize),
+        "stuck"
+    )
+    .is_some_and(|v| v[0].1 == original)));
+}

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod consumer;
 pub mod partitioner;
 pub mod producer;
+pub mod reassign;
 
 use std::time::Duration;
 

@@ -43,6 +43,34 @@ enum Cmd {
     Configs(ConfigsArgs),
     /// Start, stop and show a cluster of brokers on this machine.
     Cluster(ClusterArgs),
+    /// Move partition replicas between brokers (kafka-reassign-partitions.sh).
+    ReassignPartitions(ReassignArgs),
+}
+
+#[derive(Args)]
+struct ReassignArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    /// With --generate: `{"version":1,"topics":[{"topic":"t"}]}`.
+    #[arg(long)]
+    topics_to_move_json_file: Option<std::path::PathBuf>,
+    /// With --generate: the brokers to spread replicas over, e.g. "0,1,2,3".
+    #[arg(long)]
+    broker_list: Option<String>,
+    /// With --execute, --verify, --cancel: a plan as --generate prints it.
+    #[arg(long)]
+    reassignment_json_file: Option<std::path::PathBuf>,
+    #[arg(long)]
+    generate: bool,
+    #[arg(long)]
+    execute: bool,
+    #[arg(long)]
+    verify: bool,
+    #[arg(long)]
+    cancel: bool,
+    /// Replication throttle in bytes/s (not supported yet: refused).
+    #[arg(long)]
+    throttle: Option<u64>,
 }
 
 #[derive(Args)]
@@ -272,6 +300,7 @@ fn main() {
         Cmd::ConsoleConsumer(a) => console_consumer(a),
         Cmd::ConsumerGroups(a) => groups(a),
         Cmd::Configs(a) => configs(a),
+        Cmd::ReassignPartitions(a) => reassign_partitions(a),
         Cmd::Cluster(a) => cluster(a),
     };
     if let Err(e) = r {
@@ -310,6 +339,93 @@ fn parse_add_config(text: &str) -> Result<Vec<(String, String)>> {
         out.push((k.trim().to_string(), v.to_string()));
     }
     Ok(out)
+}
+
+fn reassign_partitions(a: ReassignArgs) -> Result<()> {
+    use weir_tools::reassign;
+    let verbs = [a.generate, a.execute, a.verify, a.cancel]
+        .iter()
+        .filter(|v| **v)
+        .count();
+    anyhow::ensure!(
+        verbs == 1,
+        "give exactly one of --generate, --execute, --verify, --cancel"
+    );
+    if a.throttle.is_some() {
+        anyhow::bail!("--throttle is not supported yet: Weir does not throttle replication");
+    }
+    let mut conn = weir_tools::connect_any(
+        &a.bootstrap_server,
+        "weir-reassign-partitions",
+        std::time::Duration::from_secs(30),
+    )?;
+    let read = |p: &Option<std::path::PathBuf>, flag: &str| -> Result<String> {
+        let p = p
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("{flag} is required"))?;
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    if a.generate {
+        let topics: reassign::TopicsToMove = serde_json::from_str(&read(
+            &a.topics_to_move_json_file,
+            "--topics-to-move-json-file",
+        )?)
+        .context("parsing the topics-to-move file")?;
+        let brokers: Vec<i32> = a
+            .broker_list
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--broker-list is required"))?
+            .split(',')
+            .map(|b| b.trim().parse().context("--broker-list takes broker ids"))
+            .collect::<Result<_>>()?;
+        let (current, proposed) = reassign::generate(&mut conn, &topics, &brokers)?;
+        println!("Current partition replica assignment");
+        println!("{}", current.json());
+        println!();
+        println!("Proposed partition reassignment configuration");
+        println!("{}", proposed.json());
+        return Ok(());
+    }
+    let plan: reassign::Plan = serde_json::from_str(&read(
+        &a.reassignment_json_file,
+        "--reassignment-json-file",
+    )?)
+    .context("parsing the reassignment file")?;
+    if a.execute {
+        let current = reassign::current_of(&mut conn, &plan)?;
+        println!("Current partition replica assignment");
+        println!();
+        println!("{}", current.json());
+        println!();
+        println!("Save this to use as the --reassignment-json-file option during rollback");
+        reassign::alter(&mut conn, &plan, false)?;
+        let names: Vec<String> = plan
+            .partitions
+            .iter()
+            .map(|p| format!("{}-{}", p.topic, p.partition))
+            .collect();
+        println!(
+            "Successfully started partition reassignments for {}",
+            names.join(",")
+        );
+    } else if a.cancel {
+        reassign::alter(&mut conn, &plan, true)?;
+        let names: Vec<String> = plan
+            .partitions
+            .iter()
+            .map(|p| format!("{}-{}", p.topic, p.partition))
+            .collect();
+        println!(
+            "Successfully cancelled partition reassignments for: {}",
+            names.join(",")
+        );
+    } else {
+        let (_, lines) = reassign::verify(&mut conn, &plan)?;
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    Ok(())
 }
 
 fn configs(a: ConfigsArgs) -> Result<()> {

@@ -509,3 +509,119 @@ fn cluster_start_status_stop() {
     let status = ok(&["cluster", "status", "--dir", d], None);
     assert_eq!(status.matches(": down").count(), 3, "{status}");
 }
+
+/// kafka-reassign-partitions.sh's workflow on a 3-broker cluster: generate a plan for a topic
+/// over the brokers listed, execute it, verify until complete; the replicas are as planned.
+#[test]
+fn reassign_partitions_generate_execute_verify() {
+    let c = weir_tests::Cluster::start(3, &[("replica.fetch.wait.max.ms", "200")]);
+    let b = c.node(0).bootstrap();
+    ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            &b,
+            "--create",
+            "--topic",
+            "mv",
+            "--partitions",
+            "4",
+            "--replication-factor",
+            "1",
+        ],
+        None,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let topics = dir.path().join("topics-to-move.json");
+    std::fs::write(&topics, r#"{"version":1,"topics":[{"topic":"mv"}]}"#).unwrap();
+    // Brokers 1 and 2 only, two replicas each.
+    let out = ok(
+        &[
+            "reassign-partitions",
+            "--bootstrap-server",
+            &b,
+            "--topics-to-move-json-file",
+            topics.to_str().unwrap(),
+            "--broker-list",
+            "1,2",
+            "--generate",
+        ],
+        None,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "Current partition replica assignment");
+    assert_eq!(lines[3], "Proposed partition reassignment configuration");
+    let proposed = lines[4];
+    assert!(
+        proposed
+            .starts_with(r#"{"version":1,"partitions":[{"topic":"mv","partition":0,"replicas":["#),
+        "{proposed}"
+    );
+    // RF 1 topic: the proposal keeps RF 1, leaders alternating over 1 and 2.
+    let plan = dir.path().join("plan.json");
+    let want = r#"{"version":1,"partitions":[{"topic":"mv","partition":0,"replicas":[1],"log_dirs":["any"]},{"topic":"mv","partition":1,"replicas":[2],"log_dirs":["any"]},{"topic":"mv","partition":2,"replicas":[1],"log_dirs":["any"]},{"topic":"mv","partition":3,"replicas":[2],"log_dirs":["any"]}]}"#;
+    assert_eq!(proposed, want);
+    std::fs::write(&plan, proposed).unwrap();
+    let out = ok(
+        &[
+            "reassign-partitions",
+            "--bootstrap-server",
+            &b,
+            "--reassignment-json-file",
+            plan.to_str().unwrap(),
+            "--execute",
+        ],
+        None,
+    );
+    assert!(
+        out.contains("Successfully started partition reassignments for mv-0,mv-1,mv-2,mv-3"),
+        "{out}"
+    );
+    let mut last = String::new();
+    let done = weir_tests::eventually(std::time::Duration::from_secs(30), || {
+        last = ok(
+            &[
+                "reassign-partitions",
+                "--bootstrap-server",
+                &b,
+                "--reassignment-json-file",
+                plan.to_str().unwrap(),
+                "--verify",
+            ],
+            None,
+        );
+        last.matches("is completed.").count() == 4
+    });
+    assert!(done, "{last}");
+    let described = ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            &b,
+            "--describe",
+            "--topic",
+            "mv",
+        ],
+        None,
+    );
+    for (p, r) in [(0, 1), (1, 2), (2, 1), (3, 2)] {
+        assert!(
+            described.contains(&format!(
+                "Partition: {p}\tLeader: {r}\tReplicas: {r}\tIsr: {r}"
+            )),
+            "{described}"
+        );
+    }
+    // A throttle is refused with a clear message rather than ignored.
+    let err = fails(&[
+        "reassign-partitions",
+        "--bootstrap-server",
+        &b,
+        "--reassignment-json-file",
+        plan.to_str().unwrap(),
+        "--execute",
+        "--throttle",
+        "1000",
+    ]);
+    assert!(err.contains("--throttle is not supported"), "{err}");
+}

@@ -301,3 +301,78 @@ fn a_reassignment_that_cannot_finish_is_listed_and_cancelled() {
     )
     .is_some_and(|v| v[0].1 == original)));
 }
+
+/// A reassignment lives in the metadata log: with the active controller killed while it waits
+/// for a replica, it completes under the next controller once that replica catches up.
+#[test]
+fn a_reassignment_completes_after_the_controller_fails_over() {
+    use kafka_protocol::messages::{DescribeClusterRequest, DescribeClusterResponse};
+    let mut c = Cluster::start(3, FAST);
+    let controller = |b: &Broker| -> i32 {
+        let mut conn = raw::Conn::new(&b.bootstrap());
+        let r: DescribeClusterResponse = conn.call(
+            ApiKey::DescribeCluster,
+            0,
+            &DescribeClusterRequest::default(),
+        );
+        r.controller_id.0
+    };
+    let mut ctrl = -1;
+    assert!(eventually(Duration::from_secs(20), || {
+        ctrl = controller(c.node(0));
+        ctrl >= 0
+    }));
+    let ctrl = ctrl as usize;
+    let (a, spare) = ((ctrl + 1) % 3, (ctrl + 2) % 3);
+    // A topic on the controller's broker and one other; it moves to [a, spare].
+    let assignment: &[&[i32]] = &[&[ctrl as i32, a as i32]];
+    let t = rdkafka::admin::NewTopic::new(
+        "failover",
+        1,
+        rdkafka::admin::TopicReplication::Variable(assignment),
+    );
+    let r =
+        futures::executor::block_on(admin::client(c.node(a)).create_topics([&t], &admin::opts()))
+            .expect("CreateTopics");
+    assert!(r[0].is_ok(), "{r:?}");
+    assert!(eventually(Duration::from_secs(30), || partitions(
+        c.node(a),
+        "failover"
+    )
+    .is_some_and(|v| v[0].2.len() == 2)));
+    let acked = workload::produce(
+        &c.node(a).client_config(),
+        "failover",
+        0..500,
+        &[("acks", "all")],
+    );
+    c.stop(spare);
+    assert_eq!(
+        reassign(
+            c.node(a),
+            "failover",
+            &[(0, Some(vec![a as i32, spare as i32]))]
+        ),
+        vec![(0, 0)]
+    );
+    assert!(!ongoing(c.node(a)).is_empty());
+    c.kill(ctrl);
+    c.restart(spare);
+    assert!(
+        eventually(Duration::from_secs(60), || ongoing(c.node(a)).is_empty()
+            && partitions(c.node(a), "failover").is_some_and(|v| v[0].1
+                == [a as i32, spare as i32]
+                && v[0].2.len() == 2)),
+        "the reassignment completed under the new controller: {:?} {:?}",
+        ongoing(c.node(a)),
+        partitions(c.node(a), "failover")
+    );
+    let got = workload::consume(
+        &c.node(spare).client_config(),
+        "failover",
+        1,
+        500,
+        Duration::from_secs(30),
+    );
+    workload::verify(&acked, &got);
+}

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod client;
 pub mod cluster;
 pub mod consumer;
+pub mod log_dirs;
 pub mod partitioner;
 pub mod producer;
 pub mod reassign;

@@ -45,6 +45,39 @@ enum Cmd {
     Cluster(ClusterArgs),
     /// Move partition replicas between brokers (kafka-reassign-partitions.sh).
     ReassignPartitions(ReassignArgs),
+    /// Each broker's log directory and the replicas in it (kafka-log-dirs.sh).
+    LogDirs(LogDirsArgs),
+    /// Move leadership back to preferred replicas (kafka-leader-election.sh).
+    LeaderElection(LeaderElectionArgs),
+}
+
+#[derive(Args)]
+struct LogDirsArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    #[arg(long)]
+    describe: bool,
+    /// Broker ids separated by commas (default: all).
+    #[arg(long)]
+    broker_list: Option<String>,
+    /// Topics separated by commas (default: all).
+    #[arg(long)]
+    topic_list: Option<String>,
+}
+
+#[derive(Args)]
+struct LeaderElectionArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    /// Only `preferred` (Weir never runs unclean elections).
+    #[arg(long)]
+    election_type: String,
+    #[arg(long)]
+    all_topic_partitions: bool,
+    #[arg(long)]
+    topic: Option<String>,
+    #[arg(long)]
+    partition: Option<i32>,
 }
 
 #[derive(Args)]
@@ -301,6 +334,8 @@ fn main() {
         Cmd::ConsumerGroups(a) => groups(a),
         Cmd::Configs(a) => configs(a),
         Cmd::ReassignPartitions(a) => reassign_partitions(a),
+        Cmd::LogDirs(a) => log_dirs(a),
+        Cmd::LeaderElection(a) => leader_election(a),
         Cmd::Cluster(a) => cluster(a),
     };
     if let Err(e) = r {
@@ -339,6 +374,62 @@ fn parse_add_config(text: &str) -> Result<Vec<(String, String)>> {
         out.push((k.trim().to_string(), v.to_string()));
     }
     Ok(out)
+}
+
+fn log_dirs(a: LogDirsArgs) -> Result<()> {
+    anyhow::ensure!(a.describe, "--describe is the only action");
+    let mut conn = weir_tools::connect_any(
+        &a.bootstrap_server,
+        "weir-log-dirs",
+        std::time::Duration::from_secs(30),
+    )?;
+    let brokers: Option<Vec<i32>> = a
+        .broker_list
+        .as_deref()
+        .map(|l| {
+            l.split(',')
+                .map(|b| b.trim().parse().context("--broker-list takes broker ids"))
+                .collect::<Result<_>>()
+        })
+        .transpose()?;
+    let topics: Option<Vec<String>> = a
+        .topic_list
+        .as_deref()
+        .map(|l| l.split(',').map(|t| t.trim().to_string()).collect());
+    let (ids, json) =
+        weir_tools::log_dirs::describe(&mut conn, brokers.as_deref(), topics.as_deref())?;
+    println!("Querying brokers for log directories information");
+    println!(
+        "Received log directory information from brokers {}",
+        ids.iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!("{json}");
+    Ok(())
+}
+
+fn leader_election(a: LeaderElectionArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.election_type.eq_ignore_ascii_case("preferred"),
+        "--election-type {} is not supported: Weir elects preferred leaders only (no unclean elections)",
+        a.election_type
+    );
+    let partitions = match (a.all_topic_partitions, &a.topic, a.partition) {
+        (true, None, None) => None,
+        (false, Some(t), Some(p)) => Some(vec![(t.clone(), p)]),
+        _ => anyhow::bail!("give --all-topic-partitions, or --topic and --partition"),
+    };
+    let mut conn = weir_tools::connect_any(
+        &a.bootstrap_server,
+        "weir-leader-election",
+        std::time::Duration::from_secs(30),
+    )?;
+    for line in weir_tools::log_dirs::elect_preferred(&mut conn, partitions.as_deref())? {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn reassign_partitions(a: ReassignArgs) -> Result<()> {

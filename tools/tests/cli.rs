@@ -612,6 +612,63 @@ fn reassign_partitions_generate_execute_verify() {
             "{described}"
         );
     }
+    // kafka-log-dirs.sh: each broker lists the replicas it now holds, with their sizes.
+    let out = ok(
+        &[
+            "log-dirs",
+            "--bootstrap-server",
+            &b,
+            "--describe",
+            "--topic-list",
+            "mv",
+        ],
+        None,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "Querying brokers for log directories information");
+    assert_eq!(
+        lines[1],
+        "Received log directory information from brokers 0,1,2"
+    );
+    let json: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+    let held = |broker: i64| -> Vec<String> {
+        let b = json["brokers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["broker"] == broker)
+            .unwrap();
+        let mut v: Vec<String> = b["logDirs"][0]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["partition"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(held(0), Vec::<String>::new());
+    assert_eq!(held(1), vec!["mv-0", "mv-2"]);
+    assert_eq!(held(2), vec!["mv-1", "mv-3"]);
+    // kafka-leader-election.sh: every leader is already its preferred replica.
+    let out = ok(
+        &[
+            "leader-election",
+            "--bootstrap-server",
+            &b,
+            "--election-type",
+            "preferred",
+            "--topic",
+            "mv",
+            "--partition",
+            "1",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.trim(),
+        "Valid replica already elected for partitions mv-1"
+    );
     // A throttle is refused with a clear message rather than ignored.
     let err = fails(&[
         "reassign-partitions",

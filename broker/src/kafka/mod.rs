@@ -17,6 +17,7 @@ pub mod fetch_session;
 pub mod groups;
 pub mod init_producer_id;
 pub mod list_offsets;
+pub mod log_dirs;
 pub mod metadata;
 pub mod produce;
 pub mod reassign;
@@ -50,6 +51,7 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::CreatePartitions => ready(admin::handle_create_partitions(frame).await),
         ApiKey::DescribeConfigs => ready(admin::handle_describe_configs(frame)),
         ApiKey::ElectLeaders => ready(elect_leaders::handle(frame).await),
+        ApiKey::DescribeLogDirs => ready(log_dirs::handle(frame).await),
         ApiKey::AlterPartitionReassignments => ready(reassign::handle_alter(frame).await),
         ApiKey::ListPartitionReassignments => ready(reassign::handle_list(frame).await),
         ApiKey::AlterConfigs => ready(alter_configs::handle_alter_configs(frame).await),

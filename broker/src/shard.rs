@@ -212,6 +212,9 @@ pub enum ControlOp {
     /// ElectLeaders: (topic, partition) list, preferred (true) or unclean election. Answered
     /// `Ok((partition, error code))` per partition, in order.
     ElectLeaders(Vec<(String, i32)>, bool),
+    /// UnregisterBroker: removes a stopped broker that holds no replicas. Answered
+    /// `Ok((0, error code))`.
+    UnregisterBroker(i32),
     /// AlterPartitionReassignments: (topic, partition, target replicas or None to cancel).
     /// Answered `Ok((partition, error code))` per partition, in order.
     AlterReassignments(Vec<(String, i32, Option<Vec<i32>>)>),

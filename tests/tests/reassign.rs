@@ -376,3 +376,92 @@ fn a_reassignment_completes_after_the_controller_fails_over() {
     );
     workload::verify(&acked, &got);
 }
+
+fn unregister(b: &Broker, id: i32) -> (i16, Option<String>) {
+    use kafka_protocol::messages::{UnregisterBrokerRequest, UnregisterBrokerResponse};
+    let mut c = raw::Conn::new(&b.bootstrap());
+    let r: UnregisterBrokerResponse = c.call(
+        ApiKey::UnregisterBroker,
+        0,
+        &UnregisterBrokerRequest::default().with_broker_id(BrokerId(id)),
+    );
+    (r.error_code, r.error_message.map(|m| m.to_string()))
+}
+
+/// Decommissioning broker 0: its replicas are moved off by reassignment, it stops, and it is
+/// unregistered; clients go on with the other two.
+#[test]
+fn a_broker_is_drained_stopped_and_unregistered() {
+    let mut c = Cluster::start(3, FAST);
+    admin::create(c.node(1), "dec", 3, 2, &[]).expect("create");
+    let mut v = None;
+    assert!(eventually(Duration::from_secs(30), || {
+        v = partitions(c.node(1), "dec");
+        v.as_ref()
+            .is_some_and(|v| v.iter().all(|(l, r, isr)| *l >= 0 && isr.len() == r.len()))
+    }));
+    let cfg = c.node(1).client_config();
+    let mut acked = workload::produce(&cfg, "dec", 0..300, &[("acks", "all")]);
+    let plan: Vec<(i32, Option<Vec<i32>>)> = v
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(p, (_, replicas, _))| {
+            let spare = (0..3).find(|b| !replicas.contains(b)).unwrap();
+            let target = replicas
+                .iter()
+                .map(|&r| if r == 0 { spare } else { r })
+                .collect();
+            (p as i32, Some(target))
+        })
+        .collect();
+    let codes = reassign(c.node(1), "dec", &plan);
+    assert!(codes.iter().all(|(_, code)| *code == 0), "{codes:?}");
+    // The group coordinator's topic has replicas on every broker: RF 3 becomes RF 2 without 0.
+    let offsets = partitions(c.node(1), "__consumer_offsets").expect("__consumer_offsets");
+    let drain: Vec<(i32, Option<Vec<i32>>)> = offsets
+        .iter()
+        .enumerate()
+        .map(|(p, (_, r, _))| {
+            (
+                p as i32,
+                Some(r.iter().copied().filter(|&b| b != 0).collect()),
+            )
+        })
+        .collect();
+    let codes = reassign(c.node(1), "__consumer_offsets", &drain);
+    assert!(codes.iter().all(|(_, code)| *code == 0), "{codes:?}");
+    let off_0 = |t: &str| {
+        partitions(c.node(1), t).is_some_and(|v| v.iter().all(|(_, r, _)| !r.contains(&0)))
+    };
+    assert!(eventually(Duration::from_secs(60), || ongoing(c.node(1))
+        .is_empty()
+        && off_0("dec")
+        && off_0("__consumer_offsets")));
+    let (code, msg) = unregister(c.node(1), 0);
+    assert_eq!(code, 42, "a running broker is not unregistered: {msg:?}");
+    assert!(c.stop(0), "broker 0 stops cleanly");
+    assert_eq!(unregister(c.node(1), 0), (0, None));
+    assert_eq!(
+        unregister(c.node(2), 0).0,
+        102,
+        "BROKER_ID_NOT_REGISTERED once it is gone"
+    );
+    // Clients go on with brokers 1 and 2.
+    let more = workload::produce(
+        &c.node(2).client_config(),
+        "dec",
+        300..600,
+        &[("acks", "all")],
+    );
+    acked.extend(more);
+    acked.sort_by_key(|a| a.idx);
+    let got = workload::consume(
+        &c.node(2).client_config(),
+        "dec",
+        3,
+        600,
+        Duration::from_secs(30),
+    );
+    workload::verify(&acked, &got);
+}

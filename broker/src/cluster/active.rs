@@ -229,6 +229,7 @@ impl Active {
                 decide::alter_topic_configs(&image, &self.cfg, edits, *validate_only)
             }
             ControlOp::AlterReassignments(list) => decide::alter_reassignments(&image, list),
+            ControlOp::UnregisterBroker(id) => decide::unregister_broker(&image, *id),
             ControlOp::ElectLeaders(list, preferred) => {
                 decide::elect_leaders(&image, list, *preferred)
             }

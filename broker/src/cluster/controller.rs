@@ -107,6 +107,9 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
                 }))
             })
             .collect(),
+        ControlOp::UnregisterBroker(_) => vec![Err(TopicError::InvalidRequest(
+            "a single node cannot unregister itself".into(),
+        ))],
         // A single node leads every partition: there is nothing to elect.
         ControlOp::ElectLeaders(list, _) => list
             .into_iter()
@@ -293,6 +296,7 @@ async fn forward(op: ControlOp) -> ControlReply {
         ControlOp::AlterPartition { .. } => 1,
         ControlOp::ElectLeaders(list, _) => list.len(),
         ControlOp::AlterReassignments(list) => list.len(),
+        ControlOp::UnregisterBroker(_) => 1,
     };
     let fail = |why: String| vec![Err(TopicError::InvalidRequest(why)); n];
     let Some(agent) = agent::agent() else {

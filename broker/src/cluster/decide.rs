@@ -550,6 +550,50 @@ pub fn leader_imbalance(img: &ClusterImage, percentage: u32) -> Vec<(String, i32
     out
 }
 
+/// UnregisterBroker (decommissioning): removes a broker's registration, so it leaves the
+/// metadata for good. Only a stopped (fenced) broker that holds no replica may go: a running
+/// one would register again, and replicas on it would be lost (reassign them first).
+pub fn unregister_broker(
+    img: &ClusterImage,
+    id: BrokerId,
+) -> (Vec<Result<(i32, i16), TopicError>>, Vec<MetadataRecord>) {
+    let Some(b) = img.brokers.get(&id) else {
+        return (
+            vec![Ok((0, crate::kafka::errors::BROKER_ID_NOT_REGISTERED))],
+            Vec::new(),
+        );
+    };
+    if !b.fenced {
+        return (
+            vec![Err(TopicError::InvalidRequest(format!(
+                "Broker {id} is running: stop it before unregistering it"
+            )))],
+            Vec::new(),
+        );
+    }
+    let held = img
+        .topics
+        .values()
+        .flat_map(|t| t.partitions.iter())
+        .filter(|p| p.replicas.contains(&id))
+        .count();
+    if held > 0 {
+        return (
+            vec![Err(TopicError::InvalidRequest(format!(
+                "Broker {id} still holds replicas of {held} partitions: reassign them first"
+            )))],
+            Vec::new(),
+        );
+    }
+    (
+        vec![Ok((0, 0))],
+        vec![MetadataRecord::UnregisterBroker {
+            node_id: id,
+            epoch: b.epoch,
+        }],
+    )
+}
+
 /// A leader's AlterPartition: its new ISR, if it still leads at the epochs it saw (else
 /// FENCED_LEADER_EPOCH or INVALID_UPDATE_VERSION, as Kafka answers), and the ISR holds the
 /// leader, only replicas, and only unfenced brokers joining (else INELIGIBLE_REPLICA).

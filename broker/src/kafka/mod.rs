@@ -54,6 +54,7 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::DescribeLogDirs => ready(log_dirs::handle(frame).await),
         ApiKey::AlterPartitionReassignments => ready(reassign::handle_alter(frame).await),
         ApiKey::ListPartitionReassignments => ready(reassign::handle_list(frame).await),
+        ApiKey::UnregisterBroker => ready(reassign::handle_unregister(frame).await),
         ApiKey::AlterConfigs => ready(alter_configs::handle_alter_configs(frame).await),
         ApiKey::IncrementalAlterConfigs => {
             ready(alter_configs::handle_incremental_alter_configs(frame).await)

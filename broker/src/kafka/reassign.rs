@@ -145,3 +145,25 @@ pub async fn handle_list(frame: RequestFrame) -> Result<Response, String> {
         .with_topics(topics);
     respond(&frame, OutBuf::new(), &resp)
 }
+
+/// UnregisterBroker v0 (decommissioning, KIP-500 era): forwarded to the controller
+/// (`decide::unregister_broker`).
+pub async fn handle_unregister(frame: RequestFrame) -> Result<Response, String> {
+    let req: kafka_protocol::messages::UnregisterBrokerRequest = decode(&frame)?;
+    let s = shard();
+    let answer = controller::request(&s, ControlOp::UnregisterBroker(req.broker_id.0))
+        .await
+        .unwrap_or_default();
+    let (code, msg) = match answer.first() {
+        Some(Ok((_, code))) => (*code, None),
+        Some(Err(e)) => (e.code(), Some(e.message())),
+        None => (
+            NOT_CONTROLLER,
+            Some("the controller did not answer".to_string()),
+        ),
+    };
+    let resp = kafka_protocol::messages::UnregisterBrokerResponse::default()
+        .with_error_code(code)
+        .with_error_message(msg.map(StrBytes::from_string));
+    respond(&frame, OutBuf::new(), &resp)
+}

@@ -1,4 +1,4 @@
-//! DescribeLogDirs v0-4 (what kafka-log-dirs.sh shows): this broker's one log directory (the
+//! DescribeLogDirs v1-4 (what kafka-log-dirs.sh shows): this broker's one log directory (the
 //! data dir), each replica it holds with its size on disk and offset lag (HW - LEO, floored
 //! at 0, as Kafka computes it), and the directory's total and usable bytes (v4). Each shard
 //! reports its own replicas.

@@ -19,7 +19,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 2),
     (ApiKey::DescribeCluster, 0, 0),
     (ApiKey::ElectLeaders, 0, 2),
-    (ApiKey::DescribeLogDirs, 0, 4),
+    (ApiKey::DescribeLogDirs, 1, 4),
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
     (ApiKey::UnregisterBroker, 0, 0),

@@ -641,6 +641,32 @@ impl Shard {
         }
     }
 
+    /// Empties a follower replica whose log ends below its leader's log start and restarts it
+    /// at that offset.
+    pub async fn reset_replica(&self, p: &Rc<Partition>, offset: i64) -> Result<(), i16> {
+        let _permit = p.io_lock.acquire_permit(1).await;
+        if p.deleted.get() {
+            return Err(UNKNOWN_TOPIC_OR_PARTITION);
+        }
+        let r = PartitionLog::reset_to(&p.log, offset).await;
+        self.check_pending_ledger();
+        self.cache
+            .borrow_mut()
+            .forget(p.id, &mut p.cache.borrow_mut());
+        match r {
+            Ok(()) => {
+                p.repl.borrow_mut().high_watermark = offset;
+                tracing::warn!(topic = %p.topic, partition = p.index, offset, "replica restarted at the leader's log start");
+                p.appended.notify(usize::MAX);
+                Ok(())
+            }
+            Err(e) => {
+                self.on_write_error(p, e, "reset");
+                Err(KAFKA_STORAGE_ERROR)
+            }
+        }
+    }
+
     /// Waits until every (partition, end) is fdatasynced on this broker.
     pub async fn wait_synced(&self, waits: &[(Rc<Partition>, i64)]) -> Result<(), i16> {
         self.wait_stored(waits, true).await
@@ -1192,9 +1218,11 @@ impl Shard {
         if p.failed.get() {
             return (-1, KAFKA_STORAGE_ERROR);
         }
+        // Only committed records can be deleted: up to the high watermark.
         let (start, high_watermark, dir) = {
             let l = p.log.borrow();
-            (l.log_start_offset, l.log_end_offset, l.dir.clone())
+            let hw = p.repl.borrow().high_watermark.min(l.log_end_offset);
+            (l.log_start_offset, hw, l.dir.clone())
         };
         let target = if offset == -1 { high_watermark } else { offset };
         if target < 0 || target > high_watermark {

@@ -465,3 +465,78 @@ fn a_broker_is_drained_stopped_and_unregistered() {
     );
     workload::verify(&acked, &got);
 }
+
+/// A replica added to a partition whose start DeleteRecords moved begins at the leader's log
+/// start (it cannot copy what is gone), completes the reassignment, and serves the records
+/// after the cut when it leads.
+#[test]
+fn a_new_replica_starts_at_the_leaders_log_start() {
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut c = Cluster::start(3, FAST);
+    let assignment: &[&[i32]] = &[&[0]];
+    let t = rdkafka::admin::NewTopic::new(
+        "cut",
+        1,
+        rdkafka::admin::TopicReplication::Variable(assignment),
+    );
+    let r =
+        futures::executor::block_on(admin::client(c.node(1)).create_topics([&t], &admin::opts()))
+            .expect("CreateTopics");
+    assert!(r[0].is_ok(), "{r:?}");
+    assert!(eventually(Duration::from_secs(30), || partitions(
+        c.node(1),
+        "cut"
+    )
+    .is_some_and(|v| v[0].0 == 0)));
+    let acked = workload::produce(
+        &c.node(0).client_config(),
+        "cut",
+        0..200,
+        &[("acks", "all")],
+    );
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("cut", 0, Offset::Offset(120))
+        .unwrap();
+    let r =
+        futures::executor::block_on(admin::client(c.node(0)).delete_records(&tpl, &admin::opts()))
+            .expect("DeleteRecords");
+    assert!(r.find_partition("cut", 0).unwrap().error().is_ok());
+    assert_eq!(
+        reassign(c.node(1), "cut", &[(0, Some(vec![0, 1]))]),
+        vec![(0, 0)]
+    );
+    if !eventually(Duration::from_secs(30), || ongoing(c.node(1)).is_empty()) {
+        panic!(
+            "the new replica never caught up: {:?}\n{}\n{}",
+            ongoing(c.node(1)),
+            c.node(1).log(),
+            c.node(0).log()
+        );
+    }
+    assert!(c
+        .node(1)
+        .log()
+        .contains("replica restarted at the leader's log start"));
+    // Broker 1 alone: it leads and serves the records from the cut on.
+    c.kill(0);
+    assert!(eventually(Duration::from_secs(30), || partitions(
+        c.node(1),
+        "cut"
+    )
+    .is_some_and(|v| v[0].0 == 1)));
+    let consumer = workload::consumer(&c.node(1).client_config());
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("cut", 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut offsets = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while offsets.len() < 80 && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            use rdkafka::Message;
+            offsets.push(m.offset());
+        }
+    }
+    assert_eq!(offsets, (120..200).collect::<Vec<i64>>());
+    assert_eq!(acked.len(), 200);
+}

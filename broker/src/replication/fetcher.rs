@@ -360,6 +360,14 @@ async fn apply(s: &Rc<Shard>, leader: i32, items: Vec<Fetched>) -> bool {
         }
         match f.error {
             NONE => {}
+            OFFSET_OUT_OF_RANGE
+                if f.leader_log_start > f.fetch_offset
+                    && p.log.borrow().log_end_offset == f.fetch_offset =>
+            {
+                // What this replica would copy next is gone at the leader: start over there.
+                let _ = s.reset_replica(&p, f.leader_log_start).await;
+                continue;
+            }
             OFFSET_OUT_OF_RANGE => {
                 tracing::warn!(topic = %f.topic, partition = f.partition, offset = f.fetch_offset, leader_log_start = f.leader_log_start, "follower fetch offset out of range at the leader");
                 refused = true;
@@ -381,8 +389,24 @@ async fn apply(s: &Rc<Shard>, leader: i32, items: Vec<Fetched>) -> bool {
             continue;
         }
         let mut leo = f.fetch_offset;
+        let mut next = f.fetch_offset;
+        // An empty replica that starts at the leader's log start inside a batch takes the
+        // whole batch: it restarts at the batch's base (the log start then moves up below).
+        if let Some(h) = batch::Header::new(&f.records) {
+            let empty = {
+                let l = p.log.borrow();
+                l.log_end_offset == l.log_start_offset
+            };
+            if empty && h.base_offset() < next && h.last_offset() >= next {
+                let base = h.base_offset();
+                if s.reset_replica(&p, base).await.is_err() {
+                    continue;
+                }
+                next = base;
+            }
+        }
         if !f.records.is_empty() {
-            match batch::validate_replica(&f.records, f.fetch_offset) {
+            match batch::validate_replica(&f.records, next) {
                 Ok(batches) if !batches.is_empty() => match s.append_replica(&p, &batches).await {
                     Ok(end) => {
                         leo = end;
@@ -400,10 +424,18 @@ async fn apply(s: &Rc<Shard>, leader: i32, items: Vec<Fetched>) -> bool {
                 }
             }
         }
-        let mut r = p.repl.borrow_mut();
-        let hw = f.high_watermark.min(leo);
-        if hw > r.high_watermark {
-            r.high_watermark = hw;
+        {
+            let mut r = p.repl.borrow_mut();
+            let hw = f.high_watermark.min(leo);
+            if hw > r.high_watermark {
+                r.high_watermark = hw;
+            }
+        }
+        // The leader's log start (DeleteRecords, retention) moves this replica's too.
+        if f.leader_log_start > p.log.borrow().log_start_offset {
+            let _ = s
+                .delete_records(&f.topic, f.partition, f.leader_log_start)
+                .await;
         }
     }
     if !waits.is_empty() {

@@ -387,6 +387,47 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Empties the log and restarts it at `offset` (Kafka's truncate-fully-and-start-at): a
+    /// follower whose log end is below its leader's log start (retention or DeleteRecords
+    /// removed what it would copy). Deletes every segment, the producer snapshots and the
+    /// epoch checkpoint, creates an empty segment based at `offset`, and reopens. The caller
+    /// holds the I/O lock and appends nothing meanwhile.
+    pub async fn reset_to(log: &std::cell::RefCell<PartitionLog>, offset: i64) -> Result<()> {
+        PartitionLog::write_all(log).await?;
+        let (dir, config, epoch, ledger, paths) = {
+            let l = log.borrow();
+            (
+                l.dir.clone(),
+                l.config.clone(),
+                l.leader_epoch,
+                l.ledger.clone(),
+                l.segments
+                    .values()
+                    .map(|s| s.path.clone())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let d = dir.clone();
+        blocking(move || -> std::io::Result<()> {
+            for path in paths {
+                delete_segment_files(&path)?;
+            }
+            for e in std::fs::read_dir(&d)?.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.ends_with(".snapshot") || name == super::epochs::EPOCH_CHECKPOINT {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+            PartitionLog::write_log_start_checkpoint(&d, offset)
+        })
+        .await?;
+        drop(create_segment(&dir, offset).await?);
+        let reopened = PartitionLog::open(dir, config, epoch, false, ledger).await?;
+        debug_assert_eq!(reopened.log_end_offset, offset);
+        *log.borrow_mut() = reopened;
+        Ok(())
+    }
+
     /// Appends batches copied from the leader as they are (offsets, epochs, CRCs kept): the
     /// follower's log stays byte-identical to the leader's. The batches continue the log
     /// (`batch::validate_replica` checked that). No I/O happens here.
@@ -1572,6 +1613,34 @@ mod tests {
             let lead = all_bytes(&leader).await;
             let got = all_bytes(&follower).await;
             assert_eq!(&lead[..got.len()], &got[..]);
+        });
+    }
+
+    /// A follower behind its leader's log start empties its log and restarts at that offset;
+    /// the log reopens there and takes the leader's batches from it.
+    #[test]
+    fn reset_to_restarts_an_emptied_log_at_an_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 3_000;
+            let log = open_log(&path, &cfg, true).await;
+            append_n(&log, 12).await;
+            flush(&log).await;
+            PartitionLog::reset_to(&log, 1_000).await.unwrap();
+            {
+                let l = log.borrow();
+                assert_eq!((l.log_start_offset, l.log_end_offset), (1_000, 1_000));
+                assert_eq!(l.segments.len(), 1);
+                assert!(l.epochs.entries().is_empty());
+            }
+            append_n(&log, 2).await;
+            flush(&log).await;
+            drop(log);
+            let log = open_log(&path, &cfg, false).await;
+            let l = log.borrow();
+            assert_eq!((l.log_start_offset, l.log_end_offset), (1_000, 1_008));
         });
     }
 

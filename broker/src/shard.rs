@@ -581,12 +581,7 @@ impl Shard {
         self.wait_for_room().await;
         // Bounded: a roll makes room for the batches (or fails the partition).
         loop {
-            if p.deleted.get() {
-                return Err(UNKNOWN_TOPIC_OR_PARTITION);
-            }
-            if p.failed.get() || p.stalled.get() {
-                return Err(KAFKA_STORAGE_ERROR);
-            }
+            appendable(p)?;
             if batches
                 .first()
                 .is_some_and(|b| b.base != p.log.borrow().log_end_offset)
@@ -613,58 +608,55 @@ impl Shard {
     /// Truncates a follower replica's log to end before `offset` (its log diverged from the
     /// leader's), dropping its cached batches.
     pub async fn truncate_replica(&self, p: &Rc<Partition>, offset: i64) -> Result<(), i16> {
-        let _permit = p.io_lock.acquire_permit(1).await;
-        if p.deleted.get() {
-            return Err(UNKNOWN_TOPIC_OR_PARTITION);
-        }
-        let before = p.log.borrow().log_end_offset;
-        let r = PartitionLog::truncate_to(&p.log, offset).await;
-        self.check_pending_ledger();
-        self.cache
-            .borrow_mut()
-            .forget(p.id, &mut p.cache.borrow_mut());
-        match r {
-            Ok(()) => {
-                let after = p.log.borrow().log_end_offset;
-                {
-                    let mut rs = p.repl.borrow_mut();
-                    rs.high_watermark = rs.high_watermark.min(after);
-                }
-                tracing::warn!(topic = %p.topic, partition = p.index, from = before, to = after, "truncated a diverged replica");
-                p.appended.notify(usize::MAX);
-                Ok(())
-            }
-            Err(e) => {
-                self.on_write_error(p, e, "truncation");
-                Err(KAFKA_STORAGE_ERROR)
-            }
-        }
+        self.rewrite_replica(p, offset, false).await
     }
 
     /// Empties a follower replica whose log ends below its leader's log start and restarts it
     /// at that offset.
     pub async fn reset_replica(&self, p: &Rc<Partition>, offset: i64) -> Result<(), i16> {
+        self.rewrite_replica(p, offset, true).await
+    }
+
+    async fn rewrite_replica(
+        &self,
+        p: &Rc<Partition>,
+        offset: i64,
+        reset: bool,
+    ) -> Result<(), i16> {
         let _permit = p.io_lock.acquire_permit(1).await;
         if p.deleted.get() {
             return Err(UNKNOWN_TOPIC_OR_PARTITION);
         }
-        let r = PartitionLog::reset_to(&p.log, offset).await;
+        let before = p.log.borrow().log_end_offset;
+        let r = if reset {
+            PartitionLog::reset_to(&p.log, offset).await
+        } else {
+            PartitionLog::truncate_to(&p.log, offset).await
+        };
         self.check_pending_ledger();
         self.cache
             .borrow_mut()
             .forget(p.id, &mut p.cache.borrow_mut());
-        match r {
-            Ok(()) => {
-                p.repl.borrow_mut().high_watermark = offset;
-                tracing::warn!(topic = %p.topic, partition = p.index, offset, "replica restarted at the leader's log start");
-                p.appended.notify(usize::MAX);
-                Ok(())
-            }
-            Err(e) => {
-                self.on_write_error(p, e, "reset");
-                Err(KAFKA_STORAGE_ERROR)
-            }
+        if let Err(e) = r {
+            self.on_write_error(p, e, if reset { "reset" } else { "truncation" });
+            return Err(KAFKA_STORAGE_ERROR);
         }
+        let after = p.log.borrow().log_end_offset;
+        {
+            let mut rs = p.repl.borrow_mut();
+            rs.high_watermark = if reset {
+                after
+            } else {
+                rs.high_watermark.min(after)
+            };
+        }
+        if reset {
+            tracing::warn!(topic = %p.topic, partition = p.index, offset, "replica restarted at the leader's log start");
+        } else {
+            tracing::warn!(topic = %p.topic, partition = p.index, from = before, to = after, "truncated a diverged replica");
+        }
+        p.appended.notify(usize::MAX);
+        Ok(())
     }
 
     /// Waits until every (partition, end) is fdatasynced on this broker.
@@ -746,12 +738,7 @@ impl Shard {
     ) -> Result<(i64, i64), i16> {
         self.wait_for_room().await;
         loop {
-            if p.deleted.get() {
-                return Err(UNKNOWN_TOPIC_OR_PARTITION);
-            }
-            if p.failed.get() || p.stalled.get() {
-                return Err(KAFKA_STORAGE_ERROR);
-            }
+            appendable(p)?;
             let now = now_ms();
             let r = p.log.borrow_mut().append(&item.records, &item.infos, now);
             match r {
@@ -1637,6 +1624,17 @@ async fn read_disk(p: &Rc<Partition>, offset: i64, max_bytes: usize) -> Result<O
             .and_then(|next| p.log.borrow().locate_segment(next));
     }
     Ok(None)
+}
+
+/// Whether `p` takes appends now: not deleted, not failed, disk not full.
+fn appendable(p: &Partition) -> Result<(), i16> {
+    if p.deleted.get() {
+        return Err(UNKNOWN_TOPIC_OR_PARTITION);
+    }
+    if p.failed.get() || p.stalled.get() {
+        return Err(KAFKA_STORAGE_ERROR);
+    }
+    Ok(())
 }
 
 /// The partition's `min.insync.replicas` (topic config, else the broker's).

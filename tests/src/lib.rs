@@ -255,6 +255,62 @@ extern "C" {
 }
 
 /// Waits for `cond` up to `timeout`, polling.
+/// One partition as a broker's Metadata reports it (ISR sorted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionView {
+    pub leader: i32,
+    pub replicas: Vec<i32>,
+    pub isr: Vec<i32>,
+}
+
+/// `topic`'s partitions in order, as broker `b` (through librdkafka) reports them; None when
+/// the broker cannot answer or the topic has an error.
+pub fn topic_view(b: &Broker, topic: &str) -> Option<Vec<PartitionView>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create()
+        .ok()?;
+    let m = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
+    let t = m.topics().iter().find(|t| t.name() == topic)?;
+    if t.error().is_some() {
+        return None;
+    }
+    let mut v: Vec<_> = t
+        .partitions()
+        .iter()
+        .map(|p| {
+            let mut isr = p.isr().to_vec();
+            isr.sort_unstable();
+            (
+                p.id(),
+                PartitionView {
+                    leader: p.leader(),
+                    replicas: p.replicas().to_vec(),
+                    isr,
+                },
+            )
+        })
+        .collect();
+    v.sort_by_key(|(id, _)| *id);
+    Some(v.into_iter().map(|(_, x)| x).collect())
+}
+
+/// The bytes of every segment of a partition directory, in offset order (after a clean stop,
+/// which trims each segment file to its data): replicas compare equal byte for byte.
+pub fn log_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| std::fs::read(f).unwrap())
+        .collect()
+}
+
 pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

@@ -2,7 +2,7 @@
 //! whatever a consumer reads back can be checked field by field.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,6 +157,59 @@ pub fn produce(
     assert_eq!(v.len(), range.len(), "every record acknowledged");
     v.sort_by_key(|a| a.idx);
     v
+}
+
+/// An idempotent acks=all producer sending records 0, 1, 2, ... on its own thread until
+/// `finish`, through every broker of `bootstrap` (a comma-separated list).
+pub struct Background {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Arc<Acks>)>,
+}
+
+pub fn background_producer(cfg: &ClientConfig, bootstrap: &str, topic: &str) -> Background {
+    let mut cfg = cfg.clone();
+    cfg.set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "300000")
+        .set("topic.metadata.refresh.interval.ms", "500");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, topic) = (stop.clone(), topic.to_string());
+    let thread = std::thread::spawn(move || {
+        let (p, acks) = producer(&cfg);
+        let mut i = 0usize;
+        while !flag.load(Ordering::Relaxed) {
+            send(&p, &topic, i);
+            i += 1;
+            if i % 50 == 0 {
+                p.poll(Duration::from_millis(10));
+            }
+        }
+        p.flush(Duration::from_secs(240)).expect("flush");
+        (i, acks)
+    });
+    Background { stop, thread }
+}
+
+impl Background {
+    /// Stops sending, waits for every acknowledgement, and asserts each record sent was
+    /// acknowledged. Returns them in send order.
+    pub fn finish(self) -> Vec<Acked> {
+        self.stop.store(true, Ordering::Relaxed);
+        let (sent, acks) = self.thread.join().expect("producer thread");
+        let failed = acks.failed.load(Ordering::Relaxed);
+        assert_eq!(
+            failed,
+            0,
+            "deliveries failed: {:?}",
+            acks.last_error.lock().unwrap()
+        );
+        let mut acked = acks.acked.lock().unwrap().clone();
+        assert_eq!(acked.len(), sent, "every record acknowledged");
+        acked.sort_by_key(|a| a.idx);
+        acked
+    }
 }
 
 #[derive(Clone, Debug)]

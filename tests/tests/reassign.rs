@@ -3,8 +3,6 @@
 //! cannot finish is listed and cancelled.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use kafka_protocol::messages::alter_partition_reassignments_request::{
@@ -15,9 +13,8 @@ use kafka_protocol::messages::{
     ListPartitionReassignmentsRequest, ListPartitionReassignmentsResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
-use weir_tests::{admin, eventually, raw, workload, Broker, Cluster};
+use rdkafka::consumer::Consumer;
+use weir_tests::{admin, eventually, log_bytes, raw, topic_view, workload, Broker, Cluster};
 
 const FAST: &[(&str, &str)] = &[
     ("replica.lag.time.max.ms", "4000"),
@@ -27,23 +24,12 @@ const FAST: &[(&str, &str)] = &[
 
 /// (leader, replicas, isr) per partition of `topic` as broker `b` reports it.
 fn partitions(b: &Broker, topic: &str) -> Option<Vec<(i32, Vec<i32>, Vec<i32>)>> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", b.bootstrap())
-        .create()
-        .ok()?;
-    let m = c.fetch_metadata(Some(topic), Duration::from_secs(5)).ok()?;
-    let t = m.topics().iter().find(|t| t.name() == topic)?;
-    let mut v: Vec<_> = t
-        .partitions()
-        .iter()
-        .map(|p| {
-            let mut isr = p.isr().to_vec();
-            isr.sort_unstable();
-            (p.id(), (p.leader(), p.replicas().to_vec(), isr))
-        })
-        .collect();
-    v.sort_by_key(|(id, _)| *id);
-    Some(v.into_iter().map(|(_, x)| x).collect())
+    Some(
+        topic_view(b, topic)?
+            .into_iter()
+            .map(|p| (p.leader, p.replicas, p.isr))
+            .collect(),
+    )
 }
 
 fn reassign(b: &Broker, topic: &str, plan: &[(i32, Option<Vec<i32>>)]) -> Vec<(i32, i16)> {
@@ -101,19 +87,6 @@ fn ongoing(b: &Broker) -> BTreeMap<i32, (Vec<i32>, Vec<i32>, Vec<i32>)> {
         .collect()
 }
 
-fn log_bytes(dir: &std::path::Path) -> Vec<u8> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "log"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .flat_map(|f| std::fs::read(f).unwrap())
-        .collect()
-}
-
 #[test]
 fn a_fourth_broker_takes_replicas_under_load_without_losing_records() {
     let mut c = Cluster::start(3, FAST);
@@ -126,37 +99,8 @@ fn a_fourth_broker_takes_replicas_under_load_without_losing_records() {
         .iter()
         .all(|(l, r, isr)| *l >= 0 && isr.len() == r.len()))));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut cfg = c.node(0).client_config();
-    cfg.set(
-        "bootstrap.servers",
-        (0..3)
-            .map(|i| c.node(i).bootstrap())
-            .collect::<Vec<_>>()
-            .join(","),
-    )
-    .set("acks", "all")
-    .set("enable.idempotence", "true")
-    .set("linger.ms", "5")
-    .set("message.timeout.ms", "120000")
-    .set("topic.metadata.refresh.interval.ms", "500");
-    let producer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (p, acks) = workload::producer(&cfg);
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                workload::send(&p, "move", i);
-                i += 1;
-                if i % 20 == 0 {
-                    p.poll(Duration::from_millis(5));
-                }
-            }
-            use rdkafka::producer::Producer;
-            p.flush(Duration::from_secs(120)).expect("flush");
-            (i, acks)
-        })
-    };
+    let producer =
+        workload::background_producer(&c.node(0).client_config(), &c.bootstrap(), "move");
     std::thread::sleep(Duration::from_secs(2));
 
     // Commission broker 3, then spread every partition over brokers 0-3.
@@ -184,17 +128,8 @@ fn a_fourth_broker_takes_replicas_under_load_without_losing_records() {
         );
     }
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let (sent, acks) = producer.join().expect("producer");
-    assert_eq!(
-        acks.failed.load(Ordering::Relaxed),
-        0,
-        "{:?}",
-        acks.last_error.lock().unwrap()
-    );
-    let mut acked = acks.acked.lock().unwrap().clone();
-    assert_eq!(acked.len(), sent);
-    acked.sort_by_key(|a| a.idx);
+    let acked = producer.finish();
+    let sent = acked.len();
     let got = workload::consume(
         &c.node(3).client_config(),
         "move",

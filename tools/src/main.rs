@@ -490,25 +490,14 @@ fn reassign_partitions(a: ReassignArgs) -> Result<()> {
         println!();
         println!("Save this to use as the --reassignment-json-file option during rollback");
         reassign::alter(&mut conn, &plan, false)?;
-        let names: Vec<String> = plan
-            .partitions
-            .iter()
-            .map(|p| format!("{}-{}", p.topic, p.partition))
-            .collect();
-        println!(
-            "Successfully started partition reassignments for {}",
-            names.join(",")
-        );
+        let names = plan.partition_names();
+        println!("Successfully started partition reassignments for {}", names);
     } else if a.cancel {
         reassign::alter(&mut conn, &plan, true)?;
-        let names: Vec<String> = plan
-            .partitions
-            .iter()
-            .map(|p| format!("{}-{}", p.topic, p.partition))
-            .collect();
+        let names = plan.partition_names();
         println!(
             "Successfully cancelled partition reassignments for: {}",
-            names.join(",")
+            names
         );
     } else {
         let (_, lines) = reassign::verify(&mut conn, &plan)?;

@@ -56,6 +56,15 @@ impl Plan {
         }
     }
 
+    /// `t-0,t-1`: the plan's partitions as Kafka's tool lists them.
+    pub fn partition_names(&self) -> String {
+        self.partitions
+            .iter()
+            .map(|p| format!("{}-{}", p.topic, p.partition))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn json(&self) -> String {
         serde_json::to_string(self).expect("a plan serialises")
     }

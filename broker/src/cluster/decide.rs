@@ -459,6 +459,19 @@ pub fn unfence_broker(img: &ClusterImage, node: BrokerId) -> Vec<MetadataRecord>
     records
 }
 
+/// A topic and one of its partitions, if both exist.
+fn find_partition<'a>(
+    img: &'a ClusterImage,
+    topic: &str,
+    partition: i32,
+) -> Option<(&'a super::quorum::ClusterTopic, &'a ClusterPartition)> {
+    let t = img.topics.get(topic)?;
+    let p = usize::try_from(partition)
+        .ok()
+        .and_then(|i| t.partitions.get(i))?;
+    Some((t, p))
+}
+
 /// ElectLeaders: moves each partition's leadership to its preferred replica (the first) when
 /// that replica is live and in the ISR. Answers per partition: NONE, ELECTION_NOT_NEEDED (it
 /// leads already), PREFERRED_LEADER_NOT_AVAILABLE, UNKNOWN_TOPIC_OR_PARTITION. Unclean
@@ -477,13 +490,7 @@ pub fn elect_leaders(
     let mut records = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for (topic, partition) in list {
-        let found = img.topics.get(topic).and_then(|t| {
-            usize::try_from(*partition)
-                .ok()
-                .and_then(|i| t.partitions.get(i))
-                .map(|p| (t, p))
-        });
-        let Some((t, p)) = found else {
+        let Some((t, p)) = find_partition(img, topic, *partition) else {
             answers.push(Ok((*partition, UNKNOWN_TOPIC_OR_PARTITION)));
             continue;
         };
@@ -611,13 +618,7 @@ pub fn alter_partition(
         UNKNOWN_TOPIC_OR_PARTITION,
     };
     let answer = |code: i16| (vec![Ok((0, code))], Vec::new());
-    let Some(t) = img.topics.get(topic) else {
-        return answer(UNKNOWN_TOPIC_OR_PARTITION);
-    };
-    let Some(p) = usize::try_from(partition)
-        .ok()
-        .and_then(|i| t.partitions.get(i))
-    else {
+    let Some((t, p)) = find_partition(img, topic, partition) else {
         return answer(UNKNOWN_TOPIC_OR_PARTITION);
     };
     if p.leader != leader {
@@ -689,11 +690,7 @@ fn finish_reassignment(
         adding: Vec::new(),
         removing: Vec::new(),
         leader,
-        leader_epoch: if leader != p.leader {
-            p.leader_epoch + 1
-        } else {
-            p.leader_epoch
-        },
+        leader_epoch: next_leader_epoch(p, leader),
         isr: new_isr,
         partition_epoch: p.partition_epoch + 1,
     })
@@ -714,13 +711,7 @@ pub fn alter_reassignments(
     let mut records = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for (topic, partition, target) in list {
-        let found = img.topics.get(topic).and_then(|t| {
-            usize::try_from(*partition)
-                .ok()
-                .and_then(|i| t.partitions.get(i))
-                .map(|p| (t, p))
-        });
-        let Some((t, p)) = found else {
+        let Some((t, p)) = find_partition(img, topic, *partition) else {
             answers.push(Ok((*partition, UNKNOWN_TOPIC_OR_PARTITION)));
             continue;
         };
@@ -800,17 +791,22 @@ pub fn alter_reassignments(
             adding,
             removing,
             leader,
-            leader_epoch: if leader != p.leader {
-                p.leader_epoch + 1
-            } else {
-                p.leader_epoch
-            },
+            leader_epoch: next_leader_epoch(p, leader),
             isr,
             partition_epoch: p.partition_epoch + 1,
         });
         answers.push(Ok((*partition, 0)));
     }
     (answers, records)
+}
+
+/// A partition's leader epoch once `leader` leads: bumped when the leader changes.
+fn next_leader_epoch(p: &ClusterPartition, leader: BrokerId) -> i32 {
+    if leader != p.leader {
+        p.leader_epoch + 1
+    } else {
+        p.leader_epoch
+    }
 }
 
 fn change(
@@ -826,11 +822,7 @@ fn change(
         id,
         partition: index as i32,
         leader,
-        leader_epoch: if leader != p.leader {
-            p.leader_epoch + 1
-        } else {
-            p.leader_epoch
-        },
+        leader_epoch: next_leader_epoch(p, leader),
         isr,
         partition_epoch: p.partition_epoch + 1,
     }

@@ -218,6 +218,19 @@ impl ClusterImage {
         }
     }
 
+    fn partition_mut(
+        &mut self,
+        name: &str,
+        id: Uuid,
+        partition: i32,
+    ) -> Result<&mut ClusterPartition, String> {
+        let t = self.topic_mut(name, id)?;
+        usize::try_from(partition)
+            .ok()
+            .and_then(|i| t.partitions.get_mut(i))
+            .ok_or_else(|| format!("unknown partition {name}-{partition}"))
+    }
+
     fn broker_mut(
         &mut self,
         node_id: BrokerId,
@@ -319,11 +332,7 @@ impl ClusterImage {
                 isr,
                 partition_epoch,
             } => {
-                let t = self.topic_mut(name, *id)?;
-                let p = usize::try_from(*partition)
-                    .ok()
-                    .and_then(|i| t.partitions.get_mut(i))
-                    .ok_or_else(|| format!("unknown partition {name}-{partition}"))?;
+                let p = self.partition_mut(name, *id, *partition)?;
                 if *partition_epoch <= p.partition_epoch {
                     return Err(format!(
                         "stale change of {name}-{partition}: partition epoch {partition_epoch} <= {}",
@@ -366,11 +375,7 @@ impl ClusterImage {
                 isr,
                 partition_epoch,
             } => {
-                let t = self.topic_mut(name, *id)?;
-                let p = usize::try_from(*partition)
-                    .ok()
-                    .and_then(|i| t.partitions.get_mut(i))
-                    .ok_or_else(|| format!("unknown partition {name}-{partition}"))?;
+                let p = self.partition_mut(name, *id, *partition)?;
                 if *partition_epoch <= p.partition_epoch || *leader_epoch < p.leader_epoch {
                     return Err(format!("stale replica change of {name}-{partition}"));
                 }

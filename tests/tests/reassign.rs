@@ -101,6 +101,32 @@ fn a_fourth_broker_takes_replicas_under_load_without_losing_records() {
 
     let producer =
         workload::background_producer(&c.node(0).client_config(), &c.bootstrap(), "move");
+    // A consumer group member reads all along, committing as it goes.
+    let stop_group = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let group = {
+        let (stop, seen) = (stop_group.clone(), seen.clone());
+        let mut cfg = c.node(0).client_config();
+        cfg.set("bootstrap.servers", c.bootstrap())
+            .set("group.id", "mover")
+            .set("auto.offset.reset", "earliest")
+            .set("topic.metadata.refresh.interval.ms", "500");
+        std::thread::spawn(move || {
+            use rdkafka::message::{Headers, Message};
+            let member: rdkafka::consumer::BaseConsumer = cfg.create().expect("group member");
+            member.subscribe(&["move"]).expect("subscribe");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(m)) = member.poll(Duration::from_millis(100)) {
+                    let idx: usize = m
+                        .headers()
+                        .and_then(|h| h.iter().find(|x| x.key == "idx"))
+                        .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse().ok())
+                        .expect("idx header");
+                    seen.lock().unwrap().insert(idx);
+                }
+            }
+        })
+    };
     std::thread::sleep(Duration::from_secs(2));
 
     // Commission broker 3, then spread every partition over brokers 0-3.
@@ -139,6 +165,15 @@ fn a_fourth_broker_takes_replicas_under_load_without_losing_records() {
     );
     workload::verify(&acked, &got);
     eprintln!("{sent} records acknowledged across the reassignment");
+    // The group sees every acknowledged record.
+    let missing = || {
+        let seen = seen.lock().unwrap();
+        acked.iter().filter(|a| !seen.contains(&a.idx)).count()
+    };
+    let complete = eventually(Duration::from_secs(60), || missing() == 0);
+    stop_group.store(true, std::sync::atomic::Ordering::Relaxed);
+    group.join().expect("group member");
+    assert!(complete, "the group missed {} of {sent} records", missing());
 
     // Replicas hold byte-identical logs; brokers that left a partition deleted it.
     for i in 0..4 {

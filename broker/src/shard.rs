@@ -1266,16 +1266,18 @@ impl Shard {
             };
             return r;
         }
-        if item.offset < start || item.offset > end {
-            r.error = OFFSET_OUT_OF_RANGE;
-            return r;
-        }
-        if item.replica_id >= 0 {
+        // A follower whose log diverged learns where before anything else: it may be ahead of
+        // this log (records of a deposed leader), which is not an out-of-range offset.
+        if item.replica_id >= 0 && item.offset >= start {
             if let Some(d) = self.on_follower_fetch(p, item, end) {
                 r.diverging = Some(d);
                 return r;
             }
             r.high_watermark = p.repl.borrow().high_watermark.min(end);
+        }
+        if item.offset < start || item.offset > end {
+            r.error = OFFSET_OUT_OF_RANGE;
+            return r;
         }
         // Consumers read below the high watermark only.
         let visible = if item.replica_id == CONSUMER { hw } else { end };
@@ -1318,6 +1320,10 @@ impl Shard {
             if epoch < item.last_fetched_epoch || end < item.offset {
                 return Some((epoch, end));
             }
+        }
+        if item.offset > leo {
+            // Out of range (answered as such): not a position to count.
+            return None;
         }
         let moved = {
             let mut r = p.repl.borrow_mut();

@@ -105,13 +105,17 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             .iter()
             .flat_map(|t| {
                 t.partitions.iter().map(|p| {
-                    CachedPartition::new(
+                    let mut c = CachedPartition::new(
                         t.topic.0.to_string(),
                         p.partition,
                         p.fetch_offset,
                         (p.partition_max_bytes.max(0) as usize).min(max_bytes),
                         leader_epoch(p.current_leader_epoch),
-                    )
+                    );
+                    if frame.api_version >= 12 {
+                        c.last_fetched_epoch = p.last_fetched_epoch;
+                    }
+                    c
                 })
             })
             .collect()
@@ -170,25 +174,13 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     };
 
     // A follower broker's fetch (replica id >= 0) reads to the log end and reports its
-    // position; its LastFetchedEpoch (v12) is checked for divergence.
+    // position; its LastFetchedEpoch (v12, kept in the session like the offset) is checked for
+    // divergence.
     let replica_id = if req.replica_id.0 >= 0 {
         req.replica_id.0
     } else {
         CONSUMER
     };
-    let last_fetched: std::collections::HashMap<(&str, i32), i32> =
-        if replica_id >= 0 && frame.api_version >= 12 {
-            req.topics
-                .iter()
-                .flat_map(|t| {
-                    t.partitions
-                        .iter()
-                        .map(move |p| ((t.topic.0.as_str(), p.partition), p.last_fetched_epoch))
-                })
-                .collect()
-        } else {
-            Default::default()
-        };
     let mut results: Vec<FetchResult> = Vec::with_capacity(wanted.len());
     let mut plan: Plan = BTreeMap::new();
     for (i, c) in wanted.iter().enumerate() {
@@ -215,10 +207,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 partition_max_bytes: c.max_bytes,
                 current_leader_epoch: c.current_leader_epoch,
                 replica_id,
-                last_fetched_epoch: last_fetched
-                    .get(&(c.topic.as_str(), c.partition))
-                    .copied()
-                    .unwrap_or(-1),
+                last_fetched_epoch: if replica_id >= 0 {
+                    c.last_fetched_epoch
+                } else {
+                    -1
+                },
             },
         ));
     }

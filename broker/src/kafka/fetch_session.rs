@@ -34,6 +34,9 @@ pub struct CachedPartition {
     pub fetch_offset: i64,
     pub max_bytes: usize,
     pub current_leader_epoch: i32,
+    /// A follower's epoch of its last batch (Fetch v12), kept like the fetch offset: the
+    /// leader checks it for divergence on every fetch, named in the request or not.
+    pub last_fetched_epoch: i32,
     last_high_watermark: i64,
     last_log_start_offset: i64,
 }
@@ -52,6 +55,7 @@ impl CachedPartition {
             fetch_offset,
             max_bytes,
             current_leader_epoch,
+            last_fetched_epoch: -1,
             // Never sent yet: the first response always mentions it.
             last_high_watermark: i64::MIN,
             last_log_start_offset: i64::MIN,
@@ -104,6 +108,7 @@ impl Session {
             c.fetch_offset = p.fetch_offset;
             c.max_bytes = p.max_bytes;
             c.current_leader_epoch = p.current_leader_epoch;
+            c.last_fetched_epoch = p.last_fetched_epoch;
             return true;
         }
         if self.partitions.len() >= SESSION_PARTITIONS_MAX {

@@ -333,31 +333,17 @@ impl ClusterImage {
                 partition_epoch,
             } => {
                 let p = self.partition_mut(name, *id, *partition)?;
-                if *partition_epoch <= p.partition_epoch {
-                    return Err(format!(
-                        "stale change of {name}-{partition}: partition epoch {partition_epoch} <= {}",
-                        p.partition_epoch
-                    ));
-                }
-                if *leader_epoch < p.leader_epoch {
-                    return Err(format!(
-                        "stale change of {name}-{partition}: leader epoch {leader_epoch} < {}",
-                        p.leader_epoch
-                    ));
-                }
-                if *leader != NO_LEADER && !isr.contains(leader) {
-                    return Err(format!(
-                        "leader {leader} of {name}-{partition} is not in its ISR"
-                    ));
-                }
-                if let Some(b) = isr.iter().find(|b| !p.replicas.contains(b)) {
-                    return Err(format!(
-                        "ISR member {b} of {name}-{partition} is not a replica"
-                    ));
-                }
-                if isr.iter().collect::<BTreeSet<_>>().len() != isr.len() {
-                    return Err(format!("duplicate ISR member in {name}-{partition}"));
-                }
+                let replicas = p.replicas.clone();
+                check_partition_change(
+                    p,
+                    name,
+                    *partition,
+                    &replicas,
+                    *leader,
+                    *leader_epoch,
+                    isr,
+                    *partition_epoch,
+                )?;
                 p.leader = *leader;
                 p.leader_epoch = *leader_epoch;
                 p.isr = isr.clone();
@@ -376,9 +362,6 @@ impl ClusterImage {
                 partition_epoch,
             } => {
                 let p = self.partition_mut(name, *id, *partition)?;
-                if *partition_epoch <= p.partition_epoch || *leader_epoch < p.leader_epoch {
-                    return Err(format!("stale replica change of {name}-{partition}"));
-                }
                 let set: BTreeSet<_> = replicas.iter().collect();
                 if replicas.is_empty()
                     || set.len() != replicas.len()
@@ -388,21 +371,21 @@ impl ClusterImage {
                         "bad replica list {replicas:?} for {name}-{partition}"
                     ));
                 }
-                if isr
-                    .iter()
-                    .chain(adding)
-                    .chain(removing)
-                    .any(|b| !set.contains(b))
-                {
+                if adding.iter().chain(removing).any(|b| !set.contains(b)) {
                     return Err(format!(
-                        "ISR, adding or removing of {name}-{partition} names a non-replica"
+                        "adding or removing of {name}-{partition} names a non-replica"
                     ));
                 }
-                if *leader != NO_LEADER && !isr.contains(leader) {
-                    return Err(format!(
-                        "leader {leader} of {name}-{partition} is not in its ISR"
-                    ));
-                }
+                check_partition_change(
+                    p,
+                    name,
+                    *partition,
+                    replicas,
+                    *leader,
+                    *leader_epoch,
+                    isr,
+                    *partition_epoch,
+                )?;
                 p.replicas = replicas.clone();
                 p.adding = adding.clone();
                 p.removing = removing.clone();
@@ -465,6 +448,48 @@ fn new_partitions(lists: &[Vec<BrokerId>]) -> Result<Vec<ClusterPartition>, Stri
             })
         })
         .collect()
+}
+
+/// The checks every leader/ISR change of a partition passes (`PartitionChange`,
+/// `PartitionReplicas`): the partition epoch grows, the leader epoch does not shrink, the
+/// leader is in the ISR, and the ISR holds distinct members of `replicas`.
+#[allow(clippy::too_many_arguments)]
+fn check_partition_change(
+    p: &ClusterPartition,
+    name: &str,
+    partition: i32,
+    replicas: &[BrokerId],
+    leader: BrokerId,
+    leader_epoch: i32,
+    isr: &[BrokerId],
+    partition_epoch: i32,
+) -> Result<(), String> {
+    if partition_epoch <= p.partition_epoch {
+        return Err(format!(
+            "stale change of {name}-{partition}: partition epoch {partition_epoch} <= {}",
+            p.partition_epoch
+        ));
+    }
+    if leader_epoch < p.leader_epoch {
+        return Err(format!(
+            "stale change of {name}-{partition}: leader epoch {leader_epoch} < {}",
+            p.leader_epoch
+        ));
+    }
+    if leader != NO_LEADER && !isr.contains(&leader) {
+        return Err(format!(
+            "leader {leader} of {name}-{partition} is not in its ISR"
+        ));
+    }
+    if let Some(b) = isr.iter().find(|b| !replicas.contains(b)) {
+        return Err(format!(
+            "ISR member {b} of {name}-{partition} is not a replica"
+        ));
+    }
+    if isr.iter().collect::<BTreeSet<_>>().len() != isr.len() {
+        return Err(format!("duplicate ISR member in {name}-{partition}"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -60,6 +60,11 @@ pub struct LogConfig {
     pub log_append_time: bool,
     /// `min.insync.replicas`: acks=all needs this many in-sync replicas.
     pub min_insync_replicas: i16,
+    /// `leader.replication.throttled.replicas` / `follower.replication.throttled.replicas`:
+    /// which replicas' catch-up traffic the broker's replication throttle counts (validated:
+    /// "", "*", or `partition:broker` pairs; see `replication::throttle`).
+    pub leader_throttled_replicas: String,
+    pub follower_throttled_replicas: String,
 }
 
 impl Default for LogConfig {
@@ -73,6 +78,8 @@ impl Default for LogConfig {
             message_bytes_max: 1_048_588,
             log_append_time: false,
             min_insync_replicas: 1,
+            leader_throttled_replicas: String::new(),
+            follower_throttled_replicas: String::new(),
         }
     }
 }
@@ -90,11 +97,103 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "message.timestamp.type",
     "min.insync.replicas",
     "compression.type",
+    "leader.replication.throttled.replicas",
+    "follower.replication.throttled.replicas",
 ];
 
 /// Topic config keys whose value is a comma-separated list (IncrementalAlterConfigs may
 /// APPEND to and SUBTRACT from them).
-pub const TOPIC_LIST_CONFIG_KEYS: &[&str] = &["cleanup.policy"];
+pub const TOPIC_LIST_CONFIG_KEYS: &[&str] = &[
+    "cleanup.policy",
+    "leader.replication.throttled.replicas",
+    "follower.replication.throttled.replicas",
+];
+
+/// Broker configs that AlterConfigs / IncrementalAlterConfigs may change at runtime (KIP-226
+/// dynamic broker configs), per broker or as the cluster-wide default. Every other key is
+/// refused with Kafka's "Cannot update these configs dynamically" (INVALID_REQUEST).
+pub const BROKER_DYNAMIC_CONFIG_KEYS: &[&str] = &[
+    "leader.replication.throttled.rate",
+    "follower.replication.throttled.rate",
+];
+
+/// Kafka's default for the replication throttle rates: Long.MAX_VALUE (no throttle).
+pub const THROTTLED_RATE_DEFAULT: i64 = i64::MAX;
+
+/// Checks a dynamic broker config map (a broker's or the default's overrides after an edit):
+/// `Err((error code, message))` as Kafka answers.
+pub fn validate_broker_dynamic(
+    overrides: &BTreeMap<String, String>,
+) -> std::result::Result<(), (i16, String)> {
+    let fixed: Vec<&str> = overrides
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !BROKER_DYNAMIC_CONFIG_KEYS.contains(k))
+        .collect();
+    if !fixed.is_empty() {
+        return Err((
+            crate::kafka::errors::INVALID_REQUEST,
+            format!(
+                "Cannot update these configs dynamically: Set({})",
+                fixed.join(", ")
+            ),
+        ));
+    }
+    for (k, v) in overrides {
+        match v.trim().parse::<i64>() {
+            Ok(n) if n >= 0 => {}
+            Ok(_) => {
+                return Err((
+                    crate::kafka::errors::INVALID_CONFIG,
+                    format!("Invalid value {v} for configuration {k}: Value must be at least 0"),
+                ))
+            }
+            Err(_) => {
+                return Err((
+                    crate::kafka::errors::INVALID_CONFIG,
+                    format!("Invalid value {v} for configuration {k}: Not a number of type LONG"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a throttled-replicas topic config: "" (none), "*" (all), or
+/// `partition:broker[,partition:broker...]`.
+pub fn parse_throttled_replicas(key: &str, value: &str) -> Result<()> {
+    let v = value.trim();
+    if v.is_empty() || v == "*" {
+        return Ok(());
+    }
+    let ok = v.split(',').all(|item| {
+        let mut it = item.trim().splitn(2, ':');
+        matches!(
+            (it.next().map(str::parse::<i32>), it.next().map(str::parse::<i32>)),
+            (Some(Ok(p)), Some(Ok(b))) if p >= 0 && b >= 0
+        )
+    });
+    if !ok {
+        bail!(
+            "Invalid value {value} for configuration {key}: must be the literal '*' or a list of \
+             replicas in the following format: [partitionId]:[brokerId],[partitionId]:[brokerId],..."
+        );
+    }
+    Ok(())
+}
+
+/// Whether a validated throttled-replicas list names replica (`partition`, `broker`).
+pub fn throttled_replica(list: &str, partition: i32, broker: i32) -> bool {
+    let v = list.trim();
+    if v == "*" {
+        return true;
+    }
+    v.split(',').any(|item| {
+        let mut it = item.trim().splitn(2, ':');
+        it.next().and_then(|p| p.parse::<i32>().ok()) == Some(partition)
+            && it.next().and_then(|b| b.parse::<i32>().ok()) == Some(broker)
+    })
+}
 
 /// A change to one topic's config overrides.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -205,6 +304,14 @@ impl LogConfig {
             "segment.index.bytes" => {
                 parse_i64_min(value, 4096)?;
             }
+            "leader.replication.throttled.replicas" => {
+                parse_throttled_replicas(key, value)?;
+                self.leader_throttled_replicas = value.trim().to_string();
+            }
+            "follower.replication.throttled.replicas" => {
+                parse_throttled_replicas(key, value)?;
+                self.follower_throttled_replicas = value.trim().to_string();
+            }
             _ => bail!("unknown topic config {key}"),
         }
         Ok(())
@@ -229,6 +336,8 @@ impl LogConfig {
             .into(),
             "min.insync.replicas" => self.min_insync_replicas.to_string(),
             "compression.type" => "producer".into(),
+            "leader.replication.throttled.replicas" => self.leader_throttled_replicas.clone(),
+            "follower.replication.throttled.replicas" => self.follower_throttled_replicas.clone(),
             _ => return None,
         })
     }

@@ -209,6 +209,9 @@ pub enum ControlOp {
     /// New complete override maps for topics (AlterConfigs and IncrementalAlterConfigs resolve
     /// their operations against the current image first), and validate_only.
     AlterTopicConfigs(Vec<(String, ConfigEdit)>, bool),
+    /// Dynamic broker configs (KIP-226): (resource: "" for the cluster-wide default or a node
+    /// id, edit), and validate_only. Answered `Ok((0, 0))` per resource.
+    AlterBrokerConfigs(Vec<(String, ConfigEdit)>, bool),
     /// ElectLeaders: (topic, partition) list, preferred (true) or unclean election. Answered
     /// `Ok((partition, error code))` per partition, in order.
     ElectLeaders(Vec<(String, i32)>, bool),

@@ -38,8 +38,107 @@ pub struct GroupDescription {
     pub members: Vec<(String, String, String)>,
 }
 
-/// Kafka's ConfigResource type of a topic.
-const RESOURCE_TOPIC: i8 = 2;
+/// Kafka's ConfigResource types.
+pub const RESOURCE_TOPIC: i8 = 2;
+pub const RESOURCE_BROKER: i8 = 4;
+
+/// DescribeConfigs of one resource (every key): (name, value, source), source being Kafka's
+/// name (DYNAMIC_TOPIC_CONFIG, DEFAULT_CONFIG, ...).
+pub fn describe_configs(
+    conn: &mut Conn,
+    resource_type: i8,
+    name: &str,
+) -> Result<Vec<(String, Option<String>, &'static str)>> {
+    let (r, _): (DescribeConfigsResponse, i16) = conn.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &DescribeConfigsRequest::default().with_resources(vec![
+            describe_configs_request::DescribeConfigsResource::default()
+                .with_resource_type(resource_type)
+                .with_resource_name(s(name))
+                // null asks for every key; an empty list would ask for none.
+                .with_configuration_keys(None),
+        ]),
+    )?;
+    let res = r
+        .results
+        .first()
+        .context("an empty DescribeConfigs response")?;
+    check(
+        res.error_code,
+        res.error_message.as_ref(),
+        &format!(
+            "describing configs of {}",
+            resource_label(resource_type, name)
+        ),
+    )?;
+    Ok(res
+        .configs
+        .iter()
+        .map(|c| {
+            (
+                c.name.to_string(),
+                c.value.as_ref().map(|v| v.to_string()),
+                config_source_name(c.config_source),
+            )
+        })
+        .collect())
+}
+
+fn resource_label(resource_type: i8, name: &str) -> String {
+    match resource_type {
+        RESOURCE_TOPIC => format!("topic {name}"),
+        RESOURCE_BROKER if name.is_empty() => "the default broker".into(),
+        RESOURCE_BROKER => format!("broker {name}"),
+        t => format!("resource {t}:{name}"),
+    }
+}
+
+/// IncrementalAlterConfigs on one resource: `set` pairs are SET, `delete` keys are DELETE.
+pub fn alter_configs(
+    conn: &mut Conn,
+    resource_type: i8,
+    name: &str,
+    set: &[(String, String)],
+    delete: &[String],
+) -> Result<()> {
+    let mut ops: Vec<incremental_alter_configs_request::AlterableConfig> = set
+        .iter()
+        .map(|(k, v)| {
+            incremental_alter_configs_request::AlterableConfig::default()
+                .with_name(s(k))
+                .with_config_operation(0)
+                .with_value(Some(s(v)))
+        })
+        .collect();
+    ops.extend(delete.iter().map(|k| {
+        incremental_alter_configs_request::AlterableConfig::default()
+            .with_name(s(k))
+            .with_config_operation(1)
+    }));
+    let (r, _): (IncrementalAlterConfigsResponse, i16) = conn.call(
+        ApiKey::IncrementalAlterConfigs,
+        1,
+        &IncrementalAlterConfigsRequest::default().with_resources(vec![
+            incremental_alter_configs_request::AlterConfigsResource::default()
+                .with_resource_type(resource_type)
+                .with_resource_name(s(name))
+                .with_configs(ops),
+        ]),
+    )?;
+    let res = r
+        .responses
+        .first()
+        .context("an empty IncrementalAlterConfigs response")?;
+    check(
+        res.error_code,
+        res.error_message.as_ref(),
+        &format!(
+            "altering configs of {}",
+            resource_label(resource_type, name)
+        ),
+    )
+}
 
 /// Kafka's names of DescribeConfigs' config sources, as kafka-configs.sh prints them.
 fn config_source_name(source: i8) -> &'static str {
@@ -155,37 +254,7 @@ impl Admin {
         &mut self,
         topic: &str,
     ) -> Result<Vec<(String, Option<String>, &'static str)>> {
-        let (r, _): (DescribeConfigsResponse, i16) = self.conn.call(
-            ApiKey::DescribeConfigs,
-            4,
-            &DescribeConfigsRequest::default().with_resources(vec![
-                describe_configs_request::DescribeConfigsResource::default()
-                    .with_resource_type(RESOURCE_TOPIC)
-                    .with_resource_name(s(topic))
-                    // null asks for every key; an empty list would ask for none.
-                    .with_configuration_keys(None),
-            ]),
-        )?;
-        let res = r
-            .results
-            .first()
-            .context("an empty DescribeConfigs response")?;
-        check(
-            res.error_code,
-            res.error_message.as_ref(),
-            &format!("describing configs of topic {topic}"),
-        )?;
-        Ok(res
-            .configs
-            .iter()
-            .map(|c| {
-                (
-                    c.name.to_string(),
-                    c.value.as_ref().map(|v| v.to_string()),
-                    config_source_name(c.config_source),
-                )
-            })
-            .collect())
+        describe_configs(&mut self.conn, RESOURCE_TOPIC, topic)
     }
 
     /// IncrementalAlterConfigs on one topic: `set` pairs are SET, `delete` keys are DELETE.
@@ -195,39 +264,46 @@ impl Admin {
         set: &[(String, String)],
         delete: &[String],
     ) -> Result<()> {
-        let mut ops: Vec<incremental_alter_configs_request::AlterableConfig> = set
-            .iter()
-            .map(|(k, v)| {
-                incremental_alter_configs_request::AlterableConfig::default()
-                    .with_name(s(k))
-                    .with_config_operation(0)
-                    .with_value(Some(s(v)))
-            })
-            .collect();
-        ops.extend(delete.iter().map(|k| {
-            incremental_alter_configs_request::AlterableConfig::default()
-                .with_name(s(k))
-                .with_config_operation(1)
-        }));
-        let (r, _): (IncrementalAlterConfigsResponse, i16) = self.conn.call(
-            ApiKey::IncrementalAlterConfigs,
-            1,
-            &IncrementalAlterConfigsRequest::default().with_resources(vec![
-                incremental_alter_configs_request::AlterConfigsResource::default()
-                    .with_resource_type(RESOURCE_TOPIC)
-                    .with_resource_name(s(topic))
-                    .with_configs(ops),
-            ]),
-        )?;
-        let res = r
-            .responses
-            .first()
-            .context("an empty IncrementalAlterConfigs response")?;
-        check(
-            res.error_code,
-            res.error_message.as_ref(),
-            &format!("altering configs of topic {topic}"),
-        )
+        alter_configs(&mut self.conn, RESOURCE_TOPIC, topic, set, delete)
+    }
+
+    /// A broker's configs ("" = the cluster-wide default resource), asked of that broker (the
+    /// default of any broker), as Kafka's admin client does.
+    pub fn describe_broker_configs_on(
+        &mut self,
+        broker: &str,
+    ) -> Result<Vec<(String, Option<String>, &'static str)>> {
+        if broker.is_empty() {
+            return describe_configs(&mut self.conn, RESOURCE_BROKER, broker);
+        }
+        let mut conn = self.broker_conn(broker)?;
+        describe_configs(&mut conn, RESOURCE_BROKER, broker)
+    }
+
+    /// A connection to broker `broker` (a node id), found in the cluster's metadata.
+    fn broker_conn(&mut self, broker: &str) -> Result<Conn> {
+        let id: i32 = broker.parse().context("a broker id is a number")?;
+        let addr = Cluster::fetch(&mut self.conn, Some(&[]), false)?
+            .brokers
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("broker {id} is not in the cluster's metadata"))?;
+        Conn::connect(&addr, "weir-admin", Duration::from_secs(30))
+    }
+
+    /// Dynamic broker configs of `broker` ("" = the cluster-wide default); a broker's own
+    /// resource must be sent to that broker, as Kafka's admin client does.
+    pub fn alter_broker_configs(
+        &mut self,
+        broker: &str,
+        set: &[(String, String)],
+        delete: &[String],
+    ) -> Result<()> {
+        if broker.is_empty() {
+            return alter_configs(&mut self.conn, RESOURCE_BROKER, broker, set, delete);
+        }
+        let mut conn = self.broker_conn(broker)?;
+        alter_configs(&mut conn, RESOURCE_BROKER, broker, set, delete)
     }
 
     pub fn describe(&mut self, topics: Option<&[String]>) -> Result<Cluster> {

@@ -101,9 +101,13 @@ struct ReassignArgs {
     verify: bool,
     #[arg(long)]
     cancel: bool,
-    /// Replication throttle in bytes/s (not supported yet: refused).
+    /// With --execute: limit the moving replicas' catch-up traffic to this many bytes/s
+    /// (cleared by --verify once every partition is complete).
     #[arg(long)]
     throttle: Option<u64>,
+    /// With --verify: keep the throttles after completion.
+    #[arg(long)]
+    preserve_throttles: bool,
 }
 
 #[derive(Args)]
@@ -149,6 +153,34 @@ enum ClusterAction {
         #[arg(long, default_value = "./cluster")]
         dir: std::path::PathBuf,
     },
+    /// Adds a broker-only node with the next node id and (unless --no-rebalance) spreads every
+    /// topic's replicas over all brokers, waiting until the moves complete.
+    Commission {
+        #[arg(long, default_value = "./cluster")]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        broker: Option<std::path::PathBuf>,
+        #[arg(long)]
+        shards: Option<usize>,
+        #[arg(long = "override")]
+        overrides: Vec<String>,
+        /// Only start the broker; move nothing onto it.
+        #[arg(long)]
+        no_rebalance: bool,
+        /// Longest wait for the moves, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
+    /// Moves every replica off a broker-only node, waits, stops it and unregisters it.
+    Decommission {
+        #[arg(long, default_value = "./cluster")]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        node_id: usize,
+        /// Longest wait for the moves, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+    },
 }
 
 fn cluster(a: ClusterArgs) -> Result<()> {
@@ -179,6 +211,33 @@ fn cluster(a: ClusterArgs) -> Result<()> {
         }
         ClusterAction::Stop { dir } => cluster::stop(&dir),
         ClusterAction::Status { dir } => cluster::status(&dir),
+        ClusterAction::Commission {
+            dir,
+            broker,
+            shards,
+            overrides,
+            no_rebalance,
+            timeout_s,
+        } => {
+            for o in &overrides {
+                anyhow::ensure!(o.contains('='), "--override {o:?} is not key=value");
+            }
+            let broker = broker.unwrap_or_else(cluster::default_broker);
+            cluster::commission(
+                &dir,
+                &broker,
+                shards,
+                &overrides,
+                !no_rebalance,
+                std::time::Duration::from_secs(timeout_s),
+            )
+            .map(|_| ())
+        }
+        ClusterAction::Decommission {
+            dir,
+            node_id,
+            timeout_s,
+        } => cluster::decommission(&dir, node_id, std::time::Duration::from_secs(timeout_s)),
     }
 }
 
@@ -186,11 +245,14 @@ fn cluster(a: ClusterArgs) -> Result<()> {
 struct ConfigsArgs {
     #[arg(long)]
     bootstrap_server: String,
-    /// Only `topics` for now (broker configs are static: server.properties).
+    /// `topics` or `brokers` (dynamic broker configs: the replication throttle rates).
     #[arg(long)]
     entity_type: String,
     #[arg(long)]
     entity_name: Option<String>,
+    /// With --entity-type brokers: the cluster-wide default instead of one broker.
+    #[arg(long)]
+    entity_default: bool,
     #[arg(long)]
     describe: bool,
     /// With --describe: every config, not only the overrides.
@@ -442,9 +504,10 @@ fn reassign_partitions(a: ReassignArgs) -> Result<()> {
         verbs == 1,
         "give exactly one of --generate, --execute, --verify, --cancel"
     );
-    if a.throttle.is_some() {
-        anyhow::bail!("--throttle is not supported yet: Weir does not throttle replication");
-    }
+    anyhow::ensure!(
+        a.throttle.is_none() || a.execute,
+        "--throttle is only for --execute"
+    );
     let mut conn = weir_tools::connect_any(
         &a.bootstrap_server,
         "weir-reassign-partitions",
@@ -477,11 +540,12 @@ fn reassign_partitions(a: ReassignArgs) -> Result<()> {
         println!("{}", proposed.json());
         return Ok(());
     }
-    let plan: reassign::Plan = serde_json::from_str(&read(
+    let mut plan: reassign::Plan = serde_json::from_str(&read(
         &a.reassignment_json_file,
         "--reassignment-json-file",
     )?)
     .context("parsing the reassignment file")?;
+    plan.sort();
     if a.execute {
         let current = reassign::current_of(&mut conn, &plan)?;
         println!("Current partition replica assignment");
@@ -489,6 +553,11 @@ fn reassign_partitions(a: ReassignArgs) -> Result<()> {
         println!("{}", current.json());
         println!();
         println!("Save this to use as the --reassignment-json-file option during rollback");
+        if let Some(rate) = a.throttle {
+            reassign::set_throttles(&mut conn, &current, &plan, rate)?;
+            println!("Warning: You must run --verify periodically, until the reassignment completes, to ensure the throttle is removed.");
+            println!("The inter-broker throttle limit was set to {rate} B/s");
+        }
         reassign::alter(&mut conn, &plan, false)?;
         let names = plan.partition_names();
         println!("Successfully started partition reassignments for {}", names);
@@ -500,34 +569,60 @@ fn reassign_partitions(a: ReassignArgs) -> Result<()> {
             names
         );
     } else {
-        let (_, lines) = reassign::verify(&mut conn, &plan)?;
+        let (done, lines) = reassign::verify(&mut conn, &plan)?;
         for l in lines {
             println!("{l}");
+        }
+        if done && !a.preserve_throttles {
+            println!();
+            for l in reassign::clear_throttles(&mut conn, &plan)? {
+                println!("{l}");
+            }
         }
     }
     Ok(())
 }
 
 fn configs(a: ConfigsArgs) -> Result<()> {
-    if a.entity_type != "topics" {
-        bail!(
-            "--entity-type {} is not supported: only topics (broker configs are static, in server.properties)",
-            a.entity_type
-        );
-    }
+    let broker = match a.entity_type.as_str() {
+        "topics" => false,
+        "brokers" => true,
+        other => bail!("--entity-type {other} is not supported: topics or brokers"),
+    };
     if a.describe == a.alter {
         bail!("exactly one of --describe, --alter is required");
     }
-    let topic = a.entity_name.clone().context("--entity-name is required")?;
+    let name = match (&a.entity_name, a.entity_default) {
+        (Some(n), false) => n.clone(),
+        (None, true) if broker => String::new(),
+        (None, true) => bail!("--entity-default is only for --entity-type brokers"),
+        (Some(_), true) => bail!("give --entity-name or --entity-default, not both"),
+        (None, false) => bail!("--entity-name is required"),
+    };
+    // What kafka-configs.sh calls the entity in its messages.
+    let label = match (broker, name.is_empty()) {
+        (false, _) => format!("topic {name}"),
+        (true, false) => format!("broker {name}"),
+        (true, true) => "brokers in the cluster".to_string(),
+    };
     let mut admin = Admin::connect(&a.bootstrap_server)?;
     let out = std::io::stdout();
     let mut out = out.lock();
     if a.describe {
-        let configs = admin.describe_topic_configs(&topic)?;
-        let which = if a.all { "All" } else { "Dynamic" };
-        writeln!(out, "{which} configs for topic {topic} are:")?;
+        let configs = if broker {
+            admin.describe_broker_configs_on(&name)?
+        } else {
+            admin.describe_topic_configs(&name)?
+        };
+        let which = match (a.all, broker && name.is_empty()) {
+            (_, true) => "Default",
+            (true, false) => "All",
+            (false, false) => "Dynamic",
+        };
+        writeln!(out, "{which} configs for {label} are:")?;
         for (k, v, source) in configs {
-            if !a.all && source != "DYNAMIC_TOPIC_CONFIG" {
+            let dynamic = source.starts_with("DYNAMIC_");
+            if !a.all && !dynamic {
                 continue;
             }
             let v = v.unwrap_or_else(|| "null".into());
@@ -554,8 +649,16 @@ fn configs(a: ConfigsArgs) -> Result<()> {
     if set.is_empty() && delete.is_empty() {
         bail!("--alter needs --add-config or --delete-config");
     }
-    admin.alter_topic_configs(&topic, &set, &delete)?;
-    writeln!(out, "Completed updating config for topic {topic}.")?;
+    if broker {
+        admin.alter_broker_configs(&name, &set, &delete)?;
+    } else {
+        admin.alter_topic_configs(&name, &set, &delete)?;
+    }
+    if broker && name.is_empty() {
+        writeln!(out, "Completed updating default config for {label}.")?;
+    } else {
+        writeln!(out, "Completed updating config for {label}.")?;
+    }
     Ok(())
 }
 

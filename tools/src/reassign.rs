@@ -56,6 +56,12 @@ impl Plan {
         }
     }
 
+    /// Orders the partitions by topic and partition, as every listing of a plan here is.
+    pub fn sort(&mut self) {
+        self.partitions
+            .sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    }
+
     /// `t-0,t-1`: the plan's partitions as Kafka's tool lists them.
     pub fn partition_names(&self) -> String {
         self.partitions
@@ -259,6 +265,147 @@ pub fn verify(conn: &mut Conn, plan: &Plan) -> Result<(bool, Vec<String>)> {
     Ok((done, lines))
 }
 
+/// UnregisterBroker (KIP-500 era): removes a stopped broker that holds no replicas.
+pub fn unregister(conn: &mut Conn, broker: i32) -> Result<()> {
+    let (r, _): (UnregisterBrokerResponse, i16) = conn.call(
+        ApiKey::UnregisterBroker,
+        0,
+        &UnregisterBrokerRequest::default().with_broker_id(BrokerId(broker)),
+    )?;
+    if r.error_code != 0 {
+        bail!(
+            "unregistering broker {broker}: {}{}",
+            error_name(r.error_code),
+            r.error_message
+                .as_ref()
+                .map(|m| format!(" ({})", m.as_str()))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+const LEADER_RATE: &str = "leader.replication.throttled.rate";
+const FOLLOWER_RATE: &str = "follower.replication.throttled.rate";
+const LEADER_REPLICAS: &str = "leader.replication.throttled.replicas";
+const FOLLOWER_REPLICAS: &str = "follower.replication.throttled.replicas";
+
+/// The throttled-replica lists a plan needs, per topic, as Kafka's tool computes them: for
+/// every partition whose replicas change, the leader side lists its current replicas (any of
+/// them may lead) and the follower side the replicas it gains.
+pub fn throttled_replicas(current: &Plan, proposed: &Plan) -> BTreeMap<String, (String, String)> {
+    let mut out: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    for (now, want) in current.partitions.iter().zip(&proposed.partitions) {
+        if now.replicas == want.replicas {
+            continue;
+        }
+        let e = out.entry(want.topic.clone()).or_default();
+        for b in &now.replicas {
+            e.0.push(format!("{}:{b}", want.partition));
+        }
+        for b in want.replicas.iter().filter(|b| !now.replicas.contains(b)) {
+            e.1.push(format!("{}:{b}", want.partition));
+        }
+    }
+    out.into_iter()
+        .map(|(t, (l, f))| (t, (l.join(","), f.join(","))))
+        .collect()
+}
+
+/// `--execute --throttle`: sets the topic throttled-replica lists, then the rate on every
+/// broker the plan touches (each broker's resource sent to that broker). Returns the brokers.
+pub fn set_throttles(
+    conn: &mut Conn,
+    current: &Plan,
+    proposed: &Plan,
+    rate: u64,
+) -> Result<Vec<i32>> {
+    for (topic, (leader, follower)) in throttled_replicas(current, proposed) {
+        crate::admin::alter_configs(
+            conn,
+            crate::admin::RESOURCE_TOPIC,
+            &topic,
+            &[
+                (LEADER_REPLICAS.to_string(), leader),
+                (FOLLOWER_REPLICAS.to_string(), follower),
+            ],
+            &[],
+        )?;
+    }
+    let brokers: BTreeSet<i32> = current
+        .partitions
+        .iter()
+        .chain(&proposed.partitions)
+        .flat_map(|p| p.replicas.iter().copied())
+        .collect();
+    let cluster = Cluster::fetch(conn, Some(&[]), false)?;
+    let set = [
+        (LEADER_RATE.to_string(), rate.to_string()),
+        (FOLLOWER_RATE.to_string(), rate.to_string()),
+    ];
+    for b in &brokers {
+        let addr = cluster
+            .brokers
+            .get(b)
+            .with_context(|| format!("broker {b} is not in the cluster's metadata"))?;
+        let mut c = Conn::connect(
+            addr,
+            "weir-reassign-partitions",
+            std::time::Duration::from_secs(30),
+        )?;
+        crate::admin::alter_configs(
+            &mut c,
+            crate::admin::RESOURCE_BROKER,
+            &b.to_string(),
+            &set,
+            &[],
+        )?;
+    }
+    Ok(brokers.into_iter().collect())
+}
+
+/// `--verify` once every partition is complete: removes the rates from every live broker and
+/// the throttled-replica lists from the plan's topics. Returns the lines Kafka's tool prints.
+pub fn clear_throttles(conn: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
+    let cluster = Cluster::fetch(conn, Some(&[]), false)?;
+    let mut brokers: Vec<(i32, String)> = cluster.brokers.into_iter().collect();
+    brokers.sort();
+    let rates = [LEADER_RATE.to_string(), FOLLOWER_RATE.to_string()];
+    for (b, addr) in &brokers {
+        let mut c = Conn::connect(
+            addr,
+            "weir-reassign-partitions",
+            std::time::Duration::from_secs(30),
+        )?;
+        crate::admin::alter_configs(
+            &mut c,
+            crate::admin::RESOURCE_BROKER,
+            &b.to_string(),
+            &[],
+            &rates,
+        )?;
+    }
+    let topics: BTreeSet<&str> = plan.partitions.iter().map(|p| p.topic.as_str()).collect();
+    let lists = [LEADER_REPLICAS.to_string(), FOLLOWER_REPLICAS.to_string()];
+    for t in &topics {
+        crate::admin::alter_configs(conn, crate::admin::RESOURCE_TOPIC, t, &[], &lists)?;
+    }
+    Ok(vec![
+        format!(
+            "Clearing broker-level throttles on brokers {}",
+            brokers
+                .iter()
+                .map(|(b, _)| b.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        format!(
+            "Clearing topic-level throttles on topic {}",
+            topics.into_iter().collect::<Vec<_>>().join(",")
+        ),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +434,29 @@ mod tests {
             plan.json(),
             r#"{"version":1,"partitions":[{"topic":"t","partition":0,"replicas":[1,2],"log_dirs":["any","any"]}]}"#
         );
+    }
+
+    #[test]
+    fn throttled_replicas_name_sources_and_new_replicas() {
+        let part = |t: &str, p, r: &[i32]| PlanPartition {
+            topic: t.into(),
+            partition: p,
+            replicas: r.to_vec(),
+            log_dirs: vec![],
+        };
+        let current = Plan::new(vec![
+            part("a", 0, &[0, 1]),
+            part("a", 1, &[1, 2]),
+            part("b", 0, &[2, 0]),
+        ]);
+        let proposed = Plan::new(vec![
+            part("a", 0, &[0, 3]),
+            part("a", 1, &[1, 2]),
+            part("b", 0, &[3, 1]),
+        ]);
+        let t = throttled_replicas(&current, &proposed);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["a"], ("0:0,0:1".to_string(), "0:3".to_string()));
+        assert_eq!(t["b"], ("0:2,0:0".to_string(), "0:3,0:1".to_string()));
     }
 }

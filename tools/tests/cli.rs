@@ -406,7 +406,9 @@ fn configs_describe_and_alter_topic_configs() {
     assert!(err.contains("INVALID_CONFIG"), "{err}");
     let err = fails(&args("topics", "nope", &["--describe"]));
     assert!(err.contains("UNKNOWN_TOPIC_OR_PARTITION"), "{err}");
-    fails(&args("brokers", "0", &["--describe"]));
+    // A broker id that is not a number is refused before any request.
+    let err = fails(&args("brokers", "zero", &["--describe"]));
+    assert!(err.contains("a broker id is a number"), "{err}");
 }
 
 /// `base..base + n` are all free on loopback.
@@ -669,16 +671,314 @@ fn reassign_partitions_generate_execute_verify() {
         out.trim(),
         "Valid replica already elected for partitions mv-1"
     );
-    // A throttle is refused with a clear message rather than ignored.
+    // A throttle belongs to --execute only.
     let err = fails(&[
         "reassign-partitions",
         "--bootstrap-server",
         &b,
         "--reassignment-json-file",
         plan.to_str().unwrap(),
-        "--execute",
+        "--verify",
         "--throttle",
         "1000",
     ]);
-    assert!(err.contains("--throttle is not supported"), "{err}");
+    assert!(err.contains("--throttle is only for --execute"), "{err}");
+}
+
+/// kafka-reassign-partitions.sh --throttle: the moving replica's catch-up is held to the
+/// throttle (measured from the bytes moved and the time taken), in-sync replicas are not
+/// throttled, and --verify clears the rates and throttled-replica lists once complete.
+#[test]
+fn a_throttled_reassignment_moves_no_faster_than_the_throttle() {
+    use weir_tests::{admin, eventually, log_bytes, workload};
+    // A small fetch size so one fetch's overshoot is small next to the throttle.
+    let c = weir_tests::Cluster::start(
+        3,
+        &[
+            ("replica.fetch.wait.max.ms", "200"),
+            ("replica.fetch.max.bytes", "65536"),
+        ],
+    );
+    let b = c.node(0).bootstrap();
+    let assignment: &[&[i32]] = &[&[0]];
+    let t = rdkafka::admin::NewTopic::new(
+        "slow",
+        1,
+        rdkafka::admin::TopicReplication::Variable(assignment),
+    );
+    let r =
+        futures::executor::block_on(admin::client(c.node(0)).create_topics([&t], &admin::opts()))
+            .expect("CreateTopics");
+    assert!(r[0].is_ok(), "{r:?}");
+    let acked = workload::produce(
+        &c.node(0).client_config(),
+        "slow",
+        0..20_000,
+        &[("acks", "all")],
+    );
+    assert_eq!(acked.len(), 20_000);
+    // Segment files are preallocated while open: the data is what precedes the zero tail
+    // (every batch ends in a record's non-zero bytes).
+    let data = |node: usize| {
+        let mut v = log_bytes(&c.node(node).data_dir().join("slow-0"));
+        while v.last() == Some(&0) {
+            v.pop();
+        }
+        v
+    };
+    let bytes = data(0).len() as f64;
+    assert!(bytes > 2_000_000.0, "{bytes}");
+
+    let rate: u64 = 512 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"version":1,"partitions":[{"topic":"slow","partition":0,"replicas":[0,1],"log_dirs":["any","any"]}]}"#,
+    )
+    .unwrap();
+    let args = |verb: &'static str| -> Vec<String> {
+        vec![
+            "reassign-partitions".into(),
+            "--bootstrap-server".into(),
+            b.clone(),
+            "--reassignment-json-file".into(),
+            plan.to_str().unwrap().into(),
+            verb.into(),
+        ]
+    };
+    let run = |v: &[String]| ok(&v.iter().map(String::as_str).collect::<Vec<_>>(), None);
+    let mut execute = args("--execute");
+    execute.extend(["--throttle".to_string(), rate.to_string()]);
+    let started = std::time::Instant::now();
+    let out = run(&execute);
+    assert!(
+        out.contains(&format!(
+            "The inter-broker throttle limit was set to {rate} B/s"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("Successfully started partition reassignments for slow-0"),
+        "{out}"
+    );
+
+    // While it moves: the rates are dynamic broker configs on both brokers, the lists are
+    // topic configs, and --verify leaves them alone.
+    let described = ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            &b,
+            "--entity-type",
+            "brokers",
+            "--entity-name",
+            "1",
+            "--describe",
+        ],
+        None,
+    );
+    assert!(
+        described.contains(&format!(
+            "follower.replication.throttled.rate={rate} sensitive=false synonyms={{DYNAMIC_BROKER_CONFIG:"
+        )),
+        "{described}"
+    );
+    let topic_cfg = ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            &b,
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            "slow",
+            "--describe",
+        ],
+        None,
+    );
+    assert!(
+        topic_cfg.contains("leader.replication.throttled.replicas=0:0"),
+        "{topic_cfg}"
+    );
+    assert!(
+        topic_cfg.contains("follower.replication.throttled.replicas=0:1"),
+        "{topic_cfg}"
+    );
+    let early = run(&args("--verify"));
+    assert!(
+        early.contains("Reassignment of partition slow-0 is still in progress."),
+        "{early}"
+    );
+    assert!(!early.contains("Clearing"), "{early}");
+
+    let mut last = String::new();
+    let done = eventually(std::time::Duration::from_secs(120), || {
+        last = run(&args("--verify"));
+        last.contains("Reassignment of partition slow-0 is completed.")
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(done, "{last}");
+    assert!(data(1) == data(0), "the new replica holds the whole log");
+    eprintln!(
+        "throttled move: {bytes} bytes in {elapsed:.1} s = {:.0} B/s (throttle {rate} B/s)",
+        bytes / elapsed
+    );
+    // The bucket allows one second of burst plus one fetch beyond the rate.
+    assert!(
+        bytes <= rate as f64 * (elapsed + 1.0) + 65_536.0,
+        "moved {bytes} bytes in {elapsed:.1} s: faster than {rate} B/s"
+    );
+    assert!(
+        last.contains("Clearing broker-level throttles on brokers 0,1,2"),
+        "{last}"
+    );
+    assert!(
+        last.contains("Clearing topic-level throttles on topic slow"),
+        "{last}"
+    );
+    for broker in ["0", "1"] {
+        let d = ok(
+            &[
+                "configs",
+                "--bootstrap-server",
+                &b,
+                "--entity-type",
+                "brokers",
+                "--entity-name",
+                broker,
+                "--describe",
+            ],
+            None,
+        );
+        assert_eq!(
+            d.trim(),
+            format!("Dynamic configs for broker {broker} are:"),
+            "{d}"
+        );
+    }
+    let topic_cfg = ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            &b,
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            "slow",
+            "--describe",
+        ],
+        None,
+    );
+    assert!(!topic_cfg.contains("throttled"), "{topic_cfg}");
+}
+
+/// kafka-configs.sh --entity-type brokers: dynamic broker configs per broker and as the
+/// cluster-wide default, with Kafka's errors for keys that are not dynamic and bad values.
+#[test]
+fn dynamic_broker_configs_per_broker_and_default() {
+    let mut broker = Broker::start(1);
+    let b = broker.bootstrap();
+    let alter = |entity: &[&str], add: &str| -> Output {
+        let mut a = vec![
+            "configs",
+            "--bootstrap-server",
+            &b,
+            "--entity-type",
+            "brokers",
+        ];
+        a.extend_from_slice(entity);
+        a.extend_from_slice(&["--alter", "--add-config", add]);
+        weir(&a, None)
+    };
+    let o = alter(
+        &["--entity-default"],
+        "leader.replication.throttled.rate=1000",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "Completed updating default config for brokers in the cluster."
+    );
+    let o = alter(
+        &["--entity-name", "0"],
+        "follower.replication.throttled.rate=2000",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "Completed updating config for broker 0."
+    );
+    let d = ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            &b,
+            "--entity-type",
+            "brokers",
+            "--entity-name",
+            "0",
+            "--describe",
+        ],
+        None,
+    );
+    assert!(d.contains("follower.replication.throttled.rate=2000 sensitive=false synonyms={DYNAMIC_BROKER_CONFIG:"), "{d}");
+    assert!(d.contains("leader.replication.throttled.rate=1000 sensitive=false synonyms={DYNAMIC_DEFAULT_BROKER_CONFIG:"), "{d}");
+    let d = ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            &b,
+            "--entity-type",
+            "brokers",
+            "--entity-default",
+            "--describe",
+        ],
+        None,
+    );
+    assert_eq!(
+        d.trim(),
+        "Default configs for brokers in the cluster are:\n  leader.replication.throttled.rate=1000 sensitive=false synonyms={DYNAMIC_DEFAULT_BROKER_CONFIG:leader.replication.throttled.rate=1000}"
+    );
+    // Not dynamic: Kafka's INVALID_REQUEST and message; a bad value: INVALID_CONFIG.
+    let o = alter(&["--entity-name", "0"], "log.dirs=/tmp/x");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("INVALID_REQUEST (Cannot update these configs dynamically: Set(log.dirs))"),
+        "{err}"
+    );
+    let o = alter(
+        &["--entity-name", "0"],
+        "leader.replication.throttled.rate=-5",
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("INVALID_CONFIG"), "{err}");
+    // Another broker's resource sent here is refused as Kafka refuses it.
+    let o = alter(
+        &["--entity-name", "7"],
+        "leader.replication.throttled.rate=5",
+    );
+    assert!(!o.status.success());
+    // Survives a restart (persisted in the metadata).
+    assert!(broker.stop());
+    broker.restart();
+    let d = ok(
+        &[
+            "configs",
+            "--bootstrap-server",
+            &broker.bootstrap(),
+            "--entity-type",
+            "brokers",
+            "--entity-name",
+            "0",
+            "--describe",
+            "--all",
+        ],
+        None,
+    );
+    assert!(d.starts_with("All configs for broker 0 are:"), "{d}");
+    assert!(
+        d.contains("follower.replication.throttled.rate=2000"),
+        "{d}"
+    );
+    assert!(d.contains("log.dirs="), "{d}");
 }

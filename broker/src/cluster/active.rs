@@ -228,6 +228,9 @@ impl Active {
             ControlOp::AlterTopicConfigs(edits, validate_only) => {
                 decide::alter_topic_configs(&image, &self.cfg, edits, *validate_only)
             }
+            ControlOp::AlterBrokerConfigs(edits, validate_only) => {
+                decide::alter_broker_configs(&image, edits, *validate_only)
+            }
             ControlOp::AlterReassignments(list) => decide::alter_reassignments(&image, list),
             ControlOp::UnregisterBroker(id) => decide::unregister_broker(&image, *id),
             ControlOp::ElectLeaders(list, preferred) => {

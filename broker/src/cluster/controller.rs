@@ -139,6 +139,22 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
                 Ok((0, 0))
             })
             .collect(),
+        ControlOp::AlterBrokerConfigs(edits, validate_only) => edits
+            .into_iter()
+            .map(|(resource, edit)| {
+                let current = image.broker_configs.get(&resource).cloned().unwrap_or_default();
+                let new = super::decide::broker_config_edit(&current, edit)?;
+                if !validate_only && new != current {
+                    if new.is_empty() {
+                        image.broker_configs.remove(&resource);
+                    } else {
+                        image.broker_configs.insert(resource, new);
+                    }
+                    changed = true;
+                }
+                Ok((0, 0))
+            })
+            .collect(),
     };
     if !changed {
         return results;
@@ -293,6 +309,7 @@ async fn forward(op: ControlOp) -> ControlReply {
         ControlOp::DeleteTopics(t) => t.len(),
         ControlOp::CreatePartitions(t, _) => t.len(),
         ControlOp::AlterTopicConfigs(t, _) => t.len(),
+        ControlOp::AlterBrokerConfigs(t, _) => t.len(),
         ControlOp::AlterPartition { .. } => 1,
         ControlOp::ElectLeaders(list, _) => list.len(),
         ControlOp::AlterReassignments(list) => list.len(),

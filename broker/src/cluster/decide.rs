@@ -401,6 +401,69 @@ pub fn alter_topic_configs(
     (answers, records)
 }
 
+/// A broker resource's dynamic configs after `edit`, validated as Kafka does.
+pub fn broker_config_edit(
+    current: &BTreeMap<String, String>,
+    edit: ConfigEdit,
+) -> Result<BTreeMap<String, String>, TopicError> {
+    let new = edit
+        .apply(current, &crate::config::LogConfig::default())
+        .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+    crate::config::validate_broker_dynamic(&new).map_err(|(code, msg)| {
+        if code == crate::kafka::errors::INVALID_REQUEST {
+            TopicError::InvalidRequest(msg)
+        } else {
+            TopicError::InvalidConfig(msg)
+        }
+    })?;
+    Ok(new)
+}
+
+/// Dynamic broker config changes: one `BrokerConfig` record per key that changes.
+pub fn alter_broker_configs(
+    img: &ClusterImage,
+    edits: &[(String, ConfigEdit)],
+    validate_only: bool,
+) -> (Answers, Vec<MetadataRecord>) {
+    let mut scratch = img.clone();
+    let mut records = Vec::new();
+    let empty = BTreeMap::new();
+    let answers = edits
+        .iter()
+        .map(|(resource, edit)| {
+            let current = scratch
+                .broker_configs
+                .get(resource)
+                .unwrap_or(&empty)
+                .clone();
+            let new = broker_config_edit(&current, edit.clone())?;
+            let mut changes = Vec::new();
+            for (k, v) in &new {
+                if current.get(k) != Some(v) {
+                    changes.push(MetadataRecord::BrokerConfig {
+                        resource: resource.clone(),
+                        key: k.clone(),
+                        value: Some(v.clone()),
+                    });
+                }
+            }
+            for k in current.keys().filter(|k| !new.contains_key(*k)) {
+                changes.push(MetadataRecord::BrokerConfig {
+                    resource: resource.clone(),
+                    key: k.clone(),
+                    value: None,
+                });
+            }
+            try_apply(&mut scratch, &changes, &mut records)?;
+            Ok((0, 0))
+        })
+        .collect();
+    if validate_only {
+        records.clear();
+    }
+    (answers, records)
+}
+
 /// Fences a broker and moves what it leads, as KRaft does: it leaves every ISR it is in unless
 /// it is the last member (then the ISR stays and the partition has no leader, so no replica
 /// that may lack acknowledged records is elected); a partition it led gets the first replica,

@@ -109,6 +109,10 @@ pub struct Image {
     /// The active controller's node id, or -1 while none is known.
     #[serde(default = "no_leader")]
     pub controller_id: i32,
+    /// Dynamic broker configs (KIP-226): resource ("" = the cluster-wide default, else a node
+    /// id) -> key -> value.
+    #[serde(default)]
+    pub broker_configs: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Image {
@@ -130,6 +134,22 @@ impl Image {
             .get(topic)
             .and_then(|t| base.with_topic_overrides(&t.configs).ok())
             .unwrap_or_else(|| base.clone())
+    }
+
+    /// A dynamic broker config's effective value on broker `node`, and whether it comes from
+    /// the broker's own override (true) or the cluster-wide default (false).
+    pub fn broker_config(&self, node: i32, key: &str) -> Option<(&str, bool)> {
+        if let Some(v) = self
+            .broker_configs
+            .get(&node.to_string())
+            .and_then(|m| m.get(key))
+        {
+            return Some((v, true));
+        }
+        self.broker_configs
+            .get("")
+            .and_then(|m| m.get(key))
+            .map(|v| (v.as_str(), false))
     }
 
     pub fn topic_by_id(&self, id: uuid::Uuid) -> Option<(&String, &TopicMeta)> {
@@ -252,6 +272,7 @@ impl Image {
             producer_id_block_end: ci.producer_id_block_end,
             brokers,
             controller_id,
+            broker_configs: ci.broker_configs.clone(),
         }
     }
 

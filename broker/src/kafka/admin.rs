@@ -28,6 +28,8 @@ use crate::shard::{shard, ControlOp};
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 const SOURCE_DYNAMIC_TOPIC: i8 = 1;
+const SOURCE_DYNAMIC_BROKER: i8 = 2;
+const SOURCE_DYNAMIC_DEFAULT_BROKER: i8 = 3;
 const SOURCE_STATIC_BROKER: i8 = 4;
 const SOURCE_DEFAULT: i8 = 5;
 const CONFIG_TYPE_BOOLEAN: i8 = 1;
@@ -285,7 +287,9 @@ fn topic_config_type(key: &str) -> i8 {
         | "index.interval.bytes"
         | "max.message.bytes"
         | "min.insync.replicas" => CONFIG_TYPE_INT,
-        "cleanup.policy" => CONFIG_TYPE_LIST,
+        "cleanup.policy"
+        | "leader.replication.throttled.replicas"
+        | "follower.replication.throttled.replicas" => CONFIG_TYPE_LIST,
         _ => CONFIG_TYPE_STRING,
     }
 }
@@ -342,7 +346,24 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
             },
             RESOURCE_BROKER => {
                 let name = r.resource_name.as_str();
-                if !name.is_empty() && name != c.node_id.to_string() {
+                if name.is_empty() {
+                    // The cluster-wide default resource lists only what was set on it.
+                    out.configs = image
+                        .broker_configs
+                        .get("")
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, _)| wanted(&r.configuration_keys, k))
+                        .map(|(k, v)| {
+                            entry(
+                                k,
+                                v.clone(),
+                                SOURCE_DYNAMIC_DEFAULT_BROKER,
+                                CONFIG_TYPE_LONG,
+                            )
+                        })
+                        .collect();
+                } else if name != c.node_id.to_string() {
                     out = out
                         .with_error_code(INVALID_REQUEST)
                         .with_error_message(Some(s(format!("Unexpected broker id {name}"))));
@@ -406,6 +427,20 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
                         .filter(|(k, _, _)| wanted(&r.configuration_keys, k))
                         .map(|(k, v, ty)| entry(k, v, SOURCE_STATIC_BROKER, ty))
                         .collect();
+                    for k in crate::config::BROKER_DYNAMIC_CONFIG_KEYS {
+                        if !wanted(&r.configuration_keys, k) {
+                            continue;
+                        }
+                        let (v, source) = match image.broker_config(c.node_id, k) {
+                            Some((v, true)) => (v.to_string(), SOURCE_DYNAMIC_BROKER),
+                            Some((v, false)) => (v.to_string(), SOURCE_DYNAMIC_DEFAULT_BROKER),
+                            None => (
+                                crate::config::THROTTLED_RATE_DEFAULT.to_string(),
+                                SOURCE_DEFAULT,
+                            ),
+                        };
+                        out.configs.push(entry(k, v, source, CONFIG_TYPE_LONG));
+                    }
                 }
             }
             other => {

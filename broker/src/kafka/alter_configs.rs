@@ -2,8 +2,9 @@
 //! (SET, DELETE, APPEND, SUBTRACT per key) for TOPIC resources. The controller resolves the
 //! edit against the current image, validates the result as CreateTopics does (INVALID_CONFIG
 //! with Kafka-style messages), persists it and sends it to every shard, whose open logs take the
-//! new settings at once. Broker resources (dynamic broker configs) are not alterable yet: they
-//! answer INVALID_REQUEST naming that.
+//! new settings at once. BROKER resources carry dynamic broker configs (KIP-226, the keys of
+//! `config::BROKER_DYNAMIC_CONFIG_KEYS`), for this broker or the cluster-wide default (""),
+//! persisted in the metadata the same way.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -43,56 +44,86 @@ macro_rules! resource_responses {
 }
 
 /// (resource type, name, edit) in request order -> (error code, message) per resource.
+/// Topic resources go to the controller as one AlterTopicConfigs, broker resources as one
+/// AlterBrokerConfigs; a broker resource must name this broker or be "" (the cluster-wide
+/// default), as Kafka checks before forwarding.
 async fn alter(
     resources: Vec<(i8, String, Result<ConfigEdit, TopicError>)>,
     validate_only: bool,
 ) -> Vec<(i16, Option<String>)> {
     let sh = shard();
+    let me = sh.config.node_id;
     let mut seen = HashSet::new();
-    let mut answers: Vec<Option<Result<(), TopicError>>> = Vec::with_capacity(resources.len());
-    let mut asks = Vec::new();
+    // Per resource: an early answer, or which ask list (topic: false, broker: true) holds it.
+    let mut answers: Vec<Result<bool, TopicError>> = Vec::with_capacity(resources.len());
+    let mut topic_asks = Vec::new();
+    let mut broker_asks = Vec::new();
     for (ty, name, edit) in resources {
         let early = if !seen.insert((ty, name.clone())) {
-            Some(Err(TopicError::InvalidRequest(format!(
+            Err(TopicError::InvalidRequest(format!(
                 "Duplicate resource {name} in the request"
-            ))))
-        } else if ty == RESOURCE_BROKER {
-            Some(Err(TopicError::InvalidRequest(
-                "Dynamic broker configs are not supported by Weir yet; set them in server.properties"
-                    .into(),
             )))
-        } else if ty != RESOURCE_TOPIC {
-            Some(Err(TopicError::InvalidRequest(format!(
-                "Unsupported resource type {ty}"
-            ))))
-        } else {
-            match edit {
-                Err(e) => Some(Err(e)),
-                Ok(edit) => {
-                    asks.push((name, edit));
-                    None
-                }
+        } else if ty == RESOURCE_BROKER {
+            match name.parse::<i32>() {
+                _ if name.is_empty() => Ok(()),
+                Ok(id) if id == me => Ok(()),
+                Ok(id) => Err(TopicError::InvalidRequest(format!(
+                    "Unexpected broker id, expected {me}, but received {id}"
+                ))),
+                Err(_) => Err(TopicError::InvalidRequest(format!(
+                    "Broker id must be an integer, but it is: {name}"
+                ))),
             }
+        } else if ty != RESOURCE_TOPIC {
+            Err(TopicError::InvalidRequest(format!(
+                "Unsupported resource type {ty}"
+            )))
+        } else {
+            Ok(())
         };
-        answers.push(early);
+        answers.push(early.and(edit).map(|edit| {
+            if ty == RESOURCE_BROKER {
+                broker_asks.push((name, edit));
+                true
+            } else {
+                topic_asks.push((name, edit));
+                false
+            }
+        }));
     }
-    let mut replies = if asks.is_empty() {
-        Vec::new()
-    } else {
-        controller::request(&sh, ControlOp::AlterTopicConfigs(asks, validate_only))
-            .await
-            .unwrap_or_default()
-    }
+    let ask = |op: ControlOp, n: usize| {
+        let sh = sh.clone();
+        async move {
+            if n == 0 {
+                return Vec::new();
+            }
+            controller::request(&sh, op).await.unwrap_or_default()
+        }
+    };
+    let (nt, nb) = (topic_asks.len(), broker_asks.len());
+    let mut topic_replies = ask(ControlOp::AlterTopicConfigs(topic_asks, validate_only), nt)
+        .await
+        .into_iter();
+    let mut broker_replies = ask(
+        ControlOp::AlterBrokerConfigs(broker_asks, validate_only),
+        nb,
+    )
+    .await
     .into_iter();
     answers
         .into_iter()
         .map(|a| {
-            let r =
-                a.unwrap_or_else(|| {
-                    replies.next().map(|r| r.map(|_| ())).unwrap_or(Err(
-                        TopicError::InvalidRequest("The controller did not answer".into()),
-                    ))
-                });
+            let r = a.and_then(|broker| {
+                let next = if broker {
+                    broker_replies.next()
+                } else {
+                    topic_replies.next()
+                };
+                next.map(|r| r.map(|_| ()))
+                    .unwrap_or(Err(TopicError::InvalidRequest(
+                        "The controller did not answer".into(),
+                    )))
+            });
             match r {
                 Ok(()) => (NONE, None),
                 Err(e) => (e.code(), Some(e.message())),
@@ -116,7 +147,7 @@ pub async fn handle_alter_configs(frame: RequestFrame) -> Result<Response, Strin
                     }
                     None => {
                         bad = Some(TopicError::InvalidConfig(format!(
-                            "Null value not supported for topic config {}",
+                            "Null value not supported for config {}",
                             c.name.as_str()
                         )))
                     }

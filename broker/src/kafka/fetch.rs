@@ -18,6 +18,7 @@ use super::fetch_session::{
 };
 use super::{decode, respond, Response};
 use crate::protocol::{OutBuf, RequestFrame};
+use crate::replication::throttle;
 use crate::shard::{shard, FetchItem, FetchResult, ShardMsg, CONSUMER};
 
 /// Upper bound on one fetch response's record bytes, whatever the client asks (Kafka's
@@ -181,6 +182,14 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     } else {
         CONSUMER
     };
+    // The leader's replication throttle: partitions it applies to (out-of-sync follower of a
+    // listed replica) are answered without records while the broker's bucket is empty.
+    let me = s.config.node_id;
+    let leader_rate = (replica_id >= 0)
+        .then(|| throttle::rate(&image, me, throttle::LEADER_RATE))
+        .flatten();
+    let over_quota = leader_rate.is_some_and(|r| throttle::LEADER.exceeded(r));
+    let mut throttled = vec![false; wanted.len()];
     let mut results: Vec<FetchResult> = Vec::with_capacity(wanted.len());
     let mut plan: Plan = BTreeMap::new();
     for (i, c) in wanted.iter().enumerate() {
@@ -198,13 +207,27 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 continue;
             }
         };
+        if leader_rate.is_some()
+            && throttle::listed(&image, &c.topic, throttle::LEADER_REPLICAS, c.partition, me)
+            && image
+                .topics
+                .get(&c.topic)
+                .and_then(|t| t.partitions.get(c.partition as usize))
+                .is_some_and(|pm| !pm.isr.contains(&replica_id))
+        {
+            throttled[i] = true;
+        }
         plan.entry(owner as usize).or_default().push((
             i,
             FetchItem {
                 topic: c.topic.clone(),
                 partition: c.partition,
                 offset: c.fetch_offset,
-                partition_max_bytes: c.max_bytes,
+                partition_max_bytes: if throttled[i] && over_quota {
+                    0
+                } else {
+                    c.max_bytes
+                },
                 current_leader_epoch: c.current_leader_epoch,
                 replica_id,
                 last_fetched_epoch: if replica_id >= 0 {
@@ -282,9 +305,12 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     // Enforce max_bytes over the whole response: the first non-empty partition is always
     // returned whole (KIP-74), later ones only while they fit.
     let mut budget_used = 0usize;
+    let mut throttled_bytes = 0usize;
     let mut out = OutBuf::new();
     let mut topics: Vec<FetchableTopicResponse> = Vec::new();
-    for ((w, mut r), included) in wanted.iter().zip(results).zip(include) {
+    for (((w, mut r), included), throttled) in
+        wanted.iter().zip(results).zip(include).zip(throttled)
+    {
         if !included {
             continue;
         }
@@ -293,6 +319,9 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             r.records.clear();
         } else {
             budget_used += bytes;
+            if throttled {
+                throttled_bytes += bytes;
+            }
         }
         let hw = r.high_watermark;
         let data = PartitionData::default()
@@ -326,6 +355,9 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                     .with_partitions(vec![data]),
             ),
         }
+    }
+    if let Some(rate) = leader_rate {
+        throttle::LEADER.record(rate, throttled_bytes);
     }
     let resp = FetchResponse::default()
         .with_session_id(session_id)

@@ -28,6 +28,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 
+use super::throttle;
 use crate::kafka::errors::*;
 use crate::shard::{Partition, Shard};
 use crate::storage::batch;
@@ -41,8 +42,9 @@ const RESPONSE_FRAME_MAX: usize =
 /// The supervisor looks for leaders without a fetcher this often.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A partition this broker follows: (topic, index, owner shard, leader epoch).
-type Followed = (String, i32, usize, i32);
+/// A partition this broker follows: (topic, index, owner shard, leader epoch, whether the
+/// follower replication throttle applies: listed and not in the ISR).
+type Followed = (String, i32, usize, i32, bool);
 
 /// Shard 0: starts a fetcher for every leader broker some local replica follows; a fetcher
 /// ends when nothing here follows its leader any more. Runs until shutdown.
@@ -82,7 +84,15 @@ fn followed(s: &Shard, leader: i32) -> Vec<Followed> {
     for (name, t) in &image.topics {
         for (i, pm) in t.partitions.iter().enumerate() {
             if pm.leader == leader && pm.hosted_on(me) {
-                out.push((name.clone(), i as i32, pm.shard as usize, pm.leader_epoch));
+                let throttled = !pm.isr.contains(&me)
+                    && throttle::listed(&image, name, throttle::FOLLOWER_REPLICAS, i as i32, me);
+                out.push((
+                    name.clone(),
+                    i as i32,
+                    pm.shard as usize,
+                    pm.leader_epoch,
+                    throttled,
+                ));
             }
         }
     }
@@ -92,8 +102,8 @@ fn followed(s: &Shard, leader: i32) -> Vec<Followed> {
 /// A follower replica's position: (log end, epoch of its last batch, log start).
 type Position = (i64, i32, i64);
 /// What a fetch session holds for one partition: (fetch offset, last fetched epoch, current
-/// leader epoch).
-type Sent = (i64, i32, i32);
+/// leader epoch, partition max bytes).
+type Sent = (i64, i32, i32, i32);
 
 /// The follower's side of an incremental fetch session with one leader (KIP-227): after the
 /// first full fetch, a request names only partitions whose position or epoch changed, and
@@ -128,7 +138,7 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
         };
         // Where each replica is, asked of its owner shard (one message per shard).
         let mut by_shard: BTreeMap<usize, Vec<(String, i32)>> = BTreeMap::new();
-        for (t, p, shard, _) in &parts {
+        for (t, p, shard, _, _) in &parts {
             by_shard.entry(*shard).or_default().push((t.clone(), *p));
         }
         let mut positions: BTreeMap<(String, i32), Position> = BTreeMap::new();
@@ -172,8 +182,18 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
                 }
             }
         }
-        let (req, current) =
-            build_request(s.config.node_id, &cfg, &parts, &positions, session.as_ref());
+        // The follower throttle: throttled partitions ask for 0 bytes while the bucket is
+        // empty.
+        let follower_rate = throttle::rate(&s.image(), s.config.node_id, throttle::FOLLOWER_RATE);
+        let hold = follower_rate.is_some_and(|r| throttle::FOLLOWER.exceeded(r));
+        let (req, current) = build_request(
+            s.config.node_id,
+            &cfg,
+            &parts,
+            &positions,
+            session.as_ref(),
+            hold,
+        );
         let c = conn.as_mut().expect("connected above");
         let wait = Duration::from_millis(cfg.replica_fetch_wait_max_ms) + IO_TIMEOUT;
         let resp = match c.fetch(&req, wait).await {
@@ -222,20 +242,24 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
             None => None,
         };
         // Results to their owner shards, one message each, applied concurrently.
-        let owner: BTreeMap<(String, i32), (usize, i32)> = parts
+        let owner: BTreeMap<(String, i32), (usize, bool)> = parts
             .iter()
-            .map(|(t, p, sh, e)| ((t.clone(), *p), (*sh, *e)))
+            .map(|(t, p, sh, _, throttled)| ((t.clone(), *p), (*sh, *throttled)))
             .collect();
+        let mut throttled_bytes = 0usize;
         let mut work: BTreeMap<usize, Vec<Fetched>> = BTreeMap::new();
         for t in resp.responses {
             let topic = t.topic.0.to_string();
             for pd in t.partitions {
                 let key = (topic.clone(), pd.partition_index);
-                let (Some(&(shard, _)), Some(&(fetch_offset, _, _))) =
+                let (Some(&(shard, throttled)), Some(&(fetch_offset, _, _))) =
                     (owner.get(&key), positions.get(&key))
                 else {
                     continue;
                 };
+                if throttled {
+                    throttled_bytes += pd.records.as_ref().map_or(0, |r| r.len());
+                }
                 let diverging = (pd.diverging_epoch.end_offset >= 0
                     || pd.diverging_epoch.epoch >= 0)
                     .then_some((pd.diverging_epoch.epoch, pd.diverging_epoch.end_offset));
@@ -250,6 +274,9 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
                     records: pd.records.unwrap_or_default(),
                 });
             }
+        }
+        if let Some(rate) = follower_rate {
+            throttle::FOLLOWER.record(rate, throttled_bytes);
         }
         let mut refused = false;
         let jobs = work.into_iter().map(|(shard, items)| {
@@ -275,15 +302,21 @@ fn build_request(
     parts: &[Followed],
     positions: &BTreeMap<(String, i32), Position>,
     session: Option<&Session>,
+    hold_throttled: bool,
 ) -> (FetchRequest, BTreeMap<(String, i32), Sent>) {
     let mut topics: Vec<FetchTopic> = Vec::new();
     let mut current = BTreeMap::new();
-    for (t, p, _, epoch) in parts {
+    for (t, p, _, epoch, throttled) in parts {
         let key = (t.clone(), *p);
         let Some(&(leo, last_epoch, start)) = positions.get(&key) else {
             continue;
         };
-        let state = (leo, last_epoch, *epoch);
+        let max_bytes = if *throttled && hold_throttled {
+            0
+        } else {
+            cfg.replica_fetch_max_bytes as i32
+        };
+        let state = (leo, last_epoch, *epoch, max_bytes);
         let unchanged = session.is_some_and(|s| s.sent.get(&key) == Some(&state));
         current.insert(key, state);
         if unchanged {
@@ -295,7 +328,7 @@ fn build_request(
             .with_fetch_offset(leo)
             .with_last_fetched_epoch(last_epoch)
             .with_log_start_offset(start)
-            .with_partition_max_bytes(cfg.replica_fetch_max_bytes as i32);
+            .with_partition_max_bytes(max_bytes);
         match topics.last_mut() {
             Some(ft) if ft.topic.0.as_str() == t => ft.partitions.push(fp),
             _ => topics.push(
@@ -557,14 +590,14 @@ mod tests {
     fn requests_carry_replica_id_and_last_epochs() {
         let cfg = crate::config::ClusterConfig::default();
         let parts = vec![
-            ("a".to_string(), 0, 0, 4),
-            ("a".to_string(), 1, 1, 4),
-            ("b".to_string(), 0, 0, 2),
+            ("a".to_string(), 0, 0, 4, false),
+            ("a".to_string(), 1, 1, 4, false),
+            ("b".to_string(), 0, 0, 2, true),
         ];
         let mut pos = BTreeMap::new();
         pos.insert(("a".to_string(), 0), (10, 3, 0));
         pos.insert(("b".to_string(), 0), (7, 2, 5));
-        let (req, current) = build_request(2, &cfg, &parts, &pos, None);
+        let (req, current) = build_request(2, &cfg, &parts, &pos, None, false);
         assert_eq!(req.replica_id.0, 2);
         assert_eq!(
             (req.session_id, req.session_epoch),
@@ -599,13 +632,33 @@ mod tests {
             sent: current,
         };
         pos.insert(("a".to_string(), 0), (12, 3, 0));
-        let (req, _) = build_request(2, &cfg, &parts[..2], &pos, Some(&sess));
+        let (req, _) = build_request(2, &cfg, &parts[..2], &pos, Some(&sess), false);
         assert_eq!((req.session_id, req.session_epoch), (77, 3));
         assert_eq!(req.topics.len(), 1);
         assert_eq!(req.topics[0].partitions[0].fetch_offset, 12);
         assert_eq!(req.forgotten_topics_data.len(), 1);
         assert_eq!(req.forgotten_topics_data[0].topic.0.as_str(), "b");
-        let (req, _) = build_request(2, &cfg, &parts, &pos, Some(&sess));
+        let (req, _) = build_request(2, &cfg, &parts, &pos, Some(&sess), false);
         assert!(req.forgotten_topics_data.is_empty());
+
+        // A throttled partition asks for nothing while the throttle holds, and asks again
+        // (a session change) once it lifts; unthrottled ones are unaffected.
+        let (req, held) = build_request(2, &cfg, &parts, &pos, None, true);
+        let max = |r: &FetchRequest, t: &str| {
+            r.topics
+                .iter()
+                .find(|x| x.topic.0.as_str() == t)
+                .map(|x| x.partitions[0].partition_max_bytes)
+        };
+        assert_eq!(max(&req, "b"), Some(0));
+        assert_eq!(max(&req, "a"), Some(cfg.replica_fetch_max_bytes as i32));
+        let sess = Session {
+            id: 78,
+            epoch: 1,
+            sent: held,
+        };
+        let (req, _) = build_request(2, &cfg, &parts, &pos, Some(&sess), false);
+        assert_eq!(max(&req, "b"), Some(cfg.replica_fetch_max_bytes as i32));
+        assert_eq!(max(&req, "a"), None, "unchanged, not re-sent");
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod fetcher;
+pub mod throttle;
 
 use std::collections::BTreeMap;
 

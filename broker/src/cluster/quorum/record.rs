@@ -102,6 +102,13 @@ pub enum MetadataRecord {
         key: String,
         value: Option<String>,
     },
+    /// Sets (`Some`) or removes (`None`) one dynamic broker config (KIP-226): for broker
+    /// `resource` (its node id as a string), or for every broker when `resource` is "".
+    BrokerConfig {
+        resource: String,
+        key: String,
+        value: Option<String>,
+    },
 }
 
 /// The application data of one log entry.
@@ -178,6 +185,10 @@ pub struct ClusterImage {
     pub brokers: BTreeMap<BrokerId, BrokerRegistration>,
     pub topics: BTreeMap<String, ClusterTopic>,
     pub producer_id_block_end: i64,
+    /// Dynamic broker configs: resource ("" = the cluster-wide default, else a node id) ->
+    /// key -> value.
+    #[serde(default)]
+    pub broker_configs: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl ClusterImage {
@@ -414,6 +425,31 @@ impl ClusterImage {
                     }
                     None => {
                         t.configs.remove(key);
+                    }
+                }
+            }
+            BrokerConfig {
+                resource,
+                key,
+                value,
+            } => {
+                if !resource.is_empty() && resource.parse::<BrokerId>().map_or(true, |b| b < 0) {
+                    return Err(format!("bad broker config resource {resource:?}"));
+                }
+                match value {
+                    Some(v) => {
+                        self.broker_configs
+                            .entry(resource.clone())
+                            .or_default()
+                            .insert(key.clone(), v.clone());
+                    }
+                    None => {
+                        if let Some(m) = self.broker_configs.get_mut(resource) {
+                            m.remove(key);
+                            if m.is_empty() {
+                                self.broker_configs.remove(resource);
+                            }
+                        }
                     }
                 }
             }

@@ -463,6 +463,20 @@ pub fn commission(
         };
         let (current, proposed) = crate::reassign::generate(&mut conn, &topics, &brokers)?;
         move_and_wait(&mut conn, &current, &proposed, wait)?;
+        // A reassignment keeps a leader that stays a replica; leaders spread only once the
+        // preferred (first) replicas lead.
+        let moved: Vec<(String, i32)> = proposed
+            .partitions
+            .iter()
+            .zip(&current.partitions)
+            .filter(|(want, now)| want.replicas != now.replicas)
+            .map(|(want, _)| (want.topic.clone(), want.partition))
+            .collect();
+        if !moved.is_empty() {
+            for line in crate::log_dirs::elect_preferred(&mut conn, Some(&moved))? {
+                println!("{line}");
+            }
+        }
     }
     Ok(id)
 }

@@ -982,3 +982,144 @@ fn dynamic_broker_configs_per_broker_and_default() {
     );
     assert!(d.contains("log.dirs="), "{d}");
 }
+
+/// `weir cluster commission` adds a broker-only node and moves replicas onto it;
+/// `weir cluster decommission` moves them off again, stops and unregisters it. Every
+/// acknowledged record reads back after each step; controller voters are refused.
+#[test]
+fn cluster_commission_and_decommission() {
+    use weir_tests::workload;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (port, cport) = (free_port_run(4), free_port_run(3));
+    let broker = weir_tests::broker_binary();
+    let (p, c) = (port.to_string(), cport.to_string());
+    let b = broker.to_str().unwrap();
+    let fast = [
+        "--override",
+        "broker.heartbeat.interval.ms=500",
+        "--override",
+        "replica.fetch.wait.max.ms=200",
+    ];
+    let mut start = vec![
+        "cluster",
+        "start",
+        "--nodes",
+        "3",
+        "--dir",
+        d,
+        "--port",
+        &p,
+        "--controller-port",
+        &c,
+        "--broker",
+        b,
+        "--shards",
+        "1",
+    ];
+    start.extend_from_slice(&fast);
+    assert!(ok(&start, None).contains("cluster up"));
+    let bs = format!("127.0.0.1:{port}");
+    ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            &bs,
+            "--create",
+            "--topic",
+            "grow",
+            "--partitions",
+            "6",
+            "--replication-factor",
+            "2",
+        ],
+        None,
+    );
+    let mut cfg = rdkafka::ClientConfig::new();
+    cfg.set("bootstrap.servers", &bs)
+        .set("broker.address.family", "v4");
+    let acked = workload::produce(&cfg, "grow", 0..3000, &[("acks", "all")]);
+    assert_eq!(acked.len(), 3000);
+
+    let mut commission = vec![
+        "cluster",
+        "commission",
+        "--dir",
+        d,
+        "--broker",
+        b,
+        "--shards",
+        "1",
+    ];
+    commission.extend_from_slice(&fast);
+    let out = ok(&commission, None);
+    let new_port = port + 3;
+    assert!(
+        out.contains(&format!(
+            "broker 3 joined the cluster at 127.0.0.1:{new_port}"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("partitions moved"), "{out}");
+    let status = ok(&["cluster", "status", "--dir", d], None);
+    assert!(status.contains("4 live brokers"), "{status}");
+    let described = ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            &bs,
+            "--describe",
+            "--topic",
+            "grow",
+        ],
+        None,
+    );
+    // Kafka's spread over 0-3: broker 3 leads partition 3 and holds 3 replicas in all.
+    assert!(
+        described.contains("Partition: 3\tLeader: 3\t"),
+        "{described}"
+    );
+    assert_eq!(
+        described.matches("Replicas: 3,").count() + described.matches(",3\tIsr").count(),
+        3,
+        "{described}"
+    );
+    workload::verify(
+        &acked,
+        &workload::consume(&cfg, "grow", 6, 3000, std::time::Duration::from_secs(30)),
+    );
+
+    // A controller voter cannot go; the new broker can.
+    let err = fails(&["cluster", "decommission", "--dir", d, "--node-id", "0"]);
+    assert!(err.contains("controller quorum voter"), "{err}");
+    let out = ok(
+        &["cluster", "decommission", "--dir", d, "--node-id", "3"],
+        None,
+    );
+    assert!(out.contains("broker 3 unregistered"), "{out}");
+    assert!(dir.path().join("decommissioned-node-3").exists());
+    let status = ok(&["cluster", "status", "--dir", d], None);
+    assert!(status.contains("3 live brokers"), "{status}");
+    assert!(!status.contains("node 3"), "{status}");
+    let described = ok(
+        &[
+            "topics",
+            "--bootstrap-server",
+            &bs,
+            "--describe",
+            "--topic",
+            "grow",
+        ],
+        None,
+    );
+    assert!(
+        !described.contains("3,") && !described.contains(",3"),
+        "{described}"
+    );
+    workload::verify(
+        &acked,
+        &workload::consume(&cfg, "grow", 6, 3000, std::time::Duration::from_secs(30)),
+    );
+    let stopped = ok(&["cluster", "stop", "--dir", d], None);
+    assert_eq!(stopped.matches(": stopped").count(), 3, "{stopped}");
+}

@@ -1,6 +1,7 @@
 //! Partition reassignment (issue #13, KIP-455) on broker processes on loopback: a fourth broker
 //! is commissioned and takes replicas under a steady acks=all producer; a reassignment that
-//! cannot finish is listed and cancelled.
+//! cannot finish is listed and cancelled; a leader-side replication throttle holds a new
+//! replica's catch-up to its rate.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -517,4 +518,101 @@ fn a_new_replica_starts_at_the_leaders_log_start() {
     }
     assert_eq!(offsets, (120..200).collect::<Vec<i64>>());
     assert_eq!(acked.len(), 200);
+}
+
+/// The leader side of the replication throttle alone, set through librdkafka's AlterConfigs:
+/// `leader.replication.throttled.rate` on the leader's broker resource and
+/// `leader.replication.throttled.replicas` on the topic hold a new replica's catch-up to the
+/// rate, while DescribeConfigs reports the rate as a dynamic broker config.
+#[test]
+fn the_leader_throttle_holds_a_new_replica_to_its_rate() {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let c = Cluster::start(
+        3,
+        &[
+            ("replica.fetch.wait.max.ms", "200"),
+            ("replica.fetch.max.bytes", "65536"),
+        ],
+    );
+    let assignment: &[&[i32]] = &[&[0]];
+    let t = rdkafka::admin::NewTopic::new(
+        "lt",
+        1,
+        rdkafka::admin::TopicReplication::Variable(assignment),
+    );
+    let a = admin::client(c.node(0));
+    let r = futures::executor::block_on(a.create_topics([&t], &admin::opts())).expect("create");
+    assert!(r[0].is_ok(), "{r:?}");
+    let acked = workload::produce(
+        &c.node(0).client_config(),
+        "lt",
+        0..20_000,
+        &[("acks", "all")],
+    );
+    assert_eq!(acked.len(), 20_000);
+    let mut data = log_bytes(&c.node(0).data_dir().join("lt-0"));
+    while data.last() == Some(&0) {
+        data.pop();
+    }
+    let bytes = data.len() as f64;
+
+    let rate: u64 = 512 * 1024;
+    let rate_s = rate.to_string();
+    let broker_cfg = AlterConfig::new(ResourceSpecifier::Broker(0))
+        .set("leader.replication.throttled.rate", &rate_s);
+    let topic_cfg = AlterConfig::new(ResourceSpecifier::Topic("lt"))
+        .set("leader.replication.throttled.replicas", "0:0");
+    let r = futures::executor::block_on(a.alter_configs([&broker_cfg, &topic_cfg], &admin::opts()))
+        .expect("AlterConfigs");
+    assert!(r.iter().all(|x| x.is_ok()), "{r:?}");
+    let described = futures::executor::block_on(
+        a.describe_configs([&ResourceSpecifier::Broker(0)], &admin::opts()),
+    )
+    .expect("DescribeConfigs");
+    let res = described[0].as_ref().expect("broker 0 configs");
+    let entry = res
+        .get("leader.replication.throttled.rate")
+        .expect("listed");
+    assert_eq!(entry.value.as_deref(), Some(rate_s.as_str()));
+    assert_eq!(entry.source, rdkafka::admin::ConfigSource::DynamicBroker);
+    // Broker 1 has no throttle of its own: the default (Long.MAX_VALUE).
+    let other = futures::executor::block_on(
+        admin::client(c.node(1)).describe_configs([&ResourceSpecifier::Broker(1)], &admin::opts()),
+    )
+    .expect("DescribeConfigs");
+    let e = other[0]
+        .as_ref()
+        .unwrap()
+        .get("leader.replication.throttled.rate")
+        .unwrap()
+        .clone();
+    assert_eq!(e.value.as_deref(), Some("9223372036854775807"));
+    assert_eq!(e.source, rdkafka::admin::ConfigSource::Default);
+
+    let started = std::time::Instant::now();
+    assert_eq!(
+        reassign(c.node(0), "lt", &[(0, Some(vec![0, 1]))]),
+        vec![(0, 0)]
+    );
+    assert!(eventually(Duration::from_secs(120), || ongoing(c.node(0)).is_empty()));
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "leader-throttled move: {bytes} bytes in {elapsed:.1} s = {:.0} B/s (throttle {rate} B/s)",
+        bytes / elapsed
+    );
+    assert!(
+        bytes <= rate as f64 * (elapsed + 1.0) + 65_536.0,
+        "moved {bytes} bytes in {elapsed:.1} s: faster than {rate} B/s"
+    );
+    // The new replica joined the ISR and holds the leader's log byte for byte.
+    assert!(eventually(Duration::from_secs(10), || partitions(
+        c.node(0),
+        "lt"
+    )
+    .is_some_and(|v| v[0].2.len() == 2)));
+    let mut copy = log_bytes(&c.node(1).data_dir().join("lt-0"));
+    while copy.last() == Some(&0) {
+        copy.pop();
+    }
+    assert!(copy == data, "replica differs from the leader");
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use glommio::io::DmaFile;
 
 use super::file::SegmentFile;
+use super::zero_ahead::{ZeroAhead, ZERO_AHEAD_BYTES};
 
 use super::batch::{self, BatchInfo, Header, ReplicaBatch, Stored};
 use super::epochs::EpochCache;
@@ -113,6 +114,8 @@ pub struct Segment {
     written: u64,
     /// Bytes the file has reserved (its size on disk while active).
     preallocated: u64,
+    /// Which reserved blocks are already written (zeroed ahead of the data).
+    zero: Rc<ZeroAhead>,
     /// Bytes of the last, partial block already written: rewritten together with the next data.
     tail_block: Vec<u8>,
     /// Batches appended but not yet written, in order.
@@ -343,6 +346,7 @@ impl PartitionLog {
         let Some((base, pos)) = cut else {
             return Ok(());
         };
+        PartitionLog::quiesce_zeroing(log).await;
         let (file, later, dir, config, epoch, ledger, start) = {
             let l = log.borrow();
             let later: Vec<PathBuf> = l
@@ -387,6 +391,20 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Stops zeroing ahead in every segment and waits for zero writes in flight (before files
+    /// are cut or deleted).
+    pub async fn quiesce_zeroing(log: &std::cell::RefCell<PartitionLog>) {
+        let zeros: Vec<Rc<ZeroAhead>> = log
+            .borrow()
+            .segments
+            .values()
+            .map(|s| s.zero.clone())
+            .collect();
+        for z in zeros {
+            z.quiesce().await;
+        }
+    }
+
     /// Empties the log and restarts it at `offset` (Kafka's truncate-fully-and-start-at): a
     /// follower whose log end is below its leader's log start (retention or DeleteRecords
     /// removed what it would copy). Deletes every segment, the producer snapshots and the
@@ -394,6 +412,7 @@ impl PartitionLog {
     /// holds the I/O lock and appends nothing meanwhile.
     pub async fn reset_to(log: &std::cell::RefCell<PartitionLog>, offset: i64) -> Result<()> {
         PartitionLog::write_all(log).await?;
+        PartitionLog::quiesce_zeroing(log).await;
         let (dir, config, epoch, ledger, paths) = {
             let l = log.borrow();
             (
@@ -735,6 +754,7 @@ impl PartitionLog {
             end_offset,
             preallocated: seg.preallocated,
             segment_bytes: self.config.segment_bytes,
+            zero: seg.zero.clone(),
         })
     }
 
@@ -852,6 +872,8 @@ impl PartitionLog {
     /// Truncates the active segment to its logical size, fdatasyncs it, and writes its indexes
     /// and a producer-state snapshot. Returns (segment size, partition directory).
     async fn seal_active(log: &std::cell::RefCell<PartitionLog>) -> Result<(u64, PathBuf)> {
+        let zero = log.borrow().active().zero.clone();
+        zero.quiesce().await;
         let (file, size, dir, base, offsets, times) = {
             let l = log.borrow();
             let a = l.active();
@@ -1064,6 +1086,7 @@ pub struct PendingWrite {
     pub end_offset: i64,
     preallocated: u64,
     segment_bytes: u64,
+    zero: Rc<ZeroAhead>,
 }
 
 impl PendingWrite {
@@ -1077,14 +1100,17 @@ impl PendingWrite {
         let padded = logical.div_ceil(align) * align;
         let write_end = self.file_pos + padded as u64;
         let mut preallocated = self.preallocated;
-        if write_end > preallocated {
-            let step = PREALLOCATE_STEP_BYTES
-                .min(self.segment_bytes.div_ceil(align as u64) * align as u64)
-                .max(align as u64);
-            let target = write_end.div_ceil(step) * step;
+        // Space is reserved ahead of the zeroing ahead of the data (never past the segment's
+        // size, rounded up to a block).
+        let segment_cap = self.segment_bytes.div_ceil(align as u64) * align as u64;
+        let want = write_end.max((write_end + ZERO_AHEAD_BYTES).min(segment_cap));
+        if want > preallocated {
+            let step = PREALLOCATE_STEP_BYTES.min(segment_cap).max(align as u64);
+            let target = want.div_ceil(step) * step;
             self.file.pre_allocate(target).await?;
             preallocated = target;
         }
+        self.zero.before_write(self.file_pos, write_end).await;
         let mut buf = self.file.alloc_dma_buffer(padded);
         let dst = buf.as_bytes_mut();
         dst[..self.head.len()].copy_from_slice(&self.head);
@@ -1097,6 +1123,9 @@ impl PendingWrite {
         let tail_len = logical % align;
         let tail = dst[logical - tail_len..logical].to_vec();
         let n = self.file.write_at(buf, self.file_pos).await?;
+        if n == padded {
+            self.zero.after_write(write_end, preallocated);
+        }
         if n < padded {
             // Retryable (`file::is_retryable`): the whole write is redone at the same place.
             return Err(std::io::Error::new(
@@ -1122,9 +1151,11 @@ async fn create_segment(dir: &Path, base: i64) -> Result<Segment> {
     // The new file's directory entry must be durable before any batch in it is acknowledged.
     let d = dir.to_path_buf();
     blocking(move || std::fs::File::open(&d)?.sync_all()).await?;
+    let file = Rc::new(file);
     Ok(Segment {
         base_offset: base,
-        file: Rc::new(file),
+        zero: ZeroAhead::new(file.clone(), 0),
+        file,
         path,
         size: 0,
         written: 0,
@@ -1262,6 +1293,7 @@ async fn open_segment(
     };
     Ok(Segment {
         base_offset: base,
+        zero: ZeroAhead::new(file.clone(), size.div_ceil(align) * align),
         file,
         path,
         size,
@@ -1557,6 +1589,57 @@ mod tests {
     /// cache (and checkpoint), and after diverging (batches of an epoch the new leader never
     /// had) truncates to the new leader's end of the common epoch, across segments, and
     /// reopens to the same state.
+    /// Zero-ahead: reserved space past the data is zeroed in the background, data keeps
+    /// landing intact while it runs, and neither a clean close (file cut to its logical size)
+    /// nor a reopen without one (recovery scan, every CRC checked) sees the zeros as data.
+    #[test]
+    fn zeroes_ahead_of_the_data_without_touching_it() {
+        use crate::storage::zero_ahead::{zeroed_bytes, ZERO_STEP_BYTES};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let log = open_log(&path, &cfg, true).await;
+            for _ in 0..6 {
+                append_n(&log, 400).await;
+                flush(&log).await;
+            }
+            let zero = log.borrow().active().zero.clone();
+            let data_end = || log.borrow().active().written;
+            // Bounded: the zero writes in flight finish within the deadline.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while zero.done() < data_end() + ZERO_STEP_BYTES && std::time::Instant::now() < deadline
+            {
+                glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            assert!(
+                zero.done() >= data_end() + ZERO_STEP_BYTES,
+                "zeroed {} of data {}",
+                zero.done(),
+                data_end()
+            );
+            assert!(zeroed_bytes() >= ZERO_STEP_BYTES);
+            // More data on the zeroed blocks, while zeroing goes on ahead of it.
+            for _ in 0..6 {
+                append_n(&log, 400).await;
+                flush(&log).await;
+            }
+            let (end, size, file) = {
+                let l = log.borrow();
+                (l.log_end_offset, l.active().size, l.active().path.clone())
+            };
+            assert_eq!(end, 12 * 400 * 4);
+            // A reopen without a clean close: recovery stops at the zeros.
+            let reopened = open_log(&path, &cfg, false).await;
+            assert_eq!(reopened.borrow().log_end_offset, end);
+            drop(reopened);
+            PartitionLog::close(&log).await.unwrap();
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), size);
+            let reopened = open_log(&path, &cfg, true).await;
+            assert_eq!(reopened.borrow().log_end_offset, end);
+        });
+    }
+
     #[test]
     fn replica_append_epochs_and_truncation() {
         let dir = tempfile::tempdir().unwrap();

@@ -8,3 +8,4 @@ pub mod index;
 pub mod log;
 pub mod producer_state;
 pub mod reserve;
+pub mod zero_ahead;

@@ -851,6 +851,17 @@ impl SenderLoop {
                 if ready.len() < room.max(1) * 8 {
                     // Its bytes stay in buffer.memory until the batch completes.
                     ready.push(q.pop_front().expect("front"));
+                    // One batch per partition per request (as Kafka's sender): a queue with
+                    // more sendable batches makes the sender come back at once while it has
+                    // room in flight, instead of waiting for the next wake-up.
+                    if q.front().is_some_and(|n| {
+                        q.len() > 1
+                            || n.bytes >= self.s.cfg.batch_size
+                            || now.duration_since(n.created) >= self.s.cfg.linger
+                            || flushing
+                    }) {
+                        next = Duration::ZERO;
+                    }
                 }
             } else {
                 next = next.min(self.s.cfg.linger - now.duration_since(b.created));

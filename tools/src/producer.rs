@@ -381,6 +381,8 @@ struct AccState {
     flushed: u64,
     closing: bool,
     in_flight: usize,
+    /// Requests sent and not answered yet (set by the sender).
+    requests_in_flight: usize,
 }
 
 struct Shared {
@@ -507,6 +509,7 @@ impl RawProducer {
                 flushed: 0,
                 closing: false,
                 in_flight: 0,
+                requests_in_flight: 0,
             }),
             space: Condvar::new(),
             wake: Mutex::new(tx.clone()),
@@ -522,6 +525,12 @@ impl RawProducer {
             shared,
             sender: Some(sender),
         })
+    }
+
+    /// Produce requests sent and not yet answered (Kafka's `requests-in-flight`), as the
+    /// sender last counted them.
+    pub fn requests_in_flight(&self) -> usize {
+        self.shared.acc.lock().unwrap().requests_in_flight
     }
 
     pub fn send(&self, record: RawRecord) -> Result<DeliveryFuture, ProduceError> {
@@ -728,6 +737,11 @@ impl<K: ?Sized + 'static, V: ?Sized + 'static> Producer<K, V> {
         self.raw.flush()
     }
 
+    /// Produce requests sent and not yet answered.
+    pub fn requests_in_flight(&self) -> usize {
+        self.raw.requests_in_flight()
+    }
+
     pub fn close(self) {
         self.raw.close()
     }
@@ -752,6 +766,8 @@ struct SenderLoop {
     producer: Option<(i64, i16)>,
     sequences: HashMap<TopicPartition, i32>,
     refresh_needed: bool,
+    /// A connection had max.in.flight requests out: wait for an answer before draining again.
+    waiting_for_room: bool,
 }
 
 fn is_retriable(code: i16) -> bool {
@@ -772,6 +788,7 @@ impl SenderLoop {
             producer: None,
             sequences: HashMap::new(),
             refresh_needed: false,
+            waiting_for_room: false,
         }
     }
 
@@ -781,11 +798,14 @@ impl SenderLoop {
             if closing && idle {
                 return;
             }
+            self.waiting_for_room = false;
             if !ready.is_empty() {
                 self.send_batches(ready);
             }
-            let wait = if self.total_in_flight()
-                >= self.s.cfg.max_in_flight.max(1) * self.links.len().max(1)
+            self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
+            let wait = if self.waiting_for_room
+                || self.total_in_flight()
+                    >= self.s.cfg.max_in_flight.max(1) * self.links.len().max(1)
             {
                 Duration::from_millis(100)
             } else {
@@ -898,6 +918,15 @@ impl SenderLoop {
         acc.used_bytes = acc.used_bytes.saturating_sub(bytes);
         drop(acc);
         self.s.space.notify_all();
+    }
+
+    /// Returns batches taken by `drain` but not sent to the fronts of their queues, in order,
+    /// as if they had not been taken.
+    fn put_back(&mut self, batches: Vec<Batch>) {
+        let mut acc = self.s.acc.lock().unwrap();
+        for b in batches.into_iter().rev() {
+            acc.queues.entry(b.tp.clone()).or_default().push_front(b);
+        }
     }
 
     fn requeue(&mut self, mut batches: Vec<Batch>) {
@@ -1017,6 +1046,18 @@ impl SenderLoop {
                     continue;
                 }
             };
+            // max.in.flight.requests.per.connection is a hard limit per connection: batches
+            // for a connection that has that many requests out go back to the front of their
+            // queues, unchanged, and the sender waits for an answer.
+            let busy = self
+                .links
+                .get(&addr)
+                .is_some_and(|(_, l)| l.in_flight.len() >= self.s.cfg.max_in_flight.max(1));
+            if busy {
+                self.put_back(batches);
+                self.waiting_for_room = true;
+                continue;
+            }
             for b in batches.iter_mut() {
                 if self.s.cfg.enable_idempotence && b.sequence.is_none() {
                     let next = self.sequences.entry(b.tp.clone()).or_insert(0);

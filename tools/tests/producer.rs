@@ -391,3 +391,74 @@ fn two_library_consumers_in_one_group_split_the_partitions() {
     let distinct: BTreeSet<(i32, i64)> = seen_a.iter().chain(&seen_b).copied().collect();
     assert_eq!(distinct.len(), 400, "every record read by the group");
 }
+
+/// With many full batches queued and nothing new arriving (the buffer is full, or the
+/// application stopped sending), the sender puts `max.in.flight.requests.per.connection`
+/// requests out, and never more: a paused broker sees exactly 5, before and after a burst of
+/// answers. (Coming back at once for queued batches let the sender exceed the limit, 8 of 5,
+/// until the limit became a per-connection check; the throughput effect of not waiting for a
+/// wake-up is measured by the benchmark, not here.)
+#[test]
+fn the_sender_keeps_its_pipeline_full_and_bounded() {
+    let b = Broker::start(1);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    admin.create_topic("pipe", 1, 1, &[]).unwrap();
+    let mut cfg = ProducerConfig::new(&b.bootstrap());
+    cfg.set("batch.size", "1024")
+        .unwrap()
+        .set("linger.ms", "0")
+        .unwrap()
+        .set("acks", "all")
+        .unwrap()
+        .set("enable.idempotence", "false")
+        .unwrap()
+        .set("max.in.flight.requests.per.connection", "5")
+        .unwrap();
+    let p: Producer<str, str> =
+        Producer::new(cfg, StringSerializer, StringSerializer, vec![]).unwrap();
+    p.send(&ProducerRecord::new("pipe", "warm"))
+        .unwrap()
+        .get()
+        .unwrap();
+    let wait_for = |want: usize| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while p.requests_in_flight() != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        p.requests_in_flight()
+    };
+    // A paused broker: requests go out until the limit, one batch (one record) each.
+    b.pause(true);
+    let big = "y".repeat(1000);
+    let done = Arc::new(AtomicUsize::new(0));
+    for _ in 0..2000 {
+        let done = done.clone();
+        p.send_with_callback(&ProducerRecord::new("pipe", big.as_str()), move |d| {
+            assert!(d.is_ok(), "{d:?}");
+            done.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    }
+    assert_eq!(wait_for(5), 5, "requests in flight to a paused broker");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.requests_in_flight(), 5, "never more than the limit");
+    // The 5 answers arrive together; then the broker stops again. The sender must have put
+    // 5 requests out again, not 1.
+    b.pause(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.load(Ordering::Relaxed) < 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    b.pause(true);
+    let answered = done.load(Ordering::Relaxed);
+    assert!((5..2000).contains(&answered), "{answered} answered");
+    assert_eq!(
+        wait_for(5),
+        5,
+        "requests in flight after a burst of answers"
+    );
+    b.pause(false);
+    p.flush();
+    assert_eq!(done.load(Ordering::Relaxed), 2000);
+    assert_eq!(wait_for(0), 0);
+}

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use glommio::io::DmaFile;
 
 use super::file::SegmentFile;
-use super::zero_ahead::{ZeroAhead, ZERO_AHEAD_BYTES};
+use super::zero_ahead::ZeroAhead;
 
 use super::batch::{self, BatchInfo, Header, ReplicaBatch, Stored};
 use super::epochs::EpochCache;
@@ -1099,15 +1099,15 @@ impl PendingWrite {
         let logical = self.head.len() + self.bytes;
         let padded = logical.div_ceil(align) * align;
         let write_end = self.file_pos + padded as u64;
-        let mut preallocated = self.preallocated;
-        // Space is reserved ahead of the zeroing ahead of the data (never past the segment's
-        // size, rounded up to a block).
+        // The zeroer reserves space ahead of the data; the write reserves it itself only when
+        // it outruns the zeroer (never past the segment's size, rounded up to a block).
         let segment_cap = self.segment_bytes.div_ceil(align as u64) * align as u64;
-        let want = write_end.max((write_end + ZERO_AHEAD_BYTES).min(segment_cap));
-        if want > preallocated {
-            let step = PREALLOCATE_STEP_BYTES.min(segment_cap).max(align as u64);
-            let target = want.div_ceil(step) * step;
+        let step = PREALLOCATE_STEP_BYTES.min(segment_cap).max(align as u64);
+        let mut preallocated = self.preallocated.max(self.zero.reserved());
+        if write_end > preallocated {
+            let target = write_end.div_ceil(step) * step;
             self.file.pre_allocate(target).await?;
+            self.zero.reserved_to(target);
             preallocated = target;
         }
         self.zero.before_write(self.file_pos, write_end).await;
@@ -1124,7 +1124,8 @@ impl PendingWrite {
         let tail = dst[logical - tail_len..logical].to_vec();
         let n = self.file.write_at(buf, self.file_pos).await?;
         if n == padded {
-            self.zero.after_write(write_end, preallocated);
+            self.zero
+                .after_write(write_end, segment_cap.max(write_end), step);
         }
         if n < padded {
             // Retryable (`file::is_retryable`): the whole write is redone at the same place.

@@ -10,6 +10,10 @@ use anyhow::{bail, Context, Result};
 /// Hard ceilings that no configuration may exceed. They bound memory per request.
 pub const SOCKET_REQUEST_BYTES_CEILING: usize = 1 << 30;
 pub const MESSAGE_BYTES_CEILING: usize = 256 << 20;
+/// The most bytes one compressed batch may decompress to when the broker must decode it
+/// (recompression, timestamp lookups); a batch beyond it is refused as corrupt. Decoding runs
+/// on the shard thread, one batch at a time, so this also bounds a shard's decode memory.
+pub const DECOMPRESSED_BATCH_BYTES_MAX: usize = 128 << 20;
 /// Upper bound on partitions in one topic and on the whole broker, so one CreateTopics
 /// cannot ask for unbounded files and memory.
 pub const PARTITIONS_PER_TOPIC_MAX: i32 = 10_000;
@@ -65,6 +69,9 @@ pub struct LogConfig {
     /// "", "*", or `partition:broker` pairs; see `replication::throttle`).
     pub leader_throttled_replicas: String,
     pub follower_throttled_replicas: String,
+    /// `compression.type`: None keeps the producer's codec ("producer"); otherwise batches
+    /// are stored with this codec, recompressed on produce when they differ.
+    pub compression: Option<kafka_protocol::records::Compression>,
 }
 
 impl Default for LogConfig {
@@ -80,6 +87,7 @@ impl Default for LogConfig {
             min_insync_replicas: 1,
             leader_throttled_replicas: String::new(),
             follower_throttled_replicas: String::new(),
+            compression: None,
         }
     }
 }
@@ -294,8 +302,15 @@ impl LogConfig {
                 }
             }
             "compression.type" => {
-                if value != "producer" {
-                    bail!("compression.type={value} is not supported: Weir stores batches as the producer compressed them (compression.type=producer)");
+                use kafka_protocol::records::Compression;
+                self.compression = match value {
+                    "producer" => None,
+                    "uncompressed" => Some(Compression::None),
+                    "gzip" => Some(Compression::Gzip),
+                    "snappy" => Some(Compression::Snappy),
+                    "lz4" => Some(Compression::Lz4),
+                    "zstd" => Some(Compression::Zstd),
+                    _ => bail!("Invalid value {value} for configuration compression.type: String must be one of: uncompressed, zstd, lz4, snappy, gzip, producer"),
                 }
             }
             "min.insync.replicas" => {
@@ -335,7 +350,15 @@ impl LogConfig {
             }
             .into(),
             "min.insync.replicas" => self.min_insync_replicas.to_string(),
-            "compression.type" => "producer".into(),
+            "compression.type" => match self.compression {
+                None => "producer",
+                Some(kafka_protocol::records::Compression::None) => "uncompressed",
+                Some(kafka_protocol::records::Compression::Gzip) => "gzip",
+                Some(kafka_protocol::records::Compression::Snappy) => "snappy",
+                Some(kafka_protocol::records::Compression::Lz4) => "lz4",
+                Some(kafka_protocol::records::Compression::Zstd) => "zstd",
+            }
+            .into(),
             "leader.replication.throttled.replicas" => self.leader_throttled_replicas.clone(),
             "follower.replication.throttled.replicas" => self.follower_throttled_replicas.clone(),
             _ => return None,

@@ -67,6 +67,9 @@ fn tune_allocator() {
 }
 
 fn main() {
+    kafka_protocol::compression::set_decompressed_bytes_max(
+        weir_broker::config::DECOMPRESSED_BATCH_BYTES_MAX,
+    );
     tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(

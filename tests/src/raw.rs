@@ -177,6 +177,28 @@ impl Conn {
         )
     }
 
+    /// Fetch v12 of one partition from `offset`: the stored record batches' bytes.
+    pub fn fetch_records(&mut self, topic: &str, partition: i32, offset: i64) -> bytes::Bytes {
+        use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+        use kafka_protocol::messages::{FetchRequest, FetchResponse};
+        let req = FetchRequest::default()
+            .with_replica_id((-1).into())
+            .with_max_wait_ms(0)
+            .with_min_bytes(1)
+            .with_max_bytes(8 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(partition)
+                    .with_fetch_offset(offset)
+                    .with_partition_max_bytes(8 << 20)])]);
+        let r: FetchResponse = self.call(ApiKey::Fetch, 12, &req);
+        let p = &r.responses[0].partitions[0];
+        assert_eq!(p.error_code, 0, "fetch error");
+        p.records.clone().unwrap_or_default()
+    }
+
     /// ListOffsets latest (-1) or earliest (-2).
     pub fn offset(&mut self, topic: &str, partition: i32, which: i64) -> i64 {
         let req = ListOffsetsRequest::default()

@@ -123,8 +123,24 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                 ));
                 continue;
             };
-            let infos = match batch::validate_produce(&records, log_cfg.message_bytes_max) {
-                Ok(i) => i,
+            // A topic compression.type other than `producer`: batches in another codec are
+            // re-encoded with the topic's (Kafka's LogValidator), then checked again.
+            let checked =
+                batch::validate_produce(&records, log_cfg.message_bytes_max).and_then(|infos| {
+                    match log_cfg.compression {
+                        None => Ok((records, infos)),
+                        Some(target) => match batch::recompress(&records, &infos, target)? {
+                            None => Ok((records, infos)),
+                            Some(re) => {
+                                let infos =
+                                    batch::validate_produce(&re, log_cfg.message_bytes_max)?;
+                                Ok((re, infos))
+                            }
+                        },
+                    }
+                });
+            let (records, infos) = match checked {
+                Ok(ok) => ok,
                 Err(e) => {
                     let (code, msg) = match e {
                         BatchError::Corrupt(m) => (CORRUPT_MESSAGE, m.to_string()),

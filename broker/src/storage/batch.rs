@@ -118,6 +118,52 @@ impl<'a> Header<'a> {
     }
 }
 
+/// The codec bits of a batch's attributes.
+const ATTR_COMPRESSION_MASK: i16 = 0x07;
+
+/// Topic `compression.type` other than `producer`: the Produce partition's batches (already
+/// validated, `infos`) re-encoded with `target`, or None when every batch already uses it
+/// (stored as sent). Each batch keeps its producer id, epoch, base sequence, transactional
+/// flag, leader epoch, record offsets and timestamps; decoding is bounded by
+/// `DECOMPRESSED_BATCH_BYTES_MAX`. A batch that does not decode is CORRUPT_MESSAGE, as Kafka
+/// answers a batch it cannot decompress.
+pub fn recompress(
+    records: &Bytes,
+    infos: &[BatchInfo],
+    target: kafka_protocol::records::Compression,
+) -> Result<Option<Bytes>, BatchError> {
+    use kafka_protocol::records::{RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions};
+    let codec_of = |i: &BatchInfo| {
+        Header::new(&records[i.start..])
+            .map(|h| h.attributes() & ATTR_COMPRESSION_MASK)
+            .unwrap_or(0)
+    };
+    if infos.iter().all(|i| codec_of(i) == target as i16) {
+        return Ok(None);
+    }
+    let mut out = bytes::BytesMut::with_capacity(records.len());
+    for i in infos {
+        let batch = records.slice(i.start..i.start + i.bytes);
+        if codec_of(i) == target as i16 {
+            out.extend_from_slice(&batch);
+            continue;
+        }
+        let mut b = batch;
+        let set = RecordBatchDecoder::decode(&mut b)
+            .map_err(|_| BatchError::Corrupt("a batch could not be decompressed (or decompresses past the broker's limit) for the topic's compression.type"))?;
+        RecordBatchEncoder::encode(
+            &mut out,
+            &set.records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: target,
+            },
+        )
+        .map_err(|_| BatchError::Invalid("a batch could not be recompressed"))?;
+    }
+    Ok(Some(out.freeze()))
+}
+
 /// Facts about a validated batch that the log needs, read once from the header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchInfo {
@@ -387,6 +433,106 @@ pub mod test_batches {
         )
         .unwrap();
         buf.freeze()
+    }
+}
+
+#[cfg(test)]
+mod recompress_tests {
+    use super::test_batches::{make, make_idempotent};
+    use super::*;
+    use kafka_protocol::records::{Compression, RecordBatchDecoder};
+
+    fn decode(b: &Bytes) -> Vec<kafka_protocol::records::Record> {
+        let mut x = b.clone();
+        let mut out = Vec::new();
+        while x.len() > 0 {
+            out.extend(RecordBatchDecoder::decode(&mut x).unwrap().records);
+        }
+        out
+    }
+
+    #[test]
+    fn recompression_keeps_every_record_and_producer_field() {
+        let mut two = bytes::BytesMut::new();
+        two.extend_from_slice(&make_idempotent(5, 42, 3, 17));
+        two.extend_from_slice(&make(4, 100, 7_000));
+        let two = two.freeze();
+        let infos = validate_produce(&two, 1 << 20).unwrap();
+        let lz4 = recompress(&two, &infos, Compression::Lz4)
+            .unwrap()
+            .expect("re-encoded");
+        let re = validate_produce(&lz4, 1 << 20).unwrap();
+        assert_eq!(re.len(), 2);
+        for (a, b) in infos.iter().zip(&re) {
+            assert_eq!(
+                (
+                    a.offset_count,
+                    a.max_timestamp,
+                    a.producer_id,
+                    a.producer_epoch,
+                    a.base_sequence
+                ),
+                (
+                    b.offset_count,
+                    b.max_timestamp,
+                    b.producer_id,
+                    b.producer_epoch,
+                    b.base_sequence
+                )
+            );
+            assert_eq!(Header::new(&lz4[b.start..]).unwrap().attributes() & 7, 3);
+        }
+        let (before, after) = (decode(&two), decode(&lz4));
+        assert_eq!(before.len(), after.len());
+        for (x, y) in before.iter().zip(&after) {
+            assert_eq!(
+                (x.offset, x.timestamp, &x.key, &x.value, x.sequence),
+                (y.offset, y.timestamp, &y.key, &y.value, y.sequence)
+            );
+        }
+        // Already in the target codec: stored as sent.
+        assert!(recompress(&lz4, &re, Compression::Lz4).unwrap().is_none());
+        // And back to uncompressed.
+        let plain = recompress(&lz4, &re, Compression::None).unwrap().unwrap();
+        assert_eq!(decode(&plain).len(), 9);
+    }
+
+    #[test]
+    fn a_batch_that_decompresses_past_the_limit_is_refused() {
+        use kafka_protocol::records::{RecordBatchEncoder, RecordEncodeOptions};
+        // 12 MiB of zeros in one zstd batch of a few KiB.
+        let rec = kafka_protocol::records::Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: kafka_protocol::records::TimestampType::Creation,
+            delete_horizon: false,
+            offset: 0,
+            sequence: -1,
+            timestamp: 1,
+            key: None,
+            value: Some(Bytes::from(vec![0u8; 12 << 20])),
+            headers: Default::default(),
+        };
+        let mut buf = bytes::BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            [&rec],
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::Zstd,
+            },
+        )
+        .unwrap();
+        let bomb = buf.freeze();
+        assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+        let infos = validate_produce(&bomb, 1 << 20).unwrap();
+        // The broker's limit is 128 MiB; tests in this process decode far less than 8 MiB.
+        kafka_protocol::compression::set_decompressed_bytes_max(8 << 20);
+        let r = recompress(&bomb, &infos, Compression::Lz4);
+        assert!(matches!(r, Err(BatchError::Corrupt(_))), "{r:?}");
     }
 }
 

@@ -26,6 +26,37 @@ pub use snappy::Snappy;
 #[cfg(feature = "zstd")]
 pub use zstd::Zstd;
 
+/// The most bytes one compressed record batch may decompress to (Weir's patch: a small
+/// compressed batch must not make the decoder allocate without bound). Set once by the
+/// application; the default is unlimited.
+static DECOMPRESSED_BYTES_MAX: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Sets the limit on the decompressed size of one record batch.
+pub fn set_decompressed_bytes_max(limit: usize) {
+    DECOMPRESSED_BYTES_MAX.store(limit, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The limit on the decompressed size of one record batch.
+pub fn decompressed_bytes_max() -> usize {
+    DECOMPRESSED_BYTES_MAX.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Reads all of `r`, failing once more than `decompressed_bytes_max()` bytes come out.
+#[allow(dead_code)]
+pub(crate) fn read_capped<R: std::io::Read>(r: R, what: &str) -> Result<bytes::BytesMut> {
+    use std::io::Read as _;
+    let limit = decompressed_bytes_max();
+    let mut out = Vec::new();
+    r.take(limit.saturating_add(1) as u64)
+        .read_to_end(&mut out)
+        .map_err(|e| anyhow::anyhow!("Failed to decompress {what}: {e}"))?;
+    if out.len() > limit {
+        anyhow::bail!("{what} batch decompresses to more than {limit} bytes");
+    }
+    Ok(bytes::BytesMut::from(&out[..]))
+}
+
 /// A trait for record compression algorithms.
 pub trait Compressor<B: ByteBufMut> {
     /// Target buffer type for compression.

@@ -39,14 +39,9 @@ impl<B: ByteBuf> Decompressor<B> for Gzip {
     where
         F: FnOnce(&mut Self::Buf) -> Result<R>,
     {
-        let mut tmp = BytesMut::new();
-
-        // Decompress directly from the input buffer
-        let mut d = GzDecoder::new((&mut tmp).writer());
-        d.write_all(&buf.copy_to_bytes(buf.remaining()))
-            .context("Failed to decompress gzip")?;
-        d.finish().context("Failed to decompress gzip")?;
-
+        let input = buf.copy_to_bytes(buf.remaining());
+        let d = flate2::read::GzDecoder::new(&input[..]);
+        let tmp = super::read_capped(d, "gzip")?;
         f(&mut tmp.into())
     }
 }

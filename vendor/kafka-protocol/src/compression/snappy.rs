@@ -81,6 +81,9 @@ impl<B: ByteBuf> Decompressor<B> for Snappy {
         {
             let compressed = compressed.copy_to_bytes(compressed.remaining());
             let actual_len = decompress_len(&compressed).context("failed to read snappy header")?;
+            if actual_len > super::decompressed_bytes_max() {
+                anyhow::bail!("snappy batch decompresses to more than {} bytes", super::decompressed_bytes_max());
+            }
             let mut tmp = BytesMut::zeroed(actual_len);
             Decoder::new()
                 .decompress(&compressed, &mut tmp)
@@ -105,6 +108,11 @@ impl<B: ByteBuf> Decompressor<B> for Snappy {
             let uncompressed_block_length = decompress_len(&compressed_block)
                 .context("failed to get snappy uncompressed length")?;
             let uncompressed_block_start = uncompressed.len();
+            if uncompressed_block_start.saturating_add(uncompressed_block_length)
+                > super::decompressed_bytes_max()
+            {
+                anyhow::bail!("snappy batch decompresses to more than {} bytes", super::decompressed_bytes_max());
+            }
             uncompressed.resize(
                 uncompressed_block_start.saturating_add(uncompressed_block_length),
                 0,

@@ -851,6 +851,9 @@ impl PartitionLog {
     /// at the log end. The caller holds the I/O lock; appends meanwhile see `needs_roll` and
     /// wait for it.
     pub async fn roll(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        // Zeroing stops before the last write, so nothing is in flight when the file is cut.
+        let zero = log.borrow().active().zero.clone();
+        zero.quiesce().await;
         PartitionLog::write_all(log).await?;
         let (size, dir) = PartitionLog::seal_active(log).await?;
         let new_base = log.borrow().log_end_offset;
@@ -866,14 +869,17 @@ impl PartitionLog {
 
     /// Clean shutdown of a fully written and synced log, so the next start needs no scan.
     pub async fn close(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        let zero = log.borrow().active().zero.clone();
+        zero.quiesce().await;
+        PartitionLog::write_all(log).await?;
         PartitionLog::seal_active(log).await.map(|_| ())
     }
 
     /// Truncates the active segment to its logical size, fdatasyncs it, and writes its indexes
     /// and a producer-state snapshot. Returns (segment size, partition directory).
     async fn seal_active(log: &std::cell::RefCell<PartitionLog>) -> Result<(u64, PathBuf)> {
-        let zero = log.borrow().active().zero.clone();
-        zero.quiesce().await;
+        // No await before the check below: appends that fit go on while a roll waits, so the
+        // zeroing was stopped by the caller before its last write (`roll`, `close`).
         let (file, size, dir, base, offsets, times) = {
             let l = log.borrow();
             let a = l.active();
@@ -881,6 +887,7 @@ impl PartitionLog {
                 a.pending.is_empty(),
                 "sealing a segment with unwritten batches"
             );
+            assert!(a.zero.idle(), "sealing a segment that is being zeroed");
             (
                 a.file.clone(),
                 a.size,

@@ -177,7 +177,13 @@ impl ZeroAhead {
         .detach();
     }
 
-    /// Stops zeroing and waits for the zero write in flight: call before the file is cut.
+    /// Stopped, with no zero write in flight.
+    pub fn idle(&self) -> bool {
+        self.closed.get() && self.in_flight.get().is_none()
+    }
+
+    /// Stops zeroing and waits for the zero write in flight: call before the file is cut, and
+    /// before the last data write that precedes the cut.
     pub async fn quiesce(&self) {
         self.closed.set(true);
         // Bounded: at most one write in flight.

@@ -154,21 +154,7 @@ impl Conn {
         max_wait_ms: i32,
         min_bytes: i32,
     ) -> (i16, i64, usize) {
-        use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-        use kafka_protocol::messages::{FetchRequest, FetchResponse};
-        let req = FetchRequest::default()
-            .with_replica_id((-1).into())
-            .with_max_wait_ms(max_wait_ms)
-            .with_min_bytes(min_bytes)
-            .with_max_bytes(1 << 20)
-            .with_session_epoch(-1)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
-                .with_partitions(vec![FetchPartition::default()
-                    .with_partition(partition)
-                    .with_fetch_offset(offset)
-                    .with_partition_max_bytes(1 << 20)])]);
-        let r: FetchResponse = self.call(ApiKey::Fetch, 12, &req);
+        let r = self.fetch_one(topic, partition, offset, max_wait_ms, min_bytes, 1 << 20);
         let p = &r.responses[0].partitions[0];
         (
             p.error_code,
@@ -177,23 +163,35 @@ impl Conn {
         )
     }
 
-    /// Fetch v12 of one partition from `offset`: the stored record batches' bytes.
-    pub fn fetch_records(&mut self, topic: &str, partition: i32, offset: i64) -> bytes::Bytes {
+    fn fetch_one(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_wait_ms: i32,
+        min_bytes: i32,
+        max_bytes: i32,
+    ) -> kafka_protocol::messages::FetchResponse {
         use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-        use kafka_protocol::messages::{FetchRequest, FetchResponse};
+        use kafka_protocol::messages::FetchRequest;
         let req = FetchRequest::default()
             .with_replica_id((-1).into())
-            .with_max_wait_ms(0)
-            .with_min_bytes(1)
-            .with_max_bytes(8 << 20)
+            .with_max_wait_ms(max_wait_ms)
+            .with_min_bytes(min_bytes)
+            .with_max_bytes(max_bytes)
             .with_session_epoch(-1)
             .with_topics(vec![FetchTopic::default()
                 .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
                 .with_partitions(vec![FetchPartition::default()
                     .with_partition(partition)
                     .with_fetch_offset(offset)
-                    .with_partition_max_bytes(8 << 20)])]);
-        let r: FetchResponse = self.call(ApiKey::Fetch, 12, &req);
+                    .with_partition_max_bytes(max_bytes)])]);
+        self.call(ApiKey::Fetch, 12, &req)
+    }
+
+    /// Fetch v12 of one partition from `offset`: the stored record batches' bytes.
+    pub fn fetch_records(&mut self, topic: &str, partition: i32, offset: i64) -> bytes::Bytes {
+        let r = self.fetch_one(topic, partition, offset, 0, 1, 8 << 20);
         let p = &r.responses[0].partitions[0];
         assert_eq!(p.error_code, 0, "fetch error");
         p.records.clone().unwrap_or_default()

@@ -584,8 +584,7 @@ fn the_leader_throttle_holds_a_new_replica_to_its_rate() {
         .as_ref()
         .unwrap()
         .get("leader.replication.throttled.rate")
-        .unwrap()
-        .clone();
+        .unwrap();
     assert_eq!(e.value.as_deref(), Some("9223372036854775807"));
     assert_eq!(e.source, rdkafka::admin::ConfigSource::Default);
 

@@ -348,20 +348,25 @@ pub fn set_throttles(
             .brokers
             .get(b)
             .with_context(|| format!("broker {b} is not in the cluster's metadata"))?;
-        let mut c = Conn::connect(
-            addr,
-            "weir-reassign-partitions",
-            std::time::Duration::from_secs(30),
-        )?;
-        crate::admin::alter_configs(
-            &mut c,
-            crate::admin::RESOURCE_BROKER,
-            &b.to_string(),
-            &set,
-            &[],
-        )?;
+        alter_broker_on(addr, *b, &set, &[])?;
     }
     Ok(brokers.into_iter().collect())
+}
+
+/// IncrementalAlterConfigs of broker `b`'s own resource, sent to that broker (at `addr`).
+fn alter_broker_on(addr: &str, b: i32, set: &[(String, String)], delete: &[String]) -> Result<()> {
+    let mut c = Conn::connect(
+        addr,
+        "weir-reassign-partitions",
+        std::time::Duration::from_secs(30),
+    )?;
+    crate::admin::alter_configs(
+        &mut c,
+        crate::admin::RESOURCE_BROKER,
+        &b.to_string(),
+        set,
+        delete,
+    )
 }
 
 /// `--verify` once every partition is complete: removes the rates from every live broker and
@@ -372,18 +377,7 @@ pub fn clear_throttles(conn: &mut Conn, plan: &Plan) -> Result<Vec<String>> {
     brokers.sort();
     let rates = [LEADER_RATE.to_string(), FOLLOWER_RATE.to_string()];
     for (b, addr) in &brokers {
-        let mut c = Conn::connect(
-            addr,
-            "weir-reassign-partitions",
-            std::time::Duration::from_secs(30),
-        )?;
-        crate::admin::alter_configs(
-            &mut c,
-            crate::admin::RESOURCE_BROKER,
-            &b.to_string(),
-            &[],
-            &rates,
-        )?;
+        alter_broker_on(addr, *b, &[], &rates)?;
     }
     let topics: BTreeSet<&str> = plan.partitions.iter().map(|p| p.topic.as_str()).collect();
     let lists = [LEADER_REPLICAS.to_string(), FOLLOWER_REPLICAS.to_string()];

@@ -374,23 +374,12 @@ pub fn alter_topic_configs(
             cfg.log
                 .with_topic_overrides(&new)
                 .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
-            let mut changes = Vec::new();
-            for (k, v) in &new {
-                if t.configs.get(k) != Some(v) {
-                    changes.push(MetadataRecord::TopicConfig {
-                        name: name.clone(),
-                        key: k.clone(),
-                        value: Some(v.clone()),
-                    });
-                }
-            }
-            for k in t.configs.keys().filter(|k| !new.contains_key(*k)) {
-                changes.push(MetadataRecord::TopicConfig {
+            let changes =
+                config_changes(&t.configs, &new, |key, value| MetadataRecord::TopicConfig {
                     name: name.clone(),
-                    key: k.clone(),
-                    value: None,
+                    key,
+                    value,
                 });
-            }
             try_apply(&mut scratch, &changes, &mut records)?;
             Ok((0, 0))
         })
@@ -399,6 +388,23 @@ pub fn alter_topic_configs(
         records.clear();
     }
     (answers, records)
+}
+
+/// One record per key whose value differs between `current` and `new` (value None: removed).
+fn config_changes(
+    current: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+    record: impl Fn(String, Option<String>) -> MetadataRecord,
+) -> Vec<MetadataRecord> {
+    let set = new
+        .iter()
+        .filter(|(k, v)| current.get(*k) != Some(*v))
+        .map(|(k, v)| record(k.clone(), Some(v.clone())));
+    let removed = current
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|k| record(k.clone(), None));
+    set.chain(removed).collect()
 }
 
 /// A broker resource's dynamic configs after `edit`, validated as Kafka does.
@@ -437,23 +443,12 @@ pub fn alter_broker_configs(
                 .unwrap_or(&empty)
                 .clone();
             let new = broker_config_edit(&current, edit.clone())?;
-            let mut changes = Vec::new();
-            for (k, v) in &new {
-                if current.get(k) != Some(v) {
-                    changes.push(MetadataRecord::BrokerConfig {
-                        resource: resource.clone(),
-                        key: k.clone(),
-                        value: Some(v.clone()),
-                    });
-                }
-            }
-            for k in current.keys().filter(|k| !new.contains_key(*k)) {
-                changes.push(MetadataRecord::BrokerConfig {
+            let changes =
+                config_changes(&current, &new, |key, value| MetadataRecord::BrokerConfig {
                     resource: resource.clone(),
-                    key: k.clone(),
-                    value: None,
+                    key,
+                    value,
                 });
-            }
             try_apply(&mut scratch, &changes, &mut records)?;
             Ok((0, 0))
         })

@@ -48,7 +48,18 @@ pub struct Config {
     pub group: crate::group::GroupConfig,
     /// Cluster mode (issue #11): what this node is and who the controller voters are.
     pub cluster: ClusterConfig,
+    /// Keys set in server.properties, by `--override` or by a command-line flag
+    /// (DescribeConfigs reports them as STATIC_BROKER_CONFIG, the rest as DEFAULT_CONFIG).
+    pub given: std::collections::BTreeSet<String>,
 }
+
+/// DescribeConfigs' type codes (Kafka's ConfigType).
+pub const CONFIG_TYPE_BOOLEAN: i8 = 1;
+pub const CONFIG_TYPE_STRING: i8 = 2;
+pub const CONFIG_TYPE_INT: i8 = 3;
+pub const CONFIG_TYPE_SHORT: i8 = 4;
+pub const CONFIG_TYPE_LONG: i8 = 5;
+pub const CONFIG_TYPE_LIST: i8 = 7;
 
 /// Per-log settings. Topic-level configs override these field by field.
 #[derive(Clone, Debug, PartialEq)]
@@ -419,6 +430,248 @@ impl Config {
             producer_id_expiration_ms: 86_400_000,
             group: crate::group::GroupConfig::default(),
             cluster: ClusterConfig::default(),
+            given: Default::default(),
+        }
+    }
+
+    /// Every broker config key Weir understands with its effective value and type, as a
+    /// BROKER DescribeConfigs lists them (the dynamic ones come from the metadata image).
+    pub fn broker_entries(&self) -> Vec<(&'static str, String, i8)> {
+        let c = &self.cluster;
+        let listeners = match c.controller_listen {
+            Some(ctl) if self.in_cluster() && c.roles_controller => format!(
+                "PLAINTEXT://{},{}://{ctl}",
+                self.listen,
+                c.controller_listener_names
+                    .split(',')
+                    .next()
+                    .unwrap_or("CONTROLLER")
+            ),
+            _ => format!("PLAINTEXT://{}", self.listen),
+        };
+        let roles = match (c.roles_broker, c.roles_controller, self.in_cluster()) {
+            (_, _, false) => "broker,controller".to_string(),
+            (true, true, true) => "broker,controller".to_string(),
+            (true, false, true) => "broker".to_string(),
+            _ => "controller".to_string(),
+        };
+        let voters = c
+            .voters
+            .iter()
+            .map(|(id, a)| format!("{id}@{a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        vec![
+            ("node.id", self.node_id.to_string(), CONFIG_TYPE_INT),
+            ("broker.id", self.node_id.to_string(), CONFIG_TYPE_INT),
+            ("process.roles", roles, CONFIG_TYPE_LIST),
+            ("listeners", listeners, CONFIG_TYPE_STRING),
+            (
+                "advertised.listeners",
+                format!(
+                    "PLAINTEXT://{}:{}",
+                    self.advertised_host, self.advertised_port
+                ),
+                CONFIG_TYPE_STRING,
+            ),
+            (
+                "controller.listener.names",
+                c.controller_listener_names.clone(),
+                CONFIG_TYPE_STRING,
+            ),
+            ("controller.quorum.voters", voters, CONFIG_TYPE_LIST),
+            (
+                "broker.rack",
+                c.rack.clone().unwrap_or_default(),
+                CONFIG_TYPE_STRING,
+            ),
+            (
+                "log.dirs",
+                self.data_dir.display().to_string(),
+                CONFIG_TYPE_STRING,
+            ),
+            (
+                "num.partitions",
+                self.num_partitions.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "default.replication.factor",
+                self.default_replication_factor.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "min.insync.replicas",
+                c.min_insync_replicas.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "auto.create.topics.enable",
+                self.auto_create_topics.to_string(),
+                CONFIG_TYPE_BOOLEAN,
+            ),
+            (
+                "log.segment.bytes",
+                self.log.segment_bytes.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "log.roll.ms",
+                self.log.roll_ms.to_string(),
+                CONFIG_TYPE_LONG,
+            ),
+            (
+                "log.retention.ms",
+                self.log.retention_ms.to_string(),
+                CONFIG_TYPE_LONG,
+            ),
+            (
+                "log.retention.bytes",
+                self.log.retention_bytes.to_string(),
+                CONFIG_TYPE_LONG,
+            ),
+            (
+                "log.retention.check.interval.ms",
+                self.retention_check_interval_ms.to_string(),
+                CONFIG_TYPE_LONG,
+            ),
+            (
+                "log.index.interval.bytes",
+                self.log.index_interval_bytes.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "log.message.timestamp.type",
+                if self.log.log_append_time {
+                    "LogAppendTime"
+                } else {
+                    "CreateTime"
+                }
+                .to_string(),
+                CONFIG_TYPE_STRING,
+            ),
+            (
+                "message.max.bytes",
+                self.log.message_bytes_max.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "socket.request.max.bytes",
+                self.socket_request_bytes_max.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "max.connections",
+                self.connections_per_shard_max.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "producer.id.expiration.ms",
+                self.producer_id_expiration_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "offsets.topic.num.partitions",
+                self.group.offsets_partitions.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "offsets.retention.minutes",
+                (self.group.offsets_retention_ms / 60_000).to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "offsets.retention.check.interval.ms",
+                self.group.offsets_retention_check_ms.to_string(),
+                CONFIG_TYPE_LONG,
+            ),
+            (
+                "offset.metadata.max.bytes",
+                self.group.offset_metadata_bytes_max.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "group.min.session.timeout.ms",
+                self.group.min_session_timeout_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "group.max.session.timeout.ms",
+                self.group.max_session_timeout_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "group.initial.rebalance.delay.ms",
+                self.group.initial_rebalance_delay_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "broker.session.timeout.ms",
+                c.session_timeout_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "broker.heartbeat.interval.ms",
+                c.heartbeat_interval_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "replica.fetch.max.bytes",
+                c.replica_fetch_max_bytes.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "replica.fetch.response.max.bytes",
+                c.replica_fetch_response_max_bytes.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "replica.fetch.wait.max.ms",
+                c.replica_fetch_wait_max_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "replica.fetch.backoff.ms",
+                c.replica_fetch_backoff_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "replica.lag.time.max.ms",
+                c.replica_lag_time_max_ms.to_string(),
+                CONFIG_TYPE_LONG,
+            ),
+            ("num.replica.fetchers", "1".to_string(), CONFIG_TYPE_INT),
+            (
+                "unclean.leader.election.enable",
+                "false".to_string(),
+                CONFIG_TYPE_BOOLEAN,
+            ),
+            (
+                "auto.leader.rebalance.enable",
+                c.auto_leader_rebalance.to_string(),
+                CONFIG_TYPE_BOOLEAN,
+            ),
+            (
+                "leader.imbalance.check.interval.seconds",
+                c.leader_imbalance_check_interval_s.to_string(),
+                CONFIG_TYPE_LONG,
+            ),
+            (
+                "leader.imbalance.per.broker.percentage",
+                c.leader_imbalance_per_broker_percentage.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+        ]
+    }
+
+    /// The key as DescribeConfigs names it for a given key and its aliases.
+    fn canonical_key(k: &str) -> &str {
+        match k {
+            "broker.id" => "node.id",
+            "log.dir" => "log.dirs",
+            "log.roll.hours" => "log.roll.ms",
+            "log.retention.minutes" | "log.retention.hours" => "log.retention.ms",
+            other => other,
         }
     }
 
@@ -541,6 +794,22 @@ impl Config {
     }
 
     pub fn apply_property(&mut self, k: &str, v: &str) -> Result<()> {
+        self.apply_known(k, v)?;
+        let key = Config::canonical_key(k);
+        if self
+            .broker_entries()
+            .iter()
+            .any(|(name, _, _)| *name == key)
+        {
+            self.given.insert(key.to_string());
+            if key == "node.id" {
+                self.given.insert("broker.id".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_known(&mut self, k: &str, v: &str) -> Result<()> {
         match k {
             "num.partitions" => {
                 self.num_partitions =

@@ -123,15 +123,19 @@ fn run() -> Result<()> {
     // wins over the listen address.
     if let Some(listen) = args.listen {
         config.set_listen(listen);
+        config.given.insert("listeners".into());
     }
     if let Some(a) = &args.advertised_listener {
         config.set_advertised(a)?;
+        config.given.insert("advertised.listeners".into());
     }
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
+        config.given.insert("log.dirs".into());
     }
     if let Some(n) = args.node_id {
         config.node_id = n;
+        config.given.extend(["node.id".into(), "broker.id".into()]);
     }
     if let Some(c) = args.cache_bytes {
         config.cache_bytes = c;

@@ -162,3 +162,94 @@ fn alter_topic_configs_persist_and_apply_to_open_partitions() {
         ("5000".to_string(), true)
     );
 }
+
+/// DescribeConfigs of a BROKER resource lists the broker's whole effective config: static keys
+/// (given in server.properties, `--override` or a flag) read-only with source
+/// STATIC_BROKER_CONFIG, the rest DEFAULT_CONFIG, the dynamic replication throttle rates
+/// writable; with include_synonyms each entry names the values beneath it.
+#[test]
+fn broker_configs_describe_the_whole_effective_config() {
+    use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+    use kafka_protocol::messages::{DescribeConfigsRequest, DescribeConfigsResponse};
+    use rdkafka::admin::ConfigSource;
+    let b = Broker::start_with(1, &["--override", "log.retention.ms=1234"]);
+    let a = admin::client(&b);
+    let res = futures::executor::block_on(
+        a.describe_configs([&ResourceSpecifier::Broker(0)], &admin::opts()),
+    )
+    .unwrap();
+    let r = res.into_iter().next().unwrap().unwrap();
+    let get = |k: &str| {
+        r.entries
+            .iter()
+            .find(|e| e.name == k)
+            .unwrap_or_else(|| panic!("{k} not listed"))
+    };
+    let retention = get("log.retention.ms");
+    assert_eq!(retention.value.as_deref(), Some("1234"));
+    assert_eq!(retention.source, ConfigSource::StaticBroker);
+    assert!(retention.is_read_only);
+    let listeners = get("listeners");
+    assert_eq!(
+        listeners.value.clone().unwrap(),
+        format!("PLAINTEXT://{}", b.bootstrap())
+    );
+    assert_eq!(
+        listeners.source,
+        ConfigSource::StaticBroker,
+        "given as --listen"
+    );
+    assert_eq!(
+        get("advertised.listeners").value.clone().unwrap(),
+        format!("PLAINTEXT://{}", b.bootstrap())
+    );
+    let partitions = get("num.partitions");
+    assert_eq!(partitions.value.as_deref(), Some("1"));
+    assert_eq!(partitions.source, ConfigSource::Default);
+    let rate = get("leader.replication.throttled.rate");
+    assert!(!rate.is_read_only);
+    assert_eq!(rate.source, ConfigSource::Default);
+    assert!(r.entries.len() >= 40, "{} entries", r.entries.len());
+
+    // Synonyms (DescribeConfigs v4, include_synonyms): the static value, then the default.
+    let mut c = Conn::new(&b.bootstrap());
+    let req = DescribeConfigsRequest::default()
+        .with_include_synonyms(true)
+        .with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(s("0"))
+            .with_configuration_keys(Some(vec![
+                s("log.retention.ms"),
+                s("num.partitions"),
+            ]))]);
+    let resp: DescribeConfigsResponse = c.call(ApiKey::DescribeConfigs, 4, &req);
+    let res = &resp.results[0];
+    assert_eq!(res.error_code, 0);
+    assert_eq!(res.configs.len(), 2);
+    let syn = |i: usize| {
+        res.configs[i]
+            .synonyms
+            .iter()
+            .map(|x| {
+                (
+                    x.value.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                    x.source,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(res.configs[0].name.as_str(), "num.partitions");
+    assert_eq!(syn(0), vec![("1".to_string(), 5)]);
+    assert_eq!(res.configs[1].name.as_str(), "log.retention.ms");
+    assert_eq!(
+        syn(1),
+        vec![("1234".to_string(), 4), ("604800000".to_string(), 5)]
+    );
+    // Another broker's resource is refused, as Kafka refuses it.
+    let req =
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(4)
+            .with_resource_name(s("7"))]);
+    let resp: DescribeConfigsResponse = c.call(ApiKey::DescribeConfigs, 4, &req);
+    assert_eq!(resp.results[0].error_code, 42);
+}

@@ -32,7 +32,6 @@ const SOURCE_DYNAMIC_BROKER: i8 = 2;
 const SOURCE_DYNAMIC_DEFAULT_BROKER: i8 = 3;
 const SOURCE_STATIC_BROKER: i8 = 4;
 const SOURCE_DEFAULT: i8 = 5;
-const CONFIG_TYPE_BOOLEAN: i8 = 1;
 const CONFIG_TYPE_STRING: i8 = 2;
 const CONFIG_TYPE_INT: i8 = 3;
 const CONFIG_TYPE_LONG: i8 = 5;
@@ -366,80 +365,75 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
                 } else if name != c.node_id.to_string() {
                     out = out
                         .with_error_code(INVALID_REQUEST)
-                        .with_error_message(Some(s(format!("Unexpected broker id {name}"))));
+                        .with_error_message(Some(s(format!(
+                        "Unexpected broker id, expected {} or empty string, but received {name}",
+                        c.node_id
+                    ))));
                 } else {
-                    let broker: [(&str, String, i8); 12] = [
-                        ("broker.id", c.node_id.to_string(), CONFIG_TYPE_INT),
-                        (
-                            "num.partitions",
-                            c.num_partitions.to_string(),
-                            CONFIG_TYPE_INT,
-                        ),
-                        (
-                            "default.replication.factor",
-                            c.default_replication_factor.to_string(),
-                            CONFIG_TYPE_INT,
-                        ),
-                        (
-                            "auto.create.topics.enable",
-                            c.auto_create_topics.to_string(),
-                            CONFIG_TYPE_BOOLEAN,
-                        ),
-                        (
-                            "log.dirs",
-                            c.data_dir.display().to_string(),
-                            CONFIG_TYPE_STRING,
-                        ),
-                        (
-                            "log.segment.bytes",
-                            c.log.segment_bytes.to_string(),
-                            CONFIG_TYPE_INT,
-                        ),
-                        ("log.roll.ms", c.log.roll_ms.to_string(), CONFIG_TYPE_LONG),
-                        (
-                            "log.retention.ms",
-                            c.log.retention_ms.to_string(),
-                            CONFIG_TYPE_LONG,
-                        ),
-                        (
-                            "log.retention.bytes",
-                            c.log.retention_bytes.to_string(),
-                            CONFIG_TYPE_LONG,
-                        ),
-                        (
-                            "log.index.interval.bytes",
-                            c.log.index_interval_bytes.to_string(),
-                            CONFIG_TYPE_INT,
-                        ),
-                        (
-                            "socket.request.max.bytes",
-                            c.socket_request_bytes_max.to_string(),
-                            CONFIG_TYPE_INT,
-                        ),
-                        (
-                            "message.max.bytes",
-                            c.log.message_bytes_max.to_string(),
-                            CONFIG_TYPE_INT,
-                        ),
-                    ];
-                    out.configs = broker
+                    let synonyms = frame.api_version >= 1 && req.include_synonyms;
+                    let syn = |k: &str, v: &str, source: i8| {
+                        kafka_protocol::messages::describe_configs_response::DescribeConfigsSynonym::default()
+                            .with_name(s(k))
+                            .with_value(Some(s(v)))
+                            .with_source(source)
+                    };
+                    // What each key would be with nothing set (the DEFAULT_CONFIG synonym).
+                    let defaults: std::collections::HashMap<&str, String> =
+                        crate::config::Config::new(
+                            "127.0.0.1:9092".parse().expect("an address"),
+                            "./data".into(),
+                            c.shards,
+                        )
+                        .broker_entries()
                         .into_iter()
-                        .filter(|(k, _, _)| wanted(&r.configuration_keys, k))
-                        .map(|(k, v, ty)| entry(k, v, SOURCE_STATIC_BROKER, ty))
+                        .map(|(k, v, _)| (k, v))
                         .collect();
+                    for (k, v, ty) in c.broker_entries() {
+                        if !wanted(&r.configuration_keys, k) {
+                            continue;
+                        }
+                        let given = c.given.contains(k);
+                        let source = if given {
+                            SOURCE_STATIC_BROKER
+                        } else {
+                            SOURCE_DEFAULT
+                        };
+                        let mut e = entry(k, v.clone(), source, ty).with_read_only(true);
+                        if synonyms {
+                            if given {
+                                e.synonyms.push(syn(k, &v, SOURCE_STATIC_BROKER));
+                            }
+                            let d = defaults.get(k).cloned().unwrap_or_default();
+                            e.synonyms.push(syn(k, &d, SOURCE_DEFAULT));
+                        }
+                        out.configs.push(e);
+                    }
                     for k in crate::config::BROKER_DYNAMIC_CONFIG_KEYS {
                         if !wanted(&r.configuration_keys, k) {
                             continue;
                         }
-                        let (v, source) = match image.broker_config(c.node_id, k) {
-                            Some((v, true)) => (v.to_string(), SOURCE_DYNAMIC_BROKER),
-                            Some((v, false)) => (v.to_string(), SOURCE_DYNAMIC_DEFAULT_BROKER),
-                            None => (
-                                crate::config::THROTTLED_RATE_DEFAULT.to_string(),
-                                SOURCE_DEFAULT,
-                            ),
+                        let own = image
+                            .broker_configs
+                            .get(&c.node_id.to_string())
+                            .and_then(|m| m.get(*k));
+                        let default = image.broker_configs.get("").and_then(|m| m.get(*k));
+                        let fallback = crate::config::THROTTLED_RATE_DEFAULT.to_string();
+                        let (v, source) = match (own, default) {
+                            (Some(v), _) => (v.clone(), SOURCE_DYNAMIC_BROKER),
+                            (None, Some(v)) => (v.clone(), SOURCE_DYNAMIC_DEFAULT_BROKER),
+                            (None, None) => (fallback.clone(), SOURCE_DEFAULT),
                         };
-                        out.configs.push(entry(k, v, source, CONFIG_TYPE_LONG));
+                        let mut e = entry(k, v, source, CONFIG_TYPE_LONG);
+                        if synonyms {
+                            if let Some(v) = own {
+                                e.synonyms.push(syn(k, v, SOURCE_DYNAMIC_BROKER));
+                            }
+                            if let Some(v) = default {
+                                e.synonyms.push(syn(k, v, SOURCE_DYNAMIC_DEFAULT_BROKER));
+                            }
+                            e.synonyms.push(syn(k, &fallback, SOURCE_DEFAULT));
+                        }
+                        out.configs.push(e);
                     }
                 }
             }

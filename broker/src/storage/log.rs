@@ -1648,6 +1648,43 @@ mod tests {
         });
     }
 
+    /// A roll while a zero write is in flight, with an append arriving while the roll waits:
+    /// the append is written before the seal and survives a reopen. (The wait for the zero
+    /// write once came between the roll's last write and the seal, and the seal found the
+    /// new batch unwritten and panicked.)
+    #[test]
+    fn a_roll_during_zeroing_keeps_appends_that_arrive_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let log = Rc::new(open_log(&path, &cfg, true).await);
+            append_n(&log, 50).await;
+            flush(&log).await;
+            // A data write starts the next zero write; it is in flight until the executor runs it.
+            append_n(&log, 1).await;
+            PartitionLog::write_all(&log).await.unwrap();
+            assert!(
+                log.borrow().active().zero.writing(),
+                "a zero write is in flight"
+            );
+            let roller = {
+                let log = log.clone();
+                glommio::spawn_local(async move { PartitionLog::roll(&log).await })
+            };
+            glommio::yield_if_needed().await;
+            glommio::executor().yield_now().await;
+            append_n(&log, 1).await;
+            roller.await.unwrap();
+            flush(&log).await;
+            let end = log.borrow().log_end_offset;
+            assert_eq!(end, 52 * 4);
+            PartitionLog::close(&log).await.unwrap();
+            let reopened = open_log(&path, &cfg, false).await;
+            assert_eq!(reopened.borrow().log_end_offset, end);
+        });
+    }
+
     #[test]
     fn replica_append_epochs_and_truncation() {
         let dir = tempfile::tempdir().unwrap();

@@ -177,6 +177,11 @@ impl ZeroAhead {
         .detach();
     }
 
+    /// A zero write is in flight.
+    pub fn writing(&self) -> bool {
+        self.in_flight.get().is_some()
+    }
+
     /// Stopped, with no zero write in flight.
     pub fn idle(&self) -> bool {
         self.closed.get() && self.in_flight.get().is_none()

@@ -136,6 +136,29 @@ pub const BROKER_DYNAMIC_CONFIG_KEYS: &[&str] = &[
     "follower.replication.throttled.rate",
 ];
 
+/// Broker log defaults that may change at runtime for the whole cluster (the default broker
+/// resource ""), with the topic config each one is the default of. Topics without their own
+/// override take a new value at once.
+pub const CLUSTER_DYNAMIC_LOG_KEYS: &[(&str, &str)] = &[
+    ("log.retention.ms", "retention.ms"),
+    ("log.retention.bytes", "retention.bytes"),
+    ("log.segment.bytes", "segment.bytes"),
+    ("log.roll.ms", "segment.ms"),
+    ("log.index.interval.bytes", "index.interval.bytes"),
+    ("log.message.timestamp.type", "message.timestamp.type"),
+    ("message.max.bytes", "max.message.bytes"),
+    ("min.insync.replicas", "min.insync.replicas"),
+    ("compression.type", "compression.type"),
+];
+
+/// The topic config a cluster-wide dynamic log key is the default of.
+pub fn cluster_log_key(k: &str) -> Option<&'static str> {
+    CLUSTER_DYNAMIC_LOG_KEYS
+        .iter()
+        .find(|(b, _)| *b == k)
+        .map(|(_, t)| *t)
+}
+
 /// Kafka's default for the replication throttle rates: Long.MAX_VALUE (no throttle).
 pub const THROTTLED_RATE_DEFAULT: i64 = i64::MAX;
 
@@ -143,11 +166,12 @@ pub const THROTTLED_RATE_DEFAULT: i64 = i64::MAX;
 /// `Err((error code, message))` as Kafka answers.
 pub fn validate_broker_dynamic(
     overrides: &BTreeMap<String, String>,
+    cluster_default: bool,
 ) -> std::result::Result<(), (i16, String)> {
     let fixed: Vec<&str> = overrides
         .keys()
         .map(String::as_str)
-        .filter(|k| !BROKER_DYNAMIC_CONFIG_KEYS.contains(k))
+        .filter(|k| !BROKER_DYNAMIC_CONFIG_KEYS.contains(k) && cluster_log_key(k).is_none())
         .collect();
     if !fixed.is_empty() {
         return Err((
@@ -158,7 +182,35 @@ pub fn validate_broker_dynamic(
             ),
         ));
     }
-    for (k, v) in overrides {
+    let log_keys: Vec<&str> = overrides
+        .keys()
+        .map(String::as_str)
+        .filter(|k| cluster_log_key(k).is_some())
+        .collect();
+    if !cluster_default && !log_keys.is_empty() {
+        return Err((
+            crate::kafka::errors::INVALID_REQUEST,
+            format!(
+                "Weir changes these log defaults for the whole cluster only (the default broker resource, --entity-default): Set({})",
+                log_keys.join(", ")
+            ),
+        ));
+    }
+    let mut log = LogConfig::default();
+    for k in &log_keys {
+        let v = &overrides[*k];
+        log.apply_topic_key(cluster_log_key(k).expect("filtered"), v)
+            .map_err(|e| {
+                (
+                    crate::kafka::errors::INVALID_CONFIG,
+                    format!("Invalid value {v} for configuration {k}: {e}"),
+                )
+            })?;
+    }
+    for (k, v) in overrides
+        .iter()
+        .filter(|(k, _)| cluster_log_key(k).is_none())
+    {
         match v.trim().parse::<i64>() {
             Ok(n) if n >= 0 => {}
             Ok(_) => {
@@ -292,7 +344,7 @@ impl LogConfig {
         Ok(c)
     }
 
-    fn apply_topic_key(&mut self, key: &str, value: &str) -> Result<()> {
+    pub fn apply_topic_key(&mut self, key: &str, value: &str) -> Result<()> {
         match key {
             "retention.ms" => self.retention_ms = parse_i64_min(value, -1)?,
             "retention.bytes" => self.retention_bytes = parse_i64_min(value, -1)?,

@@ -163,10 +163,10 @@ fn alter_topic_configs_persist_and_apply_to_open_partitions() {
     );
 }
 
-/// DescribeConfigs of a BROKER resource lists the broker's whole effective config: static keys
-/// (given in server.properties, `--override` or a flag) read-only with source
-/// STATIC_BROKER_CONFIG, the rest DEFAULT_CONFIG, the dynamic replication throttle rates
-/// writable; with include_synonyms each entry names the values beneath it.
+/// DescribeConfigs of a BROKER resource lists the broker's whole effective config: keys given
+/// in server.properties, `--override` or a flag with source STATIC_BROKER_CONFIG, the rest
+/// DEFAULT_CONFIG; only the dynamic ones (log defaults, replication throttle rates) writable;
+/// with include_synonyms each entry names the values beneath it.
 #[test]
 fn broker_configs_describe_the_whole_effective_config() {
     use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
@@ -188,8 +188,9 @@ fn broker_configs_describe_the_whole_effective_config() {
     let retention = get("log.retention.ms");
     assert_eq!(retention.value.as_deref(), Some("1234"));
     assert_eq!(retention.source, ConfigSource::StaticBroker);
-    assert!(retention.is_read_only);
+    assert!(!retention.is_read_only, "a cluster-wide dynamic default");
     let listeners = get("listeners");
+    assert!(listeners.is_read_only);
     assert_eq!(
         listeners.value.clone().unwrap(),
         format!("PLAINTEXT://{}", b.bootstrap())
@@ -252,4 +253,94 @@ fn broker_configs_describe_the_whole_effective_config() {
             .with_resource_name(s("7"))]);
     let resp: DescribeConfigsResponse = c.call(ApiKey::DescribeConfigs, 4, &req);
     assert_eq!(resp.results[0].error_code, 42);
+}
+
+/// Cluster-wide dynamic log defaults (`kafka-configs --entity-type brokers --entity-default`):
+/// topics without their own override take the new default at once (a lower
+/// `message.max.bytes` refuses a larger batch on an open partition, and deleting it lets the
+/// batch in again); DescribeConfigs reports DYNAMIC_DEFAULT_BROKER_CONFIG; a per-broker
+/// resource is refused; the default survives a restart.
+#[test]
+fn cluster_wide_log_defaults_change_at_runtime() {
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
+    use rdkafka::admin::ConfigSource;
+    let mut b = Broker::start(1);
+    admin::create(&b, "dyn", 1, 1, &[]).unwrap();
+    admin::create(&b, "own", 1, 1, &[("max.message.bytes", "100000")]).unwrap();
+    let mut c = Conn::new(&b.bootstrap());
+    let produce = |c: &mut Conn, topic: &str| -> i16 {
+        let records = std::iter::once((None, Some(bytes::Bytes::from(vec![b'x'; 3000])), 1_000));
+        let batch = weir_tests::raw::batch(
+            records,
+            -1,
+            -1,
+            -1,
+            kafka_protocol::records::Compression::None,
+        );
+        let req = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(s(topic)))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(batch))])]);
+        let r: ProduceResponse = c.call(ApiKey::Produce, 9, &req);
+        r.responses[0].partition_responses[0].error_code
+    };
+    assert_eq!(produce(&mut c, "dyn"), 0);
+    assert_eq!(
+        incremental(
+            &mut c,
+            4,
+            "",
+            &[
+                ("message.max.bytes", 0, Some("2048")),
+                ("log.retention.ms", 0, Some("12345"))
+            ]
+        ),
+        (0, String::new())
+    );
+    assert_eq!(
+        produce(&mut c, "dyn"),
+        10,
+        "MESSAGE_TOO_LARGE under the new default"
+    );
+    assert_eq!(produce(&mut c, "own"), 0, "a topic override wins");
+    let described = describe(&b, "dyn");
+    assert_eq!(described["retention.ms"].0, "12345");
+    let a = admin::client(&b);
+    let res = futures::executor::block_on(
+        a.describe_configs([&ResourceSpecifier::Topic("dyn")], &admin::opts()),
+    )
+    .unwrap();
+    let r = res.into_iter().next().unwrap().unwrap();
+    let e = r
+        .entries
+        .iter()
+        .find(|e| e.name == "max.message.bytes")
+        .unwrap();
+    assert_eq!(e.value.as_deref(), Some("2048"));
+    assert_eq!(e.source, ConfigSource::DynamicDefaultBroker);
+    // One broker's own resource cannot carry them: Weir sets log defaults cluster-wide.
+    let (code, msg) = incremental(&mut c, 4, "0", &[("log.retention.ms", 0, Some("1"))]);
+    assert_eq!(code, 42, "{msg}");
+    // A bad value: INVALID_CONFIG.
+    assert_eq!(
+        incremental(&mut c, 4, "", &[("log.retention.ms", 0, Some("soon"))]).0,
+        40
+    );
+    // Persisted.
+    assert!(b.stop());
+    b.restart();
+    assert_eq!(describe(&b, "dyn")["retention.ms"].0, "12345");
+    let mut c = Conn::new(&b.bootstrap());
+    assert_eq!(produce(&mut c, "dyn"), 10);
+    // Deleting the default lets the batch in again.
+    assert_eq!(
+        incremental(&mut c, 4, "", &[("message.max.bytes", 1, None)]).0,
+        0
+    );
+    assert_eq!(produce(&mut c, "dyn"), 0);
 }

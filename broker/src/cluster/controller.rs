@@ -143,7 +143,7 @@ pub async fn handle(s: &Rc<Shard>, op: ControlOp) -> ControlReply {
             .into_iter()
             .map(|(resource, edit)| {
                 let current = image.broker_configs.get(&resource).cloned().unwrap_or_default();
-                let new = super::decide::broker_config_edit(&current, edit)?;
+                let new = super::decide::broker_config_edit(&resource, &current, edit)?;
                 if !validate_only && new != current {
                     if new.is_empty() {
                         image.broker_configs.remove(&resource);

@@ -409,13 +409,14 @@ fn config_changes(
 
 /// A broker resource's dynamic configs after `edit`, validated as Kafka does.
 pub fn broker_config_edit(
+    resource: &str,
     current: &BTreeMap<String, String>,
     edit: ConfigEdit,
 ) -> Result<BTreeMap<String, String>, TopicError> {
     let new = edit
         .apply(current, &crate::config::LogConfig::default())
         .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
-    crate::config::validate_broker_dynamic(&new).map_err(|(code, msg)| {
+    crate::config::validate_broker_dynamic(&new, resource.is_empty()).map_err(|(code, msg)| {
         if code == crate::kafka::errors::INVALID_REQUEST {
             TopicError::InvalidRequest(msg)
         } else {
@@ -442,7 +443,7 @@ pub fn alter_broker_configs(
                 .get(resource)
                 .unwrap_or(&empty)
                 .clone();
-            let new = broker_config_edit(&current, edit.clone())?;
+            let new = broker_config_edit(resource, &current, edit.clone())?;
             let changes =
                 config_changes(&current, &new, |key, value| MetadataRecord::BrokerConfig {
                     resource: resource.clone(),

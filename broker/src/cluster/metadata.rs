@@ -128,12 +128,28 @@ impl Image {
             .map(|p| p.shard)
     }
 
-    /// Effective log config of a topic: broker defaults plus the topic's overrides.
+    /// Effective log config of a topic: the broker's static defaults, then the cluster-wide
+    /// dynamic log defaults, then the topic's overrides.
     pub fn log_config(&self, base: &LogConfig, topic: &str) -> LogConfig {
+        let base = self.log_defaults(base);
         self.topics
             .get(topic)
             .and_then(|t| base.with_topic_overrides(&t.configs).ok())
-            .unwrap_or_else(|| base.clone())
+            .unwrap_or(base)
+    }
+
+    /// The broker's static log defaults with the cluster-wide dynamic ones applied.
+    pub fn log_defaults(&self, base: &LogConfig) -> LogConfig {
+        let mut out = base.clone();
+        if let Some(dynamic) = self.broker_configs.get("") {
+            for (k, v) in dynamic {
+                if let Some(topic_key) = crate::config::cluster_log_key(k) {
+                    // Validated when set; a value that no longer parses is skipped.
+                    let _ = out.apply_topic_key(topic_key, v);
+                }
+            }
+        }
+        out
     }
 
     /// A dynamic broker config's effective value on broker `node`, and whether it comes from

@@ -328,12 +328,21 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
                 }
                 Some(t) => {
                     let cfg = image.log_config(&c.log, r.resource_name.as_str());
+                    // Topic keys whose default was changed for the whole cluster.
+                    let dynamic_default = |k: &str| {
+                        image.broker_configs.get("").is_some_and(|m| {
+                            m.keys()
+                                .any(|b| crate::config::cluster_log_key(b) == Some(k))
+                        })
+                    };
                     out.configs = TOPIC_CONFIG_KEYS
                         .iter()
                         .filter(|k| wanted(&r.configuration_keys, k))
                         .filter_map(|k| {
                             let source = if t.configs.contains_key(*k) {
                                 SOURCE_DYNAMIC_TOPIC
+                            } else if dynamic_default(k) {
+                                SOURCE_DYNAMIC_DEFAULT_BROKER
                             } else {
                                 SOURCE_DEFAULT
                             };
@@ -354,12 +363,12 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
                         .flatten()
                         .filter(|(k, _)| wanted(&r.configuration_keys, k))
                         .map(|(k, v)| {
-                            entry(
-                                k,
-                                v.clone(),
-                                SOURCE_DYNAMIC_DEFAULT_BROKER,
-                                CONFIG_TYPE_LONG,
-                            )
+                            let ty = c
+                                .broker_entries()
+                                .into_iter()
+                                .find(|(name, _, _)| name == k)
+                                .map_or(CONFIG_TYPE_LONG, |(_, _, ty)| ty);
+                            entry(k, v.clone(), SOURCE_DYNAMIC_DEFAULT_BROKER, ty)
                         })
                         .collect();
                 } else if name != c.node_id.to_string() {
@@ -388,18 +397,24 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
                         .into_iter()
                         .map(|(k, v, _)| (k, v))
                         .collect();
+                    let cluster_default = image.broker_configs.get("");
                     for (k, v, ty) in c.broker_entries() {
                         if !wanted(&r.configuration_keys, k) {
                             continue;
                         }
                         let given = c.given.contains(k);
-                        let source = if given {
-                            SOURCE_STATIC_BROKER
-                        } else {
-                            SOURCE_DEFAULT
-                        };
-                        let mut e = entry(k, v.clone(), source, ty).with_read_only(true);
+                        let dynamic = crate::config::cluster_log_key(k).is_some();
+                        let set = cluster_default.and_then(|m| m.get(k)).filter(|_| dynamic);
+                        let mut e = match set {
+                            Some(d) => entry(k, d.clone(), SOURCE_DYNAMIC_DEFAULT_BROKER, ty),
+                            None if given => entry(k, v.clone(), SOURCE_STATIC_BROKER, ty),
+                            None => entry(k, v.clone(), SOURCE_DEFAULT, ty),
+                        }
+                        .with_read_only(!dynamic);
                         if synonyms {
+                            if let Some(d) = set {
+                                e.synonyms.push(syn(k, d, SOURCE_DYNAMIC_DEFAULT_BROKER));
+                            }
                             if given {
                                 e.synonyms.push(syn(k, &v, SOURCE_STATIC_BROKER));
                             }

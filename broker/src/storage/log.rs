@@ -112,9 +112,7 @@ pub struct Segment {
     pub size: u64,
     /// Bytes already written to the file.
     written: u64,
-    /// Bytes the file has reserved (its size on disk while active).
-    preallocated: u64,
-    /// Which reserved blocks are already written (zeroed ahead of the data).
+    /// Which blocks are reserved and which already written (zeroed ahead of the data).
     zero: Rc<ZeroAhead>,
     /// Bytes of the last, partial block already written: rewritten together with the next data.
     tail_block: Vec<u8>,
@@ -752,17 +750,15 @@ impl PartitionLog {
             chunks,
             bytes,
             end_offset,
-            preallocated: seg.preallocated,
             segment_bytes: self.config.segment_bytes,
             zero: seg.zero.clone(),
         })
     }
 
-    pub fn finish_write(&mut self, w: &PendingWrite, tail_block: Vec<u8>, preallocated: u64) {
+    pub fn finish_write(&mut self, w: &PendingWrite, tail_block: Vec<u8>) {
         if let Some(seg) = self.segments.get_mut(&w.segment_base) {
             seg.written += w.bytes as u64;
             seg.tail_block = tail_block;
-            seg.preallocated = seg.preallocated.max(preallocated);
             debug_assert!(
                 seg.tail_block.len() < 4096 && seg.written >= seg.tail_block.len() as u64
             );
@@ -822,7 +818,7 @@ impl PartitionLog {
             let w = log.borrow_mut().take_write();
             let Some(w) = w else { return Ok(()) };
             match w.run().await {
-                Ok((tail, preallocated)) => log.borrow_mut().finish_write(&w, tail, preallocated),
+                Ok(tail) => log.borrow_mut().finish_write(&w, tail),
                 Err(e) => {
                     log.borrow_mut().abort_write(w);
                     return Err(e);
@@ -855,13 +851,10 @@ impl PartitionLog {
         let zero = log.borrow().active().zero.clone();
         zero.quiesce().await;
         PartitionLog::write_all(log).await?;
-        let (size, dir) = PartitionLog::seal_active(log).await?;
+        let (_, dir) = PartitionLog::seal_active(log).await?;
         let new_base = log.borrow().log_end_offset;
         let seg = create_segment(&dir, new_base).await?;
         let mut l = log.borrow_mut();
-        if let Some(old) = l.segments.values_mut().next_back() {
-            old.preallocated = size;
-        }
         l.segments.insert(new_base, seg);
         l.durable_offset = l.durable_offset.max(new_base.min(l.written_offset));
         Ok(())
@@ -1091,16 +1084,14 @@ pub struct PendingWrite {
     chunks: Vec<Bytes>,
     bytes: usize,
     pub end_offset: i64,
-    preallocated: u64,
     segment_bytes: u64,
     zero: Rc<ZeroAhead>,
 }
 
 impl PendingWrite {
     /// Performs the write: one aligned DMA write covering the old partial block and the new
-    /// batches, zero-padded to the block size. Returns the new partial tail block and the
-    /// preallocated size.
-    pub async fn run(&self) -> Result<(Vec<u8>, u64)> {
+    /// batches, zero-padded to the block size. Returns the new partial tail block.
+    pub async fn run(&self) -> Result<Vec<u8>> {
         let align = self.file.alignment() as usize;
         debug_assert_eq!(self.file_pos % align as u64, 0);
         let logical = self.head.len() + self.bytes;
@@ -1110,12 +1101,10 @@ impl PendingWrite {
         // it outruns the zeroer (never past the segment's size, rounded up to a block).
         let segment_cap = self.segment_bytes.div_ceil(align as u64) * align as u64;
         let step = PREALLOCATE_STEP_BYTES.min(segment_cap).max(align as u64);
-        let mut preallocated = self.preallocated.max(self.zero.reserved());
-        if write_end > preallocated {
+        if write_end > self.zero.reserved() {
             let target = write_end.div_ceil(step) * step;
             self.file.pre_allocate(target).await?;
             self.zero.reserved_to(target);
-            preallocated = target;
         }
         self.zero.before_write(self.file_pos, write_end).await;
         let mut buf = self.file.alloc_dma_buffer(padded);
@@ -1142,7 +1131,7 @@ impl PendingWrite {
             )
             .into());
         }
-        Ok((tail, preallocated))
+        Ok(tail)
     }
 }
 
@@ -1167,7 +1156,6 @@ async fn create_segment(dir: &Path, base: i64) -> Result<Segment> {
         path,
         size: 0,
         written: 0,
-        preallocated: 0,
         tail_block: Vec::new(),
         pending: VecDeque::new(),
         pending_bytes: 0,
@@ -1306,7 +1294,6 @@ async fn open_segment(
         path,
         size,
         written: size,
-        preallocated: size,
         tail_block,
         pending: VecDeque::new(),
         pending_bytes: 0,

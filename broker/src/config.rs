@@ -847,16 +847,11 @@ impl Config {
 
     pub fn apply_property(&mut self, k: &str, v: &str) -> Result<()> {
         self.apply_known(k, v)?;
+        // Unknown keys land here too; DescribeConfigs only asks about the ones it lists.
         let key = Config::canonical_key(k);
-        if self
-            .broker_entries()
-            .iter()
-            .any(|(name, _, _)| *name == key)
-        {
-            self.given.insert(key.to_string());
-            if key == "node.id" {
-                self.given.insert("broker.id".into());
-            }
+        self.given.insert(key.to_string());
+        if key == "node.id" {
+            self.given.insert("broker.id".into());
         }
         Ok(())
     }

@@ -361,25 +361,39 @@ pub fn alter_topic_configs(
     edits: &[(String, ConfigEdit)],
     validate_only: bool,
 ) -> (Answers, Vec<MetadataRecord>) {
+    config_edits(img, edits, validate_only, |scratch, name, edit| {
+        let t = scratch.topics.get(name).ok_or(TopicError::Unknown)?;
+        let new = edit
+            .clone()
+            .apply(&t.configs, &cfg.log)
+            .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+        cfg.log
+            .with_topic_overrides(&new)
+            .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
+        Ok(config_changes(&t.configs, &new, |key, value| {
+            MetadataRecord::TopicConfig {
+                name: name.to_string(),
+                key,
+                value,
+            }
+        }))
+    })
+}
+
+/// Resolves each (resource, edit) against the image as changed by the edits before it, into
+/// records applied all or nothing per resource; validate_only keeps none of them.
+fn config_edits(
+    img: &ClusterImage,
+    edits: &[(String, ConfigEdit)],
+    validate_only: bool,
+    changes_for: impl Fn(&ClusterImage, &str, &ConfigEdit) -> Result<Vec<MetadataRecord>, TopicError>,
+) -> (Answers, Vec<MetadataRecord>) {
     let mut scratch = img.clone();
     let mut records = Vec::new();
     let answers = edits
         .iter()
         .map(|(name, edit)| {
-            let t = scratch.topics.get(name).ok_or(TopicError::Unknown)?;
-            let new = edit
-                .clone()
-                .apply(&t.configs, &cfg.log)
-                .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
-            cfg.log
-                .with_topic_overrides(&new)
-                .map_err(|e| TopicError::InvalidConfig(e.to_string()))?;
-            let changes =
-                config_changes(&t.configs, &new, |key, value| MetadataRecord::TopicConfig {
-                    name: name.clone(),
-                    key,
-                    value,
-                });
+            let changes = changes_for(&scratch, name, edit)?;
             try_apply(&mut scratch, &changes, &mut records)?;
             Ok((0, 0))
         })
@@ -432,32 +446,18 @@ pub fn alter_broker_configs(
     edits: &[(String, ConfigEdit)],
     validate_only: bool,
 ) -> (Answers, Vec<MetadataRecord>) {
-    let mut scratch = img.clone();
-    let mut records = Vec::new();
-    let empty = BTreeMap::new();
-    let answers = edits
-        .iter()
-        .map(|(resource, edit)| {
-            let current = scratch
-                .broker_configs
-                .get(resource)
-                .unwrap_or(&empty)
-                .clone();
-            let new = broker_config_edit(resource, &current, edit.clone())?;
-            let changes =
-                config_changes(&current, &new, |key, value| MetadataRecord::BrokerConfig {
-                    resource: resource.clone(),
-                    key,
-                    value,
-                });
-            try_apply(&mut scratch, &changes, &mut records)?;
-            Ok((0, 0))
-        })
-        .collect();
-    if validate_only {
-        records.clear();
-    }
-    (answers, records)
+    config_edits(img, edits, validate_only, |scratch, resource, edit| {
+        let empty = BTreeMap::new();
+        let current = scratch.broker_configs.get(resource).unwrap_or(&empty);
+        let new = broker_config_edit(resource, current, edit.clone())?;
+        Ok(config_changes(current, &new, |key, value| {
+            MetadataRecord::BrokerConfig {
+                resource: resource.to_string(),
+                key,
+                value,
+            }
+        }))
+    })
 }
 
 /// Fences a broker and moves what it leads, as KRaft does: it leaves every ISR it is in unless

@@ -131,15 +131,6 @@ impl Image {
     /// Effective log config of a topic: the broker's static defaults, then the cluster-wide
     /// dynamic log defaults, then the topic's overrides.
     pub fn log_config(&self, base: &LogConfig, topic: &str) -> LogConfig {
-        let base = self.log_defaults(base);
-        self.topics
-            .get(topic)
-            .and_then(|t| base.with_topic_overrides(&t.configs).ok())
-            .unwrap_or(base)
-    }
-
-    /// The broker's static log defaults with the cluster-wide dynamic ones applied.
-    pub fn log_defaults(&self, base: &LogConfig) -> LogConfig {
         let mut out = base.clone();
         if let Some(dynamic) = self.broker_configs.get("") {
             for (k, v) in dynamic {
@@ -147,6 +138,12 @@ impl Image {
                     // Validated when set; a value that no longer parses is skipped.
                     let _ = out.apply_topic_key(topic_key, v);
                 }
+            }
+        }
+        if let Some(t) = self.topics.get(topic) {
+            // Validated when set: a topic's overrides apply whole or not at all.
+            if let Ok(c) = out.with_topic_overrides(&t.configs) {
+                out = c;
             }
         }
         out

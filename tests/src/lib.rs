@@ -311,6 +311,23 @@ pub fn log_bytes(dir: &std::path::Path) -> Vec<u8> {
         .collect()
 }
 
+/// The size of the largest record batch in a segment's bytes (stops at the first zero length:
+/// preallocated space). A fetch returns at least one whole batch, so a replication throttle
+/// may overshoot by this much.
+pub fn largest_batch(log: &[u8]) -> usize {
+    let mut at = 0;
+    let mut largest = 0;
+    while at + 12 <= log.len() {
+        let len = i32::from_be_bytes(log[at + 8..at + 12].try_into().expect("4 bytes"));
+        if len <= 0 {
+            break;
+        }
+        largest = largest.max(12 + len as usize);
+        at += 12 + len as usize;
+    }
+    largest
+}
+
 pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {

@@ -18,7 +18,7 @@
 //! | limit | value |
 //! |---|---|
 //! | burst | one second of the rate |
-//! | overshoot | one fetch (`replica.fetch.response.max.bytes`) |
+//! | overshoot | one fetch: up to `replica.fetch.response.max.bytes`, and never less than one whole batch |
 
 use std::sync::Mutex;
 use std::time::Instant;

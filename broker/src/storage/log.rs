@@ -170,6 +170,8 @@ pub struct PartitionLog {
     pub epochs: EpochCache,
     /// The shard's count of unwritten bytes, shared by all its logs.
     ledger: Rc<PendingLedger>,
+    /// A roll is sealing the active segment: nothing more may be appended to it.
+    rolling: bool,
 }
 
 impl PartitionLog {
@@ -244,6 +246,7 @@ impl PartitionLog {
             producers: ProducerStates::default(),
             epochs: EpochCache::default(),
             ledger,
+            rolling: false,
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {
@@ -617,7 +620,8 @@ impl PartitionLog {
     /// Whether the active segment must roll before `incoming_bytes` more are appended.
     pub fn needs_roll(&self, incoming_bytes: u64, now_ms: i64) -> bool {
         let a = self.active();
-        a.size > 0
+        self.rolling
+            || a.size > 0
             && (a.size + incoming_bytes > self.config.segment_bytes
                 || now_ms - a.created_ms >= self.config.roll_ms as i64
                 || a.index.is_full()
@@ -844,9 +848,18 @@ impl PartitionLog {
     }
 
     /// Closes the active segment (after writing what is pending), opens a new active segment
-    /// at the log end. The caller holds the I/O lock; appends meanwhile see `needs_roll` and
-    /// wait for it.
+    /// at the log end. The caller holds the I/O lock. From its first step on, appends see
+    /// `needs_roll` and wait for it: the segment being sealed takes nothing more (a batch
+    /// queued there during the seal's awaits would never be written, while the new segment
+    /// began after its offsets).
     pub async fn roll(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        log.borrow_mut().rolling = true;
+        let r = PartitionLog::roll_frozen(log).await;
+        log.borrow_mut().rolling = false;
+        r
+    }
+
+    async fn roll_frozen(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
         // Zeroing stops before the last write, so nothing is in flight when the file is cut.
         let zero = log.borrow().active().zero.clone();
         zero.quiesce().await;
@@ -1636,9 +1649,9 @@ mod tests {
     }
 
     /// A roll while a zero write is in flight, with an append arriving while the roll waits:
-    /// the append is written before the seal and survives a reopen. (The wait for the zero
-    /// write once came between the roll's last write and the seal, and the seal found the
-    /// new batch unwritten and panicked.)
+    /// the append waits for the roll and lands in the new segment, and survives a reopen. (The
+    /// wait for the zero write once came between the roll's last write and the seal, and the
+    /// seal found the new batch unwritten and panicked.)
     #[test]
     fn a_roll_during_zeroing_keeps_appends_that_arrive_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
@@ -1661,14 +1674,79 @@ mod tests {
             };
             glommio::yield_if_needed().await;
             glommio::executor().yield_now().await;
-            append_n(&log, 1).await;
+            // The roll has begun: an append waits for it (the shard waits on the I/O lock).
+            let b = make(4, 100, 9_000);
+            let infos = batch::validate_produce(&b, 1 << 20).unwrap();
+            let r = log.borrow_mut().append(&b, &infos, now_ms());
+            assert!(matches!(r, Err(AppendError::NeedsRoll)));
             roller.await.unwrap();
+            append_n(&log, 1).await;
             flush(&log).await;
             let end = log.borrow().log_end_offset;
             assert_eq!(end, 52 * 4);
             PartitionLog::close(&log).await.unwrap();
             let reopened = open_log(&path, &cfg, false).await;
             assert_eq!(reopened.borrow().log_end_offset, end);
+        });
+    }
+
+    /// Appends keep arriving while a roll seals the old segment (its truncate, fdatasync and
+    /// index writes all await): none of them may land in the sealed segment. (They once did:
+    /// they were queued there, never written, and the new segment began after them, so
+    /// acknowledged offsets were missing from disk; CI's overload soak found it.)
+    #[test]
+    fn appends_during_a_roll_are_never_left_in_the_sealed_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let log = Rc::new(open_log(&path, &cfg, true).await);
+            append_n(&log, 20).await;
+            flush(&log).await;
+            let done = Rc::new(std::cell::Cell::new(false));
+            let roller = {
+                let (log, done) = (log.clone(), done.clone());
+                glommio::spawn_local(async move {
+                    let r = PartitionLog::roll(&log).await;
+                    done.set(true);
+                    r
+                })
+            };
+            // Bounded: the roll finishes (real I/O), one append per executor turn meanwhile.
+            let mut appended = 20;
+            let mut during = 0;
+            while !done.get() {
+                let b = make(4, 100, 5_000 + appended as i64);
+                let infos = batch::validate_produce(&b, 1 << 20).unwrap();
+                let r = log.borrow_mut().append(&b, &infos, now_ms());
+                match r {
+                    Ok(_) => {
+                        appended += 1;
+                        during += 1;
+                    }
+                    Err(AppendError::NeedsRoll) => {}
+                    Err(AppendError::Refused(code)) => panic!("refused with {code}"),
+                }
+                glommio::executor().yield_now().await;
+            }
+            roller.await.unwrap();
+            append_n(&log, 1).await;
+            appended += 1;
+            flush(&log).await;
+            let end = log.borrow().log_end_offset;
+            assert_eq!(end, appended * 4, "{during} appended during the roll");
+            assert_eq!(
+                log.borrow().ledger.get(),
+                0,
+                "every pending byte was written"
+            );
+            let before = all_bytes(&log).await;
+            assert_eq!(Header::new(&before).unwrap().base_offset(), 0);
+            PartitionLog::close(&log).await.unwrap();
+            let reopened = open_log(&path, &cfg, false).await;
+            assert_eq!(reopened.borrow().log_end_offset, end);
+            let after = all_bytes(&reopened).await;
+            assert_eq!(after, before, "every offset is on disk, in one piece");
         });
     }
 

@@ -48,9 +48,24 @@ pub struct Config {
     pub group: crate::group::GroupConfig,
     /// Cluster mode (issue #11): what this node is and who the controller voters are.
     pub cluster: ClusterConfig,
+    /// Where the Prometheus endpoint listens (`weir.metrics.listen`, `none` turns it off).
+    pub metrics_listen: Option<SocketAddr>,
     /// Keys set in server.properties, by `--override` or by a command-line flag
     /// (DescribeConfigs reports them as STATIC_BROKER_CONFIG, the rest as DEFAULT_CONFIG).
     pub given: std::collections::BTreeSet<String>,
+}
+
+/// The Prometheus endpoint's default address (`weir.metrics.listen`).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9644";
+
+/// `weir.metrics.listen`: host:port, or `none` (no endpoint).
+pub fn parse_metrics_listen(v: &str) -> Result<Option<SocketAddr>> {
+    if v.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .with_context(|| format!("{v:?} is not host:port or none"))
 }
 
 /// DescribeConfigs' type codes (Kafka's ConfigType).
@@ -482,6 +497,7 @@ impl Config {
             producer_id_expiration_ms: 86_400_000,
             group: crate::group::GroupConfig::default(),
             cluster: ClusterConfig::default(),
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("a socket address")),
             given: Default::default(),
         }
     }
@@ -518,6 +534,12 @@ impl Config {
             ("broker.id", self.node_id.to_string(), CONFIG_TYPE_INT),
             ("process.roles", roles, CONFIG_TYPE_LIST),
             ("listeners", listeners, CONFIG_TYPE_STRING),
+            (
+                "weir.metrics.listen",
+                self.metrics_listen
+                    .map_or_else(|| "none".to_string(), |a| a.to_string()),
+                CONFIG_TYPE_STRING,
+            ),
             (
                 "advertised.listeners",
                 format!(
@@ -928,6 +950,7 @@ impl Config {
                 self.resolve_listeners()?;
             }
             "controller.listener.names" => self.cluster.controller_listener_names = v.to_string(),
+            "weir.metrics.listen" => self.metrics_listen = parse_metrics_listen(v)?,
             "process.roles" => {
                 let (mut b, mut c) = (false, false);
                 for r in v.split(',').map(str::trim) {

@@ -34,6 +34,10 @@ struct Args {
     /// Bytes of recent record batches each shard caches in memory.
     #[arg(long)]
     cache_bytes: Option<usize>,
+    /// Where the Prometheus endpoint (`GET /metrics`) listens, or `none` [default:
+    /// `weir.metrics.listen` from --config, else 127.0.0.1:9644].
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// A Kafka server.properties file; flags given on the command line win.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -136,6 +140,10 @@ fn run() -> Result<()> {
     if let Some(n) = args.node_id {
         config.node_id = n;
         config.given.extend(["node.id".into(), "broker.id".into()]);
+    }
+    if let Some(m) = &args.metrics_listen {
+        config.metrics_listen = weir_broker::config::parse_metrics_listen(m)?;
+        config.given.insert("weir.metrics.listen".into());
     }
     if let Some(c) = args.cache_bytes {
         config.cache_bytes = c;

@@ -317,6 +317,7 @@ pub async fn accept_loop(listener: TcpListener) {
                     continue;
                 }
                 CONNECTIONS.with(|c| c.set(c.get() + 1));
+                crate::metrics::connection_opened();
                 glommio::spawn_local(async move {
                     let peer = stream
                         .peer_addr()
@@ -334,6 +335,7 @@ pub async fn accept_loop(listener: TcpListener) {
                         }
                     }
                     CONNECTIONS.with(|c| c.set(c.get() - 1));
+                    crate::metrics::connection_closed();
                 })
                 .detach();
             }
@@ -421,10 +423,13 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
                 break Ok(());
             }
         };
+        let started = Instant::now();
+        let mut api_key = -1i16;
         let pending: Pending = match parse_frame(body) {
             Ok(mut frame) => {
                 frame.client_host.clone_from(&client_host);
                 let api = frame.api_key;
+                api_key = api as i16;
                 match kafka::dispatch(frame).await {
                     Ok(p) => p,
                     Err(e) => {
@@ -445,6 +450,7 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
         let pending = async move {
             let r = pending.await;
             drop(permit);
+            crate::metrics::request_latency(api_key, started.elapsed());
             r
         }
         .boxed_local();

@@ -413,6 +413,17 @@ pub fn run(config: Config) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
+    let metrics = crate::metrics::BrokerMetrics::new(config.node_id, config.shards);
+    if let Some(addr) = config.metrics_listen {
+        match crate::metrics::exposition::serve(addr, metrics.clone()) {
+            Ok(bound) => tracing::info!(listen = %bound, "metrics endpoint: GET /metrics"),
+            // The broker serves Kafka clients without it; say so loudly.
+            Err(e) => tracing::warn!(
+                listen = %addr,
+                "metrics endpoint not started (weir.metrics.listen / --metrics-listen): {e}"
+            ),
+        }
+    }
     let io_memory = plan_io_memory(config.shards);
     let mesh: MeshBuilder<ShardMsg, _> = MeshBuilder::full(config.shards, MESH_CHANNEL_CAPACITY);
     let life = Arc::new(Lifecycle {
@@ -426,19 +437,20 @@ pub fn run(config: Config) -> Result<()> {
     // for all of them with a deadline.
     let (exited_tx, exited) = mpsc::channel::<(usize, Result<()>)>();
     for (i, cpu) in cpus(config.shards).into_iter().enumerate() {
-        let (config, cluster_id, image, mesh, life) = (
+        let (config, cluster_id, image, mesh, life, metrics) = (
             config.clone(),
             cluster_id.clone(),
             image.clone(),
             mesh.clone(),
             life.clone(),
+            metrics.clone(),
         );
         let h =
             LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("weir-shard-{i}"))
                 .io_memory(io_memory)
                 .spawn(move || async move {
-                    shard_main(config, cluster_id, image, mesh, clean, life).await
+                    shard_main(config, cluster_id, image, mesh, clean, life, metrics).await
                 })
                 .io()
                 .with_context(|| format!("starting shard {i} on cpu {cpu}"))?;
@@ -626,12 +638,14 @@ async fn shard_main(
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     clean: bool,
     life: Arc<Lifecycle>,
+    metrics: Arc<crate::metrics::BrokerMetrics>,
 ) -> Result<()> {
     let (senders, mut receivers) = mesh
         .join()
         .await
         .map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
     let id = senders.peer_id();
+    crate::metrics::install(metrics, id);
     let count = config.shards;
     life.set_phase(id, Phase::Opening);
     // However this shard ends, it counts as drained, so the others do not wait for it.
@@ -687,6 +701,7 @@ async fn shard_main(
         glommio::spawn_local(crate::replication::checkpoint::checkpointer(s.clone())).detach();
     }
     glommio::spawn_local(s.clone().retention()).detach();
+    glommio::spawn_local(s.clone().metrics_sampler()).detach();
 
     // Bind the port only when every shard has opened its partitions: a connection may route
     // to any of them.

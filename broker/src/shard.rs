@@ -63,6 +63,8 @@ pub struct Partition {
     /// Batches appended and fetches served with data, for the shard's stats line.
     produced_batches: Cell<u64>,
     fetches_served: Cell<u64>,
+    /// Counters and sampled gauges for the metrics endpoint (`metrics`).
+    pub metrics: Arc<crate::metrics::PartitionMetrics>,
 }
 
 /// Counters of what a shard served, logged at shutdown and used by the ownership test.
@@ -461,6 +463,7 @@ impl Shard {
                     repl: RefCell::new(ReplicaState::new(self.config.node_id, start)),
                     produced_batches: Cell::new(0),
                     fetches_served: Cell::new(0),
+                    metrics: crate::metrics::PartitionMetrics::new(name, i as i32),
                 });
                 self.by_id.borrow_mut().insert(id, p.clone());
                 self.partitions
@@ -543,9 +546,91 @@ impl Shard {
         offsets_moved
     }
 
+    // ---- metrics ----
+
+    /// Copies what scrapes read from this shard's own state (offsets, sizes, cache and pending
+    /// bytes, groups; on shard 0 the cluster's state) into `metrics` every
+    /// `metrics::SAMPLE_INTERVAL`, so a scrape never touches the shard.
+    pub async fn metrics_sampler(self: Rc<Self>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Bounded: one pass per interval over this shard's partitions and groups.
+        while !self.shutting_down.get() {
+            let Some(broker) = crate::metrics::broker() else {
+                return;
+            };
+            let m = &broker.shards[self.id];
+            let parts: Vec<Arc<crate::metrics::PartitionMetrics>> = self
+                .by_id
+                .borrow()
+                .values()
+                .map(|p| {
+                    let (leo, start, size) = {
+                        let l = p.log.borrow();
+                        (l.log_end_offset, l.log_start_offset, l.size_bytes())
+                    };
+                    let r = p.repl.borrow();
+                    let pm = &p.metrics;
+                    pm.log_end_offset.store(leo, Relaxed);
+                    pm.high_watermark.store(r.high_watermark.min(leo), Relaxed);
+                    pm.log_start_offset.store(start, Relaxed);
+                    pm.size_bytes.store(size, Relaxed);
+                    pm.leader.store(r.is_leader(), Relaxed);
+                    pm.under_replicated
+                        .store(r.is_leader() && r.isr.len() < r.replicas.len(), Relaxed);
+                    pm.clone()
+                })
+                .collect();
+            *m.partitions.lock().unwrap_or_else(|e| e.into_inner()) = parts;
+            m.cache_bytes
+                .store(self.cache.borrow().bytes as u64, Relaxed);
+            m.pending_bytes.store(self.pending.get(), Relaxed);
+            let groups: Vec<crate::metrics::GroupSample> = self
+                .groups
+                .groups
+                .borrow()
+                .values()
+                .map(|g| crate::metrics::GroupSample {
+                    group: g.id.clone(),
+                    state: g.state.name(),
+                    members: g.members.len(),
+                    offsets: g
+                        .offsets
+                        .iter()
+                        .map(|((t, p), v)| (t.clone(), *p, v.offset))
+                        .collect(),
+                })
+                .collect();
+            *m.groups.lock().unwrap_or_else(|e| e.into_inner()) = groups;
+            if self.id == 0 {
+                let image = self.image();
+                let c = &broker.cluster;
+                c.brokers.store(image.brokers.len() as i64, Relaxed);
+                c.fenced_brokers
+                    .store(image.brokers.values().filter(|b| b.fenced).count() as i64, Relaxed);
+                let offline = image
+                    .topics
+                    .values()
+                    .flat_map(|t| t.partitions.iter())
+                    .filter(|p| p.leader < 0)
+                    .count();
+                c.offline_partitions.store(offline as i64, Relaxed);
+                c.metadata_version.store(image.version as i64, Relaxed);
+                c.active_controller.store(
+                    !self.config.in_cluster() || image.controller_id == self.config.node_id,
+                    Relaxed,
+                );
+            }
+            drop(broker);
+            glommio::timer::sleep(crate::metrics::SAMPLE_INTERVAL).await;
+        }
+    }
+
     // ---- produce ----
 
     async fn wait_for_room(&self) {
+        if self.pending.get() > PENDING_BYTES_MAX {
+            crate::metrics::backpressure_wait();
+        }
         while self.pending.get() > PENDING_BYTES_MAX {
             let l = self.flushed.listen();
             if self.pending.get() <= PENDING_BYTES_MAX {
@@ -792,15 +877,18 @@ impl Shard {
     /// Batches just appended to `p` (base, last offset, bytes): cached, queued for the
     /// flusher, counted, and announced to waiting fetches.
     fn appended(&self, p: &Rc<Partition>, batches: impl Iterator<Item = (i64, i64, Bytes)>) {
-        let mut n = 0u64;
+        let (mut n, mut records, mut size) = (0u64, 0u64, 0u64);
         {
             let mut cache = self.cache.borrow_mut();
             let mut pc = p.cache.borrow_mut();
             for (base, last, bytes) in batches {
+                records += (last - base + 1) as u64;
+                size += bytes.len() as u64;
                 cache.insert(&mut pc, CachedBatch { base, last, bytes });
                 n += 1;
             }
         }
+        p.metrics.produced(records, size);
         self.mark_dirty(p);
         p.produced_batches.set(p.produced_batches.get() + n);
         p.appended.notify(usize::MAX);
@@ -1047,7 +1135,13 @@ impl Shard {
             for p in &parts {
                 p.in_unsynced.set(false);
             }
-            futures::future::join_all(parts.iter().map(|p| self.sync_partition(p))).await;
+            let bytes: u64 = futures::future::join_all(parts.iter().map(|p| self.sync_partition(p)))
+                .await
+                .into_iter()
+                .sum();
+            if bytes > 0 {
+                crate::metrics::group_commit(bytes);
+            }
         }
         // No eviction here: each write already admitted its batches and evicted.
         self.flushed.notify(usize::MAX);
@@ -1091,26 +1185,32 @@ impl Shard {
         self.pending.get()
     }
 
-    async fn sync_partition(&self, p: &Rc<Partition>) {
+    /// fdatasyncs what `p` wrote since its last sync. Returns the bytes that became durable.
+    async fn sync_partition(&self, p: &Rc<Partition>) -> u64 {
         let _permit = p.io_lock.acquire_permit(1).await;
         if p.deleted.get() || p.failed.get() {
-            return;
+            return 0;
         }
-        let (files, written) = {
+        let (files, written, written_bytes) = {
             let l = p.log.borrow();
-            (l.files_to_sync(), l.written_offset)
+            (l.files_to_sync(), l.written_offset, l.written_bytes)
         };
         for f in files {
+            let started = Instant::now();
             if let Err(e) = f.fdatasync().await {
                 // fdatasync errors are never retried (the kernel may have dropped the data).
                 tracing::error!(topic = %p.topic, partition = p.index, "fdatasync failed, partition offline: {e:#}");
                 p.failed.set(true);
                 p.log.borrow_mut().discard_pending();
-                return;
+                return 0;
             }
+            crate::metrics::fsync_latency(started.elapsed());
         }
         let mut l = p.log.borrow_mut();
         l.durable_offset = l.durable_offset.max(written);
+        let bytes = written_bytes - l.synced_bytes;
+        l.synced_bytes = written_bytes;
+        bytes
     }
 
     /// Clean shutdown of this shard's logs: write and sync everything, truncate active
@@ -1288,7 +1388,11 @@ impl Shard {
             return r;
         }
         let cache_start = p.cache.borrow().start(end);
-        if item.offset >= cache_start {
+        let hit = item.offset >= cache_start;
+        if item.replica_id == CONSUMER {
+            crate::metrics::cache_read(hit);
+        }
+        if hit {
             r.records = p.cache.borrow().read(item.offset, max_bytes);
         } else {
             match read_disk(p, item.offset, max_bytes).await {
@@ -1301,6 +1405,10 @@ impl Shard {
         }
         if visible < end {
             cap_batches(&mut r.records, visible);
+        }
+        if item.replica_id == CONSUMER {
+            let (records, bytes) = crate::metrics::count_batches(&r.records);
+            p.metrics.fetched(records, bytes);
         }
         r
     }

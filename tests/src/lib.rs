@@ -33,6 +33,20 @@ pub fn broker_binary() -> PathBuf {
         .clone()
 }
 
+/// A plain HTTP/1.1 GET (the response is read to its end: the server closes): (status line,
+/// body).
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8(out).expect("an HTTP response in UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head and body");
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -43,6 +57,8 @@ pub fn free_port() -> u16 {
 
 pub struct Broker {
     pub port: u16,
+    /// The Prometheus endpoint's port (`--metrics-listen`).
+    pub metrics_port: u16,
     pub dir: tempfile::TempDir,
     pub shards: usize,
     pub extra_args: Vec<String>,
@@ -67,6 +83,7 @@ impl Broker {
         let log_path = dir.path().join("broker.log");
         let mut b = Broker {
             port: free_port(),
+            metrics_port: free_port(),
             dir,
             shards,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
@@ -84,6 +101,7 @@ impl Broker {
         let log_path = dir.path().join("broker.log");
         Broker {
             port,
+            metrics_port: 0,
             dir,
             shards: 0,
             extra_args: Vec::new(),
@@ -113,6 +131,11 @@ impl Broker {
 
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `GET /metrics` from the broker's Prometheus endpoint: (HTTP status line, body).
+    pub fn scrape(&self) -> (String, String) {
+        http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
     }
 
     /// (Re)starts the broker process on the same port and data directory.
@@ -150,6 +173,8 @@ impl Broker {
             .arg(self.shards.to_string())
             .arg("--cache-bytes")
             .arg((64 << 20).to_string())
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
             .args(&self.extra_args)
             .env(
                 "RUST_LOG",
@@ -475,6 +500,7 @@ impl Cluster {
         let log_path = dir.path().join("broker.log");
         let mut b = Broker {
             port,
+            metrics_port: free_port(),
             dir,
             shards: 1,
             extra_args: props

@@ -2,7 +2,8 @@
 //! scripts that start and stop every broker of a test cluster. Node `i` gets Kafka port
 //! `port + i`, controller port `controller_port + i`, and `<dir>/node-<i>/` with its
 //! `server.properties`, `data/`, `broker.log` and `broker.pid`. Every node is a broker and a
-//! controller voter (combined mode).
+//! controller voter (combined mode). Node `i` serves its Prometheus metrics on
+//! `METRICS_PORT_BASE + i`.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -17,6 +18,8 @@ use crate::client::metadata::Cluster as Metadata;
 
 /// Nodes in one `weir cluster` (the quorum is every node).
 pub const NODES_MAX: usize = 9;
+/// Node `i`'s metrics endpoint (`weir.metrics.listen`) is on this port + i.
+pub const METRICS_PORT_BASE: usize = 9644;
 /// How long `start` waits for every node to serve clients, and `stop` for each to exit.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -52,7 +55,10 @@ impl Layout {
              advertised.listeners=PLAINTEXT://{kafka}\n\
              controller.listener.names=CONTROLLER\n\
              controller.quorum.voters={voters}\n\
-             log.dirs={data}\n",
+             log.dirs={data}\n\
+             weir.metrics.listen={host}:{metrics}\n",
+            host = self.host,
+            metrics = METRICS_PORT_BASE + i,
             kafka = self.kafka(i),
             controller = self.controller(i),
             voters = voters.join(","),
@@ -425,8 +431,10 @@ pub fn commission(
          advertised.listeners=PLAINTEXT://{kafka}\n\
          controller.listener.names=CONTROLLER\n\
          controller.quorum.voters={voter_line}\n\
-         log.dirs={data}\n",
+         log.dirs={data}\n\
+         weir.metrics.listen={host}:{metrics}\n",
         data = nd.join("data").display(),
+        metrics = METRICS_PORT_BASE + id,
     );
     for o in overrides {
         props.push_str(o);

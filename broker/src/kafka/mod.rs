@@ -19,6 +19,7 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod log_dirs;
 pub mod metadata;
+pub mod outcome;
 pub mod produce;
 pub mod reassign;
 
@@ -76,11 +77,12 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
 }
 
 /// Encodes `body` as the response to `frame`.
-pub fn respond<T: Encodable>(
+pub fn respond<T: Encodable + outcome::Outcome>(
     frame: &RequestFrame,
     out: OutBuf,
     body: &T,
 ) -> Result<Response, String> {
+    crate::metrics::request_outcome(frame.api_key as i16, body.error_code());
     encode_response(
         out,
         frame.api_key,

@@ -217,6 +217,8 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
         }
     }
     if acks == 0 {
+        let first = results.iter().flatten().map(|p| p.error_code).find(|c| *c != NONE);
+        crate::metrics::request_outcome(frame.api_key as i16, first.unwrap_or(NONE));
         return Ok(futures::future::ready(None).boxed_local());
     }
 

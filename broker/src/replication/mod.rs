@@ -233,6 +233,7 @@ pub async fn isr_ticker(s: std::rc::Rc<crate::shard::Shard>) {
                 };
                 if code == 0 {
                     tracing::info!(topic = %p.topic, partition = p.index, ?was, isr = ?asked, "ISR changed");
+                    crate::metrics::isr_changed(asked.as_ref().is_some_and(|a| a.len() < was.len()));
                 } else {
                     tracing::info!(topic = %p.topic, partition = p.index, code, "AlterPartition refused");
                 }

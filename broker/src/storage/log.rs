@@ -172,6 +172,10 @@ pub struct PartitionLog {
     ledger: Rc<PendingLedger>,
     /// A roll is sealing the active segment: nothing more may be appended to it.
     rolling: bool,
+    /// Batch bytes written to disk since the log was opened, and how many of them the last
+    /// fdatasync covered (the shard's group-commit size metric).
+    pub written_bytes: u64,
+    pub synced_bytes: u64,
 }
 
 impl PartitionLog {
@@ -247,6 +251,8 @@ impl PartitionLog {
             epochs: EpochCache::default(),
             ledger,
             rolling: false,
+            written_bytes: 0,
+            synced_bytes: 0,
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {
@@ -762,6 +768,7 @@ impl PartitionLog {
     pub fn finish_write(&mut self, w: &PendingWrite, tail_block: Vec<u8>) {
         if let Some(seg) = self.segments.get_mut(&w.segment_base) {
             seg.written += w.bytes as u64;
+            self.written_bytes += w.bytes as u64;
             seg.tail_block = tail_block;
             debug_assert!(
                 seg.tail_block.len() < 4096 && seg.written >= seg.tail_block.len() as u64

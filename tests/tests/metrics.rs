@@ -1,0 +1,185 @@
+//! The Prometheus endpoint of a real broker process: every scrape parses with a Prometheus
+//! text parser (prometheus-parse), and after a known produce, fetch and commit the counters and
+//! gauges moved by exactly the right amounts.
+
+use std::time::{Duration, Instant};
+
+use prometheus_parse::{Scrape, Value};
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use weir_tests::raw::Conn;
+use weir_tests::{admin, eventually, Broker};
+
+fn scrape(b: &Broker) -> Scrape {
+    let (status, body) = b.scrape();
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format")
+}
+
+/// The sum of the samples named `name` whose labels include `labels` (0 when there is none).
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(b) => b.iter().map(|c| c.count).fold(0.0, f64::max),
+            Value::Summary(_) => panic!("{name} is a summary"),
+        })
+        .sum()
+}
+
+fn delta(a: &Scrape, b: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    value(b, name, labels) - value(a, name, labels)
+}
+
+#[test]
+fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
+    let b = Broker::start(2);
+    admin::create(&b, "m", 2, 1, &[]).unwrap();
+    // Partitions show up with the shards' next sample (every second).
+    assert!(eventually(Duration::from_secs(10), || {
+        value(&scrape(&b), "weir_partition_leader", &[("topic", "m")]) == 2.0
+    }));
+    let before = scrape(&b);
+    for name in [
+        "weir_broker_info",
+        "weir_connections",
+        "weir_cache_bytes",
+        "weir_pending_bytes",
+        "weir_offline_partitions",
+        "weir_active_controller",
+        "weir_under_replicated_partitions",
+    ] {
+        assert!(
+            before.samples.iter().any(|s| s.metric == name),
+            "{name} is exposed"
+        );
+    }
+    assert_eq!(value(&before, "weir_active_controller", &[]), 1.0);
+
+    // 10 acks=all produce requests of 50 records (250 per partition), one refused.
+    let mut c = Conn::new(&b.bootstrap());
+    for i in 0..10 {
+        assert_eq!(c.produce("m", i % 2, -1, -1, 0, 50).0, 0);
+    }
+    assert_eq!(c.produce("m", 7, -1, -1, 0, 5).0, 3, "no partition 7");
+    // One consumer fetch per partition reads everything back (the stored bytes are exactly the
+    // produced batches: the broker only stamps offsets into them).
+    let stored: usize = (0..2).map(|p| c.fetch_records("m", p, 0).len()).sum();
+    assert!(stored > 500 * 10);
+
+    let after = scrape(&b);
+    let topic = [("topic", "m")];
+    assert_eq!(delta(&before, &after, "weir_topic_records_in_total", &topic), 500.0);
+    assert_eq!(delta(&before, &after, "weir_topic_bytes_in_total", &topic), stored as f64);
+    assert_eq!(delta(&before, &after, "weir_topic_records_out_total", &topic), 500.0);
+    assert_eq!(delta(&before, &after, "weir_topic_bytes_out_total", &topic), stored as f64);
+    let produce_ok = [("api", "Produce"), ("error", "NONE")];
+    assert_eq!(delta(&before, &after, "weir_requests_total", &produce_ok), 10.0);
+    let refused = [("api", "Produce"), ("error", "UNKNOWN_TOPIC_OR_PARTITION")];
+    assert_eq!(delta(&before, &after, "weir_requests_total", &refused), 1.0);
+    assert_eq!(
+        delta(&before, &after, "weir_requests_total", &[("api", "Fetch"), ("error", "NONE")]),
+        2.0
+    );
+    let produce = [("api", "Produce")];
+    assert_eq!(
+        delta(&before, &after, "weir_request_duration_seconds_count", &produce),
+        11.0
+    );
+    // The +Inf bucket of the latency histogram holds every request.
+    assert_eq!(
+        delta(&before, &after, "weir_request_duration_seconds", &produce),
+        11.0
+    );
+    // Every byte was made durable by some group-commit round, each round by fdatasyncs.
+    assert_eq!(
+        delta(&before, &after, "weir_group_commit_bytes_sum", &[]),
+        stored as f64
+    );
+    let rounds = delta(&before, &after, "weir_group_commit_bytes_count", &[]);
+    assert!((1.0..=10.0).contains(&rounds), "{rounds} group-commit rounds");
+    assert!(delta(&before, &after, "weir_fdatasync_duration_seconds_count", &[]) >= rounds);
+    // Fresh data is read from the cache.
+    assert!(delta(&before, &after, "weir_cache_hits_total", &[]) >= 2.0);
+    assert!(value(&after, "weir_connections", &[]) >= 1.0);
+
+    // Per-partition gauges (sampled every second).
+    let p0 = [("topic", "m"), ("partition", "0")];
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = scrape(&b);
+            value(&s, "weir_partition_high_watermark", &p0) == 250.0
+                && value(&s, "weir_partition_log_end_offset", &[("topic", "m")]) == 500.0
+        }),
+        "log end offsets and high watermarks reach the produced counts"
+    );
+    let s = scrape(&b);
+    assert_eq!(value(&s, "weir_partition_log_start_offset", &p0), 0.0);
+    assert_eq!(value(&s, "weir_partition_leader", &p0), 1.0);
+    assert!(value(&s, "weir_partition_size_bytes", &[("topic", "m")]) >= stored as f64);
+
+    // A group with committed offsets 100 and 200 lags by 150 and 50.
+    let mut cfg = b.client_config();
+    cfg.set("group.id", "lagging").set("enable.auto.commit", "false");
+    let consumer: rdkafka::consumer::BaseConsumer = cfg.create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("m", 0, Offset::Offset(100)).unwrap();
+    tpl.add_partition_offset("m", 1, Offset::Offset(200)).unwrap();
+    consumer.commit(&tpl, CommitMode::Sync).unwrap();
+    let g = |p: &'static str| [("group", "lagging"), ("topic", "m"), ("partition", p)];
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = scrape(&b);
+            value(&s, "weir_consumer_group_lag", &g("0")) == 150.0
+                && value(&s, "weir_consumer_group_lag", &g("1")) == 50.0
+        }),
+        "group lag per partition"
+    );
+    let s = scrape(&b);
+    assert_eq!(value(&s, "weir_consumer_group_committed_offset", &g("1")), 200.0);
+    assert!(value(&s, "weir_consumer_groups", &[("state", "Empty")]) >= 1.0);
+    assert!(delta(&before, &s, "weir_requests_total", &[("api", "OffsetCommit")]) >= 1.0);
+
+    // Anything but /metrics is a 404, not a hang or a crash.
+    let (status, _) = weir_tests::http_get(&format!("127.0.0.1:{}", b.metrics_port), "/nope");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}
+
+/// Scrapes while producers load the broker: each parses, and counters only grow. (How long
+/// scrapes take is printed, not asserted: speed belongs to bench/.)
+#[test]
+fn scrapes_under_load_parse_and_counters_only_grow() {
+    let b = Broker::start(2);
+    admin::create(&b, "load", 4, 1, &[]).unwrap();
+    let bg = weir_tests::workload::background_producer(&b.client_config(), &b.bootstrap(), "load");
+    let mut last = 0.0;
+    let mut took = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let s = scrape(&b);
+        took.push(started.elapsed());
+        let n = value(&s, "weir_topic_records_in_total", &[("topic", "load")]);
+        assert!(n >= last, "records_in went from {last} to {n}");
+        last = n;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let acked = bg.finish();
+    let s = scrape(&b);
+    assert_eq!(
+        value(&s, "weir_topic_records_in_total", &[("topic", "load")]),
+        acked.len() as f64,
+        "every acknowledged record counted once"
+    );
+    took.sort();
+    println!(
+        "{} scrapes under load ({} records): median {:?}, max {:?}",
+        took.len(),
+        acked.len(),
+        took[took.len() / 2],
+        took.last().unwrap()
+    );
+}

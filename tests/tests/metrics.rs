@@ -183,3 +183,64 @@ fn scrapes_under_load_parse_and_counters_only_grow() {
         took.last().unwrap()
     );
 }
+
+/// On a 3-broker cluster: every broker sees 3 brokers and exactly one is the active
+/// controller; killing a follower makes the leader's partition under-replicated, counts an ISR
+/// shrink, and the restart's catch-up counts an expand.
+#[test]
+fn cluster_metrics_follow_isr_changes_and_the_controller() {
+    let mut c = weir_tests::Cluster::start(3, &[("replica.lag.time.max.ms", "2000")]);
+    let all = |f: &dyn Fn(&Scrape) -> bool, c: &weir_tests::Cluster| {
+        eventually(Duration::from_secs(30), || {
+            (0..3).all(|i| f(&scrape(c.node(i))))
+        })
+    };
+    assert!(
+        all(
+            &|s| value(s, "weir_brokers", &[]) == 3.0 && value(s, "weir_fenced_brokers", &[]) == 0.0,
+            &c
+        ),
+        "3 unfenced brokers everywhere"
+    );
+    admin::create(c.node(0), "r", 1, 3, &[]).unwrap();
+    assert!(eventually(Duration::from_secs(30), || {
+        weir_tests::topic_view(c.node(0), "r").is_some_and(|v| v[0].isr.len() == 3)
+    }));
+    let controllers: f64 = (0..3)
+        .map(|i| value(&scrape(c.node(i)), "weir_active_controller", &[]))
+        .sum();
+    assert_eq!(controllers, 1.0, "one active controller");
+    let leader = weir_tests::topic_view(c.node(0), "r").unwrap()[0].leader as usize;
+    let follower = (leader + 1) % 3;
+    let before = scrape(c.node(leader));
+    assert_eq!(value(&before, "weir_under_replicated_partitions", &[]), 0.0);
+    c.kill(follower);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let s = scrape(c.node(leader));
+            // Also the __consumer_offsets partitions it leads.
+            value(&s, "weir_under_replicated_partitions", &[]) >= 1.0
+                && delta(&before, &s, "weir_isr_shrinks_total", &[]) >= 1.0
+        }),
+        "the leader reports the partition under-replicated and the shrink: {}",
+        {
+            let s = scrape(c.node(leader));
+            format!(
+                "urp {} shrinks {} view {:?}",
+                value(&s, "weir_under_replicated_partitions", &[]),
+                value(&s, "weir_isr_shrinks_total", &[]),
+                weir_tests::topic_view(c.node(leader), "r").map(|v| v[0].isr.clone())
+            )
+        }
+    );
+    c.restart(follower);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let s = scrape(c.node(leader));
+            value(&s, "weir_under_replicated_partitions", &[]) == 0.0
+                && delta(&before, &s, "weir_isr_expands_total", &[]) >= 1.0
+        }),
+        "the follower rejoins the ISR"
+    );
+    assert_eq!(value(&scrape(c.node(leader)), "weir_offline_partitions", &[]), 0.0);
+}

@@ -177,6 +177,8 @@ pub struct BatchInfo {
     pub producer_id: i64,
     pub producer_epoch: i16,
     pub base_sequence: i32,
+    /// The batch belongs to a transaction (attribute bit 4).
+    pub transactional: bool,
 }
 
 /// Validates every batch in a Produce partition's `records` as a producer may send them.
@@ -230,9 +232,9 @@ pub fn validate_produce(
                 "producers may not write control batches",
             ));
         }
-        if h.is_transactional() {
+        if h.is_transactional() && h.producer_id() < 0 {
             return Err(BatchError::Invalid(
-                "transactional batches are not supported yet",
+                "a transactional batch needs a producer id",
             ));
         }
         out.push(BatchInfo {
@@ -243,6 +245,7 @@ pub fn validate_produce(
             producer_id: h.producer_id(),
             producer_epoch: h.producer_epoch(),
             base_sequence: h.base_sequence(),
+            transactional: h.is_transactional(),
         });
         pos += total;
     }
@@ -396,6 +399,11 @@ pub mod test_batches {
         make_with(n, 10, 1_000, pid, epoch, seq)
     }
 
+    /// A transactional batch (attribute bit 4) of `n` records.
+    pub fn make_transactional(n: usize, pid: i64, epoch: i16, seq: i32) -> Bytes {
+        make_full(n, 10, 1_000, pid, epoch, seq, true)
+    }
+
     fn make_with(
         n: usize,
         value_bytes: usize,
@@ -404,10 +412,22 @@ pub mod test_batches {
         epoch: i16,
         seq: i32,
     ) -> Bytes {
+        make_full(n, value_bytes, timestamp, pid, epoch, seq, false)
+    }
+
+    fn make_full(
+        n: usize,
+        value_bytes: usize,
+        timestamp: i64,
+        pid: i64,
+        epoch: i16,
+        seq: i32,
+        transactional: bool,
+    ) -> Bytes {
         use kafka_protocol::records::*;
         let records: Vec<Record> = (0..n)
             .map(|i| Record {
-                transactional: false,
+                transactional,
                 control: false,
                 partition_leader_epoch: 0,
                 producer_id: pid,

@@ -22,7 +22,8 @@ use super::zero_ahead::ZeroAhead;
 use super::batch::{self, BatchInfo, Header, ReplicaBatch, Stored};
 use super::epochs::EpochCache;
 use super::index::SegmentIndex;
-use super::producer_state::{self, BatchMeta, Check, ProducerStates};
+use super::producer_state::{self, BatchMeta, Check, ProducerEntry, ProducerStates};
+use super::txn::{self, AbortedTxn, Marker};
 use crate::config::LogConfig;
 
 /// Disk space is reserved ahead of writes in steps of this many bytes (or segment.bytes when
@@ -124,6 +125,8 @@ pub struct Segment {
     pub next_offset: i64,
     pub max_timestamp: i64,
     created_ms: i64,
+    /// Transactions aborted in this segment (its `.txnindex`), in marker order.
+    pub aborted: Vec<AbortedTxn>,
 }
 
 impl Segment {
@@ -176,6 +179,8 @@ pub struct PartitionLog {
     /// fdatasync covered (the shard's group-commit size metric).
     pub written_bytes: u64,
     pub synced_bytes: u64,
+    /// Open transactions: first offset -> producer id (the oldest holds back the LSO).
+    ongoing: BTreeMap<i64, i64>,
 }
 
 impl PartitionLog {
@@ -253,6 +258,7 @@ impl PartitionLog {
             rolling: false,
             written_bytes: 0,
             synced_bytes: 0,
+            ongoing: BTreeMap::new(),
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {
@@ -491,7 +497,7 @@ impl PartitionLog {
         }
         for b in batches {
             self.epochs.assign(b.leader_epoch, b.base);
-            if b.producer_id >= 0 {
+            if b.producer_id >= 0 && b.base_sequence >= 0 {
                 let meta = BatchMeta {
                     first_seq: b.base_sequence,
                     last_seq: producer_state::last_sequence(
@@ -504,6 +510,7 @@ impl PartitionLog {
                 };
                 self.producers.record(b.producer_id, b.producer_epoch, meta);
             }
+            self.track_txn(&b.bytes);
         }
         self.max_timestamp = max_ts;
         self.log_end_offset = batches.last().expect("non-empty").last + 1;
@@ -574,6 +581,31 @@ impl PartitionLog {
         let (offset, state) = loaded.unwrap_or((self.log_start_offset, ProducerStates::default()));
         self.producers = state;
         let mut offset = offset.max(self.log_start_offset);
+        // Open transactions as of the snapshot; aborts before the replay start from the
+        // segments' `.txnindex` files (the replay finds the later ones again).
+        self.ongoing = self
+            .producers
+            .entries
+            .iter()
+            .filter_map(|(pid, e)| e.txn_first_offset.map(|f| (f, *pid)))
+            .collect();
+        let (dir, bases): (PathBuf, Vec<i64>) = (self.dir.clone(), self.segments.keys().copied().collect());
+        let indexes = blocking(move || -> Vec<(i64, Vec<AbortedTxn>)> {
+            bases
+                .into_iter()
+                .filter_map(|b| {
+                    let bytes = std::fs::read(dir.join(txn::index_file_name(b))).ok()?;
+                    Some((b, txn::decode_index(&bytes)?))
+                })
+                .collect()
+        })
+        .await;
+        for (base, mut entries) in indexes {
+            entries.retain(|e| e.last_offset < offset);
+            if let Some(seg) = self.segments.get_mut(&base) {
+                seg.aborted = entries;
+            }
+        }
         // Replay: bounded by the log end; every step moves `offset` past at least one batch.
         while offset < self.log_end_offset {
             let Some(chunk) = self.read_batches(offset, 1 << 20).await? else {
@@ -583,8 +615,12 @@ impl PartitionLog {
             while let Some(h) = Header::new(&chunk[at..]) {
                 let Some(total) = h.total_bytes() else { break };
                 if h.producer_id() >= 0 && h.last_offset() >= offset {
-                    self.producers
-                        .record(h.producer_id(), h.producer_epoch(), batch_meta(&h));
+                    if !h.is_control() {
+                        self.producers
+                            .record(h.producer_id(), h.producer_epoch(), batch_meta(&h));
+                    }
+                    let end = (at + total).min(chunk.len());
+                    self.track_txn(&chunk[at..end]);
                 }
                 offset = offset.max(h.last_offset() + 1);
                 at += total;
@@ -616,6 +652,86 @@ impl PartitionLog {
     }
 
     /// The producer-state snapshot of the whole log, named by the log end offset.
+    /// Transaction bookkeeping for a batch just added to the log (leader append, replica
+    /// append, replay): a transactional batch opens its producer's transaction here, a marker
+    /// ends it (an ABORT goes into its segment's aborted list) and fences older epochs.
+    fn track_txn(&mut self, batch: &[u8]) {
+        let Some(h) = Header::new(batch) else { return };
+        let pid = h.producer_id();
+        if !h.is_transactional() || pid < 0 {
+            return;
+        }
+        if !h.is_control() {
+            if let Some(e) = self.producers.entries.get_mut(&pid) {
+                if e.txn_first_offset.is_none() {
+                    e.txn_first_offset = Some(h.base_offset());
+                    self.ongoing.insert(h.base_offset(), pid);
+                }
+            }
+            return;
+        }
+        let Some(marker) = txn::marker_of(batch) else {
+            return;
+        };
+        let e = self.producers.entries.entry(pid).or_insert_with(|| ProducerEntry {
+            epoch: h.producer_epoch(),
+            batches: Default::default(),
+            last_timestamp: h.max_timestamp(),
+            txn_first_offset: None,
+        });
+        if h.producer_epoch() > e.epoch {
+            e.epoch = h.producer_epoch();
+            e.batches.clear();
+        }
+        e.last_timestamp = e.last_timestamp.max(h.max_timestamp());
+        let Some(first) = e.txn_first_offset.take() else {
+            return;
+        };
+        self.ongoing.remove(&first);
+        if marker == Marker::Abort {
+            let lso = self
+                .ongoing
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or(h.last_offset() + 1);
+            if let Some((_, seg)) = self.segments.range_mut(..=h.base_offset()).next_back() {
+                seg.aborted.push(AbortedTxn {
+                    producer_id: pid,
+                    first_offset: first,
+                    last_offset: h.last_offset(),
+                    last_stable_offset: lso,
+                });
+            }
+        }
+    }
+
+    /// The last stable offset: the first offset of the oldest open transaction, else `hw`.
+    pub fn last_stable_offset(&self, hw: i64) -> i64 {
+        self.ongoing.keys().next().map_or(hw, |f| (*f).min(hw))
+    }
+
+    /// Aborted transactions that overlap [from, to), for a read_committed fetch.
+    pub fn aborted_between(&self, from: i64, to: i64) -> Vec<AbortedTxn> {
+        let mut out = Vec::new();
+        for seg in self.segments.values() {
+            out.extend(
+                seg.aborted
+                    .iter()
+                    .filter(|a| a.last_offset >= from && a.first_offset < to),
+            );
+        }
+        out
+    }
+
+    /// The producer's open transaction here, if any (its first offset).
+    pub fn open_transaction(&self, producer_id: i64) -> Option<i64> {
+        self.producers
+            .entries
+            .get(&producer_id)
+            .and_then(|e| e.txn_first_offset)
+    }
+
     pub fn producer_snapshot(&self) -> (i64, Vec<u8>) {
         (
             self.log_end_offset,
@@ -641,7 +757,11 @@ impl PartitionLog {
         infos: &[BatchInfo],
         now_ms: i64,
     ) -> Result<Appended, AppendError> {
-        if infos.iter().any(|i| i.producer_id >= 0) {
+        // A control batch (a transaction marker, written by the broker itself) carries no
+        // sequence: it is not checked against the producer's sequences.
+        let control = infos.len() == 1
+            && Header::new(&records[infos[0].start..]).is_some_and(|h| h.is_control());
+        if !control && infos.iter().any(|i| i.producer_id >= 0) {
             // Idempotent producers send one batch per partition.
             let [i] = infos else {
                 return Err(AppendError::Refused(crate::kafka::errors::INVALID_RECORD));
@@ -703,7 +823,7 @@ impl PartitionLog {
             if ts > max_ts.0 {
                 max_ts = (ts, last);
             }
-            if info.producer_id >= 0 {
+            if info.producer_id >= 0 && !control {
                 let last_seq =
                     producer_state::last_sequence(info.base_sequence, info.offset_count as i32 - 1);
                 let meta = BatchMeta {
@@ -720,6 +840,9 @@ impl PartitionLog {
         }
         for (pid, epoch, meta) in producer_batches {
             self.producers.record(pid, epoch, meta);
+        }
+        for (_, _, b) in &batches {
+            self.track_txn(b);
         }
         self.max_timestamp = max_ts;
         self.log_end_offset = next;
@@ -914,6 +1037,10 @@ impl PartitionLog {
         file.fdatasync().await?;
         // Indexes and the producer snapshot are rebuilt from the log when missing, so failing
         // to write them (a full disk) must not stop the roll or a clean shutdown.
+        let aborted = txn::encode_index(&log.borrow().active().aborted);
+        if let Err(e) = write_txn_index(dir.clone(), base, aborted).await {
+            tracing::warn!(dir = %dir.display(), base, "transaction index not written (rebuilt from the log at next start): {e:#}");
+        }
         if let Err(e) = write_index_files(dir.clone(), base, offsets, times).await {
             tracing::warn!(dir = %dir.display(), base, "index files not written (rebuilt at next start): {e:#}");
         }
@@ -1061,7 +1188,7 @@ async fn cut_in_segment(
 /// Deletes a removed segment's log file and its index files. Blocking.
 pub fn delete_segment_files(log_path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(log_path)?;
-    for ext in ["index", "timeindex"] {
+    for ext in ["index", "timeindex", "txnindex"] {
         let _ = std::fs::remove_file(log_path.with_extension(ext));
     }
     Ok(())
@@ -1183,6 +1310,7 @@ async fn create_segment(dir: &Path, base: i64) -> Result<Segment> {
         next_offset: base,
         max_timestamp: -1,
         created_ms: now_ms(),
+        aborted: Vec::new(),
     })
 }
 
@@ -1202,6 +1330,22 @@ async fn write_producer_snapshot(dir: PathBuf, offset: i64, bytes: Vec<u8>) -> R
         for old in snaps.into_iter().take(excess) {
             let _ = std::fs::remove_file(old);
         }
+        Ok(())
+    })
+    .await
+}
+
+/// Writes a sealed segment's `.txnindex` (none when nothing was aborted in it).
+async fn write_txn_index(dir: PathBuf, base: i64, bytes: Vec<u8>) -> Result<()> {
+    blocking(move || -> Result<()> {
+        let path = dir.join(txn::index_file_name(base));
+        if bytes.is_empty() {
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+        let tmp = dir.join(format!("{}.tmp", txn::index_file_name(base)));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &path)?;
         Ok(())
     })
     .await
@@ -1321,6 +1465,7 @@ async fn open_segment(
         next_offset: scan.next_offset,
         max_timestamp: max_ts,
         created_ms: now_ms(),
+        aborted: Vec::new(),
     })
 }
 
@@ -1754,6 +1899,104 @@ mod tests {
             assert_eq!(reopened.borrow().log_end_offset, end);
             let after = all_bytes(&reopened).await;
             assert_eq!(after, before, "every offset is on disk, in one piece");
+        });
+    }
+
+    /// Open transactions hold back the LSO; markers end them, ABORTs land in the aborted
+    /// list; a newer marker epoch fences the old one; all of it survives a clean reopen (from
+    /// `.txnindex` files and the snapshot) and an unclean one (replayed from the log).
+    #[test]
+    fn transactions_markers_lso_and_aborted_index_survive_reopen() {
+        use crate::storage::batch::test_batches::make_transactional;
+        use crate::storage::txn::{marker_batch, Marker};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 2_000;
+            let log = Rc::new(open_log(&path, &cfg, true).await);
+            let put_with = |b: Bytes, infos: Vec<BatchInfo>| {
+                let log = log.clone();
+                async move {
+                    loop {
+                        let r = log.borrow_mut().append(&b, &infos, now_ms());
+                        match r {
+                            Ok(a) => return a.base_offset,
+                            Err(AppendError::NeedsRoll) => PartitionLog::roll(&log).await.unwrap(),
+                            Err(AppendError::Refused(c)) => panic!("refused {c}"),
+                        }
+                    }
+                }
+            };
+            let put = |b: Bytes| {
+                let infos = batch::validate_produce(&b, 1 << 20).unwrap();
+                put_with(b, infos)
+            };
+            let marker = |pid, epoch, m| {
+                let b = marker_batch(pid, epoch, 0, m, 1_000);
+                let h = Header::new(&b).unwrap();
+                let info = BatchInfo {
+                    start: 0,
+                    bytes: b.len(),
+                    offset_count: 1,
+                    max_timestamp: h.max_timestamp(),
+                    producer_id: pid,
+                    producer_epoch: epoch,
+                    base_sequence: -1,
+                    transactional: true,
+                };
+                put_with(b, vec![info])
+            };
+            append_n(&log, 6).await; // 0..24, no transactions (more than one segment)
+            assert_eq!(log.borrow().last_stable_offset(24), 24);
+            let a0 = put(make_transactional(5, 1, 0, 0)).await; // pid 1 opens at 24
+            assert_eq!(a0, 24);
+            let b0 = put(make_transactional(5, 2, 0, 0)).await; // pid 2 opens at 29
+            put(make_transactional(5, 1, 0, 5)).await;
+            assert_eq!(log.borrow().last_stable_offset(100), 24);
+            let m1 = marker(1, 0, Marker::Abort).await; // pid 1 aborts
+            assert_eq!(log.borrow().last_stable_offset(100), b0);
+            let m2 = marker(2, 0, Marker::Commit).await;
+            let end = log.borrow().log_end_offset;
+            assert_eq!(log.borrow().last_stable_offset(end), end);
+            let aborted = log.borrow().aborted_between(0, end);
+            assert_eq!(aborted.len(), 1);
+            assert_eq!(
+                (aborted[0].producer_id, aborted[0].first_offset, aborted[0].last_offset),
+                (1, 24, m1)
+            );
+            assert_eq!(aborted[0].last_stable_offset, b0, "pid 2 was still open");
+            assert!(m2 > m1);
+            // pid 1 opens again, then a marker with epoch 1 (a fenced abort) ends it.
+            put(make_transactional(3, 1, 0, 10)).await;
+            let open_at = log.borrow().open_transaction(1).unwrap();
+            marker(1, 1, Marker::Abort).await;
+            assert!(log.borrow().open_transaction(1).is_none());
+            // The old epoch is now refused.
+            let old = make_transactional(1, 1, 0, 13);
+            let infos = batch::validate_produce(&old, 1 << 20).unwrap();
+            let r = log.borrow_mut().append(&old, &infos, now_ms());
+            assert!(matches!(r, Err(AppendError::Refused(47))));
+            // pid 2 leaves a transaction open.
+            let open2 = put(make_transactional(2, 2, 0, 5)).await;
+            flush(&log).await;
+            let end = log.borrow().log_end_offset;
+            let all_aborted = log.borrow().aborted_between(0, end);
+            assert_eq!(all_aborted.len(), 2);
+            assert_eq!(all_aborted[1].first_offset, open_at);
+            assert!(log.borrow().segments.len() > 1, "several segments");
+            // Unclean reopen: replayed.
+            let reopened = open_log(&path, &cfg, false).await;
+            assert_eq!(reopened.borrow().aborted_between(0, end), all_aborted);
+            assert_eq!(reopened.borrow().last_stable_offset(end), open2);
+            drop(reopened);
+            // Clean reopen: from .txnindex files and the snapshot.
+            let log2 = open_log(&path, &cfg, false).await;
+            PartitionLog::close(&log2).await.unwrap();
+            let reopened = open_log(&path, &cfg, true).await;
+            assert_eq!(reopened.borrow().aborted_between(0, end), all_aborted);
+            assert_eq!(reopened.borrow().last_stable_offset(end), open2);
+            assert_eq!(reopened.borrow().aborted_between(m1 + 1, end).len(), 1);
         });
     }
 

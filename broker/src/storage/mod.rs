@@ -8,4 +8,5 @@ pub mod index;
 pub mod log;
 pub mod producer_state;
 pub mod reserve;
+pub mod txn;
 pub mod zero_ahead;

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod client;
 pub mod cluster;
+pub mod console;
 pub mod consumer;
 pub mod log_dirs;
 pub mod partitioner;

@@ -7,6 +7,7 @@
 //!   weir configs --bootstrap-server H:P --entity-type topics --entity-name T --describe [--all]
 //!   weir configs --bootstrap-server H:P --entity-type topics --entity-name T --alter \
 //!       [--add-config k=v,k2=[a,b]] [--delete-config k,k2]
+//!   weir console --bootstrap-server H:P [--listen 127.0.0.1:8080] [--metrics-url URL]
 
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
@@ -49,6 +50,21 @@ enum Cmd {
     LogDirs(LogDirsArgs),
     /// Move leadership back to preferred replicas (kafka-leader-election.sh).
     LeaderElection(LeaderElectionArgs),
+    /// Serve a web console: cluster, topics, messages, produce, consumer groups, configs.
+    Console(ConsoleArgs),
+}
+
+#[derive(Args)]
+struct ConsoleArgs {
+    #[arg(long)]
+    bootstrap_server: String,
+    /// Address the console's HTTP server binds (port 0: any free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The broker's Prometheus endpoint, e.g. http://127.0.0.1:9644/metrics: per-topic
+    /// throughput sparklines from `weir_topic_records_in_total`.
+    #[arg(long)]
+    metrics_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -399,6 +415,11 @@ fn main() {
         Cmd::LogDirs(a) => log_dirs(a),
         Cmd::LeaderElection(a) => leader_election(a),
         Cmd::Cluster(a) => cluster(a),
+        Cmd::Console(a) => weir_tools::console::serve(weir_tools::console::ConsoleConfig {
+            bootstrap: a.bootstrap_server,
+            listen: a.listen,
+            metrics_url: a.metrics_url,
+        }),
     };
     if let Err(e) = r {
         eprintln!("Error: {}", format!("{e:#}").replace('\n', " "));

@@ -46,6 +46,7 @@ pub struct Config {
     /// Idempotent producers idle this long are forgotten (Kafka's producer.id.expiration.ms).
     pub producer_id_expiration_ms: i64,
     pub group: crate::group::GroupConfig,
+    pub txn: crate::txn::TxnConfig,
     /// Cluster mode (issue #11): what this node is and who the controller voters are.
     pub cluster: ClusterConfig,
     /// Where the Prometheus endpoint listens (`weir.metrics.listen`, `none` turns it off).
@@ -496,6 +497,7 @@ impl Config {
             connections_per_shard_max: 10_000,
             producer_id_expiration_ms: 86_400_000,
             group: crate::group::GroupConfig::default(),
+            txn: crate::txn::TxnConfig::default(),
             cluster: ClusterConfig::default(),
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("a socket address")),
             given: Default::default(),
@@ -647,6 +649,21 @@ impl Config {
             (
                 "offsets.topic.num.partitions",
                 self.group.offsets_partitions.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "transaction.state.log.num.partitions",
+                self.txn.partitions.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "transaction.max.timeout.ms",
+                self.txn.max_timeout_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "transactional.id.expiration.ms",
+                self.txn.id_expiration_ms.to_string(),
                 CONFIG_TYPE_INT,
             ),
             (
@@ -922,6 +939,18 @@ impl Config {
             }
             "offsets.topic.num.partitions" => {
                 self.group.offsets_partitions = parse_i64_min(v, 1)?.min(1000) as i32
+            }
+            "transaction.state.log.num.partitions" => {
+                self.txn.partitions = parse_i64_min(v, 1)?.min(1000) as i32
+            }
+            "transaction.max.timeout.ms" => {
+                self.txn.max_timeout_ms = parse_i64_min(v, 1)?.min(i32::MAX as i64) as i32
+            }
+            "transactional.id.expiration.ms" => {
+                self.txn.id_expiration_ms = parse_i64_min(v, 1)?
+            }
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms" => {
+                self.txn.abort_check_interval_ms = parse_i64_min(v, 1)? as u64
             }
             "group.min.session.timeout.ms" => {
                 self.group.min_session_timeout_ms = parse_i64_min(v, 1)?.min(i32::MAX as i64) as i32

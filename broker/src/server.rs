@@ -372,19 +372,21 @@ pub fn run(config: Config) -> Result<()> {
     } else {
         None
     };
-    if cluster.is_none() && !image.topics.contains_key(crate::group::OFFSETS_TOPIC) {
-        // The internal topic of committed offsets and group metadata. Never deleted by
-        // retention: it holds the only copy of committed offsets.
-        let partitions = metadata::assign_shards(
-            &mut image,
-            config.group.offsets_partitions as usize,
-            config.shards,
-        );
+    // The internal topics of committed offsets and group metadata, and of transactions. Never
+    // deleted by retention: they hold the only copy of that state.
+    for (name, count) in [
+        (crate::group::OFFSETS_TOPIC, config.group.offsets_partitions),
+        (crate::txn::TXN_TOPIC, config.txn.partitions),
+    ] {
+        if cluster.is_some() || image.topics.contains_key(name) {
+            continue;
+        }
+        let partitions = metadata::assign_shards(&mut image, count as usize, config.shards);
         let mut configs = std::collections::BTreeMap::new();
         configs.insert("retention.ms".to_string(), "-1".to_string());
         configs.insert("segment.bytes".to_string(), "104857600".to_string());
         image.topics.insert(
-            crate::group::OFFSETS_TOPIC.to_string(),
+            name.to_string(),
             metadata::TopicMeta {
                 id: uuid::Uuid::new_v4(),
                 partitions,
@@ -702,6 +704,7 @@ async fn shard_main(
     }
     glommio::spawn_local(s.clone().retention()).detach();
     glommio::spawn_local(s.clone().metrics_sampler()).detach();
+    glommio::spawn_local(crate::txn::ticker(s.clone())).detach();
 
     // Bind the port only when every shard has opened its partitions: a connection may route
     // to any of them.

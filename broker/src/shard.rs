@@ -67,6 +67,24 @@ pub struct Partition {
     pub metrics: Arc<crate::metrics::PartitionMetrics>,
 }
 
+/// The last offset of the last whole batch in `chunks`.
+fn last_offset_in(chunks: &[Bytes]) -> Option<i64> {
+    let mut last = None;
+    for c in chunks {
+        let mut at = 0;
+        // Bounded: each step passes one whole batch or stops.
+        while let Some(h) = crate::storage::batch::Header::new(&c[at..]) {
+            let Some(len) = h.total_bytes() else { break };
+            if len == 0 || at + len > c.len() {
+                break;
+            }
+            last = Some(h.last_offset());
+            at += len;
+        }
+    }
+    last
+}
+
 /// Counters of what a shard served, logged at shutdown and used by the ownership test.
 #[derive(Default)]
 pub struct Stats {
@@ -111,6 +129,8 @@ pub struct Shard {
     pub producer_id_end: Cell<i64>,
     /// This shard's share of the group coordinator.
     pub groups: crate::group::Coordinator,
+    /// This shard's share of the transaction coordinator.
+    pub txns: crate::txn::Coordinator,
 }
 
 thread_local! {
@@ -156,6 +176,9 @@ pub struct FetchItem {
     pub replica_id: i32,
     /// A follower's epoch of its last batch (Fetch v12), checked for divergence; -1: none.
     pub last_fetched_epoch: i32,
+    /// A read_committed consumer: reads stop at the last stable offset, and the aborted
+    /// transactions in range come back.
+    pub read_committed: bool,
 }
 
 /// `FetchItem::replica_id` of the broker's own reads.
@@ -170,6 +193,9 @@ pub struct FetchResult {
     pub records: Vec<Bytes>,
     /// To a follower whose log diverged: (epoch, end offset) of the leader's log to truncate to.
     pub diverging: Option<(i32, i64)>,
+    pub last_stable_offset: i64,
+    /// For read_committed: aborted transactions overlapping what was read.
+    pub aborted: Vec<crate::storage::txn::AbortedTxn>,
 }
 
 impl FetchResult {
@@ -183,6 +209,8 @@ impl FetchResult {
             log_start_offset: -1,
             records: Vec::new(),
             diverging: None,
+            last_stable_offset: -1,
+            aborted: Vec::new(),
         }
     }
 }
@@ -192,6 +220,8 @@ pub struct ListOffsetItem {
     pub partition: i32,
     pub timestamp: i64,
     pub current_leader_epoch: i32,
+    /// isolation_level 1: "latest" is the last stable offset.
+    pub read_committed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -317,6 +347,7 @@ impl Shard {
             producer_id_next: Cell::new(i64::MAX),
             producer_id_end: Cell::new(0),
             groups: crate::group::Coordinator::default(),
+            txns: crate::txn::Coordinator::default(),
         });
         SHARD.with(|cell| *cell.borrow_mut() = Some(s.clone()));
         s
@@ -415,7 +446,7 @@ impl Shard {
                 l.leader_epoch = e;
             }
         }
-        let mut offsets_moved = self.update_replication(&image);
+        let mut coordinators_moved = self.update_replication(&image);
         // Checkpointed high watermarks, read when the first partition opens.
         let mut hws: Option<HashMap<(String, i32), i64>> = None;
         for (name, t) in &image.topics {
@@ -473,17 +504,41 @@ impl Shard {
                     .insert(i as i32, p);
             }
         }
-        offsets_moved.extend(self.update_replication(&image));
-        // The coordinator follows leadership of __consumer_offsets: a partition this broker
-        // stops leading leaves memory; one it starts leading is replayed from its log (its
-        // groups answer COORDINATOR_LOAD_IN_PROGRESS until then).
+        coordinators_moved.extend(self.update_replication(&image));
+        // The coordinators follow leadership of __consumer_offsets and __transaction_state: a
+        // partition this broker stops leading leaves memory; one it starts leading is replayed
+        // from its log (its groups and transactional ids answer COORDINATOR_LOAD_IN_PROGRESS
+        // until then).
+        let (txn_moved, offsets_moved): (Vec<_>, Vec<_>) = coordinators_moved
+            .into_iter()
+            .partition(|(topic, _, _)| topic == crate::txn::TXN_TOPIC);
+        let mut txn_opened = Vec::new();
+        for (_, partition, leads) in txn_moved {
+            crate::txn::unload_partition(self, partition);
+            if leads {
+                txn_opened.push(partition);
+            }
+        }
+        if !txn_opened.is_empty() {
+            self.txns
+                .loading
+                .borrow_mut()
+                .extend(txn_opened.iter().copied());
+            let loader = self.clone();
+            glommio::spawn_local(async move {
+                for p in txn_opened {
+                    crate::txn::load_partition(&loader, p).await;
+                }
+            })
+            .detach();
+        }
         let mut offsets_opened = Vec::new();
         let count = image
             .topics
             .get(crate::group::OFFSETS_TOPIC)
             .map(|t| t.partitions.len() as i32)
             .unwrap_or(1);
-        for (partition, leads) in offsets_moved {
+        for (_, partition, leads) in offsets_moved {
             self.groups
                 .groups
                 .borrow_mut()
@@ -510,9 +565,9 @@ impl Shard {
 
     /// Gives every open partition its leader, ISR and epochs from `image`; wakes whoever waits
     /// on a partition whose leadership changed (acks=all producers fail over, fetches answer).
-    /// Returns the `__consumer_offsets` partitions whose leadership here began (true) or ended
-    /// (false).
-    fn update_replication(&self, image: &Image) -> Vec<(i32, bool)> {
+    /// Returns the coordinators' partitions (`__consumer_offsets`, `__transaction_state`)
+    /// whose leadership here began (true) or ended (false).
+    fn update_replication(&self, image: &Image) -> Vec<(String, i32, bool)> {
         let now = now_ms();
         let mut offsets_moved = Vec::new();
         for p in self.all_partitions() {
@@ -539,8 +594,10 @@ impl Shard {
             if changed {
                 p.appended.notify(usize::MAX);
             }
-            if led != leads && p.topic == crate::group::OFFSETS_TOPIC {
-                offsets_moved.push((p.index, leads));
+            if led != leads
+                && (p.topic == crate::group::OFFSETS_TOPIC || p.topic == crate::txn::TXN_TOPIC)
+            {
+                offsets_moved.push((p.topic.clone(), p.index, leads));
             }
         }
         offsets_moved
@@ -794,6 +851,113 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Appends `recs` (key, value; None: tombstone) as one batch to this shard's partition
+    /// `topic`/`partition` and waits until it is durable and replicated (the coordinators'
+    /// writes). `txn`: the producer (id, epoch) of a transactional batch written on its behalf
+    /// (no sequence: a coordinator's write is not checked against the producer's sequences).
+    pub async fn persist_records(
+        self: &Rc<Self>,
+        topic: &str,
+        partition: i32,
+        recs: Vec<(Bytes, Option<Bytes>)>,
+        txn: Option<(i64, i16)>,
+    ) -> Result<(), i16> {
+        use kafka_protocol::records::{
+            Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+        };
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let Some(p) = self.partition(topic, partition) else {
+            return Err(NOT_COORDINATOR);
+        };
+        let now = now_ms();
+        let (pid, epoch) = txn.unwrap_or((-1, -1));
+        let records: Vec<Record> = recs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, v))| Record {
+                transactional: txn.is_some(),
+                control: false,
+                partition_leader_epoch: 0,
+                producer_id: pid,
+                producer_epoch: epoch,
+                timestamp_type: TimestampType::Creation,
+                delete_horizon: false,
+                offset: i as i64,
+                sequence: -1,
+                timestamp: now,
+                key: Some(k),
+                value: v,
+                headers: Default::default(),
+            })
+            .collect();
+        let mut buf = bytes::BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &records,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .map_err(|_| UNKNOWN_SERVER_ERROR)?;
+        let buf = buf.freeze();
+        let infos = crate::storage::batch::validate_produce(&buf, crate::config::MESSAGE_BYTES_CEILING)
+            .map_err(|_| UNKNOWN_SERVER_ERROR)?;
+        let item = ProduceItem {
+            topic: topic.to_string(),
+            partition,
+            records: buf,
+            infos,
+        };
+        self.append(&p, &item).await?;
+        let end = p.log.borrow().log_end_offset;
+        self.wait_durable_one(&p, end).await
+    }
+
+    /// Writes a transaction marker (COMMIT or ABORT control batch) for producer `pid` to
+    /// partition `p`, which this broker leads, and waits until it is durable and replicated.
+    /// On `__consumer_offsets` the producer's pending transactional offset commits become
+    /// visible (commit) or are dropped (abort).
+    pub async fn append_marker(
+        self: &Rc<Self>,
+        p: &Rc<Partition>,
+        pid: i64,
+        epoch: i16,
+        coordinator_epoch: i32,
+        commit: bool,
+    ) -> Result<(), i16> {
+        use crate::storage::txn::{marker_batch, Marker};
+        if !p.repl.borrow().is_leader() {
+            return Err(NOT_LEADER_OR_FOLLOWER);
+        }
+        let marker = if commit { Marker::Commit } else { Marker::Abort };
+        let b = marker_batch(pid, epoch, coordinator_epoch, marker, now_ms());
+        let info = crate::storage::batch::BatchInfo {
+            start: 0,
+            bytes: b.len(),
+            offset_count: 1,
+            max_timestamp: now_ms(),
+            producer_id: pid,
+            producer_epoch: epoch,
+            base_sequence: -1,
+            transactional: true,
+        };
+        let item = ProduceItem {
+            topic: p.topic.clone(),
+            partition: p.index,
+            records: b,
+            infos: vec![info],
+        };
+        self.append(p, &item).await?;
+        if p.topic == crate::group::OFFSETS_TOPIC {
+            crate::group::complete_txn_offsets(self, p.index, pid, commit);
+        }
+        let end = p.log.borrow().log_end_offset;
+        self.wait_durable_one(p, end).await
     }
 
     /// Reads a partition the coordinator owns (cache or disk).
@@ -1350,6 +1514,7 @@ impl Shard {
             (l.log_start_offset, l.log_end_offset, l.leader_epoch)
         };
         let hw = p.repl.borrow().high_watermark.min(end);
+        let lso = p.log.borrow().last_stable_offset(hw);
         let mut r = FetchResult {
             error: NONE,
             high_watermark: if item.replica_id == INTERNAL_READ {
@@ -1360,6 +1525,8 @@ impl Shard {
             log_start_offset: start,
             records: Vec::new(),
             diverging: None,
+            last_stable_offset: lso,
+            aborted: Vec::new(),
         };
         if item.current_leader_epoch >= 0 && item.current_leader_epoch != epoch {
             r.error = if item.current_leader_epoch > epoch {
@@ -1382,8 +1549,14 @@ impl Shard {
             r.error = OFFSET_OUT_OF_RANGE;
             return r;
         }
-        // Consumers read below the high watermark only.
-        let visible = if item.replica_id == CONSUMER { hw } else { end };
+        // Consumers read below the high watermark only; read_committed ones below the LSO.
+        let visible = if item.read_committed {
+            lso
+        } else if item.replica_id == CONSUMER {
+            hw
+        } else {
+            end
+        };
         if item.offset >= visible || max_bytes == 0 {
             return r;
         }
@@ -1409,6 +1582,10 @@ impl Shard {
         if item.replica_id == CONSUMER {
             let (records, bytes) = crate::metrics::count_batches(&r.records);
             p.metrics.fetched(records, bytes);
+        }
+        if item.read_committed && !r.records.is_empty() {
+            let upto = last_offset_in(&r.records).map_or(visible, |l| l + 1);
+            r.aborted = p.log.borrow().aborted_between(item.offset, upto);
         }
         r
     }
@@ -1581,7 +1758,14 @@ impl Shard {
         }
         match item.timestamp {
             -2 => r.offset = start,
-            -1 => r.offset = p.repl.borrow().high_watermark.min(end),
+            -1 => {
+                let hw = p.repl.borrow().high_watermark.min(end);
+                r.offset = if item.read_committed {
+                    p.log.borrow().last_stable_offset(hw)
+                } else {
+                    hw
+                }
+            }
             -3 => {
                 if max_ts.1 >= start {
                     match self.offset_of_max_timestamp(p, max_ts).await {
@@ -1619,6 +1803,7 @@ impl Shard {
             current_leader_epoch: -1,
             replica_id: crate::shard::INTERNAL_READ,
             last_fetched_epoch: -1,
+            read_committed: false,
         };
         let r = self.read_partition(p, &item, 1).await;
         if r.error != NONE {
@@ -1663,6 +1848,7 @@ impl Shard {
                 current_leader_epoch: -1,
                 replica_id: crate::shard::INTERNAL_READ,
                 last_fetched_epoch: -1,
+                read_committed: false,
             };
             let r = self.read_partition(p, &item, 1 << 20).await;
             if r.error != NONE {

@@ -45,7 +45,8 @@ struct Liveness {
     /// Term in which this voter last became the leader, and when it noticed.
     leader_since: Option<(u64, Instant)>,
     last_heartbeat: HashMap<BrokerId, Instant>,
-    offsets_topic_warned: bool,
+    /// Internal topics whose creation failed, said once per controller term.
+    internal_topics_warned: std::collections::HashSet<String>,
     /// When preferred leaders were last checked (`auto.leader.rebalance.enable`).
     last_rebalance_check: Option<Instant>,
 }
@@ -304,7 +305,7 @@ impl Active {
             if l.leader_since.is_none_or(|(term, _)| term != status.term) {
                 l.leader_since = Some((status.term, now));
                 l.last_heartbeat.clear();
-                l.offsets_topic_warned = false;
+                l.internal_topics_warned.clear();
                 l.last_rebalance_check = None;
                 tracing::info!(term = status.term, "this node is the active controller");
             }
@@ -330,7 +331,7 @@ impl Active {
             );
             self.set_fenced(node, epoch, true).await?;
         }
-        self.ensure_offsets_topic().await?;
+        self.ensure_internal_topics().await?;
         self.rebalance_leaders().await
     }
 
@@ -375,9 +376,18 @@ impl Active {
         self.quorum.submit(records).await.map(|_| ())
     }
 
-    async fn ensure_offsets_topic(&self) -> Result<(), SubmitError> {
+    /// Creates the internal topics (`__consumer_offsets`, `__transaction_state`) once enough
+    /// brokers registered.
+    async fn ensure_internal_topics(&self) -> Result<(), SubmitError> {
+        for name in [crate::group::OFFSETS_TOPIC, crate::txn::TXN_TOPIC] {
+            self.ensure_internal_topic(name).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_internal_topic(&self, name: &str) -> Result<(), SubmitError> {
         let image = self.quorum.image();
-        if image.topics.contains_key(crate::group::OFFSETS_TOPIC) {
+        if image.topics.contains_key(name) {
             return Ok(());
         }
         // RF min(3, registered brokers), once three have registered or every broker had a
@@ -399,10 +409,10 @@ impl Active {
         }
         let _g = self.decide_lock.lock().await;
         let image = self.quorum.image();
-        if image.topics.contains_key(crate::group::OFFSETS_TOPIC) {
+        if image.topics.contains_key(name) {
             return Ok(());
         }
-        let topic = offsets_topic(&self.cfg, wanted);
+        let topic = internal_topic(&self.cfg, name, wanted);
         let (answers, records) = decide::create_topics(
             &image,
             &self.cfg,
@@ -413,32 +423,32 @@ impl Active {
         if let Some(Err(e)) = answers.first() {
             // Checked every tick: said once per controller term.
             let mut l = self.liveness.lock().expect("liveness lock");
-            if !l.offsets_topic_warned {
-                l.offsets_topic_warned = true;
-                tracing::warn!(
-                    "cannot create {}: {}",
-                    crate::group::OFFSETS_TOPIC,
-                    e.message()
-                );
+            if l.internal_topics_warned.insert(name.to_string()) {
+                tracing::warn!("cannot create {name}: {}", e.message());
             }
             return Ok(());
         }
         if !records.is_empty() {
             self.quorum.submit(records).await?;
-            tracing::info!(rf = wanted, "created {}", crate::group::OFFSETS_TOPIC);
+            tracing::info!(rf = wanted, "created {name}");
         }
         Ok(())
     }
 }
 
-/// `__consumer_offsets` as the single node creates it: never deleted by retention.
-pub fn offsets_topic(cfg: &Config, rf: usize) -> NewTopic {
+/// An internal topic (`__consumer_offsets`, `__transaction_state`) as the single node creates
+/// it: never deleted by retention.
+pub fn internal_topic(cfg: &Config, name: &str, rf: usize) -> NewTopic {
     let mut configs = BTreeMap::new();
     configs.insert("retention.ms".to_string(), "-1".to_string());
     configs.insert("segment.bytes".to_string(), "104857600".to_string());
     NewTopic {
-        name: crate::group::OFFSETS_TOPIC.to_string(),
-        num_partitions: cfg.group.offsets_partitions,
+        name: name.to_string(),
+        num_partitions: if name == crate::txn::TXN_TOPIC {
+            cfg.txn.partitions
+        } else {
+            cfg.group.offsets_partitions
+        },
         replication_factor: rf as i16,
         configs,
         assignments: Vec::new(),

@@ -268,7 +268,7 @@ pub fn delete_topics(img: &ClusterImage, names: &[String]) -> (Answers, Vec<Meta
         .iter()
         .map(|n| {
             let t = scratch.topics.get(n).ok_or(TopicError::Unknown)?;
-            if n == crate::group::OFFSETS_TOPIC {
+            if super::metadata::is_internal_topic(n) {
                 return Err(TopicError::InvalidRequest(format!(
                     "Topic {n} is an internal topic and cannot be deleted"
                 )));

@@ -249,7 +249,7 @@ impl Image {
                     id: ct.id,
                     partitions,
                     configs: ct.configs.clone(),
-                    internal: name == crate::group::OFFSETS_TOPIC,
+                    internal: is_internal_topic(name),
                 },
             );
         }
@@ -1086,4 +1086,9 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "temp files left: {left:?}");
     }
+}
+
+/// Kafka's internal topics: created by the broker, never deleted by clients.
+pub fn is_internal_topic(name: &str) -> bool {
+    name == crate::group::OFFSETS_TOPIC || name == crate::txn::TXN_TOPIC
 }

@@ -18,17 +18,17 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::channel::oneshot;
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::{JoinGroupResponse, SyncGroupResponse};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    RecordBatchDecoder,
 };
 
 use crate::kafka::errors::*;
-use crate::shard::{FetchItem, ProduceItem, Shard};
+use crate::shard::{FetchItem, Shard};
 use crate::storage::batch;
 use crate::storage::log::now_ms;
 use records::{GroupValue, Key, MemberValue, OffsetValue};
@@ -102,6 +102,9 @@ pub struct Group {
     /// group.instance.id -> member id of static members.
     pub static_members: HashMap<String, String>,
     pub offsets: HashMap<(String, i32), OffsetValue>,
+    /// Offsets committed inside open transactions (TxnOffsetCommit), by producer id: they
+    /// become `offsets` at the transaction's COMMIT marker, or vanish at its ABORT.
+    pub pending_txn: HashMap<i64, HashMap<(String, i32), OffsetValue>>,
     /// PreparingRebalance: when members that have not rejoined are dropped.
     rebalance_deadline: Instant,
     /// PreparingRebalance from Empty: the join completes no earlier than this
@@ -132,6 +135,7 @@ impl Group {
             pending: HashMap::new(),
             static_members: HashMap::new(),
             offsets: HashMap::new(),
+            pending_txn: HashMap::new(),
             rebalance_deadline: now,
             join_not_before: now,
             sync_deadline: now,
@@ -333,54 +337,7 @@ pub type OffsetsRecord = (Bytes, Option<Bytes>);
 
 /// Appends records to this shard's `__consumer_offsets` partition and waits for the fsync.
 pub async fn persist(s: &Rc<Shard>, partition: i32, recs: Vec<OffsetsRecord>) -> Result<(), i16> {
-    if recs.is_empty() {
-        return Ok(());
-    }
-    let Some(p) = s.partition(OFFSETS_TOPIC, partition) else {
-        return Err(NOT_COORDINATOR);
-    };
-    let now = now_ms();
-    let records: Vec<Record> = recs
-        .into_iter()
-        .enumerate()
-        .map(|(i, (k, v))| Record {
-            transactional: false,
-            control: false,
-            partition_leader_epoch: 0,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            delete_horizon: false,
-            offset: i as i64,
-            sequence: i as i32,
-            timestamp: now,
-            key: Some(k),
-            value: v,
-            headers: Default::default(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .map_err(|_| UNKNOWN_SERVER_ERROR)?;
-    let buf = buf.freeze();
-    let infos = batch::validate_produce(&buf, crate::config::MESSAGE_BYTES_CEILING)
-        .map_err(|_| UNKNOWN_SERVER_ERROR)?;
-    let item = ProduceItem {
-        topic: OFFSETS_TOPIC.to_string(),
-        partition,
-        records: buf,
-        infos,
-    };
-    s.append_local(&p, &item).await?;
-    let end = p.log.borrow().log_end_offset;
-    s.wait_durable_one(&p, end).await
+    s.persist_records(OFFSETS_TOPIC, partition, recs, None).await
 }
 
 /// Replays one `__consumer_offsets` partition into the coordinator. Bounded by the log end.
@@ -403,6 +360,7 @@ pub async fn load_partition(s: &Rc<Shard>, partition: i32) {
             current_leader_epoch: -1,
             replica_id: crate::shard::INTERNAL_READ,
             last_fetched_epoch: -1,
+            read_committed: false,
         };
         let r = s.read_for_coordinator(&p, &item).await;
         if r.error != NONE || r.records.is_empty() {
@@ -426,7 +384,15 @@ pub async fn load_partition(s: &Rc<Shard>, partition: i32) {
                     if rec.offset < offset - 1 {
                         continue;
                     }
-                    apply_record(s, partition, rec.key, rec.value);
+                    if rec.control {
+                        // A transaction marker: type 1 commits, 0 aborts (key: i16 version, i16 type).
+                        let commit = rec.key.as_ref().is_some_and(|k| k.len() >= 4 && k[3] == 1);
+                        complete_txn_offsets(s, partition, rec.producer_id, commit);
+                    } else if rec.transactional {
+                        apply_txn_offset(s, partition, rec.producer_id, rec.key, rec.value);
+                    } else {
+                        apply_record(s, partition, rec.key, rec.value);
+                    }
                     loaded += 1;
                 }
             }
@@ -438,6 +404,86 @@ pub async fn load_partition(s: &Rc<Shard>, partition: i32) {
         records = loaded,
         "loaded __consumer_offsets partition"
     );
+}
+
+/// Records offsets committed inside producer `pid`'s transaction (TxnOffsetCommit), durable in
+/// `__consumer_offsets` partition `partition` as a transactional batch. They stay pending until
+/// the transaction's marker.
+pub async fn txn_offset_commit(
+    s: &Rc<Shard>,
+    partition: i32,
+    group: &str,
+    pid: i64,
+    epoch: i16,
+    offsets: Vec<(String, i32, OffsetValue)>,
+) -> Result<(), i16> {
+    let recs: Vec<OffsetsRecord> = offsets
+        .iter()
+        .map(|(t, p, v)| (records::offset_key(group, t, *p), Some(records::offset_value(v))))
+        .collect();
+    s.persist_records(OFFSETS_TOPIC, partition, recs, Some((pid, epoch)))
+        .await?;
+    let mut groups = s.groups.groups.borrow_mut();
+    let g = groups
+        .entry(group.to_string())
+        .or_insert_with(|| Group::new(group, partition));
+    let pending = g.pending_txn.entry(pid).or_default();
+    for (t, p, v) in offsets {
+        pending.insert((t, p), v);
+    }
+    Ok(())
+}
+
+fn apply_txn_offset(
+    s: &Rc<Shard>,
+    partition: i32,
+    pid: i64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+) {
+    let Some(Key::Offset {
+        group,
+        topic,
+        partition: p,
+    }) = key.and_then(records::decode_key)
+    else {
+        return;
+    };
+    let Some(v) = value.and_then(records::decode_offset_value) else {
+        return;
+    };
+    s.groups
+        .groups
+        .borrow_mut()
+        .entry(group.clone())
+        .or_insert_with(|| Group::new(&group, partition))
+        .pending_txn
+        .entry(pid)
+        .or_default()
+        .insert((topic, p), v);
+}
+
+/// Producer `pid`'s transaction ended with a marker in `__consumer_offsets` partition
+/// `partition`: its pending offsets there become the groups' offsets (commit) or are dropped.
+pub fn complete_txn_offsets(s: &Rc<Shard>, partition: i32, pid: i64, commit: bool) {
+    let mut groups = s.groups.groups.borrow_mut();
+    for g in groups.values_mut().filter(|g| g.partition == partition) {
+        if let Some(pending) = g.pending_txn.remove(&pid) {
+            if commit {
+                g.offsets.extend(pending);
+            }
+        }
+    }
+}
+
+/// Whether an open transaction holds an offset commit for (topic, partition) of `group`
+/// (OffsetFetch with require_stable answers UNSTABLE_OFFSET_COMMIT then).
+pub fn has_pending_txn_offset(s: &Shard, group: &str, topic: &str, partition: i32) -> bool {
+    s.groups.groups.borrow().get(group).is_some_and(|g| {
+        g.pending_txn
+            .values()
+            .any(|m| m.contains_key(&(topic.to_string(), partition)))
+    })
 }
 
 fn apply_record(s: &Rc<Shard>, partition: i32, key: Option<Bytes>, value: Option<Bytes>) {

@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
-use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use kafka_protocol::messages::{FetchRequest, FetchResponse, TopicName};
+use kafka_protocol::messages::fetch_response::{
+    AbortedTransaction, FetchableTopicResponse, PartitionData,
+};
+use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::errors::*;
@@ -48,6 +50,7 @@ async fn run_plan(
                 current_leader_epoch: i.current_leader_epoch,
                 replica_id: i.replica_id,
                 last_fetched_epoch: i.last_fetched_epoch,
+                read_committed: i.read_committed,
             })
             .collect();
         s.send(
@@ -199,6 +202,8 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             log_start_offset: -1,
             records: Vec::new(),
             diverging: None,
+            last_stable_offset: -1,
+            aborted: Vec::new(),
         });
         let owner = match image.route(&c.topic, c.partition, s.config.node_id) {
             Ok(owner) => owner,
@@ -235,6 +240,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 } else {
                     -1
                 },
+                read_committed: replica_id < 0 && req.isolation_level == 1,
             },
         ));
     }
@@ -328,14 +334,27 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             .with_partition_index(w.partition)
             .with_error_code(r.error)
             .with_high_watermark(hw)
-            .with_last_stable_offset(hw)
+            .with_last_stable_offset(if r.last_stable_offset >= 0 {
+                r.last_stable_offset
+            } else {
+                hw
+            })
             .with_log_start_offset(if frame.api_version >= 5 {
                 r.log_start_offset
             } else {
                 -1
             })
             .with_aborted_transactions(if req.isolation_level == 1 {
-                Some(Vec::new())
+                Some(
+                    r.aborted
+                        .iter()
+                        .map(|a| {
+                            AbortedTransaction::default()
+                                .with_producer_id(ProducerId(a.producer_id))
+                                .with_first_offset(a.first_offset)
+                        })
+                        .collect(),
+                )
             } else {
                 None
             })

@@ -22,6 +22,9 @@ use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
     OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
+use kafka_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 
@@ -103,10 +106,9 @@ pub fn handle_find_coordinator(frame: RequestFrame) -> Result<Response, String> 
     let answer = |key_type: i8, key: &str| -> Result<(i32, String, i32), (i16, &'static str)> {
         match key_type {
             0 => coordinator_node(&s, key).map_err(|c| (c, "The coordinator is not available.")),
-            _ => Err((
-                COORDINATOR_NOT_AVAILABLE,
-                "Transactions are not supported yet",
-            )),
+            1 => super::txn::coordinator_node(&s, key)
+                .map_err(|c| (c, "The coordinator is not available.")),
+            _ => Err((INVALID_REQUEST, "Unknown coordinator key type")),
         }
     };
     let mut resp = FindCoordinatorResponse::default();
@@ -416,19 +418,124 @@ pub async fn handle_offset_commit(frame: RequestFrame) -> Result<Response, Strin
     respond(&frame, OutBuf::new(), &resp)
 }
 
-type Committed = Vec<(String, i32, Option<OffsetValue>)>;
+/// TxnOffsetCommit v0-3: offsets committed inside a transaction, written to
+/// `__consumer_offsets` as the producer's transactional batch and visible to the group only
+/// at the transaction's COMMIT marker.
+pub async fn handle_txn_offset_commit(frame: RequestFrame) -> Result<Response, String> {
+    let req: TxnOffsetCommitRequest = decode(&frame)?;
+    let group = req.group_id.0.to_string();
+    let g2 = group.clone();
+    let (pid, epoch) = (req.producer_id.0, req.producer_epoch);
+    let rows: Vec<(String, i32, i64, i32, String)> = req
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(|p| {
+                (
+                    t.name.0.to_string(),
+                    p.partition_index,
+                    p.committed_offset,
+                    if frame.api_version >= 2 {
+                        p.committed_leader_epoch
+                    } else {
+                        -1
+                    },
+                    p.committed_metadata
+                        .as_ref()
+                        .map(|m| m.to_string())
+                        .unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    let r2 = rows.clone();
+    let codes: Result<Vec<i16>, i16> = on_coordinator(&group, Err, move |s, partition| {
+        async move {
+            let max = s.config.group.offset_metadata_bytes_max;
+            let now = now_ms();
+            let image = s.image();
+            let mut accepted = Vec::new();
+            let codes: Vec<i16> = r2
+                .into_iter()
+                .map(|(topic, p, offset, leader_epoch, metadata)| {
+                    let count = image.topics.get(&topic).map(|t| t.partitions.len());
+                    if !count.is_some_and(|n| usize::try_from(p).is_ok_and(|p| p < n)) {
+                        return UNKNOWN_TOPIC_OR_PARTITION;
+                    }
+                    if metadata.len() > max {
+                        return OFFSET_METADATA_TOO_LARGE;
+                    }
+                    accepted.push((
+                        topic,
+                        p,
+                        OffsetValue {
+                            offset,
+                            leader_epoch,
+                            metadata,
+                            commit_timestamp: now,
+                        },
+                    ));
+                    NONE
+                })
+                .collect();
+            if !accepted.is_empty() {
+                group::txn_offset_commit(&s, partition, &g2, pid, epoch, accepted).await?;
+            }
+            Ok(codes)
+        }
+        .boxed_local()
+    })
+    .await;
+    let mut topics: Vec<TxnOffsetCommitResponseTopic> = Vec::new();
+    for (i, (t, p, ..)) in rows.into_iter().enumerate() {
+        let code = match &codes {
+            Ok(c) => c[i],
+            Err(e) => *e,
+        };
+        let r = TxnOffsetCommitResponsePartition::default()
+            .with_partition_index(p)
+            .with_error_code(code);
+        match topics.last_mut() {
+            Some(last) if last.name.0.as_str() == t => last.partitions.push(r),
+            _ => topics.push(
+                TxnOffsetCommitResponseTopic::default()
+                    .with_name(TopicName(sb(t)))
+                    .with_partitions(vec![r]),
+            ),
+        }
+    }
+    respond(
+        &frame,
+        OutBuf::new(),
+        &TxnOffsetCommitResponse::default().with_topics(topics),
+    )
+}
 
-/// Committed offsets of one group: the asked partitions, or all (topics None).
+type Committed = Vec<(String, i32, Option<OffsetValue>)>;
+/// Partitions with an offset commit inside an open transaction (KIP-447's require_stable).
+type Unstable = std::collections::HashSet<(String, i32)>;
+
+/// Committed offsets of one group: the asked partitions, or all (topics None); with
+/// `require_stable`, also the partitions an open transaction holds a commit for.
 async fn fetch_offsets(
     group: String,
     topics: Option<Vec<(String, Vec<i32>)>>,
-) -> Result<Committed, i16> {
+    require_stable: bool,
+) -> Result<(Committed, Unstable), i16> {
     let g2 = group.clone();
     on_coordinator(&group, Err, move |s, _| {
         async move {
             let groups = s.groups.groups.borrow();
             let g = groups.get(&g2);
-            Ok(match topics {
+            let unstable: Unstable = match g {
+                Some(g) if require_stable => g
+                    .pending_txn
+                    .values()
+                    .flat_map(|m| m.keys().cloned())
+                    .collect(),
+                _ => Unstable::new(),
+            };
+            Ok((match topics {
                 Some(ts) => ts
                     .into_iter()
                     .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p)))
@@ -449,7 +556,7 @@ async fn fetch_offsets(
                     all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
                     all
                 }
-            })
+            }, unstable))
         }
         .boxed_local()
     })
@@ -482,21 +589,28 @@ pub async fn handle_offset_fetch(frame: RequestFrame) -> Result<Response, String
                     .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
                     .collect()
             });
-            let r = fetch_offsets(g.group_id.0.to_string(), topics).await;
+            let r = fetch_offsets(g.group_id.0.to_string(), topics, req.require_stable).await;
             let mut out = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
             match r {
                 Err(code) => out.error_code = code,
-                Ok(rows) => {
+                Ok((rows, unstable)) => {
                     out.topics = group_by_topic(rows)
                         .into_iter()
                         .map(|(t, ps)| {
                             OffsetFetchResponseTopics::default()
-                                .with_name(TopicName(sb(t)))
+                                .with_name(TopicName(sb(t.clone())))
                                 .with_partitions(
                                     ps.into_iter()
                                         .map(|(p, v)| {
+                                            let held = unstable.contains(&(t.clone(), p));
+                                            let v = if held { None } else { v };
                                             OffsetFetchResponsePartitions::default()
                                                 .with_partition_index(p)
+                                                .with_error_code(if held {
+                                                    UNSTABLE_OFFSET_COMMIT
+                                                } else {
+                                                    NONE
+                                                })
                                                 .with_committed_offset(
                                                     v.as_ref().map(|v| v.offset).unwrap_or(-1),
                                                 )
@@ -524,20 +638,28 @@ pub async fn handle_offset_fetch(frame: RequestFrame) -> Result<Response, String
             .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
             .collect::<Vec<_>>()
     });
-    let r = fetch_offsets(req.group_id.0.to_string(), topics.clone()).await;
+    let stable = version >= 7 && req.require_stable;
+    let r = fetch_offsets(req.group_id.0.to_string(), topics.clone(), stable).await;
     let mut resp = OffsetFetchResponse::default();
     match r {
-        Ok(rows) => {
+        Ok((rows, unstable)) => {
             resp.topics = group_by_topic(rows)
                 .into_iter()
                 .map(|(t, ps)| {
                     OffsetFetchResponseTopic::default()
-                        .with_name(TopicName(sb(t)))
+                        .with_name(TopicName(sb(t.clone())))
                         .with_partitions(
                             ps.into_iter()
                                 .map(|(p, v)| {
+                                    let held = unstable.contains(&(t.clone(), p));
+                                    let v = if held { None } else { v };
                                     OffsetFetchResponsePartition::default()
                                         .with_partition_index(p)
+                                        .with_error_code(if held {
+                                            UNSTABLE_OFFSET_COMMIT
+                                        } else {
+                                            NONE
+                                        })
                                         .with_committed_offset(
                                             v.as_ref().map(|v| v.offset).unwrap_or(-1),
                                         )

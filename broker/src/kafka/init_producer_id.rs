@@ -1,6 +1,6 @@
-//! InitProducerId v0-4 for idempotent producers (no transactional.id): a producer id never
-//! handed out before, epoch 0. Transactions are not supported yet, so a transactional id is
-//! refused.
+//! InitProducerId v0-4. Idempotent producers (no transactional.id) get a producer id never
+//! handed out before, epoch 0; transactional ones go to their transaction coordinator
+//! (`kafka::txn`, `txn`), which keeps the id's producer id and bumps its epoch.
 
 use futures::channel::oneshot;
 use kafka_protocol::messages::{InitProducerIdRequest, InitProducerIdResponse, ProducerId};
@@ -22,10 +22,14 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         .as_ref()
         .is_some_and(|t| !t.0.is_empty())
     {
-        tracing::warn!(
-            "refusing InitProducerId with a transactional.id: transactions are not supported yet"
-        );
-        resp.error_code = INVALID_REQUEST;
+        match super::txn::init_producer_id(&req).await {
+            Ok((pid, epoch)) => {
+                resp = resp
+                    .with_producer_id(ProducerId(pid))
+                    .with_producer_epoch(epoch)
+            }
+            Err(code) => resp.error_code = code,
+        }
         return respond(&frame, OutBuf::new(), &resp);
     }
     let (tx, rx) = oneshot::channel();

@@ -43,6 +43,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                     topic: name.clone(),
                     partition: p.partition_index,
                     timestamp: p.timestamp,
+                    read_committed: frame.api_version >= 2 && req.isolation_level == 1,
                     current_leader_epoch: if frame.api_version >= 4 {
                         p.current_leader_epoch
                     } else {

@@ -22,6 +22,7 @@ pub mod metadata;
 pub mod outcome;
 pub mod produce;
 pub mod reassign;
+pub mod txn;
 
 use bytes::Bytes;
 use futures::future::LocalBoxFuture;
@@ -72,6 +73,13 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::DescribeGroups => ready(groups::handle_describe_groups(frame).await),
         ApiKey::DeleteGroups => ready(groups::handle_delete_groups(frame).await),
         ApiKey::OffsetDelete => ready(groups::handle_offset_delete(frame).await),
+        ApiKey::AddPartitionsToTxn => ready(txn::handle_add_partitions(frame).await),
+        ApiKey::AddOffsetsToTxn => ready(txn::handle_add_offsets(frame).await),
+        ApiKey::EndTxn => ready(txn::handle_end_txn(frame).await),
+        ApiKey::WriteTxnMarkers => ready(txn::handle_write_markers(frame).await),
+        ApiKey::TxnOffsetCommit => ready(groups::handle_txn_offset_commit(frame).await),
+        ApiKey::DescribeTransactions => ready(txn::handle_describe(frame).await),
+        ApiKey::ListTransactions => ready(txn::handle_list(frame).await),
         other => Err(format!("API {other:?} is not supported")),
     }
 }

@@ -44,6 +44,9 @@ top_level!(
     AlterPartitionReassignmentsResponse,
     ListPartitionReassignmentsResponse,
     UnregisterBrokerResponse,
+    AddOffsetsToTxnResponse,
+    EndTxnResponse,
+    ListTransactionsResponse,
 );
 
 nested!(
@@ -70,4 +73,9 @@ nested!(
         .chain(r.replica_election_results.iter().flat_map(|t| t.partition_result.iter().map(|p| p.error_code))),
     OffsetDeleteResponse => |r| std::iter::once(r.error_code).chain(r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code))),
     LeaveGroupResponse => |r| std::iter::once(r.error_code).chain(r.members.iter().map(|m| m.error_code)),
+    AddPartitionsToTxnResponse => |r| std::iter::once(r.error_code)
+        .chain(r.results_by_topic_v3_and_below.iter().flat_map(|t| t.results_by_partition.iter().map(|p| p.partition_error_code))),
+    TxnOffsetCommitResponse => |r| r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
+    WriteTxnMarkersResponse => |r| r.markers.iter().flat_map(|m| m.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code))),
+    DescribeTransactionsResponse => |r| r.transaction_states.iter().map(|t| t.error_code),
 );

@@ -139,6 +139,17 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                         },
                     }
                 });
+            // A transactional batch comes from a transactional producer (with its id in the
+            // request) and carries sequences; a producer that sends one without is refused.
+            let checked = checked.and_then(|(records, infos)| {
+                let txn_id = req.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty());
+                match infos.iter().find(|i| i.transactional) {
+                    Some(i) if !txn_id || i.base_sequence < 0 => Err(BatchError::Invalid(
+                        "a transactional batch needs a transactional id and sequences",
+                    )),
+                    _ => Ok((records, infos)),
+                }
+            });
             let (records, infos) = match checked {
                 Ok(ok) => ok,
                 Err(e) => {

@@ -18,17 +18,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
-use bytes::{Bytes, BytesMut};
-use futures::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
+use bytes::Bytes;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, FetchRequest, FetchResponse, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use kafka_protocol::protocol::StrBytes;
 
 use super::throttle;
+use crate::peer::Conn;
 use crate::kafka::errors::*;
 use crate::shard::{Partition, Shard};
 use crate::storage::batch;
@@ -173,7 +171,7 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
         }
         if conn.as_ref().is_none_or(|c| c.addr != addr) {
             session = None;
-            match Conn::connect(&addr).await {
+            match Conn::connect(&addr, "weir-replica-fetcher", IO_TIMEOUT).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     tracing::debug!(leader, %addr, "follower fetcher cannot connect: {e:#}");
@@ -196,7 +194,10 @@ async fn fetch_from(s: &Rc<Shard>, leader: i32) {
         );
         let c = conn.as_mut().expect("connected above");
         let wait = Duration::from_millis(cfg.replica_fetch_wait_max_ms) + IO_TIMEOUT;
-        let resp = match c.fetch(&req, wait).await {
+        let resp = match c
+            .call::<_, FetchResponse>(ApiKey::Fetch, FETCH_VERSION, &req, wait, RESPONSE_FRAME_MAX)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(leader, %addr, "follower fetch failed: {e:#}");
@@ -493,98 +494,11 @@ fn truncation_offset(p: &Partition, leader_epoch: i32, leader_end: i64) -> i64 {
     leader_end.min(my_end)
 }
 
-/// A connection to a leader's client listener.
-struct Conn {
-    addr: String,
-    stream: TcpStream,
-    next_correlation: i32,
-}
-
-impl Conn {
-    async fn connect(addr: &str) -> Result<Conn> {
-        let sa: std::net::SocketAddr = match addr.parse() {
-            Ok(a) => a,
-            Err(_) => {
-                let a = addr.to_string();
-                crate::storage::log::blocking(move || {
-                    use std::net::ToSocketAddrs;
-                    a.to_socket_addrs().ok().and_then(|mut i| i.next())
-                })
-                .await
-                .ok_or_else(|| anyhow!("cannot resolve {addr}"))?
-            }
-        };
-        let stream = TcpStream::connect_timeout(sa, IO_TIMEOUT)
-            .await
-            .map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        Ok(Conn {
-            addr: addr.to_string(),
-            stream,
-            next_correlation: 1,
-        })
-    }
-
-    async fn fetch(&mut self, req: &FetchRequest, wait: Duration) -> Result<FetchResponse> {
-        let corr = self.next_correlation;
-        self.next_correlation = self.next_correlation.wrapping_add(1);
-        let mut buf = BytesMut::with_capacity(1024);
-        buf.extend_from_slice(&[0; 4]);
-        RequestHeader::default()
-            .with_request_api_key(ApiKey::Fetch as i16)
-            .with_request_api_version(FETCH_VERSION)
-            .with_correlation_id(corr)
-            .with_client_id(Some(StrBytes::from_static_str("weir-replica-fetcher")))
-            .encode(
-                &mut buf,
-                ApiKey::Fetch.request_header_version(FETCH_VERSION),
-            )?;
-        req.encode(&mut buf, FETCH_VERSION)?;
-        let size = (buf.len() - 4) as i32;
-        buf[0..4].copy_from_slice(&size.to_be_bytes());
-        let io = async {
-            self.stream.write_all(&buf).await?;
-            let mut size = [0u8; 4];
-            self.stream.read_exact(&mut size).await?;
-            let size = i32::from_be_bytes(size);
-            if size < 4 || size as usize > RESPONSE_FRAME_MAX {
-                bail!("response frame of {size} bytes");
-            }
-            // Grown as bytes arrive, never reserved ahead of them.
-            let mut body = Vec::new();
-            let mut chunk = vec![0u8; 256 << 10];
-            while body.len() < size as usize {
-                let want = (size as usize - body.len()).min(chunk.len());
-                let n = self.stream.read(&mut chunk[..want]).await?;
-                if n == 0 {
-                    bail!("the leader closed the connection");
-                }
-                body.extend_from_slice(&chunk[..n]);
-            }
-            Ok::<_, anyhow::Error>(Bytes::from(body))
-        };
-        let timeout = glommio::timer::sleep(wait);
-        let mut body = match futures::future::select(Box::pin(io), Box::pin(timeout)).await {
-            futures::future::Either::Left((r, _)) => r?,
-            futures::future::Either::Right(_) => bail!("no answer within {wait:?}"),
-        };
-        let h = ResponseHeader::decode(
-            &mut body,
-            ApiKey::Fetch.response_header_version(FETCH_VERSION),
-        )?;
-        if h.correlation_id != corr {
-            bail!(
-                "response {} does not answer request {corr}",
-                h.correlation_id
-            );
-        }
-        Ok(FetchResponse::decode(&mut body, FETCH_VERSION)?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
+    use kafka_protocol::protocol::{Decodable, Encodable};
 
     #[test]
     fn requests_carry_replica_id_and_last_epochs() {

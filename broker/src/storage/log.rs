@@ -662,11 +662,15 @@ impl PartitionLog {
             return;
         }
         if !h.is_control() {
-            if let Some(e) = self.producers.entries.get_mut(&pid) {
-                if e.txn_first_offset.is_none() {
-                    e.txn_first_offset = Some(h.base_offset());
-                    self.ongoing.insert(h.base_offset(), pid);
-                }
+            let e = self.producers.entries.entry(pid).or_insert_with(|| ProducerEntry {
+                epoch: h.producer_epoch(),
+                batches: Default::default(),
+                last_timestamp: h.max_timestamp(),
+                txn_first_offset: None,
+            });
+            if e.txn_first_offset.is_none() {
+                e.txn_first_offset = Some(h.base_offset());
+                self.ongoing.insert(h.base_offset(), pid);
             }
             return;
         }
@@ -759,8 +763,10 @@ impl PartitionLog {
     ) -> Result<Appended, AppendError> {
         // A control batch (a transaction marker, written by the broker itself) carries no
         // sequence: it is not checked against the producer's sequences.
+        // Nor is a coordinator's transactional write on a producer's behalf (no sequence).
         let control = infos.len() == 1
-            && Header::new(&records[infos[0].start..]).is_some_and(|h| h.is_control());
+            && (Header::new(&records[infos[0].start..]).is_some_and(|h| h.is_control())
+                || (infos[0].transactional && infos[0].base_sequence < 0));
         if !control && infos.iter().any(|i| i.producer_id >= 0) {
             // Idempotent producers send one batch per partition.
             let [i] = infos else {

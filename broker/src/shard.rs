@@ -887,7 +887,9 @@ impl Shard {
                 timestamp_type: TimestampType::Creation,
                 delete_horizon: false,
                 offset: i as i64,
-                sequence: -1,
+                // Base sequence -1 (none); the encoder keeps one batch while offset minus
+                // sequence stays constant.
+                sequence: i as i32 - 1,
                 timestamp: now,
                 key: Some(k),
                 value: v,

@@ -396,27 +396,30 @@ fn a_broker_is_drained_stopped_and_unregistered() {
         .collect();
     let codes = reassign(c.node(1), "dec", &plan);
     assert!(codes.iter().all(|(_, code)| *code == 0), "{codes:?}");
-    // The group coordinator's topic has replicas on every broker: RF 3 becomes RF 2 without 0.
-    let offsets = partitions(c.node(1), "__consumer_offsets").expect("__consumer_offsets");
-    let drain: Vec<(i32, Option<Vec<i32>>)> = offsets
-        .iter()
-        .enumerate()
-        .map(|(p, (_, r, _))| {
-            (
-                p as i32,
-                Some(r.iter().copied().filter(|&b| b != 0).collect()),
-            )
-        })
-        .collect();
-    let codes = reassign(c.node(1), "__consumer_offsets", &drain);
-    assert!(codes.iter().all(|(_, code)| *code == 0), "{codes:?}");
+    // The coordinators' topics have replicas on every broker: RF 3 becomes RF 2 without 0.
+    for internal in ["__consumer_offsets", "__transaction_state"] {
+        let parts = partitions(c.node(1), internal).expect(internal);
+        let drain: Vec<(i32, Option<Vec<i32>>)> = parts
+            .iter()
+            .enumerate()
+            .map(|(p, (_, r, _))| {
+                (
+                    p as i32,
+                    Some(r.iter().copied().filter(|&b| b != 0).collect()),
+                )
+            })
+            .collect();
+        let codes = reassign(c.node(1), internal, &drain);
+        assert!(codes.iter().all(|(_, code)| *code == 0), "{codes:?}");
+    }
     let off_0 = |t: &str| {
         partitions(c.node(1), t).is_some_and(|v| v.iter().all(|(_, r, _)| !r.contains(&0)))
     };
     assert!(eventually(Duration::from_secs(60), || ongoing(c.node(1))
         .is_empty()
         && off_0("dec")
-        && off_0("__consumer_offsets")));
+        && off_0("__consumer_offsets")
+        && off_0("__transaction_state")));
     let (code, msg) = unregister(c.node(1), 0);
     assert_eq!(code, 42, "a running broker is not unregistered: {msg:?}");
     assert!(c.stop(0), "broker 0 stops cleanly");

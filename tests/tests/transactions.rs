@@ -1076,3 +1076,138 @@ fn all_or_nothing(
     assert_in_send_order(&r.recs);
     third
 }
+
+// ------------------------------------------------------------------------------------------
+// 8. The coordinator's admin APIs and its errors, over the raw protocol
+
+/// DescribeTransactions and ListTransactions report an open librdkafka transaction (state,
+/// producer, partitions) and then its commit; the coordinator answers Kafka's codes for an
+/// unknown id, a fenced epoch, an unknown partition, a timeout above the maximum and an
+/// unknown state filter.
+#[test]
+fn describe_list_transactions_and_coordinator_errors() {
+    use kafka_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
+    use kafka_protocol::messages::*;
+    let b = Broker::start(2);
+    admin::create(&b, "dl", 2, 1, &[]).unwrap();
+    let p: BaseProducer = b
+        .client_config()
+        .set("transactional.id", "dl1")
+        .set("transaction.timeout.ms", "60000")
+        .create()
+        .expect("producer");
+    let t = Duration::from_secs(60);
+    p.init_transactions(t).expect("init_transactions");
+    p.begin_transaction().unwrap();
+    for i in 0..5 {
+        p.send(BaseRecord::to("dl").partition(1).key("k").payload(&format!("v{i}")))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    p.flush(t).unwrap();
+
+    let mut c = raw::Conn::new(&b.bootstrap());
+    let sb = |s: &str| StrBytes::from_string(s.to_string());
+    let describe = |c: &mut raw::Conn| -> DescribeTransactionsResponse {
+        c.call(
+            ApiKey::DescribeTransactions,
+            0,
+            &DescribeTransactionsRequest::default().with_transactional_ids(vec![
+                TransactionalId(sb("dl1")),
+                TransactionalId(sb("nope")),
+            ]),
+        )
+    };
+    let d = describe(&mut c);
+    let (open, unknown) = (&d.transaction_states[0], &d.transaction_states[1]);
+    assert_eq!(open.error_code, 0);
+    assert_eq!(open.transaction_state.as_str(), "Ongoing");
+    assert_eq!(open.transaction_timeout_ms, 60_000);
+    assert!(open.producer_id.0 >= 0 && open.transaction_start_time_ms > 0);
+    assert_eq!(open.topics.len(), 1);
+    assert_eq!((open.topics[0].topic.0.as_str(), open.topics[0].partitions.clone()), ("dl", vec![1]));
+    assert_eq!(unknown.error_code, 105, "TRANSACTIONAL_ID_NOT_FOUND");
+    let (pid, epoch) = (open.producer_id, open.producer_epoch);
+
+    let list = |c: &mut raw::Conn, states: &[&str]| -> ListTransactionsResponse {
+        c.call(
+            ApiKey::ListTransactions,
+            1,
+            &ListTransactionsRequest::default()
+                .with_state_filters(states.iter().map(|s| sb(s)).collect())
+                .with_duration_filter(-1),
+        )
+    };
+    let l = list(&mut c, &["Ongoing"]);
+    assert_eq!(l.error_code, 0);
+    assert!(l
+        .transaction_states
+        .iter()
+        .any(|s| s.transactional_id.0.as_str() == "dl1" && s.producer_id == pid));
+    assert!(list(&mut c, &["CompleteCommit"]).transaction_states.is_empty());
+    assert_eq!(
+        list(&mut c, &["Bogus"]).unknown_state_filters,
+        vec![sb("Bogus")]
+    );
+
+    // A stale epoch is fenced; an unknown partition fails the whole request.
+    let end: EndTxnResponse = c.call(
+        ApiKey::EndTxn,
+        3,
+        &EndTxnRequest::default()
+            .with_transactional_id(TransactionalId(sb("dl1")))
+            .with_producer_id(pid)
+            .with_producer_epoch(epoch - 1)
+            .with_committed(true),
+    );
+    assert_eq!(end.error_code, 90, "PRODUCER_FENCED");
+    let add: AddPartitionsToTxnResponse = c.call(
+        ApiKey::AddPartitionsToTxn,
+        3,
+        &AddPartitionsToTxnRequest::default()
+            .with_v3_and_below_transactional_id(TransactionalId(sb("dl1")))
+            .with_v3_and_below_producer_id(pid)
+            .with_v3_and_below_producer_epoch(epoch)
+            .with_v3_and_below_topics(vec![
+                AddPartitionsToTxnTopic::default()
+                    .with_name(TopicName(sb("dl")))
+                    .with_partitions(vec![0]),
+                AddPartitionsToTxnTopic::default()
+                    .with_name(TopicName(sb("no-such-topic")))
+                    .with_partitions(vec![0]),
+            ]),
+    );
+    let codes: Vec<(String, i16)> = add
+        .results_by_topic_v3_and_below
+        .iter()
+        .flat_map(|t| {
+            t.results_by_partition
+                .iter()
+                .map(move |p| (t.name.0.to_string(), p.partition_error_code))
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![("dl".to_string(), 55), ("no-such-topic".to_string(), 3)],
+        "OPERATION_NOT_ATTEMPTED beside UNKNOWN_TOPIC_OR_PARTITION"
+    );
+    let init: InitProducerIdResponse = c.call(
+        ApiKey::InitProducerId,
+        4,
+        &InitProducerIdRequest::default()
+            .with_transactional_id(Some(TransactionalId(sb("other"))))
+            .with_transaction_timeout_ms(1_000_000)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1),
+    );
+    assert_eq!(init.error_code, 50, "INVALID_TRANSACTION_TIMEOUT above transaction.max.timeout.ms");
+
+    p.commit_transaction(t).expect("commit");
+    let d = describe(&mut c);
+    assert_eq!(d.transaction_states[0].transaction_state.as_str(), "CompleteCommit");
+    assert!(d.transaction_states[0].topics.is_empty());
+    assert_eq!(
+        list(&mut c, &["CompleteCommit"]).transaction_states.len(),
+        1
+    );
+}

@@ -47,6 +47,13 @@ pub struct Config {
     pub producer_id_expiration_ms: i64,
     pub group: crate::group::GroupConfig,
     pub txn: crate::txn::TxnConfig,
+    /// The log cleaner (compacted topics): `log.cleaner.enable`, `log.cleaner.backoff.ms`,
+    /// `log.cleaner.dedupe.buffer.size` (the key map's memory, per shard),
+    /// `log.cleaner.io.max.bytes.per.second` (0: unlimited).
+    pub cleaner_enable: bool,
+    pub cleaner_backoff_ms: u64,
+    pub cleaner_dedupe_bytes: usize,
+    pub cleaner_io_bytes_per_s: u64,
     /// Cluster mode (issue #11): what this node is and who the controller voters are.
     pub cluster: ClusterConfig,
     /// Where the Prometheus endpoint listens (`weir.metrics.listen`, `none` turns it off).
@@ -99,6 +106,16 @@ pub struct LogConfig {
     /// `compression.type`: None keeps the producer's codec ("producer"); otherwise batches
     /// are stored with this codec, recompressed on produce when they differ.
     pub compression: Option<kafka_protocol::records::Compression>,
+    /// `cleanup.policy`: `delete` (retention removes whole segments), `compact` (the cleaner
+    /// keeps the latest record per key), or both.
+    pub delete: bool,
+    pub compact: bool,
+    /// `min.cleanable.dirty.ratio`, `min.compaction.lag.ms`, `max.compaction.lag.ms`,
+    /// `delete.retention.ms` (how long tombstones outlive cleaning).
+    pub min_cleanable_dirty_ratio: f64,
+    pub min_compaction_lag_ms: i64,
+    pub max_compaction_lag_ms: i64,
+    pub delete_retention_ms: i64,
 }
 
 impl Default for LogConfig {
@@ -115,6 +132,12 @@ impl Default for LogConfig {
             leader_throttled_replicas: String::new(),
             follower_throttled_replicas: String::new(),
             compression: None,
+            delete: true,
+            compact: false,
+            min_cleanable_dirty_ratio: 0.5,
+            min_compaction_lag_ms: 0,
+            max_compaction_lag_ms: i64::MAX,
+            delete_retention_ms: 86_400_000,
         }
     }
 }
@@ -122,6 +145,10 @@ impl Default for LogConfig {
 /// Topic config keys Weir understands, with how each maps onto [`LogConfig`].
 pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "cleanup.policy",
+    "min.cleanable.dirty.ratio",
+    "min.compaction.lag.ms",
+    "max.compaction.lag.ms",
+    "delete.retention.ms",
     "retention.ms",
     "retention.bytes",
     "segment.bytes",
@@ -376,10 +403,29 @@ impl LogConfig {
                 }
             }
             "cleanup.policy" => {
-                if value != "delete" {
-                    bail!("cleanup.policy={value} is not supported: Weir only deletes whole segments (cleanup.policy=delete)");
+                let (mut delete, mut compact) = (false, false);
+                for p in value.split(',').map(str::trim) {
+                    match p {
+                        "delete" => delete = true,
+                        "compact" => compact = true,
+                        _ => bail!("Invalid value {value} for configuration cleanup.policy: String must be one of: compact, delete"),
+                    }
                 }
+                if !(delete || compact) {
+                    bail!("Invalid value {value} for configuration cleanup.policy: String must be one of: compact, delete");
+                }
+                (self.delete, self.compact) = (delete, compact);
             }
+            "min.cleanable.dirty.ratio" => {
+                let r: f64 = value.trim().parse().map_err(|_| anyhow::anyhow!("Invalid value {value} for configuration min.cleanable.dirty.ratio: Not a number of type DOUBLE"))?;
+                if !(0.0..=1.0).contains(&r) {
+                    bail!("Invalid value {value} for configuration min.cleanable.dirty.ratio: Value must be no less than 0 and no more than 1");
+                }
+                self.min_cleanable_dirty_ratio = r;
+            }
+            "min.compaction.lag.ms" => self.min_compaction_lag_ms = parse_i64_min(value, 0)?,
+            "max.compaction.lag.ms" => self.max_compaction_lag_ms = parse_i64_min(value, 1)?,
+            "delete.retention.ms" => self.delete_retention_ms = parse_i64_min(value, 0)?,
             "compression.type" => {
                 use kafka_protocol::records::Compression;
                 self.compression = match value {
@@ -414,7 +460,16 @@ impl LogConfig {
     /// The effective value of a topic config key, as DescribeConfigs reports it.
     pub fn describe(&self, key: &str) -> Option<String> {
         Some(match key {
-            "cleanup.policy" => "delete".into(),
+            "cleanup.policy" => match (self.compact, self.delete) {
+                (true, true) => "compact,delete",
+                (true, false) => "compact",
+                _ => "delete",
+            }
+            .into(),
+            "min.cleanable.dirty.ratio" => self.min_cleanable_dirty_ratio.to_string(),
+            "min.compaction.lag.ms" => self.min_compaction_lag_ms.to_string(),
+            "max.compaction.lag.ms" => self.max_compaction_lag_ms.to_string(),
+            "delete.retention.ms" => self.delete_retention_ms.to_string(),
             "retention.ms" => self.retention_ms.to_string(),
             "retention.bytes" => self.retention_bytes.to_string(),
             "segment.bytes" => self.segment_bytes.to_string(),
@@ -498,6 +553,10 @@ impl Config {
             producer_id_expiration_ms: 86_400_000,
             group: crate::group::GroupConfig::default(),
             txn: crate::txn::TxnConfig::default(),
+            cleaner_enable: true,
+            cleaner_backoff_ms: 15_000,
+            cleaner_dedupe_bytes: 128 << 20,
+            cleaner_io_bytes_per_s: 0,
             cluster: ClusterConfig::default(),
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("a socket address")),
             given: Default::default(),
@@ -940,6 +999,17 @@ impl Config {
             "offsets.topic.num.partitions" => {
                 self.group.offsets_partitions = parse_i64_min(v, 1)?.min(1000) as i32
             }
+            "log.cleaner.enable" => self.cleaner_enable = parse_bool(v)?,
+            "log.cleaner.backoff.ms" => self.cleaner_backoff_ms = parse_i64_min(v, 1)? as u64,
+            "log.cleaner.dedupe.buffer.size" => {
+                self.cleaner_dedupe_bytes = parse_i64_min(v, 1 << 20)?.min(1 << 34) as usize
+            }
+            "log.cleaner.io.max.bytes.per.second" => {
+                let r: f64 = v.trim().parse().context("not a number")?;
+                self.cleaner_io_bytes_per_s = if r >= u64::MAX as f64 || r <= 0.0 { 0 } else { r as u64 };
+            }
+            "offsets.topic.segment.bytes" => self.group.offsets_segment_bytes = parse_segment_bytes(v)?,
+            "transaction.state.log.segment.bytes" => self.txn.segment_bytes = parse_segment_bytes(v)?,
             "transaction.state.log.num.partitions" => {
                 self.txn.partitions = parse_i64_min(v, 1)?.min(1000) as i32
             }
@@ -1104,6 +1174,16 @@ mod tests {
         assert_eq!(c.retention_ms, 1000);
         assert!(c.log_append_time);
         o.insert("cleanup.policy".to_string(), "compact".to_string());
+        let c = base.with_topic_overrides(&o).unwrap();
+        assert!(c.compact && !c.delete);
+        o.insert("cleanup.policy".to_string(), "compact,delete".to_string());
+        let c = base.with_topic_overrides(&o).unwrap();
+        assert!(c.compact && c.delete);
+        assert_eq!(c.describe("cleanup.policy").as_deref(), Some("compact,delete"));
+        o.insert("cleanup.policy".to_string(), "shred".to_string());
+        assert!(base.with_topic_overrides(&o).is_err());
+        o.insert("cleanup.policy".to_string(), "compact".to_string());
+        o.insert("min.cleanable.dirty.ratio".to_string(), "1.5".to_string());
         assert!(base.with_topic_overrides(&o).is_err());
         let mut bad = BTreeMap::new();
         bad.insert("no.such.key".to_string(), "1".to_string());

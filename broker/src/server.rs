@@ -374,9 +374,17 @@ pub fn run(config: Config) -> Result<()> {
     };
     // The internal topics of committed offsets and group metadata, and of transactions. Never
     // deleted by retention: they hold the only copy of that state.
-    for (name, count) in [
-        (crate::group::OFFSETS_TOPIC, config.group.offsets_partitions),
-        (crate::txn::TXN_TOPIC, config.txn.partitions),
+    for (name, count, segment_bytes) in [
+        (
+            crate::group::OFFSETS_TOPIC,
+            config.group.offsets_partitions,
+            config.group.offsets_segment_bytes,
+        ),
+        (
+            crate::txn::TXN_TOPIC,
+            config.txn.partitions,
+            config.txn.segment_bytes,
+        ),
     ] {
         if cluster.is_some() || image.topics.contains_key(name) {
             continue;
@@ -384,7 +392,9 @@ pub fn run(config: Config) -> Result<()> {
         let partitions = metadata::assign_shards(&mut image, count as usize, config.shards);
         let mut configs = std::collections::BTreeMap::new();
         configs.insert("retention.ms".to_string(), "-1".to_string());
-        configs.insert("segment.bytes".to_string(), "104857600".to_string());
+        configs.insert("segment.bytes".to_string(), segment_bytes.to_string());
+        // Compacted: the cleaner keeps the latest record per key (offsets, groups, transactions).
+        configs.insert("cleanup.policy".to_string(), "compact".to_string());
         image.topics.insert(
             name.to_string(),
             metadata::TopicMeta {
@@ -705,6 +715,7 @@ async fn shard_main(
     glommio::spawn_local(s.clone().retention()).detach();
     glommio::spawn_local(s.clone().metrics_sampler()).detach();
     glommio::spawn_local(crate::txn::ticker(s.clone())).detach();
+    glommio::spawn_local(s.clone().cleaner()).detach();
 
     // Bind the port only when every shard has opened its partitions: a connection may route
     // to any of them.

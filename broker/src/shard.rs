@@ -1421,6 +1421,59 @@ impl Shard {
         result
     }
 
+    // ---- compaction ----
+
+    /// The log cleaner: every `log.cleaner.backoff.ms`, one pass over each compacted
+    /// partition that is due (`storage::compact`), its I/O lock held meanwhile. The cached
+    /// batches of a cleaned partition are dropped, so reads come from the cleaned files.
+    pub async fn cleaner(self: Rc<Self>) {
+        if !self.config.cleaner_enable {
+            return;
+        }
+        let every = Duration::from_millis(self.config.cleaner_backoff_ms);
+        let entries = (self.config.cleaner_dedupe_bytes / crate::storage::compact::KEY_MAP_ENTRY_BYTES).max(1);
+        // Bounded by shutdown; one pass per partition per round.
+        loop {
+            glommio::timer::sleep(every).await;
+            if self.shutting_down.get() {
+                return;
+            }
+            for p in self.all_partitions() {
+                if p.log.borrow().cleanable(now_ms()).is_none() {
+                    continue;
+                }
+                let _permit = p.io_lock.acquire_permit(1).await;
+                if p.deleted.get() || p.failed.get() || self.shutting_down.get() {
+                    continue;
+                }
+                let r = crate::storage::compact::clean(
+                    &p.log,
+                    now_ms(),
+                    entries,
+                    self.config.cleaner_io_bytes_per_s,
+                )
+                .await;
+                match r {
+                    Ok(Some(c)) => {
+                        if c.segments_rewritten > 0 {
+                            let end = p.log.borrow().log_end_offset;
+                            if p.cache.borrow().start(end) < c.cleaned_to {
+                                self.cache
+                                    .borrow_mut()
+                                    .forget(p.id, &mut p.cache.borrow_mut());
+                            }
+                        }
+                        tracing::info!(topic = %p.topic, partition = p.index, segments = c.segments_rewritten, removed = c.records_removed, bytes_before = c.bytes_before, bytes_after = c.bytes_after, cleaned_to = c.cleaned_to, "log cleaner pass");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(topic = %p.topic, partition = p.index, "log cleaner pass failed (retried next round): {e:#}")
+                    }
+                }
+            }
+        }
+    }
+
     // ---- retention ----
 
     pub async fn retention(self: Rc<Self>) {

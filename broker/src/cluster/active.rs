@@ -441,7 +441,14 @@ impl Active {
 pub fn internal_topic(cfg: &Config, name: &str, rf: usize) -> NewTopic {
     let mut configs = BTreeMap::new();
     configs.insert("retention.ms".to_string(), "-1".to_string());
-    configs.insert("segment.bytes".to_string(), "104857600".to_string());
+    let segment_bytes = if name == crate::txn::TXN_TOPIC {
+        cfg.txn.segment_bytes
+    } else {
+        cfg.group.offsets_segment_bytes
+    };
+    configs.insert("segment.bytes".to_string(), segment_bytes.to_string());
+    // Compacted: the cleaner keeps the latest record per key (offsets, groups, transactions).
+    configs.insert("cleanup.policy".to_string(), "compact".to_string());
     NewTopic {
         name: name.to_string(),
         num_partitions: if name == crate::txn::TXN_TOPIC {

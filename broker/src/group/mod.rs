@@ -271,6 +271,8 @@ impl Group {
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
     pub offsets_partitions: i32,
+    /// `offsets.topic.segment.bytes`
+    pub offsets_segment_bytes: u64,
     pub min_session_timeout_ms: i32,
     pub max_session_timeout_ms: i32,
     pub initial_rebalance_delay_ms: u64,
@@ -284,6 +286,7 @@ impl Default for GroupConfig {
     fn default() -> Self {
         GroupConfig {
             offsets_partitions: 50,
+            offsets_segment_bytes: 104_857_600,
             min_session_timeout_ms: 6_000,
             max_session_timeout_ms: 1_800_000,
             initial_rebalance_delay_ms: 3_000,

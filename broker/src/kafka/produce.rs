@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use futures::channel::oneshot;
 use futures::FutureExt;
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::protocol::StrBytes;
 
@@ -31,6 +33,31 @@ fn partition_error(
         .with_log_append_time_ms(-1)
         .with_log_start_offset(-1)
         .with_error_message(message.filter(|_| version >= 8).map(StrBytes::from_string))
+}
+
+/// Indexes (within their batch) of the records without a key, over every batch of `records`.
+/// A batch that does not decode counts as keyless at index 0.
+fn keyless_records(records: &bytes::Bytes) -> Vec<i32> {
+    use kafka_protocol::records::RecordBatchDecoder;
+    let mut buf = records.clone();
+    let mut out = Vec::new();
+    // Every iteration consumes one batch from `buf`.
+    while buf.len() >= batch::HEADER_BYTES {
+        match RecordBatchDecoder::decode(&mut buf) {
+            Ok(set) => out.extend(
+                set.records
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.key.is_none())
+                    .map(|(i, _)| i as i32),
+            ),
+            Err(_) => {
+                out.push(0);
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Creates the topics a request names that do not exist yet, when auto-creation is on.
@@ -150,6 +177,34 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                     _ => Ok((records, infos)),
                 }
             });
+            // A compacted topic takes only keyed records (KIP-467: the partition fails with
+            // INVALID_RECORD and the index of each keyless record).
+            if log_cfg.compact {
+                if let Ok((records, _)) = &checked {
+                    let keyless = keyless_records(records);
+                    if !keyless.is_empty() {
+                        let msg = format!("Compacted topic cannot accept message without key in topic partition {name}-{}.", p.index);
+                        let mut e = partition_error(
+                            p.index,
+                            INVALID_RECORD,
+                            Some(format!("One or more records have been rejected due to {} record errors in total, and only showing the first three errors at most: {msg}", keyless.len())),
+                            frame.api_version,
+                        );
+                        if frame.api_version >= 8 {
+                            e.record_errors = keyless
+                                .into_iter()
+                                .map(|i| {
+                                    BatchIndexAndErrorMessage::default()
+                                        .with_batch_index(i)
+                                        .with_batch_index_error_message(Some(StrBytes::from_string(msg.clone())))
+                                })
+                                .collect();
+                        }
+                        row.push(e);
+                        continue;
+                    }
+                }
+            }
             let (records, infos) = match checked {
                 Ok(ok) => ok,
                 Err(e) => {
@@ -269,4 +324,38 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
         }
     }
     .boxed_local())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use kafka_protocol::records::*;
+
+    #[test]
+    fn keyless_records_are_found_by_index() {
+        let rec = |i: i64, key: Option<&'static [u8]>| Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            delete_horizon: false,
+            offset: i,
+            sequence: i as i32 - 1,
+            timestamp: 1_000,
+            key: key.map(bytes::Bytes::from_static),
+            value: Some(bytes::Bytes::from_static(b"v")),
+            headers: Default::default(),
+        };
+        let mut b = BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut b,
+            &[rec(0, Some(b"k")), rec(1, None), rec(2, Some(b"k")), rec(3, None)],
+            &RecordEncodeOptions { version: 2, compression: Compression::None },
+        )
+        .unwrap();
+        assert_eq!(keyless_records(&b.freeze()), vec![1, 3]);
+    }
 }

@@ -181,6 +181,9 @@ pub struct PartitionLog {
     pub synced_bytes: u64,
     /// Open transactions: first offset -> producer id (the oldest holds back the LSO).
     ongoing: BTreeMap<i64, i64>,
+    /// Compacted logs: where the part the cleaner has not cleaned yet begins
+    /// (`compact::CHECKPOINT_FILE`).
+    cleaned_offset: i64,
 }
 
 impl PartitionLog {
@@ -259,6 +262,7 @@ impl PartitionLog {
             written_bytes: 0,
             synced_bytes: 0,
             ongoing: BTreeMap::new(),
+            cleaned_offset: super::compact::read_checkpoint(&dir).unwrap_or(0),
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {
@@ -530,7 +534,8 @@ impl PartitionLog {
                 let seg = &self.segments[&base];
                 (seg.next_offset, seg.size)
             };
-            if next_offset < next_base {
+            // A compacted segment ends where its last kept record ends: not a loss.
+            if next_offset < next_base && !self.config.compact {
                 tracing::error!(
                     dir = %self.dir.display(),
                     segment = base,
@@ -708,6 +713,76 @@ impl PartitionLog {
                 });
             }
         }
+    }
+
+    /// A compacted log's next cleaning pass, when one is due: (first dirty offset, end of the
+    /// cleanable dirty part, sealed segments as (base, next base), directory,
+    /// delete.retention.ms). Due when the dirty share of the sealed bytes reaches
+    /// `min.cleanable.dirty.ratio`, or a dirty segment is older than `max.compaction.lag.ms`;
+    /// segments younger than `min.compaction.lag.ms` stay dirty.
+    #[allow(clippy::type_complexity)]
+    pub fn cleanable(&self, now_ms: i64) -> Option<(i64, i64, Vec<(i64, i64)>, PathBuf, i64)> {
+        if !self.config.compact {
+            return None;
+        }
+        let bases: Vec<i64> = self.segments.keys().copied().collect();
+        let sealed: Vec<(i64, i64)> = bases.windows(2).map(|w| (w[0], w[1])).collect();
+        let first_dirty = self.cleaned_offset.max(self.log_start_offset);
+        let mut dirty_end = first_dirty;
+        let (mut dirty, mut total, mut overdue) = (0u64, 0u64, false);
+        let mut young = false;
+        for (base, next) in &sealed {
+            let seg = &self.segments[base];
+            total += seg.size;
+            if *next <= first_dirty || young {
+                continue;
+            }
+            if now_ms - seg.max_timestamp < self.config.min_compaction_lag_ms {
+                young = true;
+                continue;
+            }
+            dirty += seg.size;
+            dirty_end = *next;
+            overdue |= now_ms - seg.max_timestamp > self.config.max_compaction_lag_ms;
+        }
+        if dirty_end <= first_dirty || total == 0 {
+            return None;
+        }
+        let ratio = dirty as f64 / total as f64;
+        (ratio >= self.config.min_cleanable_dirty_ratio || overdue).then(|| {
+            (
+                first_dirty,
+                dirty_end,
+                sealed,
+                self.dir.clone(),
+                self.config.delete_retention_ms,
+            )
+        })
+    }
+
+    pub fn set_cleaned_offset(&mut self, offset: i64) {
+        self.cleaned_offset = offset;
+    }
+
+    /// Opens sealed segment `base` again after the cleaner replaced its file (`size` bytes),
+    /// keeping what the log knows about its range.
+    pub async fn reopen_sealed_segment(
+        log: &std::cell::RefCell<PartitionLog>,
+        base: i64,
+        size: u64,
+    ) -> Result<()> {
+        let dir = log.borrow().dir.clone();
+        let mut seg = open_segment(&dir, base, size, false).await?;
+        let mut l = log.borrow_mut();
+        let old = l
+            .segments
+            .get_mut(&base)
+            .context("a cleaned segment is not removed while the cleaner holds the lock")?;
+        seg.next_offset = old.next_offset;
+        seg.created_ms = old.created_ms;
+        seg.aborted = std::mem::take(&mut old.aborted);
+        *old = seg;
+        Ok(())
     }
 
     /// The last stable offset: the first offset of the oldest open transaction, else `hw`.
@@ -1060,6 +1135,9 @@ impl PartitionLog {
     /// Segments to delete under the retention rules: whole segments, never the active one.
     pub fn expired_segments(&self, now_ms: i64) -> Vec<i64> {
         let mut out = Vec::new();
+        if !self.config.delete {
+            return out;
+        }
         let mut total = self.size_bytes() as i64;
         let active = self.active().base_offset;
         for s in self.segments.values() {
@@ -1732,13 +1810,17 @@ mod tests {
         let mut offset = log.borrow().log_start_offset;
         let end = log.borrow().log_end_offset;
         while offset < end {
-            let chunk = {
-                let range = log.borrow().locate(offset);
-                match range {
-                    Some(r) => read_from_disk(&r, offset, 1 << 20).await.unwrap(),
-                    None => None,
+            // Readers step over segments with nothing at or after `offset` (emptied by the
+            // cleaner or by recovery).
+            let mut range = log.borrow().locate(offset);
+            let mut chunk = None;
+            while let Some(r) = range {
+                chunk = read_from_disk(&r, offset, 1 << 20).await.unwrap();
+                if chunk.is_some() {
+                    break;
                 }
-            };
+                range = r.next_segment.and_then(|n| log.borrow().locate_segment(n));
+            }
             let Some(chunk) = chunk else { break };
             let mut at = 0;
             while at < chunk.len() {
@@ -2003,6 +2085,140 @@ mod tests {
             assert_eq!(reopened.borrow().aborted_between(0, end), all_aborted);
             assert_eq!(reopened.borrow().last_stable_offset(end), open2);
             assert_eq!(reopened.borrow().aborted_between(m1 + 1, end).len(), 1);
+        });
+    }
+
+    /// Compaction keeps the latest record per key in the sealed segments, with offsets
+    /// unchanged (gaps where records went), leaves the active segment alone, drops a tombstone
+    /// on the pass after the one that made its segment clean (delete.retention.ms 0), and the
+    /// cleaned log reads the same after an unclean reopen.
+    #[test]
+    fn compaction_keeps_the_latest_record_per_key() {
+        use bytes::BytesMut;
+        use kafka_protocol::records::*;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 600;
+            cfg.compact = true;
+            cfg.delete = false;
+            cfg.min_cleanable_dirty_ratio = 0.0;
+            cfg.delete_retention_ms = 0;
+            let log = Rc::new(open_log(&path, &cfg, true).await);
+            let keyed = |key: &str, value: Option<String>| {
+                let r = Record {
+                    transactional: false,
+                    control: false,
+                    partition_leader_epoch: 0,
+                    producer_id: -1,
+                    producer_epoch: -1,
+                    timestamp_type: TimestampType::Creation,
+                    delete_horizon: false,
+                    offset: 0,
+                    sequence: -1,
+                    timestamp: 1_000,
+                    key: Some(Bytes::from(key.to_string())),
+                    value: value.map(Bytes::from),
+                    headers: Default::default(),
+                };
+                let mut b = BytesMut::new();
+                RecordBatchEncoder::encode(
+                    &mut b,
+                    &[r],
+                    &RecordEncodeOptions { version: 2, compression: Compression::None },
+                )
+                .unwrap();
+                b.freeze()
+            };
+            let put = |b: Bytes| {
+                let log = log.clone();
+                async move {
+                    let infos = batch::validate_produce(&b, 1 << 20).unwrap();
+                    loop {
+                        let r = log.borrow_mut().append(&b, &infos, now_ms());
+                        match r {
+                            Ok(a) => return a.base_offset,
+                            Err(AppendError::NeedsRoll) => PartitionLog::roll(&log).await.unwrap(),
+                            Err(AppendError::Refused(c)) => panic!("refused {c}"),
+                        }
+                    }
+                }
+            };
+            // 8 rounds over 5 keys; k4's last word is a tombstone.
+            let mut latest: BTreeMap<String, (i64, Option<String>)> = BTreeMap::new();
+            for round in 0..8 {
+                for k in 0..5 {
+                    let key = format!("k{k}");
+                    let value = (!(k == 4 && round == 7)).then(|| format!("{key}-r{round}"));
+                    let o = put(keyed(&key, value.clone())).await;
+                    latest.insert(key, (o, value));
+                }
+            }
+            flush(&log).await;
+            let records = |bytes: Vec<u8>| {
+                let mut buf = Bytes::from(bytes);
+                let mut out = Vec::new();
+                while buf.len() >= batch::HEADER_BYTES {
+                    let set = RecordBatchDecoder::decode(&mut buf).unwrap();
+                    for r in set.records {
+                        out.push((
+                            r.offset,
+                            String::from_utf8(r.key.unwrap().to_vec()).unwrap(),
+                            r.value.map(|v| String::from_utf8(v.to_vec()).unwrap()),
+                        ));
+                    }
+                }
+                out
+            };
+            let before = records(all_bytes(&log).await);
+            assert_eq!(before.len(), 40);
+            assert!(log.borrow().segments.len() > 3, "several sealed segments");
+            let active = log.borrow().active().base_offset;
+            let c = crate::storage::compact::clean(&log, now_ms(), 1_000, 0)
+                .await
+                .unwrap()
+                .expect("a pass was due");
+            assert_eq!(c.cleaned_to, active);
+            assert!(c.records_removed > 0 && c.bytes_after < c.bytes_before);
+            let after = records(all_bytes(&log).await);
+            // Below the active segment (what the key map covers), only each key's latest
+            // record there survives (a tombstone included); the active segment is untouched;
+            // offsets never change.
+            let mut latest_sealed: BTreeMap<String, i64> = BTreeMap::new();
+            for (o, k, _) in before.iter().filter(|(o, ..)| *o < active) {
+                latest_sealed.insert(k.clone(), *o);
+            }
+            let kept: Vec<_> = before
+                .iter()
+                .filter(|(o, k, _)| *o >= active || latest_sealed[k] == *o)
+                .cloned()
+                .collect();
+            assert_eq!(after, kept);
+            assert!(after.len() < before.len() / 2);
+            assert!(after.iter().any(|(_, k, v)| k == "k4" && v.is_none()), "the tombstone stays one pass");
+            // More writes make new dirty segments. A tombstone goes in the first pass that finds
+            // it in an already clean segment (Kafka's delete horizon, here 0 ms).
+            let mut passes = 0;
+            while passes < 2 {
+                for round in 8..12 {
+                    for k in 0..4 {
+                        put(keyed(&format!("k{k}"), Some(format!("k{k}-r{round}")))).await;
+                    }
+                }
+                flush(&log).await;
+                crate::storage::compact::clean(&log, now_ms(), 1_000, 0).await.unwrap().expect("due");
+                passes += 1;
+            }
+            let again = records(all_bytes(&log).await);
+            let active = log.borrow().active().base_offset;
+            assert!(latest["k4"].0 < active, "the tombstone's segment is sealed");
+            assert!(!again.iter().any(|(_, k, _)| k == "k4"), "the tombstone is gone");
+            let end = log.borrow().log_end_offset;
+            drop(log);
+            let reopened = open_log(&path, &cfg, false).await;
+            assert_eq!(reopened.borrow().log_end_offset, end);
+            assert_eq!(records(all_bytes(&reopened).await), again);
         });
     }
 

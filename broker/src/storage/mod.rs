@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod compact;
 pub mod epochs;
 pub mod file;
 pub mod index;

@@ -57,6 +57,8 @@ pub const TXN_IDS_PER_SHARD_MAX: usize = 1_000_000;
 pub struct TxnConfig {
     /// `transaction.state.log.num.partitions`
     pub partitions: i32,
+    /// `transaction.state.log.segment.bytes`
+    pub segment_bytes: u64,
     /// `transaction.max.timeout.ms`
     pub max_timeout_ms: i32,
     /// `transactional.id.expiration.ms`
@@ -69,6 +71,7 @@ impl Default for TxnConfig {
     fn default() -> Self {
         TxnConfig {
             partitions: 50,
+            segment_bytes: 104_857_600,
             max_timeout_ms: 900_000,
             id_expiration_ms: 604_800_000,
             abort_check_interval_ms: 10_000,

@@ -716,20 +716,21 @@ impl Shard {
 
     // ---- follower side (driven by `replication::fetcher`) ----
 
-    /// Appends batches copied from the leader to a follower replica, as they are. Returns the
-    /// new log end.
+    /// Appends batches copied from the leader to a follower replica, as they are; they were
+    /// fetched from offset `from` (a compacted leader log may skip offsets after it). Returns
+    /// the new log end.
     pub async fn append_replica(
         self: &Rc<Self>,
         p: &Rc<Partition>,
+        from: i64,
         batches: &[crate::storage::batch::ReplicaBatch],
     ) -> Result<i64, i16> {
         self.wait_for_room().await;
         // Bounded: a roll makes room for the batches (or fails the partition).
         loop {
             appendable(p)?;
-            if batches
-                .first()
-                .is_some_and(|b| b.base != p.log.borrow().log_end_offset)
+            if p.log.borrow().log_end_offset != from
+                || batches.first().is_some_and(|b| b.base < from)
             {
                 // The log moved meanwhile (a truncation): the next fetch starts over.
                 return Err(OFFSET_OUT_OF_RANGE);

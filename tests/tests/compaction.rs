@@ -274,3 +274,98 @@ fn consumer_offsets_are_compacted_and_the_last_commit_survives() {
         Offset::Offset(600)
     );
 }
+
+/// The keyed records stored in a partition directory's segment files, in offset order
+/// (stops at preallocated zeros).
+fn stored_records(dir: &std::path::Path) -> Vec<(i64, String, String)> {
+    use kafka_protocol::records::RecordBatchDecoder;
+    let mut buf = bytes::Bytes::from(weir_tests::log_bytes(dir));
+    let mut out = Vec::new();
+    while buf.len() >= 61 && buf[8..12] != [0, 0, 0, 0] {
+        let Ok(set) = RecordBatchDecoder::decode(&mut buf) else {
+            break;
+        };
+        for r in set.records {
+            out.push((
+                r.offset,
+                String::from_utf8(r.key.unwrap_or_default().to_vec()).unwrap(),
+                String::from_utf8(r.value.unwrap_or_default().to_vec()).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+/// A follower that was down while its leader compacted catches up across the gaps (it copies
+/// batches that skip offsets), rejoins the ISR, and its files hold every key's latest value.
+#[test]
+fn a_follower_catches_up_from_a_compacted_leader() {
+    let mut c = weir_tests::Cluster::start(3, &[("log.cleaner.backoff.ms", "300")]);
+    assert!(eventually(Duration::from_secs(30), || {
+        weir_tests::topic_view(c.node(0), "__consumer_offsets").is_some()
+            && admin::create(
+                c.node(0),
+                "rc",
+                1,
+                3,
+                &[
+                    ("cleanup.policy", "compact"),
+                    ("segment.bytes", "4096"),
+                    ("min.cleanable.dirty.ratio", "0.01"),
+                ],
+            )
+            .is_ok()
+    }));
+    let isr = |c: &weir_tests::Cluster, from: usize| {
+        weir_tests::topic_view(c.node(from), "rc").map(|v| (v[0].leader, v[0].isr.len()))
+    };
+    assert!(eventually(Duration::from_secs(30), || isr(&c, 0).is_some_and(|(l, n)| l >= 0 && n == 3)));
+    let leader = isr(&c, 0).unwrap().0 as usize;
+    let follower = (leader + 1) % 3;
+    c.kill(follower);
+    let p: BaseProducer = c
+        .node(leader)
+        .client_config()
+        .set("bootstrap.servers", c.bootstrap())
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .create()
+        .unwrap();
+    for round in 0..ROUNDS {
+        for k in 0..KEYS {
+            let (key, value) = (format!("k{k:02}"), format!("k{k:02}:{round}"));
+            p.send(BaseRecord::to("rc").partition(0).key(&key).payload(&value))
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    }
+    let leader_dir = c.node(leader).data_dir().join("rc-0");
+    assert!(
+        eventually(Duration::from_secs(60), || stored_records(&leader_dir).len() < KEYS * ROUNDS / 4),
+        "the leader compacted"
+    );
+    c.restart(follower);
+    let back = (follower + 1) % 3;
+    assert!(
+        eventually(Duration::from_secs(60), || isr(&c, back).is_some_and(|(_, n)| n == 3)),
+        "the follower rejoined the ISR"
+    );
+    let follower_dir = c.node(follower).data_dir().join("rc-0");
+    let latest = |recs: &[(i64, String, String)]| -> BTreeMap<String, (i64, String)> {
+        recs.iter().map(|(o, k, v)| (k.clone(), (*o, v.clone()))).collect()
+    };
+    let mut got = BTreeMap::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            got = latest(&stored_records(&follower_dir));
+            got.len() == KEYS
+        }),
+        "the follower's files hold {} keys",
+        got.len()
+    );
+    assert_eq!(got, latest(&stored_records(&leader_dir)), "same latest record per key, same offsets");
+    for (k, (_, v)) in &got {
+        assert_eq!(*v, format!("{k}:{}", ROUNDS - 1));
+    }
+}

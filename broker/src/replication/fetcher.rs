@@ -441,7 +441,7 @@ async fn apply(s: &Rc<Shard>, leader: i32, items: Vec<Fetched>) -> bool {
         }
         if !f.records.is_empty() {
             match batch::validate_replica(&f.records, next) {
-                Ok(batches) if !batches.is_empty() => match s.append_replica(&p, &batches).await {
+                Ok(batches) if !batches.is_empty() => match s.append_replica(&p, next, &batches).await {
                     Ok(end) => {
                         leo = end;
                         waits.push((p.clone(), end));

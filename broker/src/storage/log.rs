@@ -471,7 +471,7 @@ impl PartitionLog {
         let Some(first) = batches.first() else {
             return Ok(());
         };
-        debug_assert_eq!(first.base, self.log_end_offset);
+        debug_assert!(first.base >= self.log_end_offset);
         let incoming: u64 = batches.iter().map(|b| b.bytes.len() as u64).sum();
         if self.needs_roll(incoming, now_ms()) {
             return Err(AppendError::NeedsRoll);

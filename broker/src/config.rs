@@ -1006,19 +1006,25 @@ impl Config {
             }
             "log.cleaner.io.max.bytes.per.second" => {
                 let r: f64 = v.trim().parse().context("not a number")?;
-                self.cleaner_io_bytes_per_s = if r >= u64::MAX as f64 || r <= 0.0 { 0 } else { r as u64 };
+                self.cleaner_io_bytes_per_s = if r >= u64::MAX as f64 || r <= 0.0 {
+                    0
+                } else {
+                    r as u64
+                };
             }
-            "offsets.topic.segment.bytes" => self.group.offsets_segment_bytes = parse_segment_bytes(v)?,
-            "transaction.state.log.segment.bytes" => self.txn.segment_bytes = parse_segment_bytes(v)?,
+            "offsets.topic.segment.bytes" => {
+                self.group.offsets_segment_bytes = parse_segment_bytes(v)?
+            }
+            "transaction.state.log.segment.bytes" => {
+                self.txn.segment_bytes = parse_segment_bytes(v)?
+            }
             "transaction.state.log.num.partitions" => {
                 self.txn.partitions = parse_i64_min(v, 1)?.min(1000) as i32
             }
             "transaction.max.timeout.ms" => {
                 self.txn.max_timeout_ms = parse_i64_min(v, 1)?.min(i32::MAX as i64) as i32
             }
-            "transactional.id.expiration.ms" => {
-                self.txn.id_expiration_ms = parse_i64_min(v, 1)?
-            }
+            "transactional.id.expiration.ms" => self.txn.id_expiration_ms = parse_i64_min(v, 1)?,
             "transaction.abort.timed.out.transaction.cleanup.interval.ms" => {
                 self.txn.abort_check_interval_ms = parse_i64_min(v, 1)? as u64
             }
@@ -1179,7 +1185,10 @@ mod tests {
         o.insert("cleanup.policy".to_string(), "compact,delete".to_string());
         let c = base.with_topic_overrides(&o).unwrap();
         assert!(c.compact && c.delete);
-        assert_eq!(c.describe("cleanup.policy").as_deref(), Some("compact,delete"));
+        assert_eq!(
+            c.describe("cleanup.policy").as_deref(),
+            Some("compact,delete")
+        );
         o.insert("cleanup.policy".to_string(), "shred".to_string());
         assert!(base.with_topic_overrides(&o).is_err());
         o.insert("cleanup.policy".to_string(), "compact".to_string());

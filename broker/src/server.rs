@@ -457,15 +457,14 @@ pub fn run(config: Config) -> Result<()> {
             life.clone(),
             metrics.clone(),
         );
-        let h =
-            LocalExecutorBuilder::new(Placement::Fixed(cpu))
-                .name(&format!("weir-shard-{i}"))
-                .io_memory(io_memory)
-                .spawn(move || async move {
-                    shard_main(config, cluster_id, image, mesh, clean, life, metrics).await
-                })
-                .io()
-                .with_context(|| format!("starting shard {i} on cpu {cpu}"))?;
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("weir-shard-{i}"))
+            .io_memory(io_memory)
+            .spawn(move || async move {
+                shard_main(config, cluster_id, image, mesh, clean, life, metrics).await
+            })
+            .io()
+            .with_context(|| format!("starting shard {i} on cpu {cpu}"))?;
         let tx = exited_tx.clone();
         std::thread::Builder::new()
             .name(format!("weir-join-{i}"))

@@ -662,8 +662,10 @@ impl Shard {
                 let image = self.image();
                 let c = &broker.cluster;
                 c.brokers.store(image.brokers.len() as i64, Relaxed);
-                c.fenced_brokers
-                    .store(image.brokers.values().filter(|b| b.fenced).count() as i64, Relaxed);
+                c.fenced_brokers.store(
+                    image.brokers.values().filter(|b| b.fenced).count() as i64,
+                    Relaxed,
+                );
                 let offline = image
                     .topics
                     .values()
@@ -908,8 +910,9 @@ impl Shard {
         )
         .map_err(|_| UNKNOWN_SERVER_ERROR)?;
         let buf = buf.freeze();
-        let infos = crate::storage::batch::validate_produce(&buf, crate::config::MESSAGE_BYTES_CEILING)
-            .map_err(|_| UNKNOWN_SERVER_ERROR)?;
+        let infos =
+            crate::storage::batch::validate_produce(&buf, crate::config::MESSAGE_BYTES_CEILING)
+                .map_err(|_| UNKNOWN_SERVER_ERROR)?;
         let item = ProduceItem {
             topic: topic.to_string(),
             partition,
@@ -937,7 +940,11 @@ impl Shard {
         if !p.repl.borrow().is_leader() {
             return Err(NOT_LEADER_OR_FOLLOWER);
         }
-        let marker = if commit { Marker::Commit } else { Marker::Abort };
+        let marker = if commit {
+            Marker::Commit
+        } else {
+            Marker::Abort
+        };
         let b = marker_batch(pid, epoch, coordinator_epoch, marker, now_ms());
         let info = crate::storage::batch::BatchInfo {
             start: 0,
@@ -1302,10 +1309,11 @@ impl Shard {
             for p in &parts {
                 p.in_unsynced.set(false);
             }
-            let bytes: u64 = futures::future::join_all(parts.iter().map(|p| self.sync_partition(p)))
-                .await
-                .into_iter()
-                .sum();
+            let bytes: u64 =
+                futures::future::join_all(parts.iter().map(|p| self.sync_partition(p)))
+                    .await
+                    .into_iter()
+                    .sum();
             if bytes > 0 {
                 crate::metrics::group_commit(bytes);
             }
@@ -1432,7 +1440,9 @@ impl Shard {
             return;
         }
         let every = Duration::from_millis(self.config.cleaner_backoff_ms);
-        let entries = (self.config.cleaner_dedupe_bytes / crate::storage::compact::KEY_MAP_ENTRY_BYTES).max(1);
+        let entries = (self.config.cleaner_dedupe_bytes
+            / crate::storage::compact::KEY_MAP_ENTRY_BYTES)
+            .max(1);
         // Bounded by shutdown; one pass per partition per round.
         loop {
             glommio::timer::sleep(every).await;

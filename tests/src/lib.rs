@@ -37,14 +37,22 @@ pub fn broker_binary() -> PathBuf {
 /// body).
 pub fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut c =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = Vec::new();
     c.read_to_end(&mut out).unwrap();
     let text = String::from_utf8(out).expect("an HTTP response in UTF-8");
     let (head, body) = text.split_once("\r\n\r\n").expect("HTTP head and body");
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
 
 pub fn free_port() -> u16 {
@@ -364,6 +372,7 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+pub mod java;
 pub mod raw;
 pub mod workload;
 

@@ -27,7 +27,8 @@ fn read_all(b: &Broker, topic: &str) -> Vec<(i64, String, String)> {
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
     c.assign(&tpl).unwrap();
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -53,13 +54,19 @@ fn check_consistent(recs: &[(i64, String, String)]) {
     let mut last_round: BTreeMap<&str, usize> = BTreeMap::new();
     let mut last_offset = -1;
     for (o, k, v) in recs {
-        assert!(*o > last_offset, "offsets only grow: {o} after {last_offset}");
+        assert!(
+            *o > last_offset,
+            "offsets only grow: {o} after {last_offset}"
+        );
         last_offset = *o;
         let (vk, round) = v.split_once(':').expect("key:round");
         assert_eq!(vk, k, "offset {o}: a value of another key");
         let round: usize = round.parse().unwrap();
         if let Some(prev) = last_round.insert(k, round) {
-            assert!(round > prev, "offset {o}: {k} went from round {prev} back to {round}");
+            assert!(
+                round > prev,
+                "offset {o}: {k} went from round {prev} back to {round}"
+            );
         }
     }
 }
@@ -128,7 +135,10 @@ fn compaction_keeps_the_latest_value_per_key_and_readers_never_see_a_wrong_one()
         last.len()
     );
     check_consistent(&last);
-    let latest: BTreeMap<&str, &str> = last.iter().map(|(_, k, v)| (k.as_str(), v.as_str())).collect();
+    let latest: BTreeMap<&str, &str> = last
+        .iter()
+        .map(|(_, k, v)| (k.as_str(), v.as_str()))
+        .collect();
     if latest.len() != KEYS {
         let mut c = weir_tests::raw::Conn::new(&b.bootstrap());
         let raw = c.fetch_records("cmp", 0, 0);
@@ -140,14 +150,27 @@ fn compaction_keeps_the_latest_value_per_key_and_readers_never_see_a_wrong_one()
             bases.push(base);
             at += len;
         }
-        eprintln!("DEBUG raw fetch from 0: {} bytes, batch bases {:?}; log: {}", raw.len(), bases, b.log());
+        eprintln!(
+            "DEBUG raw fetch from 0: {} bytes, batch bases {:?}; log: {}",
+            raw.len(),
+            bases,
+            b.log()
+        );
     }
     assert_eq!(latest.len(), KEYS, "{last:?}");
     for (k, v) in &latest {
         let n: usize = k[1..].parse().unwrap();
-        assert_eq!(*v, format!("{k}:{}", last_round(n)), "{k} keeps its latest value");
+        assert_eq!(
+            *v,
+            format!("{k}:{}", last_round(n)),
+            "{k} keeps its latest value"
+        );
     }
-    assert_eq!(last.last().unwrap().0, total as i64 - 1, "the last offset is kept");
+    assert_eq!(
+        last.last().unwrap().0,
+        total as i64 - 1,
+        "the last offset is kept"
+    );
     assert!(
         last.windows(2).any(|w| w[1].0 > w[0].0 + 1),
         "offsets keep their gaps: {:?}",
@@ -167,7 +190,10 @@ fn compaction_keeps_the_latest_value_per_key_and_readers_never_see_a_wrong_one()
         use kafka_protocol::records::Compression;
         let records = weir_tests::raw::batch(
             [
-                (Some(Bytes::from_static(b"k00")), Some(Bytes::from_static(b"k00:999"))),
+                (
+                    Some(Bytes::from_static(b"k00")),
+                    Some(Bytes::from_static(b"k00:999")),
+                ),
                 (None, Some(Bytes::from_static(b"no key"))),
             ]
             .into_iter()
@@ -192,8 +218,15 @@ fn compaction_keeps_the_latest_value_per_key_and_readers_never_see_a_wrong_one()
         assert_eq!(part.error_code, 87, "INVALID_RECORD");
         assert_eq!(part.record_errors.len(), 1, "{part:?}");
         assert_eq!(part.record_errors[0].batch_index, 1);
-        let msg = part.error_message.as_ref().map(|m| m.to_string()).unwrap_or_default();
-        assert!(msg.contains("Compacted topic cannot accept message without key"), "{msg}");
+        let msg = part
+            .error_message
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        assert!(
+            msg.contains("Compacted topic cannot accept message without key"),
+            "{msg}"
+        );
     }
     // After kill -9 and a restart (every segment scanned again, gaps and all) the cleaned log
     // reads the same.
@@ -203,9 +236,14 @@ fn compaction_keeps_the_latest_value_per_key_and_readers_never_see_a_wrong_one()
     let again = read_all(&b, "cmp");
     // The refused batch stored nothing; the cleaner may have gone further meanwhile.
     check_consistent(&again);
-    assert!(again.iter().all(|r| last.contains(r)), "no record appeared or changed");
-    let latest_again: BTreeMap<&str, &str> =
-        again.iter().map(|(_, k, v)| (k.as_str(), v.as_str())).collect();
+    assert!(
+        again.iter().all(|r| last.contains(r)),
+        "no record appeared or changed"
+    );
+    let latest_again: BTreeMap<&str, &str> = again
+        .iter()
+        .map(|(_, k, v)| (k.as_str(), v.as_str()))
+        .collect();
     assert_eq!(latest_again, latest);
 }
 
@@ -233,7 +271,8 @@ fn consumer_offsets_are_compacted_and_the_last_commit_survives() {
         .unwrap();
     for o in 1..=600 {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("src", 0, Offset::Offset(o)).unwrap();
+        tpl.add_partition_offset("src", 0, Offset::Offset(o))
+            .unwrap();
         c.commit(&tpl, CommitMode::Sync).unwrap();
     }
     // The group's __consumer_offsets partition (Java's String.hashCode, as Kafka).
@@ -319,7 +358,8 @@ fn a_follower_catches_up_from_a_compacted_leader() {
     let isr = |c: &weir_tests::Cluster, from: usize| {
         weir_tests::topic_view(c.node(from), "rc").map(|v| (v[0].leader, v[0].isr.len()))
     };
-    assert!(eventually(Duration::from_secs(30), || isr(&c, 0).is_some_and(|(l, n)| l >= 0 && n == 3)));
+    assert!(eventually(Duration::from_secs(30), || isr(&c, 0)
+        .is_some_and(|(l, n)| l >= 0 && n == 3)));
     let leader = isr(&c, 0).unwrap().0 as usize;
     let follower = (leader + 1) % 3;
     c.kill(follower);
@@ -342,18 +382,23 @@ fn a_follower_catches_up_from_a_compacted_leader() {
     }
     let leader_dir = c.node(leader).data_dir().join("rc-0");
     assert!(
-        eventually(Duration::from_secs(60), || stored_records(&leader_dir).len() < KEYS * ROUNDS / 4),
+        eventually(Duration::from_secs(60), || stored_records(&leader_dir)
+            .len()
+            < KEYS * ROUNDS / 4),
         "the leader compacted"
     );
     c.restart(follower);
     let back = (follower + 1) % 3;
     assert!(
-        eventually(Duration::from_secs(60), || isr(&c, back).is_some_and(|(_, n)| n == 3)),
+        eventually(Duration::from_secs(60), || isr(&c, back)
+            .is_some_and(|(_, n)| n == 3)),
         "the follower rejoined the ISR"
     );
     let follower_dir = c.node(follower).data_dir().join("rc-0");
     let latest = |recs: &[(i64, String, String)]| -> BTreeMap<String, (i64, String)> {
-        recs.iter().map(|(o, k, v)| (k.clone(), (*o, v.clone()))).collect()
+        recs.iter()
+            .map(|(o, k, v)| (k.clone(), (*o, v.clone())))
+            .collect()
     };
     let mut got = BTreeMap::new();
     assert!(
@@ -364,7 +409,11 @@ fn a_follower_catches_up_from_a_compacted_leader() {
         "the follower's files hold {} keys",
         got.len()
     );
-    assert_eq!(got, latest(&stored_records(&leader_dir)), "same latest record per key, same offsets");
+    assert_eq!(
+        got,
+        latest(&stored_records(&leader_dir)),
+        "same latest record per key, same offsets"
+    );
     for (k, (_, v)) in &got {
         assert_eq!(*v, format!("{k}:{}", ROUNDS - 1));
     }

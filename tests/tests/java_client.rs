@@ -1,48 +1,12 @@
 //! The Java reference client (kafka-clients 3.9.1) with its defaults — idempotent producer,
 //! consumer group with commits, AdminClient — against a real broker process.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use weir_tests::Broker;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Compiles the Java program once; returns the classpath.
 fn classpath() -> String {
-    static CP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    CP.get_or_init(|| {
-        let root = root();
-        let st = Command::new("bash")
-            .arg(root.join("scripts/java-deps.sh"))
-            .status()
-            .expect("bash");
-        assert!(st.success(), "fetching the Java client jars failed");
-        let deps = root.join("target/java-deps");
-        let jars: Vec<String> = [
-            "kafka-clients",
-            "lz4-java",
-            "snappy-java",
-            "zstd-jni",
-            "slf4j-api",
-        ]
-        .iter()
-        .map(|j| deps.join(format!("{j}.jar")).display().to_string())
-        .collect();
-        let classes = root.join("target/java-classes");
-        std::fs::create_dir_all(&classes).unwrap();
-        let st = Command::new("javac")
-            .args(["-cp", &jars.join(":"), "-d"])
-            .arg(&classes)
-            .arg(root.join("tests/java/WeirJavaClient.java"))
-            .status()
-            .expect("javac (Java 17)");
-        assert!(st.success(), "javac failed");
-        format!("{}:{}", classes.display(), jars.join(":"))
-    })
-    .clone()
+    weir_tests::java::classpath("WeirJavaClient")
 }
 
 /// Runs the Java program; returns its standard output.

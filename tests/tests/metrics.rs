@@ -72,21 +72,46 @@ fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
 
     let after = scrape(&b);
     let topic = [("topic", "m")];
-    assert_eq!(delta(&before, &after, "weir_topic_records_in_total", &topic), 500.0);
-    assert_eq!(delta(&before, &after, "weir_topic_bytes_in_total", &topic), stored as f64);
-    assert_eq!(delta(&before, &after, "weir_topic_records_out_total", &topic), 500.0);
-    assert_eq!(delta(&before, &after, "weir_topic_bytes_out_total", &topic), stored as f64);
+    assert_eq!(
+        delta(&before, &after, "weir_topic_records_in_total", &topic),
+        500.0
+    );
+    assert_eq!(
+        delta(&before, &after, "weir_topic_bytes_in_total", &topic),
+        stored as f64
+    );
+    assert_eq!(
+        delta(&before, &after, "weir_topic_records_out_total", &topic),
+        500.0
+    );
+    assert_eq!(
+        delta(&before, &after, "weir_topic_bytes_out_total", &topic),
+        stored as f64
+    );
     let produce_ok = [("api", "Produce"), ("error", "NONE")];
-    assert_eq!(delta(&before, &after, "weir_requests_total", &produce_ok), 10.0);
+    assert_eq!(
+        delta(&before, &after, "weir_requests_total", &produce_ok),
+        10.0
+    );
     let refused = [("api", "Produce"), ("error", "UNKNOWN_TOPIC_OR_PARTITION")];
     assert_eq!(delta(&before, &after, "weir_requests_total", &refused), 1.0);
     assert_eq!(
-        delta(&before, &after, "weir_requests_total", &[("api", "Fetch"), ("error", "NONE")]),
+        delta(
+            &before,
+            &after,
+            "weir_requests_total",
+            &[("api", "Fetch"), ("error", "NONE")]
+        ),
         2.0
     );
     let produce = [("api", "Produce")];
     assert_eq!(
-        delta(&before, &after, "weir_request_duration_seconds_count", &produce),
+        delta(
+            &before,
+            &after,
+            "weir_request_duration_seconds_count",
+            &produce
+        ),
         11.0
     );
     // The +Inf bucket of the latency histogram holds every request.
@@ -100,8 +125,18 @@ fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
         stored as f64
     );
     let rounds = delta(&before, &after, "weir_group_commit_bytes_count", &[]);
-    assert!((1.0..=10.0).contains(&rounds), "{rounds} group-commit rounds");
-    assert!(delta(&before, &after, "weir_fdatasync_duration_seconds_count", &[]) >= rounds);
+    assert!(
+        (1.0..=10.0).contains(&rounds),
+        "{rounds} group-commit rounds"
+    );
+    assert!(
+        delta(
+            &before,
+            &after,
+            "weir_fdatasync_duration_seconds_count",
+            &[]
+        ) >= rounds
+    );
     // Fresh data is read from the cache.
     assert!(delta(&before, &after, "weir_cache_hits_total", &[]) >= 2.0);
     assert!(value(&after, "weir_connections", &[]) >= 1.0);
@@ -123,11 +158,14 @@ fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
 
     // A group with committed offsets 100 and 200 lags by 150 and 50.
     let mut cfg = b.client_config();
-    cfg.set("group.id", "lagging").set("enable.auto.commit", "false");
+    cfg.set("group.id", "lagging")
+        .set("enable.auto.commit", "false");
     let consumer: rdkafka::consumer::BaseConsumer = cfg.create().unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("m", 0, Offset::Offset(100)).unwrap();
-    tpl.add_partition_offset("m", 1, Offset::Offset(200)).unwrap();
+    tpl.add_partition_offset("m", 0, Offset::Offset(100))
+        .unwrap();
+    tpl.add_partition_offset("m", 1, Offset::Offset(200))
+        .unwrap();
     consumer.commit(&tpl, CommitMode::Sync).unwrap();
     let g = |p: &'static str| [("group", "lagging"), ("topic", "m"), ("partition", p)];
     assert!(
@@ -139,9 +177,19 @@ fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
         "group lag per partition"
     );
     let s = scrape(&b);
-    assert_eq!(value(&s, "weir_consumer_group_committed_offset", &g("1")), 200.0);
+    assert_eq!(
+        value(&s, "weir_consumer_group_committed_offset", &g("1")),
+        200.0
+    );
     assert!(value(&s, "weir_consumer_groups", &[("state", "Empty")]) >= 1.0);
-    assert!(delta(&before, &s, "weir_requests_total", &[("api", "OffsetCommit")]) >= 1.0);
+    assert!(
+        delta(
+            &before,
+            &s,
+            "weir_requests_total",
+            &[("api", "OffsetCommit")]
+        ) >= 1.0
+    );
 
     // Anything but /metrics is a 404, not a hang or a crash.
     let (status, _) = weir_tests::http_get(&format!("127.0.0.1:{}", b.metrics_port), "/nope");
@@ -197,7 +245,8 @@ fn cluster_metrics_follow_isr_changes_and_the_controller() {
     };
     assert!(
         all(
-            &|s| value(s, "weir_brokers", &[]) == 3.0 && value(s, "weir_fenced_brokers", &[]) == 0.0,
+            &|s| value(s, "weir_brokers", &[]) == 3.0
+                && value(s, "weir_fenced_brokers", &[]) == 0.0,
             &c
         ),
         "3 unfenced brokers everywhere"
@@ -242,5 +291,8 @@ fn cluster_metrics_follow_isr_changes_and_the_controller() {
         }),
         "the follower rejoins the ISR"
     );
-    assert_eq!(value(&scrape(c.node(leader)), "weir_offline_partitions", &[]), 0.0);
+    assert_eq!(
+        value(&scrape(c.node(leader)), "weir_offline_partitions", &[]),
+        0.0
+    );
 }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,43 +25,8 @@ use weir_tests::{admin, eventually, raw, Broker, Cluster};
 // ------------------------------------------------------------------------------------------
 // The Java program
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Compiles WeirTxnClient.java once; returns the classpath (as tests/tests/java_client.rs).
 fn classpath() -> String {
-    static CP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    CP.get_or_init(|| {
-        let root = root();
-        let st = Command::new("bash")
-            .arg(root.join("scripts/java-deps.sh"))
-            .status()
-            .expect("bash");
-        assert!(st.success(), "fetching the Java client jars failed");
-        let deps = root.join("target/java-deps");
-        let jars: Vec<String> = [
-            "kafka-clients",
-            "lz4-java",
-            "snappy-java",
-            "zstd-jni",
-            "slf4j-api",
-        ]
-        .iter()
-        .map(|j| deps.join(format!("{j}.jar")).display().to_string())
-        .collect();
-        let classes = root.join("target/java-txn-classes");
-        std::fs::create_dir_all(&classes).unwrap();
-        let st = Command::new("javac")
-            .args(["-cp", &jars.join(":"), "-d"])
-            .arg(&classes)
-            .arg(root.join("tests/java/WeirTxnClient.java"))
-            .status()
-            .expect("javac (Java 17)");
-        assert!(st.success(), "javac failed");
-        format!("{}:{}", classes.display(), jars.join(":"))
-    })
-    .clone()
+    weir_tests::java::classpath("WeirTxnClient")
 }
 
 /// A running `java WeirTxnClient ...`: its standard output collected line by line.
@@ -788,7 +753,7 @@ const KAFKA_PYTHON: &str = "kafka-python==3.0.12";
 fn kafka_python() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = root().join("target/python-kafka");
+        let dir = weir_tests::java::root().join("target/python-kafka");
         let marker = dir.join(format!(".{KAFKA_PYTHON}"));
         if !marker.exists() {
             let st = Command::new("python3")
@@ -1100,9 +1065,14 @@ fn describe_list_transactions_and_coordinator_errors() {
     p.init_transactions(t).expect("init_transactions");
     p.begin_transaction().unwrap();
     for i in 0..5 {
-        p.send(BaseRecord::to("dl").partition(1).key("k").payload(&format!("v{i}")))
-            .map_err(|(e, _)| e)
-            .unwrap();
+        p.send(
+            BaseRecord::to("dl")
+                .partition(1)
+                .key("k")
+                .payload(&format!("v{i}")),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
     }
     p.flush(t).unwrap();
 
@@ -1125,7 +1095,13 @@ fn describe_list_transactions_and_coordinator_errors() {
     assert_eq!(open.transaction_timeout_ms, 60_000);
     assert!(open.producer_id.0 >= 0 && open.transaction_start_time_ms > 0);
     assert_eq!(open.topics.len(), 1);
-    assert_eq!((open.topics[0].topic.0.as_str(), open.topics[0].partitions.clone()), ("dl", vec![1]));
+    assert_eq!(
+        (
+            open.topics[0].topic.0.as_str(),
+            open.topics[0].partitions.clone()
+        ),
+        ("dl", vec![1])
+    );
     assert_eq!(unknown.error_code, 105, "TRANSACTIONAL_ID_NOT_FOUND");
     let (pid, epoch) = (open.producer_id, open.producer_epoch);
 
@@ -1144,7 +1120,9 @@ fn describe_list_transactions_and_coordinator_errors() {
         .transaction_states
         .iter()
         .any(|s| s.transactional_id.0.as_str() == "dl1" && s.producer_id == pid));
-    assert!(list(&mut c, &["CompleteCommit"]).transaction_states.is_empty());
+    assert!(list(&mut c, &["CompleteCommit"])
+        .transaction_states
+        .is_empty());
     assert_eq!(
         list(&mut c, &["Bogus"]).unknown_state_filters,
         vec![sb("Bogus")]
@@ -1200,11 +1178,17 @@ fn describe_list_transactions_and_coordinator_errors() {
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1),
     );
-    assert_eq!(init.error_code, 50, "INVALID_TRANSACTION_TIMEOUT above transaction.max.timeout.ms");
+    assert_eq!(
+        init.error_code, 50,
+        "INVALID_TRANSACTION_TIMEOUT above transaction.max.timeout.ms"
+    );
 
     p.commit_transaction(t).expect("commit");
     let d = describe(&mut c);
-    assert_eq!(d.transaction_states[0].transaction_state.as_str(), "CompleteCommit");
+    assert_eq!(
+        d.transaction_states[0].transaction_state.as_str(),
+        "CompleteCommit"
+    );
     assert!(d.transaction_states[0].topics.is_empty());
     assert_eq!(
         list(&mut c, &["CompleteCommit"]).transaction_states.len(),

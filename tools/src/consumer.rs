@@ -746,7 +746,8 @@ pub fn offset_commit_request(
         )
 }
 
-fn decode_assignment(mut b: Bytes) -> Result<Vec<TopicPartition>> {
+/// A consumer-protocol assignment (SyncGroup, DescribeGroups) as topic-partitions.
+pub(crate) fn decode_assignment(mut b: Bytes) -> Result<Vec<TopicPartition>> {
     if b.len() < 2 {
         return Ok(Vec::new());
     }

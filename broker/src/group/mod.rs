@@ -23,9 +23,7 @@ use futures::channel::oneshot;
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::{JoinGroupResponse, SyncGroupResponse};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    RecordBatchDecoder,
-};
+use kafka_protocol::records::RecordBatchDecoder;
 
 use crate::kafka::errors::*;
 use crate::shard::{FetchItem, Shard};
@@ -340,7 +338,8 @@ pub type OffsetsRecord = (Bytes, Option<Bytes>);
 
 /// Appends records to this shard's `__consumer_offsets` partition and waits for the fsync.
 pub async fn persist(s: &Rc<Shard>, partition: i32, recs: Vec<OffsetsRecord>) -> Result<(), i16> {
-    s.persist_records(OFFSETS_TOPIC, partition, recs, None).await
+    s.persist_records(OFFSETS_TOPIC, partition, recs, None)
+        .await
 }
 
 /// Replays one `__consumer_offsets` partition into the coordinator. Bounded by the log end.
@@ -422,7 +421,12 @@ pub async fn txn_offset_commit(
 ) -> Result<(), i16> {
     let recs: Vec<OffsetsRecord> = offsets
         .iter()
-        .map(|(t, p, v)| (records::offset_key(group, t, *p), Some(records::offset_value(v))))
+        .map(|(t, p, v)| {
+            (
+                records::offset_key(group, t, *p),
+                Some(records::offset_value(v)),
+            )
+        })
         .collect();
     s.persist_records(OFFSETS_TOPIC, partition, recs, Some((pid, epoch)))
         .await?;

@@ -42,33 +42,16 @@ fn sb(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
 }
 
-/// (coordinator shard, __consumer_offsets partition) of a group on this broker:
-/// COORDINATOR_NOT_AVAILABLE while the partition does not exist or has no leader,
-/// NOT_COORDINATOR when another broker leads it (the client asks FindCoordinator again).
+/// (coordinator shard, __consumer_offsets partition) of a group on this broker.
 fn coordinator(s: &Shard, group: &str) -> Result<(usize, i32), i16> {
     let partition = records::partition_for(group, s.config.group.offsets_partitions);
-    match s.image().route(OFFSETS_TOPIC, partition, s.config.node_id) {
-        Ok(shard) => Ok((shard as usize, partition)),
-        Err(NOT_LEADER_OR_FOLLOWER) if coordinator_node(s, group).is_ok() => Err(NOT_COORDINATOR),
-        Err(_) => Err(COORDINATOR_NOT_AVAILABLE),
-    }
+    super::coordinator_shard(s, OFFSETS_TOPIC, partition)
 }
 
-/// The broker coordinating `group`: the leader of its `__consumer_offsets` partition, with the
-/// address it registered.
+/// The broker coordinating `group`: the leader of its `__consumer_offsets` partition.
 fn coordinator_node(s: &Shard, group: &str) -> Result<(i32, String, i32), i16> {
     let partition = records::partition_for(group, s.config.group.offsets_partitions);
-    let image = s.image();
-    let leader = image
-        .topics
-        .get(OFFSETS_TOPIC)
-        .and_then(|t| t.partitions.get(partition as usize))
-        .map(|p| p.leader)
-        .ok_or(COORDINATOR_NOT_AVAILABLE)?;
-    match image.brokers.get(&leader) {
-        Some(b) if !b.fenced => Ok((leader, b.host.clone(), b.port)),
-        _ => Err(COORDINATOR_NOT_AVAILABLE),
-    }
+    super::coordinator_node(s, OFFSETS_TOPIC, partition)
 }
 
 /// Runs `f` for `group` on its coordinator shard, or answers `on_error(code)`.
@@ -535,28 +518,31 @@ async fn fetch_offsets(
                     .collect(),
                 _ => Unstable::new(),
             };
-            Ok((match topics {
-                Some(ts) => ts
-                    .into_iter()
-                    .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p)))
-                    .map(|(t, p)| {
-                        let v = g.and_then(|g| g.offsets.get(&(t.clone(), p)).cloned());
-                        (t, p, v)
-                    })
-                    .collect(),
-                None => {
-                    let mut all: Vec<_> = g
-                        .map(|g| {
-                            g.offsets
-                                .iter()
-                                .map(|((t, p), v)| (t.clone(), *p, Some(v.clone())))
-                                .collect()
+            Ok((
+                match topics {
+                    Some(ts) => ts
+                        .into_iter()
+                        .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p)))
+                        .map(|(t, p)| {
+                            let v = g.and_then(|g| g.offsets.get(&(t.clone(), p)).cloned());
+                            (t, p, v)
                         })
-                        .unwrap_or_default();
-                    all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-                    all
-                }
-            }, unstable))
+                        .collect(),
+                    None => {
+                        let mut all: Vec<_> = g
+                            .map(|g| {
+                                g.offsets
+                                    .iter()
+                                    .map(|((t, p), v)| (t.clone(), *p, Some(v.clone())))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+                        all
+                    }
+                },
+                unstable,
+            ))
         }
         .boxed_local()
     })

@@ -84,6 +84,44 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
     }
 }
 
+/// The broker leading `partition` of a coordinator topic (`__consumer_offsets`,
+/// `__transaction_state`), with the address it registered: the group or transaction
+/// coordinator FindCoordinator names.
+pub fn coordinator_node(
+    s: &crate::shard::Shard,
+    topic: &str,
+    partition: i32,
+) -> Result<(i32, String, i32), i16> {
+    let image = s.image();
+    let leader = image
+        .topics
+        .get(topic)
+        .and_then(|t| t.partitions.get(partition as usize))
+        .map(|p| p.leader)
+        .ok_or(errors::COORDINATOR_NOT_AVAILABLE)?;
+    match image.brokers.get(&leader) {
+        Some(b) if !b.fenced => Ok((leader, b.host.clone(), b.port)),
+        _ => Err(errors::COORDINATOR_NOT_AVAILABLE),
+    }
+}
+
+/// The shard of this broker that coordinates `partition` of a coordinator topic:
+/// NOT_COORDINATOR when another live broker leads it (the client asks FindCoordinator again),
+/// COORDINATOR_NOT_AVAILABLE while it has no live leader.
+pub fn coordinator_shard(
+    s: &crate::shard::Shard,
+    topic: &str,
+    partition: i32,
+) -> Result<(usize, i32), i16> {
+    match s.image().route(topic, partition, s.config.node_id) {
+        Ok(shard) => Ok((shard as usize, partition)),
+        Err(errors::NOT_LEADER_OR_FOLLOWER) if coordinator_node(s, topic, partition).is_ok() => {
+            Err(errors::NOT_COORDINATOR)
+        }
+        Err(_) => Err(errors::COORDINATOR_NOT_AVAILABLE),
+    }
+}
+
 /// Encodes `body` as the response to `frame`.
 pub fn respond<T: Encodable + outcome::Outcome>(
     frame: &RequestFrame,

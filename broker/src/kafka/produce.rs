@@ -169,7 +169,10 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
             // A transactional batch comes from a transactional producer (with its id in the
             // request) and carries sequences; a producer that sends one without is refused.
             let checked = checked.and_then(|(records, infos)| {
-                let txn_id = req.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty());
+                let txn_id = req
+                    .transactional_id
+                    .as_ref()
+                    .is_some_and(|t| !t.0.is_empty());
                 match infos.iter().find(|i| i.transactional) {
                     Some(i) if !txn_id || i.base_sequence < 0 => Err(BatchError::Invalid(
                         "a transactional batch needs a transactional id and sequences",
@@ -196,7 +199,9 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                                 .map(|i| {
                                     BatchIndexAndErrorMessage::default()
                                         .with_batch_index(i)
-                                        .with_batch_index_error_message(Some(StrBytes::from_string(msg.clone())))
+                                        .with_batch_index_error_message(Some(
+                                            StrBytes::from_string(msg.clone()),
+                                        ))
                                 })
                                 .collect();
                         }
@@ -283,7 +288,11 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
         }
     }
     if acks == 0 {
-        let first = results.iter().flatten().map(|p| p.error_code).find(|c| *c != NONE);
+        let first = results
+            .iter()
+            .flatten()
+            .map(|p| p.error_code)
+            .find(|c| *c != NONE);
         crate::metrics::request_outcome(frame.api_key as i16, first.unwrap_or(NONE));
         return Ok(futures::future::ready(None).boxed_local());
     }
@@ -352,8 +361,16 @@ mod tests {
         let mut b = BytesMut::new();
         RecordBatchEncoder::encode(
             &mut b,
-            &[rec(0, Some(b"k")), rec(1, None), rec(2, Some(b"k")), rec(3, None)],
-            &RecordEncodeOptions { version: 2, compression: Compression::None },
+            &[
+                rec(0, Some(b"k")),
+                rec(1, None),
+                rec(2, Some(b"k")),
+                rec(3, None),
+            ],
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
         )
         .unwrap();
         assert_eq!(keyless_records(&b.freeze()), vec![1, 3]);

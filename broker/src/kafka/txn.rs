@@ -25,27 +25,13 @@ use std::rc::Rc;
 /// (coordinator shard, `__transaction_state` partition) of `id` on this broker.
 fn coordinator(s: &Shard, id: &str) -> Result<(usize, i32), i16> {
     let partition = txn::partition_for(id, s.config.txn.partitions);
-    match s.image().route(TXN_TOPIC, partition, s.config.node_id) {
-        Ok(shard) => Ok((shard as usize, partition)),
-        Err(NOT_LEADER_OR_FOLLOWER) => Err(NOT_COORDINATOR),
-        Err(_) => Err(COORDINATOR_NOT_AVAILABLE),
-    }
+    super::coordinator_shard(s, TXN_TOPIC, partition)
 }
 
 /// The broker coordinating transactional id `id` (FindCoordinator key type 1).
 pub fn coordinator_node(s: &Shard, id: &str) -> Result<(i32, String, i32), i16> {
     let partition = txn::partition_for(id, s.config.txn.partitions);
-    let image = s.image();
-    let leader = image
-        .topics
-        .get(TXN_TOPIC)
-        .and_then(|t| t.partitions.get(partition as usize))
-        .map(|p| p.leader)
-        .ok_or(COORDINATOR_NOT_AVAILABLE)?;
-    match image.brokers.get(&leader) {
-        Some(b) if !b.fenced => Ok((leader, b.host.clone(), b.port)),
-        _ => Err(COORDINATOR_NOT_AVAILABLE),
-    }
+    super::coordinator_node(s, TXN_TOPIC, partition)
 }
 
 /// Runs `f` for `id` on its coordinator shard once its partition is loaded.
@@ -107,7 +93,10 @@ pub async fn handle_add_partitions(frame: RequestFrame) -> Result<Response, Stri
         None
     } else {
         let id = req.v3_and_below_transactional_id.0.to_string();
-        let (pid, epoch) = (req.v3_and_below_producer_id.0, req.v3_and_below_producer_epoch);
+        let (pid, epoch) = (
+            req.v3_and_below_producer_id.0,
+            req.v3_and_below_producer_epoch,
+        );
         let list: Vec<(String, i32)> = parts.iter().map(|(t, p, _)| (t.clone(), *p)).collect();
         let key = id.clone();
         Some(
@@ -149,7 +138,8 @@ pub async fn handle_add_offsets(frame: RequestFrame) -> Result<Response, String>
     let s = shard();
     let id = req.transactional_id.0.to_string();
     let (pid, epoch) = (req.producer_id.0, req.producer_epoch);
-    let offsets = crate::group::records::partition_for(&req.group_id.0, s.config.group.offsets_partitions);
+    let offsets =
+        crate::group::records::partition_for(&req.group_id.0, s.config.group.offsets_partitions);
     let key = id.clone();
     let code = on_coordinator(&key, move |s, partition| {
         async move {
@@ -179,7 +169,11 @@ pub async fn handle_end_txn(frame: RequestFrame) -> Result<Response, String> {
     .await
     .err()
     .unwrap_or(NONE);
-    respond(&frame, OutBuf::new(), &EndTxnResponse::default().with_error_code(code))
+    respond(
+        &frame,
+        OutBuf::new(),
+        &EndTxnResponse::default().with_error_code(code),
+    )
 }
 
 /// WriteTxnMarkers from another broker's transaction coordinator: each marker goes to the
@@ -192,7 +186,11 @@ pub async fn handle_write_markers(frame: RequestFrame) -> Result<Response, Strin
         let tps: Vec<(String, i32)> = m
             .topics
             .iter()
-            .flat_map(|t| t.partition_indexes.iter().map(|p| (t.name.0.to_string(), *p)))
+            .flat_map(|t| {
+                t.partition_indexes
+                    .iter()
+                    .map(|p| (t.name.0.to_string(), *p))
+            })
             .collect();
         let codes = txn::write_local(
             &s,
@@ -242,7 +240,9 @@ pub async fn handle_describe(frame: RequestFrame) -> Result<Response, String> {
         .await;
         let st = TransactionState::default().with_transactional_id(id);
         states.push(match r {
-            Err(code) => st.with_error_code(code).with_transaction_state(StrBytes::from_static_str("")),
+            Err(code) => st
+                .with_error_code(code)
+                .with_transaction_state(StrBytes::from_static_str("")),
             Ok(v) => {
                 let mut topics: Vec<TopicData> = Vec::new();
                 for (t, p) in &v.partitions {
@@ -293,7 +293,11 @@ pub async fn handle_list(frame: RequestFrame) -> Result<Response, String> {
         .collect();
     let states: Vec<String> = req.state_filters.iter().map(|f| f.to_string()).collect();
     let pids: Vec<i64> = req.producer_id_filters.iter().map(|p| p.0).collect();
-    let min_age_ms = if frame.api_version >= 1 { req.duration_filter } else { -1 };
+    let min_age_ms = if frame.api_version >= 1 {
+        req.duration_filter
+    } else {
+        -1
+    };
     let mut listed = Vec::new();
     for target in 0..s.count {
         let (states, pids) = (states.clone(), pids.clone());
@@ -311,7 +315,9 @@ pub async fn handle_list(frame: RequestFrame) -> Result<Response, String> {
                             let p = txn::partition_for(id, t.config.txn.partitions);
                             image.route(TXN_TOPIC, p, t.config.node_id).is_ok()
                         })
-                        .filter(|(_, v)| states.is_empty() || states.iter().any(|f| f == v.state.name()))
+                        .filter(|(_, v)| {
+                            states.is_empty() || states.iter().any(|f| f == v.state.name())
+                        })
                         .filter(|(_, v)| pids.is_empty() || pids.contains(&v.producer_id))
                         .filter(|(_, v)| {
                             min_age_ms < 0 || (v.start_ms >= 0 && now - v.start_ms >= min_age_ms)

@@ -49,7 +49,12 @@ fn answer(mut conn: TcpStream, registry: &Registry) -> std::io::Result<()> {
     // Bounded: at most REQUEST_BYTES_MAX bytes, each read within the timeout.
     while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
         if n == buf.len() {
-            return respond(&mut conn, "431 Request Header Fields Too Large", "text/plain", "");
+            return respond(
+                &mut conn,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            );
         }
         let k = conn.read(&mut buf[n..])?;
         if k == 0 {
@@ -65,9 +70,19 @@ fn answer(mut conn: TcpStream, registry: &Registry) -> std::io::Result<()> {
         ("GET", "/metrics") => {
             let mut body = String::new();
             if prometheus_client::encoding::prometheus_text::encode(&mut body, registry).is_err() {
-                return respond(&mut conn, "500 Internal Server Error", "text/plain", "encoding failed\n");
+                return respond(
+                    &mut conn,
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "encoding failed\n",
+                );
             }
-            respond(&mut conn, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &body)
+            respond(
+                &mut conn,
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                &body,
+            )
         }
         ("GET", _) => respond(&mut conn, "404 Not Found", "text/plain", "see /metrics\n"),
         _ => respond(&mut conn, "405 Method Not Allowed", "text/plain", ""),
@@ -174,7 +189,10 @@ impl Collector for Scrape {
             &mut enc,
             "weir_broker_info",
             "This broker: its node id and Weir version.",
-            [(l(&[("node_id", &node), ("version", env!("CARGO_PKG_VERSION"))]), 1)],
+            [(
+                l(&[("node_id", &node), ("version", env!("CARGO_PKG_VERSION"))]),
+                1,
+            )],
         )?;
 
         // Requests.
@@ -182,9 +200,17 @@ impl Collector for Scrape {
         let mut latency = Vec::new();
         for api in 0..API_SLOTS {
             for e in 0..ERROR_SLOTS {
-                let n: u64 = m.shards.iter().map(|s| s.requests[api * ERROR_SLOTS + e].load(Relaxed)).sum();
+                let n: u64 = m
+                    .shards
+                    .iter()
+                    .map(|s| s.requests[api * ERROR_SLOTS + e].load(Relaxed))
+                    .sum();
                 if n > 0 {
-                    let error = if e == ERROR_SLOTS - 1 { "OTHER".to_string() } else { error_name(e as i16 - 1) };
+                    let error = if e == ERROR_SLOTS - 1 {
+                        "OTHER".to_string()
+                    } else {
+                        error_name(e as i16 - 1)
+                    };
                     outcomes.push((vec![("api", api_name(api)), ("error", error)], n));
                 }
             }
@@ -206,17 +232,67 @@ impl Collector for Scrape {
             s.fsync.add_to(&mut fsync);
             s.group_commit_bytes.add_to(&mut commit);
         }
-        histogram(&mut enc, "weir_fdatasync_duration_seconds", "fdatasync latency of log segment files.", [(Labels::new(), fsync)])?;
-        histogram(&mut enc, "weir_group_commit_bytes", "Bytes made durable by one group-commit round (one fdatasync round of a shard).", [(Labels::new(), commit)])?;
+        histogram(
+            &mut enc,
+            "weir_fdatasync_duration_seconds",
+            "fdatasync latency of log segment files.",
+            [(Labels::new(), fsync)],
+        )?;
+        histogram(
+            &mut enc,
+            "weir_group_commit_bytes",
+            "Bytes made durable by one group-commit round (one fdatasync round of a shard).",
+            [(Labels::new(), commit)],
+        )?;
         let per_shard = |f: &dyn Fn(&super::ShardMetrics) -> u64| -> Vec<(Labels, u64)> {
-            m.shards.iter().enumerate().map(|(i, s)| (vec![("shard", i.to_string())], f(s))).collect()
+            m.shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (vec![("shard", i.to_string())], f(s)))
+                .collect()
         };
-        counter(&mut enc, "weir_cache_hits", "Consumer fetch reads served from the batch cache.", per_shard(&|s| s.cache_hits.load(Relaxed)))?;
-        counter(&mut enc, "weir_cache_misses", "Consumer fetch reads served from disk.", per_shard(&|s| s.cache_misses.load(Relaxed)))?;
-        gauge(&mut enc, "weir_cache_bytes", "Bytes held by the shard's batch cache.", per_shard(&|s| s.cache_bytes.load(Relaxed)).into_iter().map(|(k, v)| (k, v as i64)))?;
-        gauge(&mut enc, "weir_pending_bytes", "Bytes appended and not yet written to disk (appends wait above 64 MiB).", per_shard(&|s| s.pending_bytes.load(Relaxed)).into_iter().map(|(k, v)| (k, v as i64)))?;
-        counter(&mut enc, "weir_backpressure_waits", "Appends that waited for the shard's unwritten bytes to drain.", per_shard(&|s| s.backpressure_waits.load(Relaxed)))?;
-        gauge(&mut enc, "weir_connections", "Open client connections.", per_shard(&|s| s.connections.load(Relaxed) as u64).into_iter().map(|(k, v)| (k, v as i64)))?;
+        counter(
+            &mut enc,
+            "weir_cache_hits",
+            "Consumer fetch reads served from the batch cache.",
+            per_shard(&|s| s.cache_hits.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
+            "weir_cache_misses",
+            "Consumer fetch reads served from disk.",
+            per_shard(&|s| s.cache_misses.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_cache_bytes",
+            "Bytes held by the shard's batch cache.",
+            per_shard(&|s| s.cache_bytes.load(Relaxed))
+                .into_iter()
+                .map(|(k, v)| (k, v as i64)),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_pending_bytes",
+            "Bytes appended and not yet written to disk (appends wait above 64 MiB).",
+            per_shard(&|s| s.pending_bytes.load(Relaxed))
+                .into_iter()
+                .map(|(k, v)| (k, v as i64)),
+        )?;
+        counter(
+            &mut enc,
+            "weir_backpressure_waits",
+            "Appends that waited for the shard's unwritten bytes to drain.",
+            per_shard(&|s| s.backpressure_waits.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_connections",
+            "Open client connections.",
+            per_shard(&|s| s.connections.load(Relaxed) as u64)
+                .into_iter()
+                .map(|(k, v)| (k, v as i64)),
+        )?;
 
         // Partitions and topics.
         let parts: Vec<Arc<super::PartitionMetrics>> = m
@@ -233,36 +309,137 @@ impl Collector for Scrape {
             t[3] += p.records_out.load(Relaxed);
         }
         let by_topic = |i: usize| -> Vec<(Labels, u64)> {
-            topics.iter().map(|(t, v)| (l(&[("topic", t)]), v[i])).collect()
+            topics
+                .iter()
+                .map(|(t, v)| (l(&[("topic", t)]), v[i]))
+                .collect()
         };
-        counter(&mut enc, "weir_topic_bytes_in", "Record batch bytes appended by producers, per topic (this broker's leader replicas).", by_topic(0))?;
-        counter(&mut enc, "weir_topic_records_in", "Records appended by producers, per topic.", by_topic(1))?;
-        counter(&mut enc, "weir_topic_bytes_out", "Record batch bytes sent to consumers, per topic.", by_topic(2))?;
-        counter(&mut enc, "weir_topic_records_out", "Records sent to consumers, per topic.", by_topic(3))?;
+        counter(
+            &mut enc,
+            "weir_topic_bytes_in",
+            "Record batch bytes appended by producers, per topic (this broker's leader replicas).",
+            by_topic(0),
+        )?;
+        counter(
+            &mut enc,
+            "weir_topic_records_in",
+            "Records appended by producers, per topic.",
+            by_topic(1),
+        )?;
+        counter(
+            &mut enc,
+            "weir_topic_bytes_out",
+            "Record batch bytes sent to consumers, per topic.",
+            by_topic(2),
+        )?;
+        counter(
+            &mut enc,
+            "weir_topic_records_out",
+            "Records sent to consumers, per topic.",
+            by_topic(3),
+        )?;
         let per_part = |f: &dyn Fn(&super::PartitionMetrics) -> i64| -> Vec<(Labels, i64)> {
             parts
                 .iter()
-                .map(|p| (l(&[("topic", &p.topic), ("partition", &p.partition.to_string())]), f(p)))
+                .map(|p| {
+                    (
+                        l(&[("topic", &p.topic), ("partition", &p.partition.to_string())]),
+                        f(p),
+                    )
+                })
                 .collect()
         };
-        gauge(&mut enc, "weir_partition_log_end_offset", "Log end offset of each partition replica on this broker.", per_part(&|p| p.log_end_offset.load(Relaxed)))?;
-        gauge(&mut enc, "weir_partition_high_watermark", "High watermark of each partition replica.", per_part(&|p| p.high_watermark.load(Relaxed)))?;
-        gauge(&mut enc, "weir_partition_log_start_offset", "Log start offset of each partition replica.", per_part(&|p| p.log_start_offset.load(Relaxed)))?;
-        gauge(&mut enc, "weir_partition_size_bytes", "Bytes of each partition replica's segments.", per_part(&|p| p.size_bytes.load(Relaxed) as i64))?;
-        gauge(&mut enc, "weir_partition_leader", "1 when this broker leads the partition.", per_part(&|p| p.leader.load(Relaxed) as i64))?;
-        let urp = parts.iter().filter(|p| p.leader.load(Relaxed) && p.under_replicated.load(Relaxed)).count();
-        gauge(&mut enc, "weir_under_replicated_partitions", "Partitions this broker leads whose ISR is smaller than their replica set.", [(Labels::new(), urp as i64)])?;
-        let (shrinks, expands): (u64, u64) = m.shards.iter().fold((0, 0), |(a, b), s| (a + s.isr_shrinks.load(Relaxed), b + s.isr_expands.load(Relaxed)));
-        counter(&mut enc, "weir_isr_shrinks", "ISR shrinks this broker's leader replicas made.", [(Labels::new(), shrinks)])?;
-        counter(&mut enc, "weir_isr_expands", "ISR expands this broker's leader replicas made.", [(Labels::new(), expands)])?;
+        gauge(
+            &mut enc,
+            "weir_partition_log_end_offset",
+            "Log end offset of each partition replica on this broker.",
+            per_part(&|p| p.log_end_offset.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_partition_high_watermark",
+            "High watermark of each partition replica.",
+            per_part(&|p| p.high_watermark.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_partition_log_start_offset",
+            "Log start offset of each partition replica.",
+            per_part(&|p| p.log_start_offset.load(Relaxed)),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_partition_size_bytes",
+            "Bytes of each partition replica's segments.",
+            per_part(&|p| p.size_bytes.load(Relaxed) as i64),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_partition_leader",
+            "1 when this broker leads the partition.",
+            per_part(&|p| p.leader.load(Relaxed) as i64),
+        )?;
+        let urp = parts
+            .iter()
+            .filter(|p| p.leader.load(Relaxed) && p.under_replicated.load(Relaxed))
+            .count();
+        gauge(
+            &mut enc,
+            "weir_under_replicated_partitions",
+            "Partitions this broker leads whose ISR is smaller than their replica set.",
+            [(Labels::new(), urp as i64)],
+        )?;
+        let (shrinks, expands): (u64, u64) = m.shards.iter().fold((0, 0), |(a, b), s| {
+            (
+                a + s.isr_shrinks.load(Relaxed),
+                b + s.isr_expands.load(Relaxed),
+            )
+        });
+        counter(
+            &mut enc,
+            "weir_isr_shrinks",
+            "ISR shrinks this broker's leader replicas made.",
+            [(Labels::new(), shrinks)],
+        )?;
+        counter(
+            &mut enc,
+            "weir_isr_expands",
+            "ISR expands this broker's leader replicas made.",
+            [(Labels::new(), expands)],
+        )?;
 
         // Cluster.
         let c = &m.cluster;
-        gauge(&mut enc, "weir_offline_partitions", "Partitions without a leader in this broker's metadata image.", [(Labels::new(), c.offline_partitions.load(Relaxed))])?;
-        gauge(&mut enc, "weir_brokers", "Brokers registered in the metadata image.", [(Labels::new(), c.brokers.load(Relaxed))])?;
-        gauge(&mut enc, "weir_fenced_brokers", "Registered brokers that are fenced.", [(Labels::new(), c.fenced_brokers.load(Relaxed))])?;
-        gauge(&mut enc, "weir_metadata_version", "Version (offset) of the metadata image this broker applied.", [(Labels::new(), c.metadata_version.load(Relaxed))])?;
-        gauge(&mut enc, "weir_active_controller", "1 when this node is the active controller (a single node always is).", [(Labels::new(), c.active_controller.load(Relaxed) as i64)])?;
+        gauge(
+            &mut enc,
+            "weir_offline_partitions",
+            "Partitions without a leader in this broker's metadata image.",
+            [(Labels::new(), c.offline_partitions.load(Relaxed))],
+        )?;
+        gauge(
+            &mut enc,
+            "weir_brokers",
+            "Brokers registered in the metadata image.",
+            [(Labels::new(), c.brokers.load(Relaxed))],
+        )?;
+        gauge(
+            &mut enc,
+            "weir_fenced_brokers",
+            "Registered brokers that are fenced.",
+            [(Labels::new(), c.fenced_brokers.load(Relaxed))],
+        )?;
+        gauge(
+            &mut enc,
+            "weir_metadata_version",
+            "Version (offset) of the metadata image this broker applied.",
+            [(Labels::new(), c.metadata_version.load(Relaxed))],
+        )?;
+        gauge(
+            &mut enc,
+            "weir_active_controller",
+            "1 when this node is the active controller (a single node always is).",
+            [(Labels::new(), c.active_controller.load(Relaxed) as i64)],
+        )?;
 
         // Consumer groups.
         let groups: Vec<super::GroupSample> = m
@@ -270,32 +447,64 @@ impl Collector for Scrape {
             .iter()
             .flat_map(|s| s.groups.lock().map(|v| v.clone()).unwrap_or_default())
             .collect();
-        let mut states: BTreeMap<&str, i64> = ["Empty", "PreparingRebalance", "CompletingRebalance", "Stable", "Dead"]
-            .into_iter()
-            .map(|s| (s, 0))
-            .collect();
+        let mut states: BTreeMap<&str, i64> = [
+            "Empty",
+            "PreparingRebalance",
+            "CompletingRebalance",
+            "Stable",
+            "Dead",
+        ]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
         for g in &groups {
             *states.entry(g.state).or_default() += 1;
         }
-        gauge(&mut enc, "weir_consumer_groups", "Consumer groups this broker coordinates, by state.", states.iter().map(|(s, n)| (l(&[("state", s)]), *n)))?;
-        gauge(&mut enc, "weir_consumer_group_members", "Members of each group this broker coordinates.", groups.iter().map(|g| (l(&[("group", &g.group)]), g.members as i64)))?;
+        gauge(
+            &mut enc,
+            "weir_consumer_groups",
+            "Consumer groups this broker coordinates, by state.",
+            states.iter().map(|(s, n)| (l(&[("state", s)]), *n)),
+        )?;
+        gauge(
+            &mut enc,
+            "weir_consumer_group_members",
+            "Members of each group this broker coordinates.",
+            groups
+                .iter()
+                .map(|g| (l(&[("group", &g.group)]), g.members as i64)),
+        )?;
         let hw: BTreeMap<(&str, i32), i64> = parts
             .iter()
             .filter(|p| p.leader.load(Relaxed))
-            .map(|p| ((p.topic.as_str(), p.partition), p.high_watermark.load(Relaxed)))
+            .map(|p| {
+                (
+                    (p.topic.as_str(), p.partition),
+                    p.high_watermark.load(Relaxed),
+                )
+            })
             .collect();
         let mut committed = Vec::new();
         let mut lag = Vec::new();
         for g in &groups {
             for (t, p, off) in &g.offsets {
-                let labels = l(&[("group", &g.group), ("topic", t), ("partition", &p.to_string())]);
+                let labels = l(&[
+                    ("group", &g.group),
+                    ("topic", t),
+                    ("partition", &p.to_string()),
+                ]);
                 committed.push((labels.clone(), *off));
                 if let Some(h) = hw.get(&(t.as_str(), *p)) {
                     lag.push((labels, (h - off).max(0)));
                 }
             }
         }
-        gauge(&mut enc, "weir_consumer_group_committed_offset", "Committed offset per group and partition.", committed)?;
+        gauge(
+            &mut enc,
+            "weir_consumer_group_committed_offset",
+            "Committed offset per group and partition.",
+            committed,
+        )?;
         gauge(&mut enc, "weir_consumer_group_lag", "High watermark minus committed offset, per group and partition (where this broker leads the partition).", lag)?;
         Ok(())
     }

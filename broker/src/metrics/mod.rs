@@ -42,8 +42,18 @@ pub const LATENCY_BUCKETS_S: [f64; 16] = [
 ];
 /// Bytes per group-commit round buckets.
 pub const BYTES_BUCKETS: [f64; 12] = [
-    4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
-    268435456.0, 1073741824.0, 4294967296.0, 17179869184.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+    17179869184.0,
 ];
 
 /// A histogram with fixed buckets, one writer: counts per bucket (not cumulative), the sum in
@@ -366,6 +376,13 @@ mod tests {
         assert_eq!(r[8].load(Relaxed), 1);
         assert_eq!(r[0].load(Relaxed), 1);
         assert_eq!(r[ERROR_SLOTS - 1].load(Relaxed), 1);
-        assert_eq!(m.shards[0].requests.iter().map(|a| a.load(Relaxed)).sum::<u64>(), 0);
+        assert_eq!(
+            m.shards[0]
+                .requests
+                .iter()
+                .map(|a| a.load(Relaxed))
+                .sum::<u64>(),
+            0
+        );
     }
 }

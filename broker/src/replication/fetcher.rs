@@ -20,14 +20,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
-use kafka_protocol::messages::{
-    ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName,
-};
+use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::throttle;
-use crate::peer::Conn;
 use crate::kafka::errors::*;
+use crate::peer::Conn;
 use crate::shard::{Partition, Shard};
 use crate::storage::batch;
 
@@ -441,16 +439,18 @@ async fn apply(s: &Rc<Shard>, leader: i32, items: Vec<Fetched>) -> bool {
         }
         if !f.records.is_empty() {
             match batch::validate_replica(&f.records, next) {
-                Ok(batches) if !batches.is_empty() => match s.append_replica(&p, next, &batches).await {
-                    Ok(end) => {
-                        leo = end;
-                        waits.push((p.clone(), end));
+                Ok(batches) if !batches.is_empty() => {
+                    match s.append_replica(&p, next, &batches).await {
+                        Ok(end) => {
+                            leo = end;
+                            waits.push((p.clone(), end));
+                        }
+                        Err(code) => {
+                            tracing::warn!(topic = %f.topic, partition = f.partition, code, "appending replicated batches failed");
+                            continue;
+                        }
                     }
-                    Err(code) => {
-                        tracing::warn!(topic = %f.topic, partition = f.partition, code, "appending replicated batches failed");
-                        continue;
-                    }
-                },
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(topic = %f.topic, partition = f.partition, "leader sent unusable batches: {e:?}");

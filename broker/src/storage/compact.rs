@@ -231,14 +231,14 @@ pub async fn clean(
                     return false;
                 }
             };
-            let expired_tombstones =
-                was_clean && now_ms - h.max_timestamp() > delete_retention_ms;
+            let expired_tombstones = was_clean && now_ms - h.max_timestamp() > delete_retention_ms;
             let total = set.records.len();
             let records: Vec<_> = set
                 .records
                 .into_iter()
                 .filter(|r| {
-                    !superseded(&map, &r.key, r.offset) && !(expired_tombstones && r.value.is_none())
+                    !superseded(&map, &r.key, r.offset)
+                        && !(expired_tombstones && r.value.is_none())
                 })
                 .collect();
             removed += (total - records.len()) as u64;
@@ -301,4 +301,3 @@ pub async fn clean(
     log.borrow_mut().set_cleaned_offset(upto);
     Ok(Some(out))
 }
-

@@ -594,7 +594,8 @@ impl PartitionLog {
             .iter()
             .filter_map(|(pid, e)| e.txn_first_offset.map(|f| (f, *pid)))
             .collect();
-        let (dir, bases): (PathBuf, Vec<i64>) = (self.dir.clone(), self.segments.keys().copied().collect());
+        let (dir, bases): (PathBuf, Vec<i64>) =
+            (self.dir.clone(), self.segments.keys().copied().collect());
         let indexes = blocking(move || -> Vec<(i64, Vec<AbortedTxn>)> {
             bases
                 .into_iter()
@@ -667,12 +668,16 @@ impl PartitionLog {
             return;
         }
         if !h.is_control() {
-            let e = self.producers.entries.entry(pid).or_insert_with(|| ProducerEntry {
-                epoch: h.producer_epoch(),
-                batches: Default::default(),
-                last_timestamp: h.max_timestamp(),
-                txn_first_offset: None,
-            });
+            let e = self
+                .producers
+                .entries
+                .entry(pid)
+                .or_insert_with(|| ProducerEntry {
+                    epoch: h.producer_epoch(),
+                    batches: Default::default(),
+                    last_timestamp: h.max_timestamp(),
+                    txn_first_offset: None,
+                });
             if e.txn_first_offset.is_none() {
                 e.txn_first_offset = Some(h.base_offset());
                 self.ongoing.insert(h.base_offset(), pid);
@@ -682,12 +687,16 @@ impl PartitionLog {
         let Some(marker) = txn::marker_of(batch) else {
             return;
         };
-        let e = self.producers.entries.entry(pid).or_insert_with(|| ProducerEntry {
-            epoch: h.producer_epoch(),
-            batches: Default::default(),
-            last_timestamp: h.max_timestamp(),
-            txn_first_offset: None,
-        });
+        let e = self
+            .producers
+            .entries
+            .entry(pid)
+            .or_insert_with(|| ProducerEntry {
+                epoch: h.producer_epoch(),
+                batches: Default::default(),
+                last_timestamp: h.max_timestamp(),
+                txn_first_offset: None,
+            });
         if h.producer_epoch() > e.epoch {
             e.epoch = h.producer_epoch();
             e.batches.clear();
@@ -823,10 +832,10 @@ impl PartitionLog {
         let a = self.active();
         self.rolling
             || a.size > 0
-            && (a.size + incoming_bytes > self.config.segment_bytes
-                || now_ms - a.created_ms >= self.config.roll_ms as i64
-                || a.index.is_full()
-                || self.log_end_offset - a.base_offset + 1_000_000 > u32::MAX as i64)
+                && (a.size + incoming_bytes > self.config.segment_bytes
+                    || now_ms - a.created_ms >= self.config.roll_ms as i64
+                    || a.index.is_full()
+                    || self.log_end_offset - a.base_offset + 1_000_000 > u32::MAX as i64)
     }
 
     /// Assigns offsets to validated batches and appends them in memory. No I/O happens here.
@@ -2050,7 +2059,11 @@ mod tests {
             let aborted = log.borrow().aborted_between(0, end);
             assert_eq!(aborted.len(), 1);
             assert_eq!(
-                (aborted[0].producer_id, aborted[0].first_offset, aborted[0].last_offset),
+                (
+                    aborted[0].producer_id,
+                    aborted[0].first_offset,
+                    aborted[0].last_offset
+                ),
                 (1, 24, m1)
             );
             assert_eq!(aborted[0].last_stable_offset, b0, "pid 2 was still open");
@@ -2126,7 +2139,10 @@ mod tests {
                 RecordBatchEncoder::encode(
                     &mut b,
                     &[r],
-                    &RecordEncodeOptions { version: 2, compression: Compression::None },
+                    &RecordEncodeOptions {
+                        version: 2,
+                        compression: Compression::None,
+                    },
                 )
                 .unwrap();
                 b.freeze()
@@ -2196,7 +2212,10 @@ mod tests {
                 .collect();
             assert_eq!(after, kept);
             assert!(after.len() < before.len() / 2);
-            assert!(after.iter().any(|(_, k, v)| k == "k4" && v.is_none()), "the tombstone stays one pass");
+            assert!(
+                after.iter().any(|(_, k, v)| k == "k4" && v.is_none()),
+                "the tombstone stays one pass"
+            );
             // More writes make new dirty segments. A tombstone goes in the first pass that finds
             // it in an already clean segment (Kafka's delete horizon, here 0 ms).
             let mut passes = 0;
@@ -2207,13 +2226,19 @@ mod tests {
                     }
                 }
                 flush(&log).await;
-                crate::storage::compact::clean(&log, now_ms(), 1_000, 0).await.unwrap().expect("due");
+                crate::storage::compact::clean(&log, now_ms(), 1_000, 0)
+                    .await
+                    .unwrap()
+                    .expect("due");
                 passes += 1;
             }
             let again = records(all_bytes(&log).await);
             let active = log.borrow().active().base_offset;
             assert!(latest["k4"].0 < active, "the tombstone's segment is sealed");
-            assert!(!again.iter().any(|(_, k, _)| k == "k4"), "the tombstone is gone");
+            assert!(
+                !again.iter().any(|(_, k, _)| k == "k4"),
+                "the tombstone is gone"
+            );
             let end = log.borrow().log_end_offset;
             drop(log);
             let reopened = open_log(&path, &cfg, false).await;

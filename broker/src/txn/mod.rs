@@ -119,7 +119,10 @@ pub fn partition_for(id: &str, partitions: i32) -> i32 {
 
 /// Writes `v` (None: tombstone) for `id` to its partition and, once durable, into memory.
 async fn store(s: &Rc<Shard>, partition: i32, id: &str, v: Option<TxnValue>) -> Result<(), i16> {
-    let rec = (records::encode_key(id), v.as_ref().map(records::encode_value));
+    let rec = (
+        records::encode_key(id),
+        v.as_ref().map(records::encode_value),
+    );
     s.persist_records(TXN_TOPIC, partition, vec![rec], None)
         .await
         .map_err(|e| match e {
@@ -362,7 +365,10 @@ async fn write_markers(
                 .and_then(|tm| tm.partitions.get(*p as usize))
             {
                 None => {}
-                Some(pm) => by_broker.entry(pm.leader).or_default().push((t.clone(), *p)),
+                Some(pm) => by_broker
+                    .entry(pm.leader)
+                    .or_default()
+                    .push((t.clone(), *p)),
             }
         }
         let mut failed = BTreeSet::new();
@@ -518,7 +524,12 @@ pub async fn load_partition(s: &Rc<Shard>, partition: i32) {
         };
         let r = s.read_for_coordinator(&p, &item).await;
         if r.error != NONE || r.records.is_empty() {
-            tracing::error!(partition, offset, error = r.error, "loading __transaction_state stopped early");
+            tracing::error!(
+                partition,
+                offset,
+                error = r.error,
+                "loading __transaction_state stopped early"
+            );
             break;
         }
         let before = offset;
@@ -592,9 +603,7 @@ pub async fn ticker(s: Rc<Shard>) {
                         TxnState::PrepareCommit
                         | TxnState::PrepareAbort
                         | TxnState::PrepareEpochFence => true,
-                        TxnState::Empty
-                        | TxnState::CompleteCommit
-                        | TxnState::CompleteAbort => {
+                        TxnState::Empty | TxnState::CompleteCommit | TxnState::CompleteAbort => {
                             now - v.last_update_ms > s.config.txn.id_expiration_ms
                         }
                         TxnState::Dead => false,
@@ -609,7 +618,9 @@ pub async fn ticker(s: Rc<Shard>) {
             {
                 continue;
             }
-            let Ok(_busy) = s.txns.begin(&id) else { continue };
+            let Ok(_busy) = s.txns.begin(&id) else {
+                continue;
+            };
             // The state may have moved while others ran.
             if s.txns.get(&id).as_ref() != Some(&v) {
                 continue;

@@ -197,9 +197,13 @@ mod tests {
             epoch: 3,
             timeout_ms: 60_000,
             state: TxnState::Ongoing,
-            partitions: [("a".to_string(), 0), ("a".to_string(), 2), ("b".to_string(), 1)]
-                .into_iter()
-                .collect(),
+            partitions: [
+                ("a".to_string(), 0),
+                ("a".to_string(), 2),
+                ("b".to_string(), 1),
+            ]
+            .into_iter()
+            .collect(),
             last_update_ms: 11,
             start_ms: 10,
         };

@@ -7,14 +7,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::Buf;
 use kafka_protocol::messages::describe_log_dirs_request::DescribableLogDirTopic;
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, StrBytes};
+use kafka_protocol::protocol::StrBytes;
 
 use crate::client::conn::Conn;
 use crate::client::metadata::Cluster;
-use crate::consumer::{list_offsets, TopicPartition};
+use crate::consumer::{decode_assignment, list_offsets, TopicPartition};
 use crate::{connect_any, error_name};
 
 /// Connect and request timeout of the console's Kafka connections.
@@ -146,22 +145,6 @@ pub fn describe_group(coord: &mut Conn, group: &str) -> Result<Group> {
             })
             .collect(),
     })
-}
-
-fn decode_assignment(mut b: bytes::Bytes) -> Result<Vec<TopicPartition>> {
-    if b.len() < 2 {
-        return Ok(Vec::new());
-    }
-    let v = b.get_i16();
-    let a = ConsumerProtocolAssignment::decode(&mut b, v.clamp(0, 3))?;
-    Ok(a.assigned_partitions
-        .iter()
-        .flat_map(|t| {
-            t.partitions
-                .iter()
-                .map(move |p| (t.topic.0.to_string(), *p))
-        })
-        .collect())
 }
 
 /// A group's committed offsets (every partition it committed), asked of its coordinator.

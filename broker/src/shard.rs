@@ -970,9 +970,61 @@ impl Shard {
         self.wait_durable_one(p, end).await
     }
 
-    /// Reads a partition the coordinator owns (cache or disk).
-    pub async fn read_for_coordinator(&self, p: &Rc<Partition>, item: &FetchItem) -> FetchResult {
-        self.read_partition(p, item, item.partition_max_bytes).await
+    /// Replays partition `p` of this shard from its log start to its current end, calling `f`
+    /// with every record once, in offset order (the coordinators' load). Returns the records
+    /// seen; stops early (logged) on a read error.
+    pub async fn replay_records(
+        &self,
+        p: &Rc<Partition>,
+        mut f: impl FnMut(kafka_protocol::records::Record),
+    ) -> usize {
+        use kafka_protocol::records::RecordBatchDecoder;
+        let (mut offset, end) = {
+            let l = p.log.borrow();
+            (l.log_start_offset, l.log_end_offset)
+        };
+        let mut seen = 0usize;
+        // Bounded by the end: every round moves `offset` past at least one record, or stops.
+        while offset < end {
+            let item = FetchItem {
+                topic: String::new(),
+                partition: p.index,
+                offset,
+                partition_max_bytes: 1 << 20,
+                current_leader_epoch: -1,
+                replica_id: INTERNAL_READ,
+                last_fetched_epoch: -1,
+                read_committed: false,
+            };
+            let r = self
+                .read_partition(p, &item, item.partition_max_bytes)
+                .await;
+            if r.error != NONE || r.records.is_empty() {
+                tracing::error!(topic = %p.topic, partition = p.index, offset, error = r.error, "replay stopped early");
+                break;
+            }
+            let before = offset;
+            for mut b in r.records {
+                // Every iteration consumes one batch from `b`.
+                while b.len() >= crate::storage::batch::HEADER_BYTES {
+                    let Ok(set) = RecordBatchDecoder::decode(&mut b) else {
+                        break;
+                    };
+                    for rec in set.records {
+                        if rec.offset < offset {
+                            continue;
+                        }
+                        offset = rec.offset + 1;
+                        seen += 1;
+                        f(rec);
+                    }
+                }
+            }
+            if offset == before {
+                break;
+            }
+        }
+        seen
     }
 
     /// Runs `f` on shard `target` and returns its result (None if that shard is gone).

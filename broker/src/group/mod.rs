@@ -23,11 +23,9 @@ use futures::channel::oneshot;
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::{JoinGroupResponse, SyncGroupResponse};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::RecordBatchDecoder;
 
 use crate::kafka::errors::*;
-use crate::shard::{FetchItem, Shard};
-use crate::storage::batch;
+use crate::shard::Shard;
 use crate::storage::log::now_ms;
 use records::{GroupValue, Key, MemberValue, OffsetValue};
 
@@ -344,68 +342,27 @@ pub async fn persist(s: &Rc<Shard>, partition: i32, recs: Vec<OffsetsRecord>) ->
 
 /// Replays one `__consumer_offsets` partition into the coordinator. Bounded by the log end.
 pub async fn load_partition(s: &Rc<Shard>, partition: i32) {
-    let Some(p) = s.partition(OFFSETS_TOPIC, partition) else {
-        s.groups.loading.borrow_mut().remove(&partition);
-        return;
-    };
-    let (mut offset, end) = {
-        let l = p.log.borrow();
-        (l.log_start_offset, l.log_end_offset)
-    };
-    let mut loaded = 0usize;
-    while offset < end {
-        let item = FetchItem {
-            topic: String::new(),
-            partition,
-            offset,
-            partition_max_bytes: 1 << 20,
-            current_leader_epoch: -1,
-            replica_id: crate::shard::INTERNAL_READ,
-            last_fetched_epoch: -1,
-            read_committed: false,
-        };
-        let r = s.read_for_coordinator(&p, &item).await;
-        if r.error != NONE || r.records.is_empty() {
-            tracing::error!(
-                partition,
-                offset,
-                error = r.error,
-                "loading __consumer_offsets stopped early"
-            );
-            break;
-        }
-        for chunk in r.records {
-            let mut b = chunk;
-            // Every iteration consumes one batch from `b`.
-            while b.len() >= batch::HEADER_BYTES {
-                let Ok(set) = RecordBatchDecoder::decode(&mut b) else {
-                    break;
-                };
-                for rec in set.records {
-                    offset = offset.max(rec.offset + 1);
-                    if rec.offset < offset - 1 {
-                        continue;
-                    }
-                    if rec.control {
-                        // A transaction marker: type 1 commits, 0 aborts (key: i16 version, i16 type).
-                        let commit = rec.key.as_ref().is_some_and(|k| k.len() >= 4 && k[3] == 1);
-                        complete_txn_offsets(s, partition, rec.producer_id, commit);
-                    } else if rec.transactional {
-                        apply_txn_offset(s, partition, rec.producer_id, rec.key, rec.value);
-                    } else {
-                        apply_record(s, partition, rec.key, rec.value);
-                    }
-                    loaded += 1;
+    if let Some(p) = s.partition(OFFSETS_TOPIC, partition) {
+        let loaded = s
+            .replay_records(&p, |rec| {
+                if rec.control {
+                    // A transaction marker: type 1 commits, 0 aborts (key: i16 version, i16 type).
+                    let commit = rec.key.as_ref().is_some_and(|k| k.len() >= 4 && k[3] == 1);
+                    complete_txn_offsets(s, partition, rec.producer_id, commit);
+                } else if rec.transactional {
+                    apply_txn_offset(s, partition, rec.producer_id, rec.key, rec.value);
+                } else {
+                    apply_record(s, partition, rec.key, rec.value);
                 }
-            }
-        }
+            })
+            .await;
+        tracing::debug!(
+            partition,
+            records = loaded,
+            "loaded __consumer_offsets partition"
+        );
     }
     s.groups.loading.borrow_mut().remove(&partition);
-    tracing::debug!(
-        partition,
-        records = loaded,
-        "loaded __consumer_offsets partition"
-    );
 }
 
 /// Records offsets committed inside producer `pid`'s transaction (TxnOffsetCommit), durable in

@@ -469,24 +469,30 @@ pub async fn handle_txn_offset_commit(frame: RequestFrame) -> Result<Response, S
         .boxed_local()
     })
     .await;
-    let mut topics: Vec<TxnOffsetCommitResponseTopic> = Vec::new();
-    for (i, (t, p, ..)) in rows.into_iter().enumerate() {
-        let code = match &codes {
-            Ok(c) => c[i],
-            Err(e) => *e,
-        };
-        let r = TxnOffsetCommitResponsePartition::default()
-            .with_partition_index(p)
-            .with_error_code(code);
-        match topics.last_mut() {
-            Some(last) if last.name.0.as_str() == t => last.partitions.push(r),
-            _ => topics.push(
-                TxnOffsetCommitResponseTopic::default()
-                    .with_name(TopicName(sb(t)))
-                    .with_partitions(vec![r]),
-            ),
-        }
-    }
+    let code = |i: usize| match &codes {
+        Ok(c) => c[i],
+        Err(e) => *e,
+    };
+    let rows = rows
+        .into_iter()
+        .enumerate()
+        .map(|(i, (t, p, ..))| (t, (p, code(i))));
+    let topics = crate::protocol::by_topic(rows)
+        .into_iter()
+        .map(|(t, ps)| {
+            TxnOffsetCommitResponseTopic::default()
+                .with_name(TopicName(sb(t)))
+                .with_partitions(
+                    ps.into_iter()
+                        .map(|(p, code)| {
+                            TxnOffsetCommitResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_error_code(code)
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
     respond(
         &frame,
         OutBuf::new(),

@@ -17,7 +17,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::errors::*;
 use super::{decode, respond, Response};
-use crate::protocol::{OutBuf, RequestFrame};
+use crate::protocol::{by_topic, OutBuf, RequestFrame};
 use crate::shard::{shard, Shard};
 use crate::txn::{self, TxnState, TXN_TOPIC};
 use std::rc::Rc;
@@ -115,20 +115,22 @@ pub async fn handle_add_partitions(frame: RequestFrame) -> Result<Response, Stri
         None if exists => OPERATION_NOT_ATTEMPTED,
         None => UNKNOWN_TOPIC_OR_PARTITION,
     };
-    let mut results: Vec<AddPartitionsToTxnTopicResult> = Vec::new();
-    for (t, p, exists) in parts {
-        let r = AddPartitionsToTxnPartitionResult::default()
-            .with_partition_index(p)
-            .with_partition_error_code(code_of(exists));
-        match results.last_mut() {
-            Some(last) if last.name.0.as_str() == t => last.results_by_partition.push(r),
-            _ => results.push(
-                AddPartitionsToTxnTopicResult::default()
-                    .with_name(TopicName(StrBytes::from_string(t)))
-                    .with_results_by_partition(vec![r]),
-            ),
-        }
-    }
+    let results = by_topic(parts.into_iter().map(|(t, p, exists)| (t, (p, exists))))
+        .into_iter()
+        .map(|(t, ps)| {
+            AddPartitionsToTxnTopicResult::default()
+                .with_name(TopicName(StrBytes::from_string(t)))
+                .with_results_by_partition(
+                    ps.into_iter()
+                        .map(|(p, exists)| {
+                            AddPartitionsToTxnPartitionResult::default()
+                                .with_partition_index(p)
+                                .with_partition_error_code(code_of(exists))
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
     let resp = AddPartitionsToTxnResponse::default().with_results_by_topic_v3_and_below(results);
     respond(&frame, OutBuf::new(), &resp)
 }
@@ -201,20 +203,26 @@ pub async fn handle_write_markers(frame: RequestFrame) -> Result<Response, Strin
             &tps,
         )
         .await;
-        let mut topics: Vec<WritableTxnMarkerTopicResult> = Vec::new();
-        for ((t, p), code) in tps.into_iter().zip(codes) {
-            let r = WritableTxnMarkerPartitionResult::default()
-                .with_partition_index(p)
-                .with_error_code(code);
-            match topics.last_mut() {
-                Some(last) if last.name.0.as_str() == t => last.partitions.push(r),
-                _ => topics.push(
-                    WritableTxnMarkerTopicResult::default()
-                        .with_name(TopicName(StrBytes::from_string(t)))
-                        .with_partitions(vec![r]),
-                ),
-            }
-        }
+        let topics = by_topic(
+            tps.into_iter()
+                .zip(codes)
+                .map(|((t, p), code)| (t, (p, code))),
+        )
+        .into_iter()
+        .map(|(t, ps)| {
+            WritableTxnMarkerTopicResult::default()
+                .with_name(TopicName(StrBytes::from_string(t)))
+                .with_partitions(
+                    ps.into_iter()
+                        .map(|(p, code)| {
+                            WritableTxnMarkerPartitionResult::default()
+                                .with_partition_index(p)
+                                .with_error_code(code)
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
         out.push(
             WritableTxnMarkerResult::default()
                 .with_producer_id(m.producer_id)
@@ -244,17 +252,14 @@ pub async fn handle_describe(frame: RequestFrame) -> Result<Response, String> {
                 .with_error_code(code)
                 .with_transaction_state(StrBytes::from_static_str("")),
             Ok(v) => {
-                let mut topics: Vec<TopicData> = Vec::new();
-                for (t, p) in &v.partitions {
-                    match topics.last_mut() {
-                        Some(last) if last.topic.0.as_str() == t => last.partitions.push(*p),
-                        _ => topics.push(
-                            TopicData::default()
-                                .with_topic(TopicName(StrBytes::from_string(t.clone())))
-                                .with_partitions(vec![*p]),
-                        ),
-                    }
-                }
+                let topics = by_topic(v.partitions.iter().map(|(t, p)| (t, *p)))
+                    .into_iter()
+                    .map(|(t, ps)| {
+                        TopicData::default()
+                            .with_topic(TopicName(StrBytes::from_string(t.clone())))
+                            .with_partitions(ps)
+                    })
+                    .collect();
                 st.with_transaction_state(StrBytes::from_static_str(v.state.name()))
                     .with_transaction_timeout_ms(v.timeout_ms)
                     .with_transaction_start_time_ms(v.start_ms)

@@ -91,6 +91,19 @@ pub fn decode_body<T: Decodable>(frame: &RequestFrame) -> Result<T> {
 
 /// Encodes a whole response frame (size prefix, header, body) into `out`. Record batches
 /// registered with `out.splice` are referenced, not copied.
+/// Consecutive items of the same topic gathered under one entry, in order: the shape of
+/// Kafka's per-topic request and response arrays.
+pub fn by_topic<K: PartialEq, T>(items: impl IntoIterator<Item = (K, T)>) -> Vec<(K, Vec<T>)> {
+    let mut out: Vec<(K, Vec<T>)> = Vec::new();
+    for (k, x) in items {
+        match out.last_mut() {
+            Some((last, xs)) if *last == k => xs.push(x),
+            _ => out.push((k, vec![x])),
+        }
+    }
+    out
+}
+
 pub fn encode_response<T: Encodable>(
     mut out: OutBuf,
     api_key: ApiKey,

@@ -447,17 +447,14 @@ async fn write_remote(
         Some(b) if !b.fenced => format!("{}:{}", b.host, b.port),
         _ => return vec![LEADER_NOT_AVAILABLE; tps.len()],
     };
-    let mut topics: Vec<WritableTxnMarkerTopic> = Vec::new();
-    for (t, p) in tps {
-        match topics.last_mut() {
-            Some(last) if last.name.0.as_str() == t => last.partition_indexes.push(*p),
-            _ => topics.push(
-                WritableTxnMarkerTopic::default()
-                    .with_name(TopicName(StrBytes::from_string(t.clone())))
-                    .with_partition_indexes(vec![*p]),
-            ),
-        }
-    }
+    let topics = crate::protocol::by_topic(tps.iter().map(|(t, p)| (t, *p)))
+        .into_iter()
+        .map(|(t, ps)| {
+            WritableTxnMarkerTopic::default()
+                .with_name(TopicName(StrBytes::from_string(t.clone())))
+                .with_partition_indexes(ps)
+        })
+        .collect();
     let req = WriteTxnMarkersRequest::default().with_markers(vec![WritableTxnMarker::default()
         .with_producer_id(ProducerId(pid))
         .with_producer_epoch(epoch)
@@ -501,62 +498,15 @@ async fn write_remote(
 /// Replays one `__transaction_state` partition into the coordinator; prepared transactions
 /// are finished by the ticker. Bounded by the log end.
 pub async fn load_partition(s: &Rc<Shard>, partition: i32) {
-    use kafka_protocol::records::RecordBatchDecoder;
-    let Some(p) = s.partition(TXN_TOPIC, partition) else {
-        s.txns.loading.borrow_mut().remove(&partition);
-        return;
-    };
-    let (mut offset, end) = {
-        let l = p.log.borrow();
-        (l.log_start_offset, l.log_end_offset)
-    };
-    let mut loaded: HashMap<String, Option<TxnValue>> = HashMap::new();
-    while offset < end {
-        let item = crate::shard::FetchItem {
-            topic: String::new(),
-            partition,
-            offset,
-            partition_max_bytes: 1 << 20,
-            current_leader_epoch: -1,
-            replica_id: crate::shard::INTERNAL_READ,
-            last_fetched_epoch: -1,
-            read_committed: false,
-        };
-        let r = s.read_for_coordinator(&p, &item).await;
-        if r.error != NONE || r.records.is_empty() {
-            tracing::error!(
-                partition,
-                offset,
-                error = r.error,
-                "loading __transaction_state stopped early"
-            );
-            break;
-        }
-        let before = offset;
-        for chunk in r.records {
-            let mut b = chunk;
-            // Every iteration consumes one batch from `b`.
-            while b.len() >= crate::storage::batch::HEADER_BYTES {
-                let Ok(set) = RecordBatchDecoder::decode(&mut b) else {
-                    break;
-                };
-                for rec in set.records {
-                    if rec.offset < offset {
-                        continue;
-                    }
-                    offset = rec.offset + 1;
-                    let Some(id) = rec.key.and_then(records::decode_key) else {
-                        continue;
-                    };
-                    loaded.insert(id, rec.value.and_then(records::decode_value));
-                }
+    if let Some(p) = s.partition(TXN_TOPIC, partition) {
+        // The last record of each id wins.
+        let mut loaded: HashMap<String, Option<TxnValue>> = HashMap::new();
+        s.replay_records(&p, |rec| {
+            if let Some(id) = rec.key.and_then(records::decode_key) {
+                loaded.insert(id, rec.value.and_then(records::decode_value));
             }
-        }
-        if offset == before {
-            break;
-        }
-    }
-    {
+        })
+        .await;
         let mut txns = s.txns.txns.borrow_mut();
         for (id, v) in loaded {
             match v {

@@ -123,13 +123,7 @@ pub fn encode_value(v: &TxnValue) -> Bytes {
     b.put_i16(v.epoch);
     b.put_i32(v.timeout_ms);
     b.put_i8(v.state.code());
-    let mut topics: Vec<(&str, Vec<i32>)> = Vec::new();
-    for (t, p) in &v.partitions {
-        match topics.last_mut() {
-            Some((last, ps)) if *last == t.as_str() => ps.push(*p),
-            _ => topics.push((t, vec![*p])),
-        }
-    }
+    let topics = crate::protocol::by_topic(v.partitions.iter().map(|(t, p)| (t, *p)));
     b.put_i32(topics.len() as i32);
     for (t, ps) in topics {
         put_str(&mut b, t);

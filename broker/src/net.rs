@@ -26,6 +26,7 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Semaphore, StaticPermit};
 
 use crate::kafka::{self, Pending};
+use crate::metrics::Stage;
 use crate::protocol::{parse_frame, FrameError};
 use crate::shard::{shard, Shard};
 
@@ -381,14 +382,19 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
         .map(|a| format!("/{}", a.ip()))
         .unwrap_or_default();
     let (mut reader, writer) = stream.split();
-    let (tx, rx) = local_channel::new_bounded::<Pending>(IN_FLIGHT_PER_CONNECTION_MAX);
+    // (is a Produce, its response): the writer times Produce responses' writes.
+    let (tx, rx) = local_channel::new_bounded::<(bool, Pending)>(IN_FLIGHT_PER_CONNECTION_MAX);
     let writer_task = glommio::spawn_local(async move {
         let mut writer = writer;
-        while let Some(pending) = rx.recv().await {
+        while let Some((produce, pending)) = rx.recv().await {
             if let Some(parts) = pending.await {
+                let started = Instant::now();
                 if let Err(e) = write_vectored(fd, &mut writer, parts).await {
                     tracing::debug!("write failed: {e}");
                     return;
+                }
+                if produce {
+                    crate::metrics::produce_stage(Stage::ResponseWrite, started.elapsed());
                 }
             }
         }
@@ -414,6 +420,7 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
             break Ok(());
         }
         let size = size as usize;
+        let read_started = Instant::now();
         // Only arrived bytes count against request memory; the whole frame holds its
         // `complete` permit until its response is written.
         let (body, permit) = match read_body(&mut reader, fd, size, &s.request_memory).await {
@@ -430,8 +437,17 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
                 frame.client_host.clone_from(&client_host);
                 let api = frame.api_key;
                 api_key = api as i16;
+                let produce = api == kafka_protocol::messages::ApiKey::Produce;
+                if produce {
+                    crate::metrics::produce_stage(Stage::FrameRead, started - read_started);
+                }
                 match kafka::dispatch(frame).await {
-                    Ok(p) => p,
+                    Ok(p) => {
+                        if produce {
+                            crate::metrics::produce_stage(Stage::Append, started.elapsed());
+                        }
+                        p
+                    }
                     Err(e) => {
                         conn_warn!(?api, "closing connection: {e}");
                         break Ok(());
@@ -454,7 +470,7 @@ async fn connection(stream: TcpStream) -> io::Result<()> {
             r
         }
         .boxed_local();
-        if tx.send(pending).await.is_err() {
+        if tx.send((api_key == 0, pending)).await.is_err() {
             break Ok(());
         }
     };

@@ -23,6 +23,7 @@ use glommio::sync::Semaphore;
 use crate::cluster::metadata::{self, Image};
 use crate::config::Config;
 use crate::kafka::errors::*;
+use crate::metrics::Stage;
 use crate::replication::ReplicaState;
 use crate::storage::batch::{BatchInfo, Header};
 use crate::storage::cache::{CachedBatch, Evicted, PartitionCache, ShardCache};
@@ -32,6 +33,20 @@ use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog, Pen
 pub const PENDING_BYTES_MAX: u64 = 64 << 20;
 /// The flusher writes at least this often when nothing asks for a sync.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(5);
+/// fdatasync rounds of one shard in flight at once. The flusher writes the next batches while
+/// earlier rounds sync, so a request that arrives during a sync does not wait for it to end
+/// before its own bytes go to disk; past this many, the flusher waits for one to finish.
+/// `WEIR_SYNCS_IN_FLIGHT` overrides it for benchmarks (0: the flusher waits for each sync, as
+/// before overlapping).
+const SYNCS_IN_FLIGHT_MAX: u64 = 4;
+
+fn syncs_in_flight_max() -> u64 {
+    std::env::var("WEIR_SYNCS_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(|n: u64| n.min(64))
+        .unwrap_or(SYNCS_IN_FLIGHT_MAX)
+}
 /// A partition whose disk is full retries its pending writes this often.
 const STALL_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest an acks=all produce waits for its in-sync replicas.
@@ -116,6 +131,8 @@ pub struct Shard {
     /// Partitions whose writes failed for lack of space, retried by the flusher.
     stalled: RefCell<Vec<Rc<Partition>>>,
     flushed: Event,
+    /// Permits for fdatasync rounds in flight (`SYNCS_IN_FLIGHT_MAX`); none: syncs inline.
+    sync_slots: Option<Rc<Semaphore>>,
     /// Serialises metadata changes (used on the controller, shard 0).
     pub control_lock: Semaphore,
     /// Bytes of request frames being read or handled on this shard (only bytes that arrived).
@@ -339,6 +356,10 @@ impl Shard {
             write_requested: Cell::new(false),
             stalled: RefCell::new(Vec::new()),
             flushed: Event::new(),
+            sync_slots: match syncs_in_flight_max() {
+                0 => None,
+                n => Some(Rc::new(Semaphore::new(n))),
+            },
             control_lock: Semaphore::new(1),
             request_memory,
             stats: RefCell::new(Stats::default()),
@@ -1216,9 +1237,13 @@ impl Shard {
             let me = self.clone();
             let sync = acks == -1;
             glommio::spawn_local(async move {
+                let started = Instant::now();
                 let mut r = me.wait_stored(&waits, sync).await;
+                crate::metrics::produce_stage(Stage::StoredWait, started.elapsed());
                 if r.is_ok() && sync {
+                    let started = Instant::now();
                     r = me.wait_replicated(&waits).await;
+                    crate::metrics::produce_stage(Stage::ReplicationWait, started.elapsed());
                 }
                 let _ = tx.send(r);
             })
@@ -1342,13 +1367,18 @@ impl Shard {
         }
     }
 
-    pub async fn flush_round(&self) {
+    /// One round of the flusher: writes every dirty partition, then, when a producer waits
+    /// for durability, starts an fdatasync round of everything written and not yet synced.
+    /// The sync runs as its own task (at most `SYNCS_IN_FLIGHT_MAX` per shard), so the next
+    /// round's writes overlap it. Waiters are woken after each write phase and each sync.
+    pub async fn flush_round(self: &Rc<Self>) {
         let sync = self.sync_requested.replace(false);
         self.write_requested.set(false);
         let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.dirty.borrow_mut());
         for p in &parts {
             p.in_dirty.set(false);
         }
+        let wrote = !parts.is_empty();
         let writes = parts.iter().map(|p| self.write_partition(p));
         futures::future::join_all(writes).await;
         for p in parts {
@@ -1356,22 +1386,51 @@ impl Shard {
                 self.unsynced.borrow_mut().push(p);
             }
         }
-        if sync {
-            let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.unsynced.borrow_mut());
-            for p in &parts {
-                p.in_unsynced.set(false);
-            }
-            let bytes: u64 =
-                futures::future::join_all(parts.iter().map(|p| self.sync_partition(p)))
-                    .await
-                    .into_iter()
-                    .sum();
-            if bytes > 0 {
-                crate::metrics::group_commit(bytes);
-            }
+        if wrote {
+            // acks=1 waiters need only the write. No eviction here: each write already
+            // admitted its batches and evicted.
+            self.flushed.notify(usize::MAX);
         }
-        // No eviction here: each write already admitted its batches and evicted.
-        self.flushed.notify(usize::MAX);
+        if sync && !self.unsynced.borrow().is_empty() {
+            let Some(slots) = self.sync_slots.clone() else {
+                let parts = self.take_unsynced();
+                self.sync_parts(&parts).await;
+                self.flushed.notify(usize::MAX);
+                return;
+            };
+            let permit = slots
+                .acquire_static_permit(1)
+                .await
+                .expect("the sync semaphore is never closed");
+            let parts = self.take_unsynced();
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                me.sync_parts(&parts).await;
+                drop(permit);
+                me.flushed.notify(usize::MAX);
+            })
+            .detach();
+        }
+    }
+
+    /// The partitions written since their last sync, for one sync round.
+    fn take_unsynced(&self) -> Vec<Rc<Partition>> {
+        let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.unsynced.borrow_mut());
+        for p in &parts {
+            p.in_unsynced.set(false);
+        }
+        parts
+    }
+
+    /// fdatasyncs `parts` (one group-commit round).
+    async fn sync_parts(&self, parts: &[Rc<Partition>]) {
+        let bytes: u64 = futures::future::join_all(parts.iter().map(|p| self.sync_partition(p)))
+            .await
+            .into_iter()
+            .sum();
+        if bytes > 0 {
+            crate::metrics::group_commit(bytes);
+        }
     }
 
     async fn write_partition(&self, p: &Rc<Partition>) {
@@ -1379,7 +1438,9 @@ impl Shard {
         if p.deleted.get() || p.failed.get() {
             return;
         }
+        let started = Instant::now();
         let r = PartitionLog::write_all(&p.log).await;
+        crate::metrics::produce_stage(Stage::DiskWrite, started.elapsed());
         self.check_pending_ledger();
         self.admit_written(p);
         match r {
@@ -1413,14 +1474,23 @@ impl Shard {
     }
 
     /// fdatasyncs what `p` wrote since its last sync. Returns the bytes that became durable.
+    ///
+    /// Runs without the partition's I/O lock, so writes of the next round go on meanwhile: the
+    /// sync covers what was written before it started (`written_offset` read then), and the
+    /// durable offset only moves forward. A truncation or reset meanwhile replaces the log
+    /// (a new `instance`): the result is then dropped, since the offsets it covered may be gone.
     async fn sync_partition(&self, p: &Rc<Partition>) -> u64 {
-        let _permit = p.io_lock.acquire_permit(1).await;
         if p.deleted.get() || p.failed.get() {
             return 0;
         }
-        let (files, written, written_bytes) = {
+        let (files, written, written_bytes, instance) = {
             let l = p.log.borrow();
-            (l.files_to_sync(), l.written_offset, l.written_bytes)
+            (
+                l.files_to_sync(),
+                l.written_offset,
+                l.written_bytes,
+                l.instance,
+            )
         };
         for f in files {
             let started = Instant::now();
@@ -1434,22 +1504,41 @@ impl Shard {
             crate::metrics::fsync_latency(started.elapsed());
         }
         let mut l = p.log.borrow_mut();
+        if l.instance != instance {
+            return 0;
+        }
+        debug_assert!(written <= l.written_offset);
         l.durable_offset = l.durable_offset.max(written);
-        let bytes = written_bytes - l.synced_bytes;
-        l.synced_bytes = written_bytes;
+        let bytes = written_bytes.saturating_sub(l.synced_bytes);
+        l.synced_bytes = l.synced_bytes.max(written_bytes);
         bytes
     }
 
     /// Clean shutdown of this shard's logs: write and sync everything, truncate active
     /// segments to their logical size, write their indexes.
     pub async fn close_all(&self) -> Result<()> {
-        self.sync_requested.set(true);
         for p in self.by_id.borrow().values() {
             if !p.in_dirty.replace(true) {
                 self.dirty.borrow_mut().push(p.clone());
             }
         }
-        self.flush_round().await;
+        let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.dirty.borrow_mut());
+        for p in &parts {
+            p.in_dirty.set(false);
+        }
+        futures::future::join_all(parts.iter().map(|p| self.write_partition(p))).await;
+        for p in parts {
+            if !p.in_unsynced.replace(true) {
+                self.unsynced.borrow_mut().push(p);
+            }
+        }
+        let parts = self.take_unsynced();
+        self.sync_parts(&parts).await;
+        // Sync rounds the flusher started before are finished too.
+        if let Some(slots) = &self.sync_slots {
+            let _all = slots.acquire_permit(syncs_in_flight_max()).await;
+        }
+        self.flushed.notify(usize::MAX);
         let parts: Vec<Rc<Partition>> = self.all_partitions();
         let mut result = Ok(());
         for p in parts {

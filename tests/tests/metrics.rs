@@ -119,6 +119,22 @@ fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
         delta(&before, &after, "weir_request_duration_seconds", &produce),
         11.0
     );
+    // The produce stages: every Produce frame is read, appended and answered; the 10 that
+    // appended waited for their fdatasync (and, acks=all, for the high watermark).
+    let stage = |name: &str| {
+        delta(
+            &before,
+            &after,
+            "weir_produce_stage_seconds_count",
+            &[("stage", name)],
+        )
+    };
+    assert_eq!(stage("frame_read"), 11.0);
+    assert_eq!(stage("append"), 11.0);
+    assert_eq!(stage("response_write"), 11.0);
+    assert_eq!(stage("stored_wait"), 10.0);
+    assert_eq!(stage("replication_wait"), 10.0);
+    assert!((1.0..=10.0).contains(&stage("disk_write")));
     // Every byte was made durable by some group-commit round, each round by fdatasyncs.
     assert_eq!(
         delta(&before, &after, "weir_group_commit_bytes_sum", &[]),

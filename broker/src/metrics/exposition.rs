@@ -238,6 +238,21 @@ impl Collector for Scrape {
             "fdatasync latency of log segment files.",
             [(Labels::new(), fsync)],
         )?;
+        let mut stages: Vec<(Labels, HistogramSum)> = super::Stage::ALL
+            .iter()
+            .map(|st| (l(&[("stage", st.name())]), HistogramSum::default()))
+            .collect();
+        for s in &m.shards {
+            for (i, (_, sum)) in stages.iter_mut().enumerate() {
+                s.stages[i].add_to(sum);
+            }
+        }
+        histogram(
+            &mut enc,
+            "weir_produce_stage_seconds",
+            "Produce requests by stage: frame_read (body bytes arriving), append (parse, validate, route, append), disk_write (one partition's write round), stored_wait (append to written or fdatasynced), replication_wait (durable to high watermark), response_write.",
+            stages,
+        )?;
         histogram(
             &mut enc,
             "weir_group_commit_bytes",

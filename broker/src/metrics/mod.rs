@@ -11,7 +11,8 @@
 //! |---|---|
 //! | requests by API and error code, latency by API | `kafka::respond` (outcome), `net` (latency: frame read to response ready) |
 //! | bytes and records in / out per partition | produce appends (`Shard::appended`), consumer fetches (`Shard::read_partition`) |
-//! | fdatasync latency, bytes per group-commit round | `Shard::flush_round` / `sync_partition` |
+//! | fdatasync latency, bytes per group-commit round | `Shard::sync_partition` / `sync_parts` |
+//! | produce stages (`Stage`) | `net` (frame read, append, response write), `Shard` (disk write, stored and replication waits) |
 //! | cache hits / misses | consumer fetches served from the batch cache / from disk |
 //! | backpressure waits | appends that waited for the shard's pending bytes to drain |
 //! | ISR shrinks / expands | `replication::isr_ticker` once the controller took the change |
@@ -164,6 +165,45 @@ pub struct GroupSample {
     pub offsets: Vec<(String, i32, i64)>,
 }
 
+/// The stages of a produce request, timed separately (`weir_produce_stage_seconds`) so the
+/// write path's waits can be told apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The frame body's bytes arriving, from its size prefix to its last byte.
+    FrameRead = 0,
+    /// Stage one: parse, validate, route to the owning shards and append.
+    Append = 1,
+    /// One partition's disk write round (the flusher's `write_all`).
+    DiskWrite = 2,
+    /// From the append to the batches being written (acks=1) or fdatasynced (acks=all).
+    StoredWait = 3,
+    /// acks=all on a replicated partition: from durable to the high watermark passing it.
+    ReplicationWait = 4,
+    /// Writing the response to the socket.
+    ResponseWrite = 5,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [
+        Stage::FrameRead,
+        Stage::Append,
+        Stage::DiskWrite,
+        Stage::StoredWait,
+        Stage::ReplicationWait,
+        Stage::ResponseWrite,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::FrameRead => "frame_read",
+            Stage::Append => "append",
+            Stage::DiskWrite => "disk_write",
+            Stage::StoredWait => "stored_wait",
+            Stage::ReplicationWait => "replication_wait",
+            Stage::ResponseWrite => "response_write",
+        }
+    }
+}
+
 /// One shard's metrics.
 pub struct ShardMetrics {
     /// [api][error + 1]: requests answered.
@@ -172,6 +212,8 @@ pub struct ShardMetrics {
     latency: Box<[Histogram]>,
     pub fsync: Histogram,
     pub group_commit_bytes: Histogram,
+    /// [stage]: produce stage latency (`Stage`).
+    pub stages: Box<[Histogram]>,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub backpressure_waits: AtomicU64,
@@ -197,6 +239,10 @@ impl ShardMetrics {
                 .collect(),
             fsync: Histogram::new(&LATENCY_BUCKETS_S),
             group_commit_bytes: Histogram::new(&BYTES_BUCKETS),
+            stages: Stage::ALL
+                .iter()
+                .map(|_| Histogram::new(&LATENCY_BUCKETS_S))
+                .collect(),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             backpressure_waits: AtomicU64::new(0),
@@ -283,6 +329,11 @@ pub fn request_latency(api: i16, elapsed: Duration) {
 
 pub fn fsync_latency(elapsed: Duration) {
     with(|m| m.fsync.observe(elapsed.as_secs_f64()));
+}
+
+/// A produce request spent `elapsed` in `stage`.
+pub fn produce_stage(stage: Stage, elapsed: Duration) {
+    with(|m| m.stages[stage as usize].observe(elapsed.as_secs_f64()));
 }
 
 pub fn group_commit(bytes: u64) {

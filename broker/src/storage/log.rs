@@ -34,6 +34,9 @@ pub const WRITE_CHUNK_BYTES: usize = 4 << 20;
 /// Recovery reads segments in chunks of this size.
 const SCAN_CHUNK_BYTES: usize = 4 << 20;
 
+/// Source of `PartitionLog::instance`.
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub fn segment_file_name(base: i64, ext: &str) -> String {
     format!("{base:020}.{ext}")
 }
@@ -181,6 +184,9 @@ pub struct PartitionLog {
     pub synced_bytes: u64,
     /// Open transactions: first offset -> producer id (the oldest holds back the LSO).
     ongoing: BTreeMap<i64, i64>,
+    /// Unique per opened log: a truncation or reset reopens the log with a new one, so a sync
+    /// that started before it does not move the new log's durable offset.
+    pub instance: u64,
     /// Compacted logs: where the part the cleaner has not cleaned yet begins
     /// (`compact::CHECKPOINT_FILE`).
     cleaned_offset: i64,
@@ -263,6 +269,7 @@ impl PartitionLog {
             synced_bytes: 0,
             ongoing: BTreeMap::new(),
             cleaned_offset: super::compact::read_checkpoint(&dir).unwrap_or(0),
+            instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {

@@ -438,6 +438,9 @@ pub fn run(config: Config) -> Result<()> {
     }
     let io_memory = plan_io_memory(config.shards);
     let mesh: MeshBuilder<ShardMsg, _> = MeshBuilder::full(config.shards, MESH_CHANNEL_CAPACITY);
+    // The produce lane: appends from another shard, handled one at a time in arrival order.
+    let produce_mesh: MeshBuilder<ShardMsg, _> =
+        MeshBuilder::full(config.shards, MESH_CHANNEL_CAPACITY);
     let life = Arc::new(Lifecycle {
         stop: stop.clone(),
         ready: AtomicUsize::new(0),
@@ -449,6 +452,7 @@ pub fn run(config: Config) -> Result<()> {
     // for all of them with a deadline.
     let (exited_tx, exited) = mpsc::channel::<(usize, Result<()>)>();
     for (i, cpu) in cpus(config.shards).into_iter().enumerate() {
+        let produce_mesh = produce_mesh.clone();
         let (config, cluster_id, image, mesh, life, metrics) = (
             config.clone(),
             cluster_id.clone(),
@@ -468,7 +472,16 @@ pub fn run(config: Config) -> Result<()> {
         }
         let h = builder
             .spawn(move || async move {
-                shard_main(config, cluster_id, image, mesh, clean, life, metrics).await
+                shard_main(
+                    config,
+                    cluster_id,
+                    image,
+                    (mesh, produce_mesh),
+                    clean,
+                    life,
+                    metrics,
+                )
+                .await
             })
             .io()
             .with_context(|| format!("starting shard {i} on cpu {cpu}"))?;
@@ -653,7 +666,10 @@ async fn shard_main(
     config: Arc<Config>,
     cluster_id: Arc<String>,
     image: Arc<Image>,
-    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    (mesh, produce_mesh): (
+        MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+        MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    ),
     clean: bool,
     life: Arc<Lifecycle>,
     metrics: Arc<crate::metrics::BrokerMetrics>,
@@ -662,7 +678,12 @@ async fn shard_main(
         .join()
         .await
         .map_err(|e| anyhow::anyhow!("joining the shard mesh: {e}"))?;
+    let (produce_senders, mut produce_receivers) = produce_mesh
+        .join()
+        .await
+        .map_err(|e| anyhow::anyhow!("joining the shard produce lane: {e}"))?;
     let id = senders.peer_id();
+    assert_eq!(produce_senders.peer_id(), id);
     crate::metrics::install(metrics, id);
     let count = config.shards;
     life.set_phase(id, Phase::Opening);
@@ -679,6 +700,7 @@ async fn shard_main(
         cluster_id,
         image.clone(),
         senders,
+        produce_senders,
     );
 
     for (peer, rx) in receivers.streams() {
@@ -696,6 +718,20 @@ async fn shard_main(
                 .detach();
             }
             tracing::debug!(peer, "peer channel closed");
+        })
+        .detach();
+    }
+    // Appends from a peer shard, one message at a time: a connection on the peer does not wait
+    // for its appends here before reading its next request, so the order they are handled in
+    // is the order the connection read them (one channel per shard pair is FIFO). Only the
+    // append runs in this loop; the durability wait and the reply's delivery are spawned.
+    for (peer, rx) in produce_receivers.streams() {
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                shard::shard().count_remote_in();
+                shard::handle_msg_guarded(msg).await;
+            }
+            tracing::debug!(peer, "peer produce lane closed");
         })
         .detach();
     }

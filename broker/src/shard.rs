@@ -119,6 +119,8 @@ pub struct Shard {
     next_pid: Cell<u64>,
     cache: RefCell<ShardCache>,
     senders: Senders<ShardMsg>,
+    /// The produce lane to each peer: appends handled in the order they were sent.
+    produce_senders: Senders<ShardMsg>,
     dirty: RefCell<Vec<Rc<Partition>>>,
     unsynced: RefCell<Vec<Rc<Partition>>>,
     /// Bytes appended on this shard and not yet taken by a disk write (backpressure gate);
@@ -335,6 +337,7 @@ impl Shard {
         cluster_id: Arc<String>,
         image: Arc<Image>,
         senders: Senders<ShardMsg>,
+        produce_senders: Senders<ShardMsg>,
     ) -> Rc<Shard> {
         let request_memory = crate::net::RequestMemory::new(config.socket_request_bytes_max);
         let s = Rc::new(Shard {
@@ -348,6 +351,7 @@ impl Shard {
             by_id: RefCell::new(HashMap::new()),
             next_pid: Cell::new(1),
             senders,
+            produce_senders,
             dirty: RefCell::new(Vec::new()),
             unsynced: RefCell::new(Vec::new()),
             pending: Rc::new(PendingLedger::default()),
@@ -396,6 +400,16 @@ impl Shard {
     }
 
     /// Sends `msg` to shard `target` (handled in place when it is this shard).
+    /// Sends a `ShardMsg::Produce` to a peer shard on the produce lane, where appends are
+    /// handled one at a time in the order sent (so the sender need not wait for them).
+    pub async fn send_produce(self: &Rc<Self>, target: usize, msg: ShardMsg) {
+        debug_assert!(target != self.id && matches!(msg, ShardMsg::Produce { .. }));
+        self.stats.borrow_mut().remote_ops_out += 1;
+        if let Err(e) = self.produce_senders.send_to(target, msg).await {
+            tracing::debug!(target, "cross-shard produce send failed: {e}");
+        }
+    }
+
     pub async fn send(self: &Rc<Self>, target: usize, msg: ShardMsg) {
         if target == self.id {
             glommio::spawn_local(handle_msg_guarded(msg)).detach();

@@ -17,7 +17,7 @@ use super::{decode, respond, Pending};
 use crate::cluster::controller;
 use crate::cluster::metadata::{self, NewTopic};
 use crate::protocol::{OutBuf, RequestFrame};
-use crate::shard::{shard, ControlOp, ProduceItem, ShardMsg};
+use crate::shard::{shard, ControlOp, ProduceItem, ProduceReply, ShardMsg};
 use crate::storage::batch::{self, BatchError};
 
 fn partition_error(
@@ -248,46 +248,35 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
         results.push(row);
     }
 
-    // Stage one: every owner appends (in memory) before the next request on this connection.
-    let mut replies = Vec::with_capacity(per_shard.len());
+    // Stage one: this shard appends (in memory) before the next request on this connection
+    // is read. A peer shard's items go on its produce lane, which appends them in the order
+    // sent, so the connection does not wait for them here (acks=0 does, to count errors).
+    let mut local = Vec::with_capacity(1);
+    let mut remote = Vec::with_capacity(per_shard.len());
     for (target, (items, slots)) in per_shard {
         let (tx, rx) = oneshot::channel();
-        s.send(
-            target,
-            ShardMsg::Produce {
-                acks,
-                items,
-                reply: tx,
-            },
-        )
-        .await;
-        replies.push((rx, slots));
-    }
-    let mut durable = Vec::new();
-    for (rx, slots) in replies {
-        match rx.await {
-            Ok(reply) => {
-                for (r, &(ti, pi)) in reply.results.iter().zip(&slots) {
-                    let slot = &mut results[ti][pi];
-                    slot.error_code = r.error;
-                    slot.base_offset = r.base_offset;
-                    slot.log_append_time_ms = r.log_append_time_ms;
-                    if frame.api_version >= 5 {
-                        slot.log_start_offset = r.log_start_offset;
-                    }
-                }
-                if let Some(d) = reply.durable {
-                    durable.push((d, slots));
-                }
-            }
-            Err(_) => {
-                for &(ti, pi) in &slots {
-                    results[ti][pi].error_code = NOT_LEADER_OR_FOLLOWER;
-                }
-            }
+        let msg = ShardMsg::Produce {
+            acks,
+            items,
+            reply: tx,
+        };
+        if target == s.id {
+            s.send(target, msg).await;
+            local.push((rx, slots));
+        } else {
+            s.send_produce(target, msg).await;
+            remote.push((rx, slots));
         }
     }
+    let version = frame.api_version;
+    let mut durable = Vec::new();
+    for (rx, slots) in local {
+        take_reply(rx.await, &slots, &mut results, &mut durable, version);
+    }
     if acks == 0 {
+        for (rx, slots) in remote {
+            take_reply(rx.await, &slots, &mut results, &mut durable, version);
+        }
         let first = results
             .iter()
             .flatten()
@@ -297,9 +286,13 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
         return Ok(futures::future::ready(None).boxed_local());
     }
 
-    // Stage two: acks=all waits for the owners' fdatasync, acks=1 for their disk write.
+    // Stage two: the peers' appends, then acks=all waits for the owners' fdatasync, acks=1 for
+    // their disk write.
     let names: Vec<_> = req.topic_data.into_iter().map(|t| t.name).collect();
     Ok(async move {
+        for (rx, slots) in remote {
+            take_reply(rx.await, &slots, &mut results, &mut durable, version);
+        }
         for (d, slots) in durable {
             let code = match d.await {
                 Ok(Ok(())) => NONE,
@@ -374,5 +367,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(keyless_records(&b.freeze()), vec![1, 3]);
+    }
+}
+
+/// Fills the response slots of one owner's items from its append reply (a dropped reply: the
+/// owner is gone, NOT_LEADER_OR_FOLLOWER), and keeps its durability wait.
+fn take_reply(
+    reply: Result<ProduceReply, oneshot::Canceled>,
+    slots: &[(usize, usize)],
+    results: &mut [Vec<PartitionProduceResponse>],
+    durable: &mut Vec<(oneshot::Receiver<Result<(), i16>>, Vec<(usize, usize)>)>,
+    api_version: i16,
+) {
+    match reply {
+        Ok(reply) => {
+            for (r, &(ti, pi)) in reply.results.iter().zip(slots) {
+                let slot = &mut results[ti][pi];
+                slot.error_code = r.error;
+                slot.base_offset = r.base_offset;
+                slot.log_append_time_ms = r.log_append_time_ms;
+                if api_version >= 5 {
+                    slot.log_start_offset = r.log_start_offset;
+                }
+            }
+            if let Some(d) = reply.durable {
+                durable.push((d, slots.to_vec()));
+            }
+        }
+        Err(_) => {
+            for &(ti, pi) in slots {
+                results[ti][pi].error_code = NOT_LEADER_OR_FOLLOWER;
+            }
+        }
     }
 }

@@ -294,6 +294,10 @@ pub enum ShardMsg {
     Produce {
         acks: i16,
         items: Vec<ProduceItem>,
+        /// Reply once the appends are stored (written, or fdatasynced and replicated for
+        /// acks=all) instead of right after the appends: one cross-shard wake-up per request
+        /// instead of two, for a sender that does not need the offsets sooner.
+        reply_when_stored: bool,
         reply: oneshot::Sender<ProduceReply>,
     },
     Fetch {
@@ -1189,6 +1193,7 @@ impl Shard {
         self: Rc<Self>,
         acks: i16,
         items: Vec<ProduceItem>,
+        reply_when_stored: bool,
         reply: oneshot::Sender<ProduceReply>,
     ) {
         let mut results = Vec::with_capacity(items.len());
@@ -1246,27 +1251,51 @@ impl Shard {
         }
         // acks=all waits for the fdatasync, acks=1 for the write (so a batch that a full disk
         // cannot take is answered with an error, never acknowledged and then lost).
-        let durable = if acks != 0 && !waits.is_empty() {
-            let (tx, rx) = oneshot::channel();
-            let me = self.clone();
-            let sync = acks == -1;
-            glommio::spawn_local(async move {
+        if acks == 0 || waits.is_empty() {
+            let _ = reply.send(ProduceReply {
+                results,
+                durable: None,
+            });
+            return;
+        }
+        let me = self.clone();
+        let sync = acks == -1;
+        let stored = async move {
+            let started = Instant::now();
+            let mut r = me.wait_stored(&waits, sync).await;
+            crate::metrics::produce_stage(Stage::StoredWait, started.elapsed());
+            if r.is_ok() && sync {
                 let started = Instant::now();
-                let mut r = me.wait_stored(&waits, sync).await;
-                crate::metrics::produce_stage(Stage::StoredWait, started.elapsed());
-                if r.is_ok() && sync {
-                    let started = Instant::now();
-                    r = me.wait_replicated(&waits).await;
-                    crate::metrics::produce_stage(Stage::ReplicationWait, started.elapsed());
+                r = me.wait_replicated(&waits).await;
+                crate::metrics::produce_stage(Stage::ReplicationWait, started.elapsed());
+            }
+            r
+        };
+        if reply_when_stored {
+            glommio::spawn_local(async move {
+                if let Err(code) = stored.await {
+                    for r in &mut results {
+                        r.error = code;
+                        r.base_offset = -1;
+                    }
                 }
-                let _ = tx.send(r);
+                let _ = reply.send(ProduceReply {
+                    results,
+                    durable: None,
+                });
             })
             .detach();
-            Some(rx)
-        } else {
-            None
-        };
-        let _ = reply.send(ProduceReply { results, durable });
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        glommio::spawn_local(async move {
+            let _ = tx.send(stored.await);
+        })
+        .detach();
+        let _ = reply.send(ProduceReply {
+            results,
+            durable: Some(rx),
+        });
     }
 
     /// Group commit: waits until every (partition, end offset) is written to disk, and with
@@ -2214,7 +2243,12 @@ pub async fn handle_msg_guarded(msg: ShardMsg) {
 pub async fn handle_msg(msg: ShardMsg) {
     let s = shard();
     match msg {
-        ShardMsg::Produce { acks, items, reply } => s.produce(acks, items, reply).await,
+        ShardMsg::Produce {
+            acks,
+            items,
+            reply_when_stored,
+            reply,
+        } => s.produce(acks, items, reply_when_stored, reply).await,
         ShardMsg::Fetch {
             items,
             max_bytes,

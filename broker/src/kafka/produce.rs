@@ -255,9 +255,12 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
     let mut remote = Vec::with_capacity(per_shard.len());
     for (target, (items, slots)) in per_shard {
         let (tx, rx) = oneshot::channel();
+        // A peer replies once its appends are stored (the connection does not wait for them
+        // in stage one, so it needs nothing sooner): one wake-up of this shard, not two.
         let msg = ShardMsg::Produce {
             acks,
             items,
+            reply_when_stored: target != s.id && acks != 0,
             reply: tx,
         };
         if target == s.id {

@@ -44,6 +44,10 @@ public class WeirKip848Client {
         try (Admin admin = Admin.create(a)) {
             admin.createTopics(List.of(new NewTopic(topic, PARTITIONS, (short) 1))).all().get();
         }
+        if (args.length > 3 && args[3].equals("failover")) {
+            failover(bootstrap, topic, n, a);
+            return;
+        }
 
         String group = topic + "-g";
         AtomicInteger produced = new AtomicInteger();
@@ -150,6 +154,73 @@ public class WeirKip848Client {
         System.out.println("OK " + n);
     }
 
+    // Failover mode: n records are produced, consumers c1 and c2 read half of them (committing
+    // after each poll), then pause and print "HALF"; the harness kills the coordinator with -9,
+    // restarts it and writes "GO" to stdin; the consumers read the rest. Checks every record is
+    // read, at most the uncommitted tail twice, and the committed offsets are the log ends.
+    static final AtomicBoolean paused = new AtomicBoolean();
+
+    static void failover(String bootstrap, String topic, int n, Properties a) throws Exception {
+        Properties p = new Properties();
+        p.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+        p.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, StringSerializer.class.getName());
+        p.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, StringSerializer.class.getName());
+        try (KafkaProducer<String, String> pr = new KafkaProducer<>(p)) {
+            for (int i = 0; i < n; i++) {
+                ProducerRecord<String, String> r = new ProducerRecord<>(topic, "key-" + i, "value-" + i);
+                r.headers().add("idx", Integer.toString(i).getBytes(StandardCharsets.UTF_8));
+                pr.send(r);
+            }
+            pr.flush();
+        }
+        String group = topic + "-g";
+        AtomicInteger total = new AtomicInteger();
+        Member c1 = new Member("c1", bootstrap, topic, group, null, total, n);
+        Member c2 = new Member("c2", bootstrap, topic, group, null, total, n);
+        c1.maxPerPoll = 50;
+        c2.maxPerPoll = 50;
+        c1.start();
+        c2.start();
+        waitFor(() -> reads.size() >= n / 2 || failure.get() != null, 120_000, "half read");
+        paused.set(true);
+        Thread.sleep(500);
+        waitFor(() -> !c1.assigned.isEmpty() && !c2.assigned.isEmpty(), 60_000, "both consumers own partitions");
+        int before = reads.size();
+        System.out.println("HALF " + before + " c1 " + new TreeSet<>(c1.assigned) + " c2 " + new TreeSet<>(c2.assigned));
+        System.out.flush();
+        String line = new java.io.BufferedReader(new java.io.InputStreamReader(System.in)).readLine();
+        check("GO".equals(line), "GO from the harness: " + line);
+        long resumed = System.currentTimeMillis();
+        paused.set(false);
+        waitFor(() -> reads.size() >= n || failure.get() != null, 180_000, "every record read after the restart");
+        System.out.println("RESUMED in " + (System.currentTimeMillis() - resumed) + " ms");
+        c1.stop.set(true);
+        c2.stop.set(true);
+        c1.join();
+        c2.join();
+        check(failure.get() == null, String.valueOf(failure.get()));
+        int dup = 0;
+        for (int i = 0; i < n; i++) {
+            AtomicInteger c = reads.get(i);
+            check(c != null, "record " + i + " read");
+            dup += c.get() - 1;
+        }
+        System.out.println("DUPLICATES " + dup + " STALE_COMMITS_RETRIED " + staleCommits.get());
+        check(dup <= 2 * 50, "at most the uncommitted polls read twice: " + dup);
+        try (KafkaConsumer<String, String> probe = new KafkaConsumer<>(consumerProps(bootstrap, group, null)); Admin admin = Admin.create(a)) {
+            Set<TopicPartition> tps = new HashSet<>();
+            for (int q = 0; q < PARTITIONS; q++) tps.add(new TopicPartition(topic, q));
+            Map<TopicPartition, Long> ends = probe.endOffsets(tps);
+            Map<TopicPartition, OffsetAndMetadata> committed =
+                admin.listConsumerGroupOffsets(group).partitionsToOffsetAndMetadata().get();
+            for (TopicPartition tp : tps) {
+                OffsetAndMetadata m = committed.get(tp);
+                check(m != null && m.offset() == ends.get(tp), "committed " + tp + " = " + m + ", end " + ends.get(tp));
+            }
+        }
+        System.out.println("OK " + n);
+    }
+
     static Properties consumerProps(String bootstrap, String group, String assignor) {
         Properties c = new Properties();
         c.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
@@ -173,6 +244,7 @@ public class WeirKip848Client {
         final Set<Integer> assigned = ConcurrentHashMap.newKeySet();
         volatile String memberId;
         boolean countReads = true;
+        int maxPerPoll = 500;
 
         Member(String name, String bootstrap, String topic, String group, String assignor, AtomicInteger total, int n) {
             this.name = name;
@@ -183,6 +255,7 @@ public class WeirKip848Client {
         }
 
         public void run() {
+            props.put(ConsumerConfig.MAX_POLL_RECORDS_CONFIG, Integer.toString(maxPerPoll));
             try (KafkaConsumer<String, String> consumer = new KafkaConsumer<>(props)) {
                 consumer.subscribe(List.of(topic), new ConsumerRebalanceListener() {
                     public void onPartitionsRevoked(Collection<TopicPartition> ps) {
@@ -210,6 +283,10 @@ public class WeirKip848Client {
                     }
                 });
                 while (!stop.get()) {
+                    if (paused.get()) {
+                        Thread.sleep(50);
+                        continue;
+                    }
                     ConsumerRecords<String, String> rs = consumer.poll(Duration.ofMillis(100));
                     if (memberId == null && !consumer.groupMetadata().memberId().isEmpty())
                         memberId = consumer.groupMetadata().memberId();

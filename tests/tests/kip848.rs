@@ -560,3 +560,60 @@ fn java_consumers_with_the_consumer_protocol() {
     assert!(stdout.contains("REBALANCE c3 assigned"));
     assert!(stdout.contains("REBALANCE c1 revoked"));
 }
+
+/// kafka-clients 3.9.1 consumers (group.protocol=consumer) while their coordinator is killed
+/// with -9 and restarted: they carry on (the restored group accepts their member epochs), read
+/// every record (at most the uncommitted tail twice) and commit to the log ends.
+#[test]
+fn java_consumers_carry_on_after_a_coordinator_kill9() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let (mut b, _conf) = broker("");
+    let cp = weir_tests::java::classpath("WeirKip848Client");
+    let mut child = Command::new("java")
+        .args([
+            "-cp",
+            &cp,
+            "WeirKip848Client",
+            &b.bootstrap(),
+            "failover",
+            "20000",
+            "failover",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("java");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = String::new();
+    loop {
+        let Some(Ok(l)) = lines.next() else {
+            panic!("Java ended before HALF:\n{out}\n{}", b.log());
+        };
+        out.push_str(&l);
+        out.push('\n');
+        if l.starts_with("HALF") {
+            break;
+        }
+    }
+    let log_before = b.log().len();
+    b.kill9();
+    b.restart();
+    let restarted = Instant::now();
+    writeln!(child.stdin.as_mut().unwrap(), "GO").unwrap();
+    for l in lines.map_while(Result::ok) {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    let st = child.wait().unwrap();
+    let log = b.log();
+    assert!(
+        st.success() && out.contains("OK 20000"),
+        "{out}\nbroker log:\n{log}"
+    );
+    let after = &log[log_before..];
+    let rejoins = after.matches("member joins the consumer group").count();
+    let fenced = after.matches("member fenced").count();
+    println!("{out}finished {:?} after the restart; joins after the restart: {rejoins}, fenced: {fenced}", restarted.elapsed());
+    assert_eq!(rejoins, 0, "the members carried on with their epochs");
+}

@@ -617,3 +617,59 @@ fn java_consumers_carry_on_after_a_coordinator_kill9() {
     println!("{out}finished {:?} after the restart; joins after the restart: {rejoins}, fenced: {fenced}", restarted.elapsed());
     assert_eq!(rejoins, 0, "the members carried on with their epochs");
 }
+
+fn static_heartbeat(c: &mut Conn, member: &str, epoch: i32) -> ConsumerGroupHeartbeatResponse {
+    let mut req = ConsumerGroupHeartbeatRequest::default()
+        .with_group_id(GroupId(s("sg")))
+        .with_member_id(s(member))
+        .with_member_epoch(epoch)
+        .with_instance_id(Some(s("instance-1")))
+        .with_rebalance_timeout_ms(-1);
+    if epoch == 0 {
+        req = req
+            .with_rebalance_timeout_ms(30_000)
+            .with_subscribed_topic_names(Some(vec![TopicName(s("st"))]))
+            .with_topic_partitions(Some(vec![]));
+    }
+    c.call(ApiKey::ConsumerGroupHeartbeat, 0, &req)
+}
+
+/// A static member (instance id): a second member with its instance id is refused while it is
+/// active (UNRELEASED_INSTANCE_ID), a wrong member id is fenced (FENCED_INSTANCE_ID); after a
+/// temporary leave (epoch -2) the instance comes back under a new member id with its
+/// partitions and without a new group epoch.
+#[test]
+fn static_members_rejoin_with_their_assignment() {
+    const FENCED_INSTANCE_ID: i16 = 82;
+    const UNRELEASED_INSTANCE_ID: i16 = 111;
+    let (b, _conf) = broker("");
+    admin::create(&b, "st", 2, 1, &[]).unwrap();
+    let mut c = Conn::new(&b.bootstrap());
+    let r = static_heartbeat(&mut c, "", 0);
+    assert_eq!((r.error_code, r.member_epoch), (0, 1));
+    let a = r.member_id.unwrap().to_string();
+    let first = owned(&r.assignment).unwrap();
+    assert_eq!(count(&first), 2);
+    assert_eq!(
+        static_heartbeat(&mut c, "", 0).error_code,
+        UNRELEASED_INSTANCE_ID
+    );
+    assert_eq!(
+        static_heartbeat(&mut c, "other", 1).error_code,
+        FENCED_INSTANCE_ID
+    );
+    let r = static_heartbeat(&mut c, &a, -2);
+    assert_eq!((r.error_code, r.member_epoch), (0, -2));
+    let d = describe(&mut c, "sg");
+    assert_eq!((d.group_epoch, d.members[0].member_epoch), (1, -2));
+    let r = static_heartbeat(&mut c, "", 0);
+    assert_eq!((r.error_code, r.member_epoch), (0, 1));
+    let b2 = r.member_id.unwrap().to_string();
+    assert_ne!(a, b2);
+    assert_eq!(owned(&r.assignment).unwrap(), first, "the same partitions");
+    let d = describe(&mut c, "sg");
+    assert_eq!(d.group_epoch, 1, "no new group epoch");
+    assert_eq!(d.members.len(), 1);
+    assert_eq!(d.members[0].member_id.as_str(), b2);
+    assert_eq!(d.members[0].instance_id.as_deref(), Some("instance-1"));
+}

@@ -673,3 +673,47 @@ fn static_members_rejoin_with_their_assignment() {
     assert_eq!(d.members[0].member_id.as_str(), b2);
     assert_eq!(d.members[0].instance_id.as_deref(), Some("instance-1"));
 }
+
+/// An empty consumer-protocol group without committed offsets is deleted by the offset
+/// expiry pass (tombstones: it stays deleted after a restart); one with offsets stays.
+#[test]
+fn empty_consumer_groups_without_offsets_are_deleted() {
+    let (mut b, _conf) = broker("offsets.retention.check.interval.ms=300\n");
+    admin::create(&b, "e", 1, 1, &[]).unwrap();
+    let mut c = Conn::new(&b.bootstrap());
+    for g in ["gone", "kept"] {
+        let r = join(&mut c, g, &["e"]);
+        assert_eq!(r.error_code, 0);
+        let m = r.member_id.unwrap().to_string();
+        if g == "kept" {
+            assert_eq!(commit(&mut c, g, &m, 1, "e", 0, 3), 0);
+        }
+        let r = heartbeat(&mut c, g, &m, -1, None, None, None);
+        assert_eq!(r.error_code, 0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while describe(&mut c, "gone").error_code != GROUP_ID_NOT_FOUND {
+        assert!(
+            Instant::now() < deadline,
+            "the empty group was never deleted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(describe(&mut c, "kept").group_state.as_str(), "Empty");
+    drop(c);
+    b.kill9();
+    b.restart();
+    let mut c = Conn::new(&b.bootstrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let d = loop {
+        let d = describe(&mut c, "kept");
+        if d.error_code != COORDINATOR_LOAD_IN_PROGRESS {
+            break d;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!((d.error_code, d.group_state.as_str()), (0, "Empty"));
+    assert_eq!(describe(&mut c, "gone").error_code, GROUP_ID_NOT_FOUND);
+    assert_eq!(fetch(&mut c, "kept", None, "e", 1), (0, vec![3]));
+}

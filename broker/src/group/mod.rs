@@ -1311,6 +1311,19 @@ impl Shard {
                         .push((records::offset_key(&g.id, &t, p), None));
                 }
             }
+            // As Kafka: a consumer-protocol group without members and offsets is deleted.
+            for g in groups.values().filter(|g| {
+                g.offsets.is_empty() && g.consumer.as_ref().is_some_and(|c| c.members.is_empty())
+            }) {
+                let cg = g.consumer.as_ref().expect("filtered");
+                by_partition
+                    .entry(g.partition)
+                    .or_default()
+                    .extend(consumer::delete_records(&g.id, cg));
+            }
+            groups.retain(|_, g| {
+                !(g.offsets.is_empty() && g.consumer.as_ref().is_some_and(|c| c.members.is_empty()))
+            });
             groups.retain(|_, g| {
                 !(g.state == State::Empty
                     && g.consumer.is_none()

@@ -163,7 +163,12 @@ impl Group {
     /// The group-metadata record of the now-Empty group if it still has to be written (and
     /// marks it written; `unpersisted_again` undoes that when the write fails).
     fn take_empty_record(&mut self) -> Option<OffsetsRecord> {
-        if !std::mem::take(&mut self.empty_unpersisted) || self.state != State::Empty {
+        // A group that became a consumer-protocol group meanwhile writes its own records: a
+        // classic record after them would turn it back into a classic group on replay.
+        if !std::mem::take(&mut self.empty_unpersisted)
+            || self.state != State::Empty
+            || self.consumer.is_some()
+        {
             return None;
         }
         Some((

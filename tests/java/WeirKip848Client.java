@@ -1,6 +1,8 @@
 // The Java reference client (kafka-clients) with the KIP-848 consumer group protocol
 // (group.protocol=consumer) against Weir. Arguments: bootstrap topic records.
 //
+// Failover mode (a fourth argument "failover", a fifth the replication factor): see failover().
+//
 // 1. Creates the topic (6 partitions); a producer writes `records` records (header idx) while
 //    consumers c1 and c2 of group "<topic>-g" consume; c3 joins after a third of the records,
 //    c1 leaves after two thirds. Every consumer commits synchronously after each poll. Checks:
@@ -41,8 +43,9 @@ public class WeirKip848Client {
 
         Properties a = new Properties();
         a.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+        short rf = args.length > 4 ? Short.parseShort(args[4]) : 1;
         try (Admin admin = Admin.create(a)) {
-            admin.createTopics(List.of(new NewTopic(topic, PARTITIONS, (short) 1))).all().get();
+            admin.createTopics(List.of(new NewTopic(topic, PARTITIONS, rf))).all().get();
         }
         if (args.length > 3 && args[3].equals("failover")) {
             failover(bootstrap, topic, n, a);
@@ -155,8 +158,9 @@ public class WeirKip848Client {
     }
 
     // Failover mode: n records are produced, consumers c1 and c2 read half of them (committing
-    // after each poll), then pause and print "HALF"; the harness kills the coordinator with -9,
-    // restarts it and writes "GO" to stdin; the consumers read the rest. Checks every record is
+    // after each poll), then pause and print "HALF"; the harness kills the coordinator with -9
+    // (and restarts it, or lets another broker take over) and writes "GO" to stdin; the
+    // consumers read the rest. Checks every record is
     // read, at most the uncommitted tail twice, and the committed offsets are the log ends.
     static final AtomicBoolean paused = new AtomicBoolean();
 

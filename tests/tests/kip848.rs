@@ -561,24 +561,28 @@ fn java_consumers_with_the_consumer_protocol() {
     assert!(stdout.contains("REBALANCE c1 revoked"));
 }
 
-/// kafka-clients 3.9.1 consumers (group.protocol=consumer) while their coordinator is killed
-/// with -9 and restarted: they carry on (the restored group accepts their member epochs), read
-/// every record (at most the uncommitted tail twice) and commit to the log ends.
-#[test]
-fn java_consumers_carry_on_after_a_coordinator_kill9() {
+/// Runs WeirKip848Client in failover mode against `bootstrap`: at "HALF", `fail` runs (it kills
+/// the coordinator), then the consumers resume. Returns the program's output.
+fn java_failover(
+    bootstrap: &str,
+    topic: &str,
+    rf: &str,
+    logs: &dyn Fn() -> String,
+    fail: &mut dyn FnMut(),
+) -> String {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
-    let (mut b, _conf) = broker("");
     let cp = weir_tests::java::classpath("WeirKip848Client");
     let mut child = Command::new("java")
         .args([
             "-cp",
             &cp,
             "WeirKip848Client",
-            &b.bootstrap(),
-            "failover",
+            bootstrap,
+            topic,
             "20000",
             "failover",
+            rf,
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -588,7 +592,7 @@ fn java_consumers_carry_on_after_a_coordinator_kill9() {
     let mut out = String::new();
     loop {
         let Some(Ok(l)) = lines.next() else {
-            panic!("Java ended before HALF:\n{out}\n{}", b.log());
+            panic!("Java ended before HALF:\n{out}\n{}", logs());
         };
         out.push_str(&l);
         out.push('\n');
@@ -596,26 +600,91 @@ fn java_consumers_carry_on_after_a_coordinator_kill9() {
             break;
         }
     }
-    let log_before = b.log().len();
-    b.kill9();
-    b.restart();
-    let restarted = Instant::now();
+    fail();
+    let failed_at = Instant::now();
     writeln!(child.stdin.as_mut().unwrap(), "GO").unwrap();
     for l in lines.map_while(Result::ok) {
         out.push_str(&l);
         out.push('\n');
     }
     let st = child.wait().unwrap();
-    let log = b.log();
     assert!(
         st.success() && out.contains("OK 20000"),
-        "{out}\nbroker log:\n{log}"
+        "{out}\nbroker logs:\n{}",
+        logs()
     );
+    println!("{out}finished {:?} after the failure", failed_at.elapsed());
+    out
+}
+
+/// kafka-clients 3.9.1 consumers (group.protocol=consumer) while their coordinator is killed
+/// with -9 and restarted: they carry on (the restored group accepts their member epochs), read
+/// every record (at most the uncommitted tail twice) and commit to the log ends.
+#[test]
+fn java_consumers_carry_on_after_a_coordinator_kill9() {
+    let (b, _conf) = broker("");
+    let bootstrap = b.bootstrap();
+    let b = std::cell::RefCell::new(b);
+    let mut log_before = 0;
+    java_failover(
+        &bootstrap,
+        "failover",
+        "1",
+        &|| b.borrow().log(),
+        &mut || {
+            let mut b = b.borrow_mut();
+            log_before = b.log().len();
+            b.kill9();
+            b.restart();
+        },
+    );
+    let log = b.borrow().log();
     let after = &log[log_before..];
     let rejoins = after.matches("member joins the consumer group").count();
     let fenced = after.matches("member fenced").count();
-    println!("{out}finished {:?} after the restart; joins after the restart: {rejoins}, fenced: {fenced}", restarted.elapsed());
+    println!("joins after the restart: {rejoins}, fenced: {fenced}");
     assert_eq!(rejoins, 0, "the members carried on with their epochs");
+}
+
+/// Three brokers: the broker coordinating the group (leader of its `__consumer_offsets`
+/// partition, replicated to the others) is killed with -9; another broker takes the partition
+/// over, replays the group from its replica, and the Java consumers carry on there without
+/// rejoining.
+#[test]
+fn java_consumers_follow_their_group_to_a_new_coordinator() {
+    let c = weir_tests::Cluster::start(3, &[("group.consumer.heartbeat.interval.ms", "500")]);
+    let bootstrap = c.bootstrap();
+    let c = std::cell::RefCell::new(c);
+    let mut killed = usize::MAX;
+    java_failover(
+        &bootstrap,
+        "moving",
+        "3",
+        &|| c.borrow().logs(),
+        &mut || {
+            let mut conn = Conn::new(&c.borrow().node(0).bootstrap());
+            let r: FindCoordinatorResponse = conn.call(
+                ApiKey::FindCoordinator,
+                3,
+                &FindCoordinatorRequest::default().with_key(s("moving-g")),
+            );
+            assert_eq!(r.error_code, 0);
+            killed = r.node_id.0 as usize;
+            println!("killing the coordinator, broker {killed}");
+            c.borrow_mut().kill(killed);
+        },
+    );
+    let c = c.into_inner();
+    for i in (0..3).filter(|i| *i != killed) {
+        assert_eq!(
+            c.node(i)
+                .log()
+                .matches("member joins the consumer group")
+                .count(),
+            0,
+            "broker {i}: the members carried on with their epochs"
+        );
+    }
 }
 
 fn static_heartbeat(c: &mut Conn, member: &str, epoch: i32) -> ConsumerGroupHeartbeatResponse {

@@ -786,3 +786,51 @@ fn empty_consumer_groups_without_offsets_are_deleted() {
     assert_eq!(describe(&mut c, "gone").error_code, GROUP_ID_NOT_FOUND);
     assert_eq!(fetch(&mut c, "kept", None, "e", 1), (0, vec![3]));
 }
+
+/// A member that does not revoke its partitions within its rebalance timeout is fenced, and
+/// the member waiting for them gets them.
+#[test]
+fn a_member_that_does_not_revoke_in_its_rebalance_timeout_is_fenced() {
+    let (b, _conf) = broker("");
+    admin::create(&b, "rt", 2, 1, &[]).unwrap();
+    let mut c = Conn::new(&b.bootstrap());
+    let r: ConsumerGroupHeartbeatResponse = c.call(
+        ApiKey::ConsumerGroupHeartbeat,
+        0,
+        &ConsumerGroupHeartbeatRequest::default()
+            .with_group_id(GroupId(s("rtg")))
+            .with_member_epoch(0)
+            .with_rebalance_timeout_ms(1_000)
+            .with_subscribed_topic_names(Some(vec![TopicName(s("rt"))]))
+            .with_topic_partitions(Some(vec![])),
+    );
+    assert_eq!((r.error_code, r.member_epoch), (0, 1));
+    let slow = r.member_id.unwrap().to_string();
+    let all = owned(&r.assignment).unwrap();
+    let r = join(&mut c, "rtg", &["rt"]);
+    let quick = r.member_id.unwrap().to_string();
+    // The slow member is asked to revoke one partition and never confirms.
+    let r = heartbeat(&mut c, "rtg", &slow, 1, None, None, Some(&all));
+    assert_eq!((r.error_code, r.member_epoch), (0, 1));
+    assert_eq!(count(&owned(&r.assignment).unwrap()), 1);
+    let started = Instant::now();
+    let mut got = Owned::new();
+    let mut epoch = 2;
+    while count(&got) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(15), "never fenced");
+        std::thread::sleep(Duration::from_millis(200));
+        let r = heartbeat(&mut c, "rtg", &quick, epoch, None, None, Some(&got));
+        assert_eq!(r.error_code, 0);
+        epoch = r.member_epoch;
+        if let Some(o) = owned(&r.assignment) {
+            got = o;
+        }
+    }
+    println!("fenced and reassigned after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    let r = heartbeat(&mut c, "rtg", &slow, 1, None, None, Some(&all));
+    assert_eq!(r.error_code, UNKNOWN_MEMBER_ID);
+    assert!(b
+        .log()
+        .contains("did not revoke its partitions in its rebalance timeout"));
+}

@@ -756,6 +756,21 @@ impl Config {
                 CONFIG_TYPE_INT,
             ),
             (
+                "group.consumer.heartbeat.interval.ms",
+                self.group.consumer_heartbeat_interval_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "group.consumer.session.timeout.ms",
+                self.group.consumer_session_timeout_ms.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
+                "group.consumer.max.size",
+                self.group.consumer_max_size.to_string(),
+                CONFIG_TYPE_INT,
+            ),
+            (
                 "broker.session.timeout.ms",
                 c.session_timeout_ms.to_string(),
                 CONFIG_TYPE_INT,
@@ -1036,6 +1051,18 @@ impl Config {
             }
             "group.initial.rebalance.delay.ms" => {
                 self.group.initial_rebalance_delay_ms = parse_i64_min(v, 0)? as u64
+            }
+            "group.consumer.heartbeat.interval.ms" => {
+                self.group.consumer_heartbeat_interval_ms =
+                    parse_i64_min(v, 1)?.min(i32::MAX as i64) as i32
+            }
+            "group.consumer.session.timeout.ms" => {
+                self.group.consumer_session_timeout_ms =
+                    parse_i64_min(v, 1)?.min(i32::MAX as i64) as i32
+            }
+            "group.consumer.max.size" => {
+                self.group.consumer_max_size =
+                    parse_i64_min(v, 1)?.min(crate::group::MEMBERS_PER_GROUP_MAX as i64) as usize
             }
             "offsets.retention.minutes" => {
                 self.group.offsets_retention_ms = parse_i64_min(v, 1)?.saturating_mul(60_000)

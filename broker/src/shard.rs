@@ -687,8 +687,14 @@ impl Shard {
                 .values()
                 .map(|g| crate::metrics::GroupSample {
                     group: g.id.clone(),
-                    state: g.state.name(),
-                    members: g.members.len(),
+                    state: g
+                        .consumer
+                        .as_ref()
+                        .map_or(g.state.name(), |c| c.state_name()),
+                    members: g
+                        .consumer
+                        .as_ref()
+                        .map_or(g.members.len(), |c| c.members.len()),
                     offsets: g
                         .offsets
                         .iter()

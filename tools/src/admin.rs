@@ -36,6 +36,8 @@ pub struct GroupDescription {
     pub state: String,
     pub protocol: String,
     pub members: Vec<(String, String, String)>,
+    /// Who owns each assigned partition: (member id, client host, client id).
+    pub owners: BTreeMap<TopicPartition, (String, String, String)>,
 }
 
 /// Kafka's ConfigResource types.
@@ -349,7 +351,46 @@ impl Admin {
             g.error_message.as_ref(),
             &format!("describing group {group}"),
         )?;
+        if g.group_state.as_str() == "Dead" {
+            // A KIP-848 consumer-protocol group is described by ConsumerGroupDescribe.
+            if let Some(v) = crate::consumer::describe_consumer_group(&mut self.conn, group)? {
+                let mut owners = BTreeMap::new();
+                for (id, client, host, tps) in &v.members {
+                    for tp in tps {
+                        owners.insert(tp.clone(), (id.clone(), host.clone(), client.clone()));
+                    }
+                }
+                return Ok(GroupDescription {
+                    state: v.state,
+                    protocol: v.assignor,
+                    members: v
+                        .members
+                        .into_iter()
+                        .map(|(id, client, host, _)| (id, client, host))
+                        .collect(),
+                    owners,
+                });
+            }
+        }
+        let mut owners = BTreeMap::new();
+        if g.protocol_type.as_str() == "consumer" {
+            for m in &g.members {
+                for tp in crate::consumer::decode_assignment(m.member_assignment.clone())
+                    .unwrap_or_default()
+                {
+                    owners.insert(
+                        tp,
+                        (
+                            m.member_id.to_string(),
+                            m.client_host.to_string(),
+                            m.client_id.to_string(),
+                        ),
+                    );
+                }
+            }
+        }
         Ok(GroupDescription {
+            owners,
             state: g.group_state.to_string(),
             protocol: g.protocol_data.to_string(),
             members: g

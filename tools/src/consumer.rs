@@ -763,6 +763,58 @@ pub(crate) fn decode_assignment(mut b: Bytes) -> Result<Vec<TopicPartition>> {
         .collect())
 }
 
+/// A KIP-848 consumer-protocol group as ConsumerGroupDescribe reports it.
+pub struct ConsumerGroupView {
+    pub state: String,
+    pub assignor: String,
+    pub epoch: i32,
+    /// (member id, client id, client host, assigned partitions).
+    pub members: Vec<(String, String, String, Vec<TopicPartition>)>,
+}
+
+/// ConsumerGroupDescribe of `group`: None when it is not a consumer-protocol group (DescribeGroups
+/// calls such a group Dead, as Kafka does) or the broker lacks the API.
+pub(crate) fn describe_consumer_group(
+    conn: &mut Conn,
+    group: &str,
+) -> Result<Option<ConsumerGroupView>> {
+    let req = ConsumerGroupDescribeRequest::default()
+        .with_group_ids(vec![GroupId(StrBytes::from_string(group.to_string()))]);
+    let Ok((r, _)) =
+        conn.call::<_, ConsumerGroupDescribeResponse>(ApiKey::ConsumerGroupDescribe, 0, &req)
+    else {
+        return Ok(None);
+    };
+    let Some(g) = r.groups.first().filter(|g| g.error_code == 0) else {
+        return Ok(None);
+    };
+    Ok(Some(ConsumerGroupView {
+        state: g.group_state.to_string(),
+        assignor: g.assignor_name.to_string(),
+        epoch: g.group_epoch,
+        members: g
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.member_id.to_string(),
+                    m.client_id.to_string(),
+                    m.client_host.to_string(),
+                    m.assignment
+                        .topic_partitions
+                        .iter()
+                        .flat_map(|t| {
+                            t.partitions
+                                .iter()
+                                .map(move |p| (t.topic_name.0.to_string(), *p))
+                        })
+                        .collect(),
+                )
+            })
+            .collect(),
+    }))
+}
+
 /// ListOffsets: -2 earliest, -1 latest, or a timestamp.
 pub fn list_offsets(
     conn: &mut Conn,

@@ -909,11 +909,16 @@ fn groups(a: GroupsArgs) -> Result<()> {
         if d.state == "Dead" && lag.is_empty() {
             bail!("consumer group {group} does not exist");
         }
-        println!("GROUP\tTOPIC\tPARTITION\tCURRENT-OFFSET\tLOG-END-OFFSET\tLAG\tSTATE");
+        println!("GROUP\tTOPIC\tPARTITION\tCURRENT-OFFSET\tLOG-END-OFFSET\tLAG\tSTATE\tCONSUMER-ID\tHOST\tCLIENT-ID");
         for l in lag {
             let show = |v: Option<i64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+            let none = ("-".to_string(), "-".to_string(), "-".to_string());
+            let (member, host, client) = d
+                .owners
+                .get(&(l.topic.clone(), l.partition))
+                .unwrap_or(&none);
             println!(
-                "{group}\t{}\t{}\t{}\t{}\t{}\t{}",
+                "{group}\t{}\t{}\t{}\t{}\t{}\t{}\t{member}\t{host}\t{client}",
                 l.topic,
                 l.partition,
                 show(l.committed),

@@ -11,6 +11,7 @@
 //! vote), hands the leader every member's metadata, and hands each member the assignment the
 //! leader chose, so eager and cooperative assignors both work.
 
+pub mod consumer;
 pub mod records;
 
 use std::cell::RefCell;
@@ -115,6 +116,9 @@ pub struct Group {
     /// `__consumer_offsets`: until it is, a restart would bring the departed members back
     /// (Stable), and the next member would wait a whole session timeout for them.
     empty_unpersisted: bool,
+    /// Set for a group of the KIP-848 consumer protocol (its members, epochs and assignments);
+    /// such a group has no classic members.
+    pub consumer: Option<Box<consumer::ConsumerGroup>>,
 }
 
 impl Group {
@@ -138,6 +142,7 @@ impl Group {
             state_timestamp: now_ms(),
             partition,
             empty_unpersisted: false,
+            consumer: None,
         }
     }
 
@@ -158,7 +163,12 @@ impl Group {
     /// The group-metadata record of the now-Empty group if it still has to be written (and
     /// marks it written; `unpersisted_again` undoes that when the write fails).
     fn take_empty_record(&mut self) -> Option<OffsetsRecord> {
-        if !std::mem::take(&mut self.empty_unpersisted) || self.state != State::Empty {
+        // A group that became a consumer-protocol group meanwhile writes its own records: a
+        // classic record after them would turn it back into a classic group on replay.
+        if !std::mem::take(&mut self.empty_unpersisted)
+            || self.state != State::Empty
+            || self.consumer.is_some()
+        {
             return None;
         }
         Some((
@@ -276,6 +286,12 @@ pub struct GroupConfig {
     /// How often expired offsets are looked for (Kafka's offsets.retention.check.interval.ms).
     pub offsets_retention_check_ms: u64,
     pub offset_metadata_bytes_max: usize,
+    /// `group.consumer.heartbeat.interval.ms` (KIP-848 groups).
+    pub consumer_heartbeat_interval_ms: i32,
+    /// `group.consumer.session.timeout.ms` (KIP-848 groups).
+    pub consumer_session_timeout_ms: i32,
+    /// `group.consumer.max.size`: members per KIP-848 group (at most MEMBERS_PER_GROUP_MAX).
+    pub consumer_max_size: usize,
 }
 
 impl Default for GroupConfig {
@@ -289,6 +305,9 @@ impl Default for GroupConfig {
             offsets_retention_ms: 7 * 24 * 3600 * 1000,
             offsets_retention_check_ms: 600_000,
             offset_metadata_bytes_max: 4096,
+            consumer_heartbeat_interval_ms: 5_000,
+            consumer_session_timeout_ms: 45_000,
+            consumer_max_size: MEMBERS_PER_GROUP_MAX,
         }
     }
 }
@@ -451,10 +470,14 @@ pub fn has_pending_txn_offset(s: &Shard, group: &str, topic: &str, partition: i3
 }
 
 fn apply_record(s: &Rc<Shard>, partition: i32, key: Option<Bytes>, value: Option<Bytes>) {
+    let mut groups = s.groups.groups.borrow_mut();
+    if let Some(k) = key.as_ref().filter(|k| consumer::is_consumer_key(k)) {
+        consumer::apply_record(&mut groups, partition, k.clone(), value);
+        return;
+    }
     let Some(key) = key.and_then(records::decode_key) else {
         return;
     };
-    let mut groups = s.groups.groups.borrow_mut();
     match key {
         Key::Offset {
             group,
@@ -479,6 +502,8 @@ fn apply_record(s: &Rc<Shard>, partition: i32, key: Option<Bytes>, value: Option
                 let g = groups
                     .entry(group.clone())
                     .or_insert_with(|| Group::new(&group, partition));
+                // A classic group record after consumer-protocol records: the group changed type.
+                g.consumer = None;
                 g.protocol_type = (!v.protocol_type.is_empty()).then_some(v.protocol_type);
                 g.generation = v.generation;
                 g.protocol = v.protocol.clone();
@@ -520,7 +545,7 @@ fn apply_record(s: &Rc<Shard>, partition: i32, key: Option<Bytes>, value: Option
                 g.set_state(st);
             }
             None => {
-                if let Some(g) = groups.get_mut(&group) {
+                if let Some(g) = groups.get_mut(&group).filter(|g| g.consumer.is_none()) {
                     g.members.clear();
                     g.static_members.clear();
                     g.set_state(State::Empty);
@@ -710,6 +735,17 @@ impl Shard {
             let g = groups.get_mut(&a.group).expect("inserted above");
             if g.state == State::Dead {
                 return join_error(COORDINATOR_NOT_AVAILABLE, &a.member_id);
+            }
+            if let Some(cg) = &g.consumer {
+                if !cg.members.is_empty() {
+                    // Kafka would let a classic member join a consumer group (online
+                    // migration); Weir does not.
+                    return join_error(INCONSISTENT_GROUP_PROTOCOL, &a.member_id);
+                }
+                // An empty consumer group becomes a classic group; its group record written
+                // at the end of this rebalance supersedes the consumer records on replay.
+                g.consumer = None;
+                g.protocol_type = None;
             }
             if !g.supports(&a.protocol_type, &a.protocols) {
                 return join_error(INCONSISTENT_GROUP_PROTOCOL, &a.member_id);
@@ -1105,8 +1141,12 @@ impl Shard {
         instance_id: Option<&str>,
         generation: i32,
         partition: i32,
+        version: i16,
     ) -> Result<(), i16> {
         let mut groups = self.groups.groups.borrow_mut();
+        if let Some(cg) = groups.get(group).and_then(|g| g.consumer.as_deref()) {
+            return consumer::check_commit(cg, member_id, generation, version);
+        }
         if !groups.contains_key(group) {
             if generation >= 0 {
                 return Err(ILLEGAL_GENERATION);
@@ -1202,6 +1242,7 @@ impl Shard {
                     }
                 }
             }
+            self.consumer_group_tick().await;
             let failed = self.persist_empty_groups().await;
             if failed > 0 && now.duration_since(last_warn) >= EMPTY_RETRY_WARN_EVERY {
                 last_warn = now;
@@ -1256,7 +1297,9 @@ impl Shard {
         {
             let mut groups = self.groups.groups.borrow_mut();
             for g in groups.values_mut() {
-                if g.state != State::Empty {
+                if g.state != State::Empty
+                    || g.consumer.as_ref().is_some_and(|c| !c.members.is_empty())
+                {
                     continue;
                 }
                 let old: Vec<(String, i32)> = g
@@ -1273,8 +1316,22 @@ impl Shard {
                         .push((records::offset_key(&g.id, &t, p), None));
                 }
             }
+            // As Kafka: a consumer-protocol group without members and offsets is deleted.
+            for g in groups.values().filter(|g| {
+                g.offsets.is_empty() && g.consumer.as_ref().is_some_and(|c| c.members.is_empty())
+            }) {
+                let cg = g.consumer.as_ref().expect("filtered");
+                by_partition
+                    .entry(g.partition)
+                    .or_default()
+                    .extend(consumer::delete_records(&g.id, cg));
+            }
+            groups.retain(|_, g| {
+                !(g.offsets.is_empty() && g.consumer.as_ref().is_some_and(|c| c.members.is_empty()))
+            });
             groups.retain(|_, g| {
                 !(g.state == State::Empty
+                    && g.consumer.is_none()
                     && g.offsets.is_empty()
                     && g.members.is_empty()
                     && g.generation == 0)

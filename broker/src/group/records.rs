@@ -57,13 +57,13 @@ pub enum Key {
     },
 }
 
-fn put_str(b: &mut BytesMut, s: &str) {
+pub(super) fn put_str(b: &mut BytesMut, s: &str) {
     let s = &s.as_bytes()[..s.len().min(i16::MAX as usize)];
     b.put_i16(s.len() as i16);
     b.put_slice(s);
 }
 
-fn put_opt_str(b: &mut BytesMut, s: Option<&str>) {
+pub(super) fn put_opt_str(b: &mut BytesMut, s: Option<&str>) {
     match s {
         Some(s) => put_str(b, s),
         None => b.put_i16(-1),
@@ -124,22 +124,22 @@ pub fn group_value(v: &GroupValue) -> Bytes {
 }
 
 /// A bounds-checked reader: every length is checked against what is left before use.
-struct R(Bytes);
+pub(super) struct R(pub(super) Bytes);
 
 impl R {
-    fn i16(&mut self) -> Option<i16> {
+    pub(super) fn i16(&mut self) -> Option<i16> {
         (self.0.remaining() >= 2).then(|| self.0.get_i16())
     }
-    fn i32(&mut self) -> Option<i32> {
+    pub(super) fn i32(&mut self) -> Option<i32> {
         (self.0.remaining() >= 4).then(|| self.0.get_i32())
     }
-    fn i64(&mut self) -> Option<i64> {
+    pub(super) fn i64(&mut self) -> Option<i64> {
         (self.0.remaining() >= 8).then(|| self.0.get_i64())
     }
-    fn take(&mut self, n: usize) -> Option<Bytes> {
+    pub(super) fn take(&mut self, n: usize) -> Option<Bytes> {
         (self.0.remaining() >= n).then(|| self.0.split_to(n))
     }
-    fn opt_str(&mut self) -> Option<Option<String>> {
+    pub(super) fn opt_str(&mut self) -> Option<Option<String>> {
         let n = self.i16()?;
         if n < 0 {
             return Some(None);
@@ -147,7 +147,7 @@ impl R {
         let b = self.take(n as usize)?;
         String::from_utf8(b.to_vec()).ok().map(Some)
     }
-    fn str(&mut self) -> Option<String> {
+    pub(super) fn str(&mut self) -> Option<String> {
         self.opt_str()?
     }
     fn bytes(&mut self) -> Option<Bytes> {

@@ -55,7 +55,7 @@ fn coordinator_node(s: &Shard, group: &str) -> Result<(i32, String, i32), i16> {
 }
 
 /// Runs `f` for `group` on its coordinator shard, or answers `on_error(code)`.
-async fn on_coordinator<R: Send + 'static>(
+pub(super) async fn on_coordinator<R: Send + 'static>(
     group: &str,
     on_error: impl FnOnce(i16) -> R,
     f: impl FnOnce(Rc<Shard>, i32) -> futures::future::LocalBoxFuture<'static, R> + Send + 'static,
@@ -328,7 +328,14 @@ pub async fn handle_offset_commit(frame: RequestFrame) -> Result<Response, Strin
     let generation = req.generation_id_or_member_epoch;
     let codes: Result<Vec<Vec<i16>>, i16> = on_coordinator(&group, Err, move |s, partition| {
         async move {
-            s.group_commit_check(&g2, &member, instance.as_deref(), generation, partition)?;
+            s.group_commit_check(
+                &g2,
+                &member,
+                instance.as_deref(),
+                generation,
+                partition,
+                version,
+            )?;
             let max = s.config.group.offset_metadata_bytes_max;
             let now = now_ms();
             let mut recs = Vec::new();
@@ -510,12 +517,19 @@ async fn fetch_offsets(
     group: String,
     topics: Option<Vec<(String, Vec<i32>)>>,
     require_stable: bool,
+    member: Option<(String, i32)>,
 ) -> Result<(Committed, Unstable), i16> {
     let g2 = group.clone();
     on_coordinator(&group, Err, move |s, _| {
         async move {
             let groups = s.groups.groups.borrow();
             let g = groups.get(&g2);
+            // OffsetFetch v9 from a member of a consumer-protocol group: its epoch must be
+            // current.
+            if let (Some((mid, epoch)), Some(cg)) = (&member, g.and_then(|g| g.consumer.as_deref()))
+            {
+                group::consumer::check_member_epoch(cg, mid, *epoch)?;
+            }
             let unstable: Unstable = match g {
                 Some(g) if require_stable => g
                     .pending_txn
@@ -581,7 +595,15 @@ pub async fn handle_offset_fetch(frame: RequestFrame) -> Result<Response, String
                     .map(|t| (t.name.0.to_string(), t.partition_indexes.clone()))
                     .collect()
             });
-            let r = fetch_offsets(g.group_id.0.to_string(), topics, req.require_stable).await;
+            let member = if version >= 9 {
+                g.member_id
+                    .as_ref()
+                    .map(|m| (m.to_string(), g.member_epoch))
+            } else {
+                None
+            };
+            let r =
+                fetch_offsets(g.group_id.0.to_string(), topics, req.require_stable, member).await;
             let mut out = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
             match r {
                 Err(code) => out.error_code = code,
@@ -631,7 +653,7 @@ pub async fn handle_offset_fetch(frame: RequestFrame) -> Result<Response, String
             .collect::<Vec<_>>()
     });
     let stable = version >= 7 && req.require_stable;
-    let r = fetch_offsets(req.group_id.0.to_string(), topics.clone(), stable).await;
+    let r = fetch_offsets(req.group_id.0.to_string(), topics.clone(), stable, None).await;
     let mut resp = OffsetFetchResponse::default();
     match r {
         Ok((rows, unstable)) => {
@@ -702,6 +724,11 @@ pub async fn handle_list_groups(frame: RequestFrame) -> Result<Response, String>
     } else {
         HashSet::new()
     };
+    let types: HashSet<String> = if version >= 5 {
+        req.types_filter.iter().map(|x| x.to_lowercase()).collect()
+    } else {
+        HashSet::new()
+    };
     let mut groups = Vec::new();
     for target in 0..s.count {
         let listed = s
@@ -712,12 +739,19 @@ pub async fn handle_list_groups(frame: RequestFrame) -> Result<Response, String>
                         .borrow()
                         .values()
                         .filter(|g| g.state != State::Dead)
-                        .map(|g| {
-                            (
+                        .map(|g| match &g.consumer {
+                            Some(cg) => (
+                                g.id.clone(),
+                                "consumer".to_string(),
+                                cg.state_name().to_string(),
+                                "consumer",
+                            ),
+                            None => (
                                 g.id.clone(),
                                 g.protocol_type.clone().unwrap_or_default(),
                                 g.state.name().to_string(),
-                            )
+                                "classic",
+                            ),
                         })
                         .collect::<Vec<_>>()
                 }
@@ -725,8 +759,11 @@ pub async fn handle_list_groups(frame: RequestFrame) -> Result<Response, String>
             })
             .await
             .unwrap_or_default();
-        for (id, ptype, state) in listed {
+        for (id, ptype, state, gtype) in listed {
             if !filter.is_empty() && !filter.contains(&state.to_lowercase()) {
+                continue;
+            }
+            if !types.is_empty() && !types.contains(gtype) {
                 continue;
             }
             let mut g = ListedGroup::default()
@@ -734,6 +771,9 @@ pub async fn handle_list_groups(frame: RequestFrame) -> Result<Response, String>
                 .with_protocol_type(sb(ptype));
             if version >= 4 {
                 g.group_state = sb(state);
+            }
+            if version >= 5 {
+                g.group_type = sb(gtype);
             }
             groups.push(g);
         }
@@ -755,7 +795,9 @@ pub async fn handle_describe_groups(frame: RequestFrame) -> Result<Response, Str
         let r = on_coordinator(&id, Err, move |s, _| {
             async move {
                 let groups = s.groups.groups.borrow();
-                Ok(groups.get(&i2).map(|g| {
+                // As Kafka: DescribeGroups knows classic groups only; a consumer-protocol
+                // group is described by ConsumerGroupDescribe.
+                Ok(groups.get(&i2).filter(|g| g.consumer.is_none()).map(|g| {
                     let protocol = g.protocol.clone().unwrap_or_default();
                     let members: Vec<_> = g
                         .members
@@ -847,7 +889,9 @@ pub async fn handle_delete_groups(frame: RequestFrame) -> Result<Response, Strin
                         let Some(g) = groups.get(&i2) else {
                             return GROUP_ID_NOT_FOUND;
                         };
-                        if !g.members.is_empty() {
+                        if !g.members.is_empty()
+                            || g.consumer.as_ref().is_some_and(|c| !c.members.is_empty())
+                        {
                             return NON_EMPTY_GROUP;
                         }
                         let mut recs: Vec<group::OffsetsRecord> = g
@@ -855,7 +899,10 @@ pub async fn handle_delete_groups(frame: RequestFrame) -> Result<Response, Strin
                             .keys()
                             .map(|(t, p)| (records::offset_key(&i2, t, *p), None))
                             .collect();
-                        recs.push((records::group_key(&i2), None));
+                        match &g.consumer {
+                            Some(cg) => recs.extend(group::consumer::delete_records(&i2, cg)),
+                            None => recs.push((records::group_key(&i2), None)),
+                        }
                         groups.remove(&i2);
                         recs
                     };
@@ -885,6 +932,14 @@ pub async fn handle_delete_groups(frame: RequestFrame) -> Result<Response, Strin
 fn subscribed_topics(g: &group::Group) -> HashSet<String> {
     use kafka_protocol::protocol::Decodable;
     let mut out = HashSet::new();
+    if let Some(cg) = &g.consumer {
+        out.extend(
+            cg.members
+                .values()
+                .flat_map(|m| m.subscribed.iter().cloned()),
+        );
+        return out;
+    }
     if g.protocol_type.as_deref() != Some("consumer") {
         return out;
     }
@@ -933,7 +988,7 @@ pub async fn handle_offset_delete(frame: RequestFrame) -> Result<Response, Strin
                     .map(|(t, ps)| {
                         ps.iter()
                             .map(|p| {
-                                if !g.members.is_empty() && subscribed.contains(t) {
+                                if !subscribed.is_empty() && subscribed.contains(t) {
                                     return GROUP_SUBSCRIBED_TO_TOPIC;
                                 }
                                 if g.offsets.remove(&(t.clone(), *p)).is_some() {

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod alter_configs;
+pub mod consumer_group;
 pub mod delete_records;
 pub mod elect_leaders;
 pub mod errors;
@@ -73,6 +74,8 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::DescribeGroups => ready(groups::handle_describe_groups(frame).await),
         ApiKey::DeleteGroups => ready(groups::handle_delete_groups(frame).await),
         ApiKey::OffsetDelete => ready(groups::handle_offset_delete(frame).await),
+        ApiKey::ConsumerGroupHeartbeat => ready(consumer_group::handle_heartbeat(frame).await),
+        ApiKey::ConsumerGroupDescribe => ready(consumer_group::handle_describe(frame).await),
         ApiKey::AddPartitionsToTxn => ready(txn::handle_add_partitions(frame).await),
         ApiKey::AddOffsetsToTxn => ready(txn::handle_add_offsets(frame).await),
         ApiKey::EndTxn => ready(txn::handle_end_txn(frame).await),

@@ -47,6 +47,7 @@ top_level!(
     AddOffsetsToTxnResponse,
     EndTxnResponse,
     ListTransactionsResponse,
+    ConsumerGroupHeartbeatResponse,
 );
 
 nested!(
@@ -67,6 +68,7 @@ nested!(
         .chain(r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code)))
         .chain(r.groups.iter().map(|g| g.error_code)),
     DescribeGroupsResponse => |r| r.groups.iter().map(|g| g.error_code),
+    ConsumerGroupDescribeResponse => |r| r.groups.iter().map(|g| g.error_code),
     DeleteGroupsResponse => |r| r.results.iter().map(|g| g.error_code),
     DeleteRecordsResponse => |r| r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
     ElectLeadersResponse => |r| std::iter::once(r.error_code)

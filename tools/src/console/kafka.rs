@@ -125,6 +125,26 @@ pub fn describe_group(coord: &mut Conn, group: &str) -> Result<Group> {
     if g.error_code != 0 {
         bail!("describing group {group}: {}", error_name(g.error_code));
     }
+    if g.group_state.as_str() == "Dead" {
+        // A KIP-848 consumer-protocol group is described by ConsumerGroupDescribe.
+        if let Some(v) = crate::consumer::describe_consumer_group(coord, group)? {
+            return Ok(Group {
+                state: v.state,
+                protocol_type: "consumer".to_string(),
+                protocol: v.assignor,
+                members: v
+                    .members
+                    .into_iter()
+                    .map(|(member_id, client_id, host, assignment)| Member {
+                        member_id,
+                        client_id,
+                        host,
+                        assignment,
+                    })
+                    .collect(),
+            });
+        }
+    }
     let consumer = g.protocol_type.as_str() == "consumer";
     Ok(Group {
         state: g.group_state.to_string(),

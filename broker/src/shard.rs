@@ -347,7 +347,8 @@ impl Shard {
         let s = Rc::new(Shard {
             id,
             count,
-            cache: RefCell::new(ShardCache::new(config.cache_bytes)),
+            // `--cache-bytes` is the broker's whole cache: each shard keeps its share.
+            cache: RefCell::new(ShardCache::new(config.cache_bytes / count.max(1))),
             config,
             cluster_id,
             image: RefCell::new(image),

@@ -22,6 +22,7 @@ pub mod metadata;
 pub mod outcome;
 pub mod produce;
 pub mod reassign;
+pub mod topics;
 pub mod txn;
 
 use bytes::Bytes;

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod alter_configs;
 pub mod delete_records;
+pub mod describe_topic_partitions;
 pub mod elect_leaders;
 pub mod errors;
 pub mod fetch;
@@ -47,6 +48,7 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::ListOffsets => ready(list_offsets::handle(frame).await),
         ApiKey::DeleteRecords => ready(delete_records::handle(frame).await),
         ApiKey::Metadata => ready(metadata::handle_metadata(frame).await),
+        ApiKey::DescribeTopicPartitions => ready(describe_topic_partitions::handle(frame)),
         ApiKey::ApiVersions => ready(metadata::handle_api_versions(frame)),
         ApiKey::DescribeCluster => ready(metadata::handle_describe_cluster(frame)),
         ApiKey::CreateTopics => ready(admin::handle_create_topics(frame).await),

@@ -9,16 +9,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::describe_topic_partitions_request::{Cursor, TopicRequest};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, DescribeTopicPartitionsRequest,
-    DescribeTopicPartitionsResponse, FetchRequest, FetchResponse, ListOffsetsRequest,
-    ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
-    TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreatePartitionsRequest,
+    CreatePartitionsResponse, DescribeClusterRequest, DescribeClusterResponse,
+    DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse, FetchRequest, FetchResponse,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression, RecordBatchDecoder};
@@ -478,6 +480,47 @@ fn leader_discovery_from_a_broker_that_does_not_lead() {
     assert_eq!(parts(&r), vec![(id, 0, 0, 3, 3)]);
 }
 
+/// The smaller version bumps of Kafka 3.9: DescribeCluster v1 (KIP-919 endpoint types: a
+/// broker answers for brokers, MISMATCHED_ENDPOINT_TYPE for controllers,
+/// UNSUPPORTED_ENDPOINT_TYPE otherwise) and CreatePartitions v3 (v2 plus a quota error Weir
+/// never gives).
+#[test]
+fn describe_cluster_v1_and_create_partitions_v3() {
+    let b = Broker::start(1);
+    let mut c = Conn::new(&b.bootstrap());
+    let describe = |c: &mut Conn, endpoint_type: i8| -> DescribeClusterResponse {
+        c.call(
+            ApiKey::DescribeCluster,
+            1,
+            &DescribeClusterRequest::default()
+                .with_endpoint_type(endpoint_type)
+                .with_include_cluster_authorized_operations(true),
+        )
+    };
+    let r = describe(&mut c, 1);
+    assert_eq!((r.error_code, r.endpoint_type, r.brokers.len()), (0, 1, 1));
+    assert_ne!(r.cluster_authorized_operations, i32::MIN, "asked for");
+    assert_eq!(describe(&mut c, 2).error_code, 114);
+    assert_eq!(describe(&mut c, 7).error_code, 115);
+
+    admin::create(&b, "grow", 1, 1, &[]).unwrap();
+    let req = CreatePartitionsRequest::default()
+        .with_timeout_ms(30_000)
+        .with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(name("grow"))
+            .with_count(3)]);
+    let r: CreatePartitionsResponse = c.call(ApiKey::CreatePartitions, 3, &req);
+    assert_eq!(r.results[0].error_code, 0);
+    assert!(eventually(Duration::from_secs(10), || metadata(
+        &mut c,
+        &["grow"]
+    )
+    .topics[0]
+        .partitions
+        .len()
+        == 3));
+}
+
 const PY_39: &str = r#"
 import sys
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -521,7 +564,8 @@ print("GOT", len(got), flush=True)
 fn kafka_python_sees_kafka_3_9() {
     let b = Broker::start(2);
     let mut c = Conn::new(&b.bootstrap());
-    let v: ApiVersionsResponse = c.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    let v: ApiVersionsResponse = c.call(ApiKey::ApiVersions, 4, &ApiVersionsRequest::default());
+    assert_eq!(v.error_code, 0);
     let max = |k: ApiKey| {
         v.api_keys
             .iter()
@@ -533,6 +577,7 @@ fn kafka_python_sees_kafka_3_9() {
     assert_eq!(max(ApiKey::ListOffsets), Some(9));
     assert_eq!(max(ApiKey::Metadata), Some(12));
     assert_eq!(max(ApiKey::DescribeTopicPartitions), Some(0));
+    assert_eq!(max(ApiKey::ApiVersions), Some(4));
 
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("kafka39.py");

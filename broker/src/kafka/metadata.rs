@@ -1,4 +1,6 @@
-//! Metadata v1-12, ApiVersions v0-3 and DescribeCluster v0. Authorized operations (Metadata
+//! Metadata v1-12, ApiVersions v0-4 (v4 only lets SupportedFeatures start at version 0, and
+//! Weir lists no features) and DescribeCluster v0-1 (v1: KIP-919 endpoint types; a broker
+//! answers for brokers only). Authorized operations (Metadata
 //! v8+, DescribeCluster) are answered as Kafka without an authorizer does: all of them, when
 //! asked for.
 
@@ -18,6 +20,12 @@ use super::{decode, respond, Response};
 use crate::cluster::metadata::{validate_topic_name, Image, TopicMeta};
 use crate::protocol::{encode_response, versions, OutBuf, RequestFrame};
 use crate::shard::shard;
+
+/// DescribeCluster v1 endpoint types (KIP-919).
+const ENDPOINT_TYPE_BROKER: i8 = 1;
+const ENDPOINT_TYPE_CONTROLLER: i8 = 2;
+const MISMATCHED_ENDPOINT_TYPE: i16 = 114;
+const UNSUPPORTED_ENDPOINT_TYPE: i16 = 115;
 
 /// Kafka's "authorized operations not requested" marker.
 const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
@@ -230,9 +238,36 @@ fn lookup(
 
 pub fn handle_describe_cluster(frame: RequestFrame) -> Result<Response, String> {
     let req: DescribeClusterRequest = decode(&frame)?;
+    // KIP-919 (v1): a broker answers for brokers (endpoint type 1) only; v0 requests always
+    // carry 1.
+    if req.endpoint_type != ENDPOINT_TYPE_BROKER {
+        let (code, message) = if req.endpoint_type == ENDPOINT_TYPE_CONTROLLER {
+            (
+                MISMATCHED_ENDPOINT_TYPE,
+                "The request was sent to an endpoint of type broker, but we wanted an endpoint of type controller".to_string(),
+            )
+        } else {
+            (
+                UNSUPPORTED_ENDPOINT_TYPE,
+                format!("Unsupported endpoint type {}", req.endpoint_type),
+            )
+        };
+        let code = if frame.api_version == 0 {
+            INVALID_REQUEST
+        } else {
+            code
+        };
+        let resp = DescribeClusterResponse::default()
+            .with_error_code(code)
+            .with_error_message(Some(StrBytes::from_string(message)))
+            .with_endpoint_type(ENDPOINT_TYPE_BROKER)
+            .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
+        return respond(&frame, OutBuf::new(), &resp);
+    }
     let s = shard();
     let image = s.image();
     let resp = DescribeClusterResponse::default()
+        .with_endpoint_type(ENDPOINT_TYPE_BROKER)
         .with_cluster_id(StrBytes::from_string(s.cluster_id.to_string()))
         .with_controller_id(BrokerId(image.controller_id))
         .with_brokers(

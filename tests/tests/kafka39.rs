@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::describe_topic_partitions_request::{Cursor, TopicRequest};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
@@ -17,7 +19,8 @@ use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreatePartitionsRequest,
-    CreatePartitionsResponse, DescribeClusterRequest, DescribeClusterResponse,
+    CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
+    DeleteTopicsResponse, DescribeClusterRequest, DescribeClusterResponse,
     DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse, FetchRequest, FetchResponse,
     ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
     ProduceResponse, TopicName,
@@ -38,14 +41,16 @@ fn name(t: &str) -> TopicName {
     TopicName(StrBytes::from_string(t.to_string()))
 }
 
-/// Metadata v12 of `topics`.
+/// Metadata v12 of `topics` (never creating them).
 fn metadata(c: &mut Conn, topics: &[&str]) -> MetadataResponse {
-    let req = MetadataRequest::default().with_topics(Some(
-        topics
-            .iter()
-            .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
-            .collect(),
-    ));
+    let req = MetadataRequest::default()
+        .with_allow_auto_topic_creation(false)
+        .with_topics(Some(
+            topics
+                .iter()
+                .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
+                .collect(),
+        ));
     c.call(ApiKey::Metadata, 12, &req)
 }
 
@@ -519,6 +524,98 @@ fn describe_cluster_v1_and_create_partitions_v3() {
         .partitions
         .len()
         == 3));
+}
+
+/// CreateTopics v7 returns the new topic's id (the one Metadata gives); DeleteTopics v6 deletes
+/// by topic id or by name (answering with both), and refuses as Kafka: an unknown id
+/// (UNKNOWN_TOPIC_ID), a name and an id together, an id given twice (INVALID_REQUEST).
+#[test]
+fn create_topics_v7_and_delete_topics_v6_by_id() {
+    let b = Broker::start(1);
+    let mut c = Conn::new(&b.bootstrap());
+    let create = CreateTopicsRequest::default()
+        .with_timeout_ms(30_000)
+        .with_topics(
+            ["byid", "byname"]
+                .iter()
+                .map(|t| {
+                    CreatableTopic::default()
+                        .with_name(name(t))
+                        .with_num_partitions(2)
+                        .with_replication_factor(1)
+                })
+                .collect(),
+        );
+    let r: CreateTopicsResponse = c.call(ApiKey::CreateTopics, 7, &create);
+    assert!(r.topics.iter().all(|t| t.error_code == 0), "{r:?}");
+    let id = r.topics[0].topic_id;
+    assert!(!id.is_nil());
+    assert_eq!(topic_id(&mut c, "byid"), id);
+    let other = topic_id(&mut c, "byname");
+    assert_eq!(r.topics[1].topic_id, other);
+
+    let state = |n: Option<&str>, id: uuid::Uuid| {
+        DeleteTopicState::default()
+            .with_name(n.map(name))
+            .with_topic_id(id)
+    };
+    let unknown = uuid::Uuid::from_u128(0x5eed);
+    let req = DeleteTopicsRequest::default()
+        .with_timeout_ms(30_000)
+        .with_topics(vec![
+            state(None, unknown),
+            state(Some("byid"), id),
+            state(None, unknown),
+        ]);
+    let r: DeleteTopicsResponse = c.call(ApiKey::DeleteTopics, 6, &req);
+    let got: Vec<_> = r
+        .responses
+        .iter()
+        .map(|t| (t.topic_id, t.error_code))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (unknown, INVALID_REQUEST),
+            (id, INVALID_REQUEST),
+            (unknown, INVALID_REQUEST)
+        ],
+        "a duplicate id, a name with an id"
+    );
+    let req = DeleteTopicsRequest::default()
+        .with_timeout_ms(30_000)
+        .with_topics(vec![
+            state(None, unknown),
+            state(None, id),
+            state(Some("byname"), uuid::Uuid::nil()),
+        ]);
+    let r: DeleteTopicsResponse = c.call(ApiKey::DeleteTopics, 6, &req);
+    let got: Vec<_> = r
+        .responses
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_ref().map(|n| n.0.to_string()),
+                t.topic_id,
+                t.error_code,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (None, unknown, UNKNOWN_TOPIC_ID),
+            (Some("byid".into()), id, 0),
+            (Some("byname".into()), other, 0),
+        ]
+    );
+    assert!(r.responses[0].error_message.is_some());
+    assert!(eventually(Duration::from_secs(10), || {
+        metadata(&mut c, &["byid", "byname"])
+            .topics
+            .iter()
+            .all(|t| t.error_code == UNKNOWN_TOPIC_OR_PARTITION)
+    }));
 }
 
 const PY_39: &str = r#"

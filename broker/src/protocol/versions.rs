@@ -56,6 +56,53 @@ pub fn supported(key: ApiKey) -> Option<(i16, i16)> {
 mod tests {
     use super::*;
 
+    /// README's Supported APIs table names exactly what is advertised: rows like
+    /// `| A / B | 0-2 / 1 (notes) |`.
+    #[test]
+    fn the_readme_table_matches() {
+        let readme = include_str!("../../../README.md");
+        let table = readme
+            .split("## Supported APIs")
+            .nth(1)
+            .and_then(|t| t.split("\n## ").next())
+            .expect("README has the table");
+        let mut listed = Vec::new();
+        for row in table.lines().filter(|l| l.starts_with("| ")).skip(1) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let names = cells[0].trim_start_matches("| ").split(" / ");
+            let ranges = cells[1]
+                .split(" (")
+                .next()
+                .unwrap()
+                .trim_end_matches(" |")
+                .split(" / ");
+            let ranges: Vec<&str> = ranges.collect();
+            let names: Vec<&str> = names.collect();
+            // "0-3 each": one range for every name.
+            let each =
+                cells[1].starts_with(&format!("{} each", ranges[0].trim_end_matches(" each")));
+            for (i, name) in names.iter().enumerate() {
+                let r = if each {
+                    ranges[0].trim_end_matches(" each")
+                } else {
+                    ranges[i]
+                };
+                let (lo, hi) = match r.split_once('-') {
+                    Some((lo, hi)) => (lo.parse::<i16>().unwrap(), hi.parse::<i16>().unwrap()),
+                    None => (r.parse().unwrap(), r.parse().unwrap()),
+                };
+                listed.push((name.to_string(), lo, hi));
+            }
+        }
+        let mut advertised: Vec<(String, i16, i16)> = SUPPORTED
+            .iter()
+            .map(|&(k, lo, hi)| (format!("{k:?}"), lo, hi))
+            .collect();
+        listed.sort();
+        advertised.sort();
+        assert_eq!(listed, advertised);
+    }
+
     #[test]
     fn advertised_versions_are_within_what_the_codec_knows() {
         for &(k, lo, hi) in SUPPORTED {

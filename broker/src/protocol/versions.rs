@@ -1,5 +1,11 @@
 //! The APIs and versions Weir advertises in ApiVersions. Every version listed is implemented in
 //! full by its handler in `kafka/`.
+//!
+//! Versions that only let the broker answer TRANSACTION_ABORTABLE (KIP-890: Produce 11,
+//! FindCoordinator 5, InitProducerId 5, AddOffsetsToTxn 4, EndTxn 4, TxnOffsetCommit 4) are the
+//! same on the wire as the version before. Kafka 3.9 gives that error only when its
+//! broker-side transaction verification fails, which Weir does not do, so Weir answers them
+//! exactly as the older versions.
 
 use kafka_protocol::messages::ApiKey;
 
@@ -24,8 +30,8 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AlterPartitionReassignments, 0, 1),
     (ApiKey::ListPartitionReassignments, 0, 0),
     (ApiKey::UnregisterBroker, 0, 0),
-    (ApiKey::InitProducerId, 0, 4),
-    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::InitProducerId, 0, 5),
+    (ApiKey::FindCoordinator, 0, 5),
     (ApiKey::JoinGroup, 0, 7),
     (ApiKey::SyncGroup, 0, 5),
     (ApiKey::Heartbeat, 0, 4),
@@ -37,10 +43,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::AddPartitionsToTxn, 0, 3),
-    (ApiKey::AddOffsetsToTxn, 0, 3),
-    (ApiKey::EndTxn, 0, 3),
+    (ApiKey::AddOffsetsToTxn, 0, 4),
+    (ApiKey::EndTxn, 0, 4),
     (ApiKey::WriteTxnMarkers, 1, 1),
-    (ApiKey::TxnOffsetCommit, 0, 3),
+    (ApiKey::TxnOffsetCommit, 0, 4),
     (ApiKey::DescribeTransactions, 0, 0),
     (ApiKey::ListTransactions, 0, 1),
 ];

@@ -243,6 +243,34 @@ fn fetch_sessions_by_topic_id() {
     assert_eq!(parts(&r), vec![(id, 0, 0, 5, 1)]);
 }
 
+/// A topic deleted and created again under the same name has a new id: a session that holds
+/// the old id answers it UNKNOWN_TOPIC_ID (never the new topic's records), and the new id
+/// fetches the new topic in the same session.
+#[test]
+fn a_recreated_topic_is_a_new_id_in_a_session() {
+    let b = Broker::start(1);
+    admin::create(&b, "again", 1, 1, &[]).unwrap();
+    let mut c = Conn::new(&b.bootstrap());
+    assert_eq!(c.produce("again", 0, -1, -1, -1, 3).0, 0);
+    let old = topic_id(&mut c, "again");
+    let r = fetch(&mut c, 17, (0, 0), &[(old, &[(0, 3)])], &[], 0);
+    let sid = r.session_id;
+    assert_ne!(sid, 0);
+    assert_eq!(parts(&r), vec![(old, 0, 0, 3, 0)]);
+
+    admin::delete(&b, "again").unwrap();
+    admin::create(&b, "again", 1, 1, &[]).unwrap();
+    assert_eq!(c.produce("again", 0, -1, -1, -1, 5).0, 0);
+    let new = topic_id(&mut c, "again");
+    assert_ne!(new, old);
+    let r = fetch(&mut c, 17, (sid, 1), &[(new, &[(0, 0)])], &[], 0);
+    assert_eq!(r.error_code, 0);
+    assert_eq!(
+        parts(&r),
+        vec![(old, 0, UNKNOWN_TOPIC_ID, -1, 0), (new, 0, 0, 5, 5)]
+    );
+}
+
 /// ListOffsets v8 EARLIEST_LOCAL (-4) is the log start (no tiered storage); v9 LATEST_TIERED
 /// (-5) is offset -1 with leader epoch -1, as Kafka without tiering; each needs its version.
 #[test]

@@ -250,10 +250,10 @@ mod tests {
             }))
     }
 
-    /// (topic, first partition, partition count) of each topic, and the next cursor.
-    fn shape(
-        r: &DescribeTopicPartitionsResponse,
-    ) -> (Vec<(String, i16, i32, usize)>, Option<(String, i32)>) {
+    /// (topic, error, first partition, partition count) of each topic, and the next cursor.
+    type Shape = (Vec<(String, i16, i32, usize)>, Option<(String, i32)>);
+
+    fn shape(r: &DescribeTopicPartitionsResponse) -> Shape {
         (
             r.topics
                 .iter()

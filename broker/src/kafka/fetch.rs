@@ -456,7 +456,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         .with_responses(topics)
         .with_node_endpoints(
             endpoints
-                .into_iter()
+                .into_entries()
                 .map(|(id, (host, port, rack))| {
                     NodeEndpoint::default()
                         .with_node_id(id.into())

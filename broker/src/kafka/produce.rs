@@ -351,7 +351,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
             )
             .with_node_endpoints(
                 endpoints
-                    .into_iter()
+                    .into_entries()
                     .map(|(id, (host, port, rack))| {
                         NodeEndpoint::default()
                             .with_node_id(id.into())

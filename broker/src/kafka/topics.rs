@@ -72,7 +72,7 @@ impl NodeEndpoints {
         }
     }
 
-    pub fn into_iter(self) -> impl Iterator<Item = (i32, Endpoint)> {
+    pub fn into_entries(self) -> impl Iterator<Item = (i32, Endpoint)> {
         self.0.into_iter()
     }
 }
@@ -145,6 +145,6 @@ mod tests {
         e.add(2, Some(("h".into(), 9002, None)));
         e.add(2, Some(("h".into(), 9002, None)));
         e.add(3, None);
-        assert_eq!(e.into_iter().count(), 1);
+        assert_eq!(e.into_entries().count(), 1);
     }
 }

@@ -16,14 +16,18 @@ use kafka_protocol::messages::describe_topic_partitions_request::{Cursor, TopicR
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ForgottenTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+use kafka_protocol::messages::offset_for_leader_epoch_request::{
+    OffsetForLeaderPartition, OffsetForLeaderTopic,
+};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreatePartitionsRequest,
     CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
     DeleteTopicsResponse, DescribeClusterRequest, DescribeClusterResponse,
     DescribeTopicPartitionsRequest, DescribeTopicPartitionsResponse, FetchRequest, FetchResponse,
-    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
-    ProduceResponse, TopicName,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
+    OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ProduceRequest, ProduceResponse,
+    TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression, RecordBatchDecoder};
@@ -241,6 +245,95 @@ fn fetch_sessions_by_topic_id() {
     let r = fetch(&mut c, 17, (sid, 5), &[(id, &[(0, 4)])], &[], 0);
     assert_eq!(r.error_code, 0);
     assert_eq!(parts(&r), vec![(id, 0, 0, 5, 1)]);
+}
+
+/// OffsetForLeaderEpoch (the check consumers make after a leader change) on a 3-broker
+/// cluster: records written under one leader, the leader stopped, more records under the next
+/// one. The new leader answers the old epoch with the offset where the new one began, the new
+/// epoch with its log end, and refuses a stale current epoch, a non-leader and a missing
+/// partition as Kafka.
+#[test]
+fn offset_for_leader_epoch_across_a_leader_change() {
+    let mut c = Cluster::start(3, &[]);
+    admin::create(c.node(0), "ofle", 1, 3, &[]).unwrap();
+    let leader_of = |c: &Cluster, from: usize| -> Option<(i32, i32, Vec<i32>)> {
+        let mut conn = Conn::new(&c.node(from).bootstrap());
+        let m = metadata(&mut conn, &["ofle"]);
+        let p = m.topics[0].partitions.first()?;
+        (m.topics[0].error_code == 0 && p.leader_id.0 >= 0 && p.isr_nodes.len() == 3).then(|| {
+            (
+                p.leader_id.0,
+                p.leader_epoch,
+                p.isr_nodes.iter().map(|b| b.0).collect(),
+            )
+        })
+    };
+    let mut first = None;
+    assert!(eventually(Duration::from_secs(30), || {
+        first = leader_of(&c, 0);
+        first.is_some()
+    }));
+    let (old_leader, old_epoch, _) = first.unwrap();
+    let mut conn = Conn::new(&c.node(old_leader as usize).bootstrap());
+    assert_eq!(conn.produce("ofle", 0, -1, -1, -1, 3).0, 0);
+
+    assert!(c.stop(old_leader as usize), "controlled stop");
+    let other = (0..3).find(|&i| i as i32 != old_leader).unwrap();
+    let mut next = None;
+    assert!(eventually(Duration::from_secs(30), || {
+        let mut conn = Conn::new(&c.node(other).bootstrap());
+        let m = metadata(&mut conn, &["ofle"]);
+        let p = &m.topics[0].partitions[0];
+        next = (p.leader_id.0 >= 0 && p.leader_id.0 != old_leader)
+            .then_some((p.leader_id.0, p.leader_epoch));
+        next.is_some()
+    }));
+    let (leader, epoch) = next.unwrap();
+    assert!(epoch > old_epoch);
+    let mut conn = Conn::new(&c.node(leader as usize).bootstrap());
+    let ask = |conn: &mut Conn, version: i16, current: i32, asked: i32, partition: i32| {
+        let req = OffsetForLeaderEpochRequest::default()
+            .with_replica_id((-1).into())
+            .with_topics(vec![OffsetForLeaderTopic::default()
+                .with_topic(name("ofle"))
+                .with_partitions(vec![OffsetForLeaderPartition::default()
+                    .with_partition(partition)
+                    .with_current_leader_epoch(current)
+                    .with_leader_epoch(asked)])]);
+        let r: OffsetForLeaderEpochResponse =
+            conn.call(ApiKey::OffsetForLeaderEpoch, version, &req);
+        let p = &r.topics[0].partitions[0];
+        (p.error_code, p.leader_epoch, p.end_offset)
+    };
+    // Nothing written in the new epoch yet: it ends at the log end, where the old one ended.
+    assert_eq!(ask(&mut conn, 4, epoch, epoch, 0), (0, epoch, 3));
+    assert_eq!(ask(&mut conn, 3, epoch, old_epoch, 0), (0, old_epoch, 3));
+    assert!(eventually(Duration::from_secs(30), || conn
+        .produce("ofle", 0, -1, -1, -1, 2)
+        .0
+        == 0));
+    assert_eq!(ask(&mut conn, 4, epoch, epoch, 0), (0, epoch, 5));
+    assert_eq!(ask(&mut conn, 2, -1, old_epoch, 0), (0, old_epoch, 3));
+    assert_eq!(ask(&mut conn, 4, epoch, -1, 0), (0, -1, -1));
+    assert_eq!(
+        ask(&mut conn, 4, epoch - 1, epoch, 0).0,
+        74,
+        "FENCED_LEADER_EPOCH"
+    );
+    assert_eq!(
+        ask(&mut conn, 4, epoch + 1, epoch, 0).0,
+        75,
+        "UNKNOWN_LEADER_EPOCH"
+    );
+    assert_eq!(
+        ask(&mut conn, 4, -1, epoch, 7).0,
+        UNKNOWN_TOPIC_OR_PARTITION
+    );
+    let follower = (0..3)
+        .find(|&i| i as i32 != leader && i as i32 != old_leader)
+        .unwrap();
+    let mut fc = Conn::new(&c.node(follower).bootstrap());
+    assert_eq!(ask(&mut fc, 4, -1, epoch, 0).0, NOT_LEADER_OR_FOLLOWER);
 }
 
 /// A topic deleted and created again under the same name has a new id: a session that holds

@@ -20,6 +20,7 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod log_dirs;
 pub mod metadata;
+pub mod offset_for_leader_epoch;
 pub mod outcome;
 pub mod produce;
 pub mod reassign;
@@ -46,6 +47,7 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::Produce => produce::handle(frame).await,
         ApiKey::Fetch => ready(fetch::handle(frame).await),
         ApiKey::ListOffsets => ready(list_offsets::handle(frame).await),
+        ApiKey::OffsetForLeaderEpoch => ready(offset_for_leader_epoch::handle(frame).await),
         ApiKey::DeleteRecords => ready(delete_records::handle(frame).await),
         ApiKey::Metadata => ready(metadata::handle_metadata(frame).await),
         ApiKey::DescribeTopicPartitions => ready(describe_topic_partitions::handle(frame)),

@@ -2014,7 +2014,10 @@ impl Shard {
             return r;
         }
         match item.timestamp {
-            -2 => r.offset = start,
+            // Earliest, and earliest local (KIP-405): the same log without tiered storage.
+            -2 | -4 => r.offset = start,
+            // Latest tiered (KIP-1005): nothing is tiered; Kafka answers -1 with epoch -1.
+            -5 => r.leader_epoch = -1,
             -1 => {
                 let hw = p.repl.borrow().high_watermark.min(end);
                 r.offset = if item.read_committed {

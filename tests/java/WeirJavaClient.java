@@ -1,7 +1,7 @@
 // The Java reference client (kafka-clients) against Weir, with its defaults: an idempotent
 // producer (acks=all, enable.idempotence=true since Kafka 3.0) and a consumer group that
 // subscribes, polls and commits. Prints "BROKERS <n> CONTROLLER <id>" as DescribeCluster says,
-// then "OK <records>" on success; exits non-zero otherwise. Arguments: bootstrap topic records
+// "DESCRIBED <partitions>" as describeTopics says, then "OK <records>" on success; exits non-zero otherwise. Arguments: bootstrap topic records
 // [compression [replication factor]].
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
@@ -30,6 +30,27 @@ public class WeirJavaClient {
             admin.createTopics(List.of(new NewTopic(topic, 3, replicationFactor))).all().get();
             Set<String> names = admin.listTopics().names().get();
             check(names.contains(topic) && !names.contains("__consumer_offsets"), "listTopics hides internal topics: " + names);
+            // describeTopics goes through DescribeTopicPartitions (KIP-966) on a 3.7+ broker;
+            // a limit of 2 partitions a response makes the client follow the cursor. Every
+            // broker's image has the new topic soon, not at once: retried for a while.
+            TopicDescription d = null;
+            long until = System.currentTimeMillis() + 15_000;
+            while (true) {
+                try {
+                    d = admin.describeTopics(List.of(topic), new DescribeTopicsOptions().partitionSizeLimitPerResponse(2))
+                        .allTopicNames().get().get(topic);
+                    boolean led = d.partitions().stream().allMatch(pi -> pi.leader() != null);
+                    if ((d.partitions().size() == 3 && led) || System.currentTimeMillis() > until) break;
+                } catch (java.util.concurrent.ExecutionException e) {
+                    if (System.currentTimeMillis() > until) throw e;
+                }
+                Thread.sleep(200);
+            }
+            check(d.partitions().size() == 3, "describeTopics pages over every partition: " + d);
+            for (org.apache.kafka.common.TopicPartitionInfo pi : d.partitions())
+                check(pi.leader() != null && pi.replicas().size() == replicationFactor, "partition described: " + pi);
+            check(!d.topicId().equals(org.apache.kafka.common.Uuid.ZERO_UUID), "topic id: " + d);
+            System.out.println("DESCRIBED " + d.partitions().size());
         }
 
         Properties p = new Properties();

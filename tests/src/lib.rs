@@ -373,6 +373,7 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 pub mod java;
+pub mod python;
 pub mod raw;
 pub mod workload;
 

@@ -33,7 +33,9 @@ fn run_java(
         .expect("java");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        out.status.success() && stdout.contains(&format!("OK {n}")),
+        out.status.success()
+            && stdout.contains(&format!("OK {n}"))
+            && stdout.contains("DESCRIBED 3"),
         "Java client failed ({}):\n{stdout}\n{}\nbroker log:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr),

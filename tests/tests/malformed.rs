@@ -198,14 +198,14 @@ fn api_versions_fallback_and_describe_configs_errors() {
     let r = ApiVersionsResponse::decode(&mut body, 0).unwrap();
     assert_eq!(r.error_code, 35);
     let produce = r.api_keys.iter().find(|k| k.api_key == 0).unwrap();
-    assert_eq!((produce.min_version, produce.max_version), (3, 9));
+    assert_eq!((produce.min_version, produce.max_version), (3, 11));
 
     // v3 answers normally and writes no tagged fields at their defaults.
     let r: ApiVersionsResponse = call(&b, ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
     assert_eq!(r.error_code, 0);
     assert!(r.supported_features.is_empty() && r.finalized_features_epoch == -1);
     let fetch = r.api_keys.iter().find(|k| k.api_key == 1).unwrap();
-    assert_eq!((fetch.min_version, fetch.max_version), (4, 12));
+    assert_eq!((fetch.min_version, fetch.max_version), (4, 17));
 
     // DescribeConfigs of a missing topic: UNKNOWN_TOPIC_OR_PARTITION.
     let req =

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -746,29 +745,7 @@ fn librdkafka_transactions_commit_and_abort() {
 // ------------------------------------------------------------------------------------------
 // 6. kafka-python
 
-const KAFKA_PYTHON: &str = "kafka-python==3.0.12";
-
-/// Installs kafka-python (transactions since 2.1) from PyPI into target/python-kafka once;
-/// returns that directory (for PYTHONPATH).
-fn kafka_python() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = weir_tests::java::root().join("target/python-kafka");
-        let marker = dir.join(format!(".{KAFKA_PYTHON}"));
-        if !marker.exists() {
-            let st = Command::new("python3")
-                .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
-                .arg(&dir)
-                .arg(KAFKA_PYTHON)
-                .status()
-                .expect("python3 -m pip");
-            assert!(st.success(), "pip install {KAFKA_PYTHON} failed");
-            std::fs::write(&marker, "").unwrap();
-        }
-        dir
-    })
-    .clone()
-}
+use weir_tests::python::kafka_python;
 
 const PY_TXN: &str = r#"
 import sys

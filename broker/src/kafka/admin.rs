@@ -1,4 +1,6 @@
-//! CreateTopics v2-5, DeleteTopics v1-4, CreatePartitions v0-2 and DescribeConfigs v1-4.
+//! CreateTopics v2-7 (v6 only adds a quota error Weir never gives, v7 the topic id),
+//! DeleteTopics v1-6 (v5: error messages; v6: topics by name or topic id), CreatePartitions v0-3
+//! (v3 only adds a quota error) and DescribeConfigs v1-4.
 //! Changes go to the controller shard; errors are Kafka's codes and messages.
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,6 +16,7 @@ use kafka_protocol::messages::describe_configs_response::{
 use kafka_protocol::messages::{
     CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
     DeleteTopicsRequest, DeleteTopicsResponse, DescribeConfigsRequest, DescribeConfigsResponse,
+    TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -126,6 +129,13 @@ pub async fn handle_create_topics(frame: RequestFrame) -> Result<Response, Strin
         match r {
             Ok((partitions, rf)) => {
                 out = out.with_error_code(NONE);
+                // v7 (KIP-516): the new topic's id. The local image has the topic once the
+                // controller answered (a forwarded change waits for it); validate_only
+                // creates nothing, so no id.
+                if frame.api_version >= 7 && !req.validate_only {
+                    out = out
+                        .with_topic_id(image.topics.get(&name).map(|m| m.id).unwrap_or_default());
+                }
                 if frame.api_version >= 5 {
                     let cfg = image.log_config(&sh.config.log, &name);
                     let overrides = image
@@ -175,15 +185,98 @@ pub async fn handle_create_topics(frame: RequestFrame) -> Result<Response, Strin
     )
 }
 
+/// One topic a DeleteTopics request names: by name (v1-6) or by topic id (v6).
+struct Deletion {
+    name: Option<String>,
+    id: uuid::Uuid,
+    /// Refused before reaching the controller: (code, message).
+    error: Option<(i16, String)>,
+}
+
+/// The topics a DeleteTopics request names, with the errors known before asking the
+/// controller, as Kafka's: neither or both of name and id, a name or an id given twice, an id
+/// the image does not know (UNKNOWN_TOPIC_ID). Ids are resolved to names here.
+fn deletions(
+    image: &crate::cluster::metadata::Image,
+    version: i16,
+    req: &DeleteTopicsRequest,
+) -> Vec<Deletion> {
+    let mut out: Vec<Deletion> = if version >= 6 {
+        req.topics
+            .iter()
+            .map(|t| {
+                let name = t.name.as_ref().map(|n| n.0.to_string());
+                let error = match (&name, t.topic_id.is_nil()) {
+                    (None, true) => Some((
+                        INVALID_REQUEST,
+                        "Neither topic name nor id were specified.".to_string(),
+                    )),
+                    (Some(_), false) => Some((
+                        INVALID_REQUEST,
+                        "You may not specify both topic name and topic id.".to_string(),
+                    )),
+                    _ => None,
+                };
+                Deletion {
+                    name,
+                    id: t.topic_id,
+                    error,
+                }
+            })
+            .collect()
+    } else {
+        req.topic_names
+            .iter()
+            .map(|n| Deletion {
+                name: Some(n.0.to_string()),
+                id: uuid::Uuid::nil(),
+                error: None,
+            })
+            .collect()
+    };
+    let dupe_names = names_seen_twice(
+        out.iter()
+            .filter(|d| d.error.is_none() && d.id.is_nil())
+            .filter_map(|d| d.name.as_deref()),
+    );
+    let mut ids_seen: HashMap<uuid::Uuid, usize> = HashMap::new();
+    for d in out.iter().filter(|d| d.error.is_none() && !d.id.is_nil()) {
+        *ids_seen.entry(d.id).or_default() += 1;
+    }
+    for d in out.iter_mut().filter(|d| d.error.is_none()) {
+        if d.id.is_nil() {
+            let name = d.name.as_deref().unwrap_or_default();
+            if dupe_names.contains(name) {
+                d.error = Some((INVALID_REQUEST, "Duplicate topic name.".into()));
+            } else if version >= 6 {
+                d.id = image.topics.get(name).map(|t| t.id).unwrap_or_default();
+            }
+        } else if ids_seen[&d.id] > 1 {
+            d.error = Some((INVALID_REQUEST, "Duplicate topic id.".into()));
+        } else {
+            match image.topic_by_id(d.id) {
+                Some((name, _)) => d.name = Some(name.clone()),
+                None => {
+                    d.error = Some((
+                        UNKNOWN_TOPIC_ID,
+                        format!("Topic id {} does not exist.", d.id),
+                    ))
+                }
+            }
+        }
+    }
+    out
+}
+
 pub async fn handle_delete_topics(frame: RequestFrame) -> Result<Response, String> {
     let req: DeleteTopicsRequest = decode(&frame)?;
     let sh = shard();
-    let names: Vec<String> = req.topic_names.iter().map(|n| n.0.to_string()).collect();
-    let dupes = names_seen_twice(names.iter().map(|n| n.as_str()));
-    let asks: Vec<String> = names
+    let version = frame.api_version;
+    let topics = deletions(&sh.image(), version, &req);
+    let asks: Vec<String> = topics
         .iter()
-        .filter(|n| !dupes.contains(*n))
-        .cloned()
+        .filter(|d| d.error.is_none())
+        .filter_map(|d| d.name.clone())
         .collect();
     let mut answers = if asks.is_empty() {
         Vec::new()
@@ -193,21 +286,22 @@ pub async fn handle_delete_topics(frame: RequestFrame) -> Result<Response, Strin
             .unwrap_or_default()
     }
     .into_iter();
-    let mut responses = Vec::with_capacity(names.len());
-    for (name, raw) in names.iter().zip(req.topic_names) {
-        let code = if dupes.contains(name) {
-            INVALID_REQUEST
-        } else {
-            match answers.next() {
-                Some(Ok(_)) => NONE,
-                Some(Err(e)) => e.code(),
-                None => UNKNOWN_SERVER_ERROR,
-            }
+    let mut responses = Vec::with_capacity(topics.len());
+    for d in topics {
+        let (code, message) = match d.error {
+            Some((code, message)) => (code, Some(message)),
+            None => match answers.next() {
+                Some(Ok(_)) => (NONE, None),
+                Some(Err(e)) => (e.code(), Some(e.message())),
+                None => (UNKNOWN_SERVER_ERROR, None),
+            },
         };
         responses.push(
             DeletableTopicResult::default()
-                .with_name(Some(raw))
-                .with_error_code(code),
+                .with_name(d.name.map(|n| TopicName(s(n))))
+                .with_topic_id(d.id)
+                .with_error_code(code)
+                .with_error_message(message.filter(|_| version >= 5).map(s)),
         );
     }
     respond(
@@ -467,4 +561,62 @@ pub fn handle_describe_configs(frame: RequestFrame) -> Result<Response, String> 
         OutBuf::new(),
         &DescribeConfigsResponse::default().with_results(results),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::metadata::{Image, TopicMeta};
+    use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
+
+    #[test]
+    fn deletions_resolve_ids_and_refuse_as_kafka() {
+        let mut image = Image::default();
+        image.topics.insert(
+            "a".into(),
+            TopicMeta {
+                id: uuid::Uuid::from_u128(1),
+                partitions: vec![],
+                configs: Default::default(),
+                internal: false,
+            },
+        );
+        let t = |name: Option<&str>, id: u128| {
+            DeleteTopicState::default()
+                .with_name(name.map(|n| TopicName(s(n))))
+                .with_topic_id(uuid::Uuid::from_u128(id))
+        };
+        let req = DeleteTopicsRequest::default().with_topics(vec![
+            t(None, 1),
+            t(Some("b"), 0),
+            t(None, 0),
+            t(Some("a"), 1),
+            t(None, 9),
+            t(Some("c"), 0),
+            t(Some("c"), 0),
+        ]);
+        let got: Vec<_> = deletions(&image, 6, &req)
+            .into_iter()
+            .map(|d| (d.name, d.id.as_u128(), d.error.map(|e| e.0)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("a".into()), 1, None),
+                (Some("b".into()), 0, None),
+                (None, 0, Some(INVALID_REQUEST)),
+                (Some("a".into()), 1, Some(INVALID_REQUEST)),
+                (None, 9, Some(UNKNOWN_TOPIC_ID)),
+                (Some("c".into()), 0, Some(INVALID_REQUEST)),
+                (Some("c".into()), 0, Some(INVALID_REQUEST)),
+            ]
+        );
+        // Before v6 only names count; they get no ids.
+        let req = DeleteTopicsRequest::default().with_topic_names(vec![TopicName(s("a"))]);
+        let d = &deletions(&image, 5, &req)[0];
+        assert_eq!(
+            (d.name.as_deref(), d.id.is_nil(), d.error.is_none()),
+            (Some("a"), true, true)
+        );
+    }
 }

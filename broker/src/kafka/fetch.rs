@@ -1,23 +1,32 @@
-//! Fetch v4-12: the fetch planner groups partitions by owner shard, reads them there (cache
+//! Fetch v4-17: the fetch planner groups partitions by owner shard, reads them there (cache
 //! first, then disk), and long-polls up to max_wait_ms when less than min_bytes is available,
 //! woken by appends. From v7 a client may open an incremental fetch session (KIP-227,
 //! `fetch_session.rs`): later requests carry only changed partitions and responses only
 //! partitions with news. Record batches go into the response as stored `Bytes`.
+//!
+//! From v13 topics are named by topic id (KIP-516), resolved through the image; an id the
+//! image does not know is answered with UNKNOWN_TOPIC_ID (and stays in a session until
+//! forgotten). v14 only adds an error Weir never gives (no tiered storage); v15 moves a
+//! follower's id into the tagged ReplicaState; v16 answers NOT_LEADER_OR_FOLLOWER and
+//! FENCED_LEADER_EPOCH with the current leader and its endpoint (KIP-951); v17 adds the
+//! follower's directory id, which Weir (one log directory) ignores.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use kafka_protocol::messages::fetch_response::{
-    AbortedTransaction, FetchableTopicResponse, PartitionData,
+    AbortedTransaction, FetchableTopicResponse, LeaderIdAndEpoch, NodeEndpoint, PartitionData,
 };
 use kafka_protocol::messages::{FetchRequest, FetchResponse, ProducerId, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::errors::*;
 use super::fetch_session::{
-    self as sessions, CachedPartition, FETCH_SESSION_ID_NOT_FOUND, INVALID_FETCH_SESSION_EPOCH,
+    self as sessions, CachedPartition, TopicRef, FETCH_SESSION_ID_NOT_FOUND,
+    FETCH_SESSION_TOPIC_ID_ERROR, INVALID_FETCH_SESSION_EPOCH,
 };
+use super::topics::{self, NodeEndpoints};
 use super::{decode, respond, Response};
 use crate::protocol::{OutBuf, RequestFrame};
 use crate::replication::throttle;
@@ -104,18 +113,33 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     let min_bytes = req.min_bytes.max(0) as usize;
 
     let leader_epoch = |e: i32| if frame.api_version >= 9 { e } else { -1 };
+    // v13+: topics by id; the names are the image's ("" for an id it does not know).
+    let by_id = frame.api_version >= 13;
+    let names = by_id.then(|| topics::names_by_id(&image));
+    let name_of = |id: &uuid::Uuid| -> String {
+        names
+            .as_ref()
+            .and_then(|n| n.get(id).cloned())
+            .unwrap_or_default()
+    };
     let from_request = || -> Vec<CachedPartition> {
         req.topics
             .iter()
             .flat_map(|t| {
-                t.partitions.iter().map(|p| {
+                let (name, topic_id) = if by_id {
+                    (name_of(&t.topic_id), t.topic_id)
+                } else {
+                    (t.topic.0.to_string(), uuid::Uuid::nil())
+                };
+                t.partitions.iter().map(move |p| {
                     let mut c = CachedPartition::new(
-                        t.topic.0.to_string(),
+                        name.clone(),
                         p.partition,
                         p.fetch_offset,
                         (p.partition_max_bytes.max(0) as usize).min(max_bytes),
                         leader_epoch(p.current_leader_epoch),
                     );
+                    c.topic_id = topic_id;
                     if frame.api_version >= 12 {
                         c.last_fetched_epoch = p.last_fetched_epoch;
                     }
@@ -133,7 +157,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
         (0, -1) => (Mode::Full { session_id: 0 }, from_request()),
         (0, 0) => {
             let wanted = from_request();
-            let id = sessions::create(s.id, s.count).unwrap_or(0);
+            let id = sessions::create(s.id, s.count, by_id).unwrap_or(0);
             let fits = id != 0
                 && sessions::with_session(id, |sess| wanted.iter().all(|p| sess.upsert(p.clone())))
                     .unwrap_or(false);
@@ -153,9 +177,17 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 if epoch != sess.next_epoch {
                     return Err(INVALID_FETCH_SESSION_EPOCH);
                 }
+                if sess.uses_topic_ids != by_id {
+                    return Err(FETCH_SESSION_TOPIC_ID_ERROR);
+                }
                 for f in &req.forgotten_topics_data {
+                    let topic = if by_id {
+                        TopicRef::Id(f.topic_id)
+                    } else {
+                        TopicRef::Name(f.topic.0.as_str())
+                    };
                     for &p in &f.partitions {
-                        sess.forget(f.topic.0.as_str(), p);
+                        sess.forget(topic, p);
                     }
                 }
                 if !updates.into_iter().all(|p| sess.upsert(p)) {
@@ -172,7 +204,16 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                     }
                     return session_error(&frame, code);
                 }
-                Some(Ok(wanted)) => (Mode::Incremental { session_id: id }, wanted),
+                Some(Ok(mut wanted)) => {
+                    // A session by id names its partitions with the current image's names: a
+                    // topic deleted since is UNKNOWN_TOPIC_ID now.
+                    if by_id {
+                        for c in &mut wanted {
+                            c.topic = name_of(&c.topic_id);
+                        }
+                    }
+                    (Mode::Incremental { session_id: id }, wanted)
+                }
             }
         }
     };
@@ -180,11 +221,13 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     // A follower broker's fetch (replica id >= 0) reads to the log end and reports its
     // position; its LastFetchedEpoch (v12, kept in the session like the offset) is checked for
     // divergence.
-    let replica_id = if req.replica_id.0 >= 0 {
-        req.replica_id.0
+    // From v15 the follower's id is in the tagged ReplicaState.
+    let requester = if frame.api_version >= 15 {
+        req.replica_state.replica_id.0
     } else {
-        CONSUMER
+        req.replica_id.0
     };
+    let replica_id = if requester >= 0 { requester } else { CONSUMER };
     // The leader's replication throttle: partitions it applies to (out-of-sync follower of a
     // listed replica) are answered without records while the broker's bucket is empty.
     let me = s.config.node_id;
@@ -205,6 +248,10 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             last_stable_offset: -1,
             aborted: Vec::new(),
         });
+        if by_id && c.topic.is_empty() {
+            results[i].error = UNKNOWN_TOPIC_ID;
+            continue;
+        }
         let owner = match image.route(&c.topic, c.partition, s.config.node_id) {
             Ok(owner) => owner,
             Err(code) => {
@@ -292,7 +339,12 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 .iter()
                 .zip(&results)
                 .map(|(w, r)| {
-                    let news = match sess.get_mut(&w.topic, w.partition) {
+                    let key = if by_id {
+                        TopicRef::Id(w.topic_id)
+                    } else {
+                        TopicRef::Name(&w.topic)
+                    };
+                    let news = match sess.get_mut(key, w.partition) {
                         Some(c) => c.must_respond(
                             !r.records.is_empty(),
                             r.error,
@@ -314,6 +366,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     let mut throttled_bytes = 0usize;
     let mut out = OutBuf::new();
     let mut topics: Vec<FetchableTopicResponse> = Vec::new();
+    let mut endpoints = NodeEndpoints::default();
     for (((w, mut r), included), throttled) in
         wanted.iter().zip(results).zip(include).zip(throttled)
     {
@@ -330,6 +383,19 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             }
         }
         let hw = r.high_watermark;
+        // KIP-951 (v16+): where the leader is, for a client that asked the wrong broker.
+        let mut current_leader = LeaderIdAndEpoch::default()
+            .with_leader_id((-1).into())
+            .with_leader_epoch(-1);
+        if frame.api_version >= 16
+            && matches!(r.error, NOT_LEADER_OR_FOLLOWER | FENCED_LEADER_EPOCH)
+        {
+            let (leader, epoch, endpoint) = topics::current_leader(&image, &w.topic, w.partition);
+            current_leader = current_leader
+                .with_leader_id(leader.into())
+                .with_leader_epoch(epoch);
+            endpoints.add(leader, endpoint);
+        }
         let data = PartitionData::default()
             .with_partition_index(w.partition)
             .with_error_code(r.error)
@@ -364,13 +430,20 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                     .with_epoch(r.diverging.map(|d| d.0).unwrap_or(-1))
                     .with_end_offset(r.diverging.map(|d| d.1).unwrap_or(-1)),
             )
+            .with_current_leader(current_leader)
             .with_records(Some(out.splice(r.records)));
         // Consecutive partitions of one topic share a topic entry.
         match topics.last_mut() {
-            Some(t) if t.topic.0.as_str() == w.topic => t.partitions.push(data),
+            Some(t) if by_id && t.topic_id == w.topic_id => t.partitions.push(data),
+            Some(t) if !by_id && t.topic.0.as_str() == w.topic => t.partitions.push(data),
             _ => topics.push(
                 FetchableTopicResponse::default()
-                    .with_topic(TopicName(StrBytes::from_string(w.topic.clone())))
+                    .with_topic(TopicName(StrBytes::from_string(if by_id {
+                        String::new()
+                    } else {
+                        w.topic.clone()
+                    })))
+                    .with_topic_id(w.topic_id)
                     .with_partitions(vec![data]),
             ),
         }
@@ -380,6 +453,18 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
     }
     let resp = FetchResponse::default()
         .with_session_id(session_id)
-        .with_responses(topics);
+        .with_responses(topics)
+        .with_node_endpoints(
+            endpoints
+                .into_entries()
+                .map(|(id, (host, port, rack))| {
+                    NodeEndpoint::default()
+                        .with_node_id(id.into())
+                        .with_host(StrBytes::from_string(host))
+                        .with_port(port)
+                        .with_rack(rack.map(StrBytes::from_string))
+                })
+                .collect(),
+        );
     respond(&frame, out, &resp)
 }

@@ -24,12 +24,25 @@ pub const SESSION_PARTITIONS_MAX: usize = 50_000;
 
 pub const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
 pub const INVALID_FETCH_SESSION_EPOCH: i16 = 71;
+/// A request of the other kind (topic names before v13, topic ids from v13) in a session.
+pub const FETCH_SESSION_TOPIC_ID_ERROR: i16 = 106;
+
+/// How a request names a topic: by name (Fetch v7-12) or by topic id (v13+, KIP-516).
+#[derive(Clone, Copy, Debug)]
+pub enum TopicRef<'a> {
+    Name(&'a str),
+    Id(uuid::Uuid),
+}
 
 /// What the session remembers of one partition: the position the client last asked for and
 /// what it was last told, to decide whether an incremental response must mention it.
 #[derive(Clone, Debug)]
 pub struct CachedPartition {
+    /// The topic's name; in a session by topic id, the name the id had when last resolved
+    /// ("" while the id is unknown).
     pub topic: String,
+    /// The topic id the client named (v13+), nil in a session by name.
+    pub topic_id: uuid::Uuid,
     pub partition: i32,
     pub fetch_offset: i64,
     pub max_bytes: usize,
@@ -51,6 +64,7 @@ impl CachedPartition {
     ) -> CachedPartition {
         CachedPartition {
             topic,
+            topic_id: uuid::Uuid::nil(),
             partition,
             fetch_offset,
             max_bytes,
@@ -83,11 +97,16 @@ pub struct Session {
     pub id: i32,
     /// The epoch the next request must carry.
     pub next_epoch: i32,
+    /// Opened by a v13+ request: partitions are keyed by topic id, and requests of older
+    /// versions are refused (FETCH_SESSION_TOPIC_ID_ERROR), as Kafka does.
+    pub uses_topic_ids: bool,
     /// In the order partitions were added (responses keep that order).
     pub partitions: Vec<CachedPartition>,
     /// topic -> partition -> position in `partitions`; keyed by topic first so lookups by
-    /// `&str` allocate nothing.
+    /// `&str` allocate nothing. Used by sessions by name.
     index: HashMap<String, HashMap<i32, usize>>,
+    /// The same, by topic id (sessions by topic id).
+    index_by_id: HashMap<uuid::Uuid, HashMap<i32, usize>>,
     last_used: Instant,
 }
 
@@ -96,15 +115,36 @@ impl Session {
         Session {
             id,
             next_epoch: 1,
+            uses_topic_ids: false,
             partitions: Vec::new(),
             index: HashMap::new(),
+            index_by_id: HashMap::new(),
             last_used: Instant::now(),
+        }
+    }
+
+    /// How this session names the topic of `p`.
+    fn key_of<'a>(&self, p: &'a CachedPartition) -> TopicRef<'a> {
+        if self.uses_topic_ids {
+            TopicRef::Id(p.topic_id)
+        } else {
+            TopicRef::Name(&p.topic)
+        }
+    }
+
+    fn slot(&self, topic: TopicRef) -> Option<&HashMap<i32, usize>> {
+        match topic {
+            TopicRef::Name(n) => self.index.get(n),
+            TopicRef::Id(id) => self.index_by_id.get(&id),
         }
     }
 
     /// Adds or updates a partition from a request. False when the session is full.
     pub fn upsert(&mut self, p: CachedPartition) -> bool {
-        if let Some(c) = self.get_mut(&p.topic, p.partition) {
+        let key = self.key_of(&p);
+        if let Some(&i) = self.slot(key).and_then(|m| m.get(&p.partition)) {
+            let c = &mut self.partitions[i];
+            c.topic = p.topic;
             c.fetch_offset = p.fetch_offset;
             c.max_bytes = p.max_bytes;
             c.current_leader_epoch = p.current_leader_epoch;
@@ -114,32 +154,61 @@ impl Session {
         if self.partitions.len() >= SESSION_PARTITIONS_MAX {
             return false;
         }
-        self.index
-            .entry(p.topic.clone())
-            .or_default()
-            .insert(p.partition, self.partitions.len());
+        let at = self.partitions.len();
+        if self.uses_topic_ids {
+            self.index_by_id
+                .entry(p.topic_id)
+                .or_default()
+                .insert(p.partition, at);
+        } else {
+            self.index
+                .entry(p.topic.clone())
+                .or_default()
+                .insert(p.partition, at);
+        }
         self.partitions.push(p);
         true
     }
 
     /// The cached partition, found through the index (not a scan: sessions hold thousands).
-    pub fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut CachedPartition> {
-        let &i = self.index.get(topic)?.get(&partition)?;
+    pub fn get_mut(&mut self, topic: TopicRef, partition: i32) -> Option<&mut CachedPartition> {
+        let &i = self.slot(topic)?.get(&partition)?;
         self.partitions.get_mut(i)
     }
 
-    pub fn forget(&mut self, topic: &str, partition: i32) {
-        let Some(parts) = self.index.get_mut(topic) else {
+    pub fn forget(&mut self, topic: TopicRef, partition: i32) {
+        let removed = match topic {
+            TopicRef::Name(n) => {
+                let Some(parts) = self.index.get_mut(n) else {
+                    return;
+                };
+                let i = parts.remove(&partition);
+                if parts.is_empty() {
+                    self.index.remove(n);
+                }
+                i
+            }
+            TopicRef::Id(id) => {
+                let Some(parts) = self.index_by_id.get_mut(&id) else {
+                    return;
+                };
+                let i = parts.remove(&partition);
+                if parts.is_empty() {
+                    self.index_by_id.remove(&id);
+                }
+                i
+            }
+        };
+        let Some(i) = removed else {
             return;
         };
-        let Some(i) = parts.remove(&partition) else {
-            return;
-        };
-        if parts.is_empty() {
-            self.index.remove(topic);
-        }
         self.partitions.remove(i);
-        for v in self.index.values_mut().flat_map(|m| m.values_mut()) {
+        let positions = self
+            .index
+            .values_mut()
+            .chain(self.index_by_id.values_mut())
+            .flat_map(|m| m.values_mut());
+        for v in positions {
             if *v > i {
                 *v -= 1;
             }
@@ -158,7 +227,8 @@ thread_local! {
 }
 
 /// A new session with a fresh id, or None when this shard's slots are all in recent use.
-pub fn create(shard_id: usize, shard_count: usize) -> Option<i32> {
+/// `uses_topic_ids`: opened by a Fetch v13+ request.
+pub fn create(shard_id: usize, shard_count: usize, uses_topic_ids: bool) -> Option<i32> {
     let slots = (SESSION_SLOTS_MAX / shard_count.max(1)).max(1);
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
@@ -180,7 +250,9 @@ pub fn create(shard_id: usize, shard_count: usize) -> Option<i32> {
             let raw = (c.next as u64 * stride + shard_id as u64) % (i32::MAX as u64);
             let id = raw as i32;
             if id != 0 && !c.sessions.contains_key(&id) {
-                c.sessions.insert(id, Session::new(id));
+                let mut s = Session::new(id);
+                s.uses_topic_ids = uses_topic_ids;
+                c.sessions.insert(id, s);
                 return Some(id);
             }
         }
@@ -208,9 +280,9 @@ mod tests {
 
     #[test]
     fn sessions_track_partitions_and_changes() {
-        let id = create(1, 2).unwrap();
+        let id = create(1, 2, false).unwrap();
         assert_eq!(id % 2, 1, "low bits name the shard");
-        let again = create(1, 2).unwrap();
+        let again = create(1, 2, false).unwrap();
         assert_ne!(id, again);
         with_session(id, |s| {
             assert!(s.upsert(CachedPartition::new("a".into(), 0, 5, 100, -1)));
@@ -224,11 +296,11 @@ mod tests {
             assert!(p.must_respond(false, 0, 11, 0), "high watermark moved");
             assert!(p.must_respond(true, 0, 11, 0), "records");
             assert!(p.must_respond(false, 6, 11, 0), "error");
-            s.forget("a", 0);
+            s.forget(TopicRef::Name("a"), 0);
             assert_eq!(s.partitions.len(), 1);
             assert!(s.upsert(CachedPartition::new("b".into(), 0, 0, 1, -1)));
             assert_eq!(s.index["b"][&0], 1);
-            assert_eq!(s.get_mut("a", 1).unwrap().fetch_offset, 0);
+            assert_eq!(s.get_mut(TopicRef::Name("a"), 1).unwrap().fetch_offset, 0);
         })
         .unwrap();
         remove(id);
@@ -239,11 +311,43 @@ mod tests {
     #[test]
     fn a_full_cache_refuses_new_sessions_while_the_old_ones_are_recent() {
         let slots = SESSION_SLOTS_MAX;
-        let ids: Vec<i32> = (0..slots).map(|_| create(0, 1).unwrap()).collect();
-        assert!(create(0, 1).is_none());
+        let ids: Vec<i32> = (0..slots).map(|_| create(0, 1, false).unwrap()).collect();
+        assert!(create(0, 1, false).is_none());
         for id in ids {
             remove(id);
         }
-        assert!(create(0, 1).is_some());
+        assert!(create(0, 1, false).is_some());
+    }
+
+    #[test]
+    fn sessions_by_topic_id_key_partitions_by_id() {
+        let id = create(0, 1, true).unwrap();
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let part = |name: &str, topic_id, p, offset| {
+            let mut c = CachedPartition::new(name.into(), p, offset, 100, -1);
+            c.topic_id = topic_id;
+            c
+        };
+        with_session(id, |s| {
+            assert!(s.uses_topic_ids);
+            assert!(s.upsert(part("x", a, 0, 1)));
+            // An unknown id is kept with no name, and named once it resolves.
+            assert!(s.upsert(part("", b, 0, 2)));
+            assert!(s.upsert(part("y", b, 0, 3)));
+            assert_eq!(s.partitions.len(), 2);
+            assert_eq!(s.partitions[1].topic, "y");
+            assert_eq!(s.partitions[1].fetch_offset, 3);
+            // A topic recreated under the same name has a new id: another partition.
+            let c = uuid::Uuid::from_u128(3);
+            assert!(s.upsert(part("x", c, 0, 0)));
+            assert_eq!(s.partitions.len(), 3);
+            s.forget(TopicRef::Id(a), 0);
+            assert_eq!(s.partitions.len(), 2);
+            assert_eq!(s.get_mut(TopicRef::Id(c), 0).unwrap().fetch_offset, 0);
+            assert_eq!(s.get_mut(TopicRef::Id(b), 0).unwrap().fetch_offset, 3);
+            assert!(s.get_mut(TopicRef::Name("y"), 0).is_none());
+        })
+        .unwrap();
+        remove(id);
     }
 }

@@ -1,5 +1,7 @@
-//! ListOffsets v1-7: earliest (-2), latest (-1), max timestamp (-3, v7) and by timestamp,
-//! answered by each partition's owner shard.
+//! ListOffsets v1-9: earliest (-2), latest (-1), max timestamp (-3, v7), earliest local (-4,
+//! v8: the log start, as in Kafka without tiered storage), latest tiered (-5, v9: offset -1 and
+//! epoch -1, Kafka's answer when nothing is tiered) and by timestamp, answered by each
+//! partition's owner shard.
 
 use std::collections::BTreeMap;
 
@@ -33,7 +35,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
                 .with_leader_epoch(-1);
             if !seen.insert((name.clone(), p.partition_index)) {
                 r.error_code = INVALID_REQUEST;
-            } else if p.timestamp == -3 && frame.api_version < 7 {
+            } else if !timestamp_supported(p.timestamp, frame.api_version) {
                 r.error_code = UNSUPPORTED_VERSION;
             } else if let Err(code) = image.route(&name, p.partition_index, s.config.node_id) {
                 r.error_code = code;
@@ -87,4 +89,33 @@ pub async fn handle(frame: RequestFrame) -> Result<Response, String> {
             .collect(),
     );
     respond(&frame, OutBuf::new(), &resp)
+}
+
+/// Kafka's rule: a negative (special) timestamp is answered only from the version that
+/// introduced it; unknown ones never.
+fn timestamp_supported(timestamp: i64, version: i16) -> bool {
+    let since = match timestamp {
+        t if t >= 0 => return true,
+        -1 | -2 => 0,
+        -3 => 7,
+        -4 => 8,
+        -5 => 9,
+        _ => return false,
+    };
+    version >= since
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timestamp_supported;
+
+    #[test]
+    fn special_timestamps_need_their_version() {
+        assert!(timestamp_supported(0, 1));
+        assert!(timestamp_supported(-2, 1));
+        assert!(!timestamp_supported(-3, 6) && timestamp_supported(-3, 7));
+        assert!(!timestamp_supported(-4, 7) && timestamp_supported(-4, 8));
+        assert!(!timestamp_supported(-5, 8) && timestamp_supported(-5, 9));
+        assert!(!timestamp_supported(-6, 9));
+    }
 }

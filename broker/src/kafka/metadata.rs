@@ -1,4 +1,8 @@
-//! Metadata v1-12, ApiVersions v0-3 and DescribeCluster v0.
+//! Metadata v1-12, ApiVersions v0-4 (v4 only lets SupportedFeatures start at version 0, and
+//! Weir lists no features) and DescribeCluster v0-1 (v1: KIP-919 endpoint types; a broker
+//! answers for brokers only). Authorized operations (Metadata
+//! v8+, DescribeCluster) are answered as Kafka without an authorizer does: all of them, when
+//! asked for.
 
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
@@ -6,8 +10,8 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterResponse, MetadataRequest,
-    MetadataResponse, TopicName,
+    ApiKey, ApiVersionsResponse, BrokerId, DescribeClusterRequest, DescribeClusterResponse,
+    MetadataRequest, MetadataResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -17,8 +21,23 @@ use crate::cluster::metadata::{validate_topic_name, Image, TopicMeta};
 use crate::protocol::{encode_response, versions, OutBuf, RequestFrame};
 use crate::shard::shard;
 
+/// DescribeCluster v1 endpoint types (KIP-919).
+const ENDPOINT_TYPE_BROKER: i8 = 1;
+const ENDPOINT_TYPE_CONTROLLER: i8 = 2;
+const MISMATCHED_ENDPOINT_TYPE: i16 = 114;
+const UNSUPPORTED_ENDPOINT_TYPE: i16 = 115;
+
 /// Kafka's "authorized operations not requested" marker.
 const AUTHORIZED_OPERATIONS_OMITTED: i32 = i32::MIN;
+/// What Kafka without an authorizer answers when a topic's authorized operations are asked
+/// for: every operation a topic supports (READ, WRITE, CREATE, DELETE, ALTER, DESCRIBE,
+/// DESCRIBE_CONFIGS, ALTER_CONFIGS), one bit per operation code.
+pub(super) const TOPIC_OPERATIONS_ALL: i32 =
+    1 << 3 | 1 << 4 | 1 << 5 | 1 << 6 | 1 << 7 | 1 << 8 | 1 << 10 | 1 << 11;
+/// The same for the cluster (CREATE, ALTER, DESCRIBE, CLUSTER_ACTION, DESCRIBE_CONFIGS,
+/// ALTER_CONFIGS, IDEMPOTENT_WRITE).
+pub(super) const CLUSTER_OPERATIONS_ALL: i32 =
+    1 << 5 | 1 << 7 | 1 << 8 | 1 << 9 | 1 << 10 | 1 << 11 | 1 << 12;
 
 fn api_versions_body(error: i16) -> ApiVersionsResponse {
     ApiVersionsResponse::default()
@@ -55,7 +74,7 @@ pub fn unsupported_api_versions(correlation_id: i32) -> Vec<bytes::Bytes> {
 }
 
 /// A replica is offline when its broker is fenced or not registered.
-fn offline(image: &Image, replicas: &[i32]) -> Vec<BrokerId> {
+pub(super) fn offline(image: &Image, replicas: &[i32]) -> Vec<BrokerId> {
     replicas
         .iter()
         .filter(|r| image.brokers.get(r).is_none_or(|b| b.fenced))
@@ -67,7 +86,13 @@ fn ids(v: &[i32]) -> Vec<BrokerId> {
     v.iter().map(|&r| BrokerId(r)).collect()
 }
 
-fn topic_entry(image: &Image, name: &str, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
+fn topic_entry(
+    image: &Image,
+    name: &str,
+    t: &TopicMeta,
+    version: i16,
+    operations: i32,
+) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_error_code(NONE)
         .with_name(Some(TopicName(StrBytes::from_string(name.to_string()))))
@@ -77,7 +102,7 @@ fn topic_entry(image: &Image, name: &str, t: &TopicMeta, version: i16) -> Metada
             uuid::Uuid::nil()
         })
         .with_is_internal(t.internal)
-        .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_topic_authorized_operations(operations)
         .with_partitions(
             t.partitions
                 .iter()
@@ -102,12 +127,17 @@ fn topic_entry(image: &Image, name: &str, t: &TopicMeta, version: i16) -> Metada
         )
 }
 
-fn topic_error(name: Option<String>, id: uuid::Uuid, code: i16) -> MetadataResponseTopic {
+fn topic_error(
+    name: Option<String>,
+    id: uuid::Uuid,
+    code: i16,
+    operations: i32,
+) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_error_code(code)
         .with_name(name.map(|n| TopicName(StrBytes::from_string(n))))
         .with_topic_id(id)
-        .with_topic_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED)
+        .with_topic_authorized_operations(operations)
 }
 
 pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
@@ -117,11 +147,22 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
     let mut image = s.image();
     let auto =
         s.config.auto_create_topics && (frame.api_version < 4 || req.allow_auto_topic_creation);
+    // v8+: authorized operations on request; without an authorizer, all of them (as Kafka).
+    let topic_ops = if version >= 8 && req.include_topic_authorized_operations {
+        TOPIC_OPERATIONS_ALL
+    } else {
+        AUTHORIZED_OPERATIONS_OMITTED
+    };
+    let cluster_ops = if (8..=10).contains(&version) && req.include_cluster_authorized_operations {
+        CLUSTER_OPERATIONS_ALL
+    } else {
+        AUTHORIZED_OPERATIONS_OMITTED
+    };
     let topics: Vec<MetadataResponseTopic> = match &req.topics {
         None => image
             .topics
             .iter()
-            .map(|(n, t)| topic_entry(&image, n, t, version))
+            .map(|(n, t)| topic_entry(&image, n, t, version, topic_ops))
             .collect(),
         Some(list) => {
             if auto {
@@ -142,6 +183,7 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
                         t.name.as_ref().map(|n| n.0.to_string()),
                         t.topic_id,
                         version,
+                        topic_ops,
                     )
                 })
                 .collect()
@@ -163,7 +205,7 @@ pub async fn handle_metadata(frame: RequestFrame) -> Result<Response, String> {
         .with_cluster_id(Some(StrBytes::from_string(s.cluster_id.to_string())))
         .with_controller_id(BrokerId(image.controller_id))
         .with_topics(topics)
-        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
+        .with_cluster_authorized_operations(cluster_ops);
     respond(&frame, OutBuf::new(), &resp)
 }
 
@@ -172,30 +214,60 @@ fn lookup(
     name: Option<String>,
     id: uuid::Uuid,
     version: i16,
+    operations: i32,
 ) -> MetadataResponseTopic {
     match name {
         Some(n) => match image.topics.get(&n) {
-            Some(t) => topic_entry(image, &n, t, version),
+            Some(t) => topic_entry(image, &n, t, version, operations),
             None => {
                 let code = if validate_topic_name(&n).is_err() {
                     INVALID_TOPIC_EXCEPTION
                 } else {
                     UNKNOWN_TOPIC_OR_PARTITION
                 };
-                topic_error(Some(n), uuid::Uuid::nil(), code)
+                topic_error(Some(n), uuid::Uuid::nil(), code, operations)
             }
         },
         None => match image.topic_by_id(id) {
-            Some((n, t)) => topic_entry(image, n, t, version),
-            None => topic_error(None, id, UNKNOWN_TOPIC_ID),
+            Some((n, t)) => topic_entry(image, n, t, version, operations),
+            // As Kafka: unknown ids get no authorized operations.
+            None => topic_error(None, id, UNKNOWN_TOPIC_ID, AUTHORIZED_OPERATIONS_OMITTED),
         },
     }
 }
 
 pub fn handle_describe_cluster(frame: RequestFrame) -> Result<Response, String> {
+    let req: DescribeClusterRequest = decode(&frame)?;
+    // KIP-919 (v1): a broker answers for brokers (endpoint type 1) only; v0 requests always
+    // carry 1.
+    if req.endpoint_type != ENDPOINT_TYPE_BROKER {
+        let (code, message) = if req.endpoint_type == ENDPOINT_TYPE_CONTROLLER {
+            (
+                MISMATCHED_ENDPOINT_TYPE,
+                "The request was sent to an endpoint of type broker, but we wanted an endpoint of type controller".to_string(),
+            )
+        } else {
+            (
+                UNSUPPORTED_ENDPOINT_TYPE,
+                format!("Unsupported endpoint type {}", req.endpoint_type),
+            )
+        };
+        let code = if frame.api_version == 0 {
+            INVALID_REQUEST
+        } else {
+            code
+        };
+        let resp = DescribeClusterResponse::default()
+            .with_error_code(code)
+            .with_error_message(Some(StrBytes::from_string(message)))
+            .with_endpoint_type(ENDPOINT_TYPE_BROKER)
+            .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
+        return respond(&frame, OutBuf::new(), &resp);
+    }
     let s = shard();
     let image = s.image();
     let resp = DescribeClusterResponse::default()
+        .with_endpoint_type(ENDPOINT_TYPE_BROKER)
         .with_cluster_id(StrBytes::from_string(s.cluster_id.to_string()))
         .with_controller_id(BrokerId(image.controller_id))
         .with_brokers(
@@ -210,6 +282,10 @@ pub fn handle_describe_cluster(frame: RequestFrame) -> Result<Response, String> 
                 })
                 .collect(),
         )
-        .with_cluster_authorized_operations(AUTHORIZED_OPERATIONS_OMITTED);
+        .with_cluster_authorized_operations(if req.include_cluster_authorized_operations {
+            CLUSTER_OPERATIONS_ALL
+        } else {
+            AUTHORIZED_OPERATIONS_OMITTED
+        });
     respond(&frame, OutBuf::new(), &resp)
 }

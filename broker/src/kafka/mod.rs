@@ -11,6 +11,7 @@ pub mod admin;
 pub mod alter_configs;
 pub mod consumer_group;
 pub mod delete_records;
+pub mod describe_topic_partitions;
 pub mod elect_leaders;
 pub mod errors;
 pub mod fetch;
@@ -20,9 +21,11 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod log_dirs;
 pub mod metadata;
+pub mod offset_for_leader_epoch;
 pub mod outcome;
 pub mod produce;
 pub mod reassign;
+pub mod topics;
 pub mod txn;
 
 use bytes::Bytes;
@@ -45,8 +48,10 @@ pub async fn dispatch(frame: RequestFrame) -> Result<Pending, String> {
         ApiKey::Produce => produce::handle(frame).await,
         ApiKey::Fetch => ready(fetch::handle(frame).await),
         ApiKey::ListOffsets => ready(list_offsets::handle(frame).await),
+        ApiKey::OffsetForLeaderEpoch => ready(offset_for_leader_epoch::handle(frame).await),
         ApiKey::DeleteRecords => ready(delete_records::handle(frame).await),
         ApiKey::Metadata => ready(metadata::handle_metadata(frame).await),
+        ApiKey::DescribeTopicPartitions => ready(describe_topic_partitions::handle(frame)),
         ApiKey::ApiVersions => ready(metadata::handle_api_versions(frame)),
         ApiKey::DescribeCluster => ready(metadata::handle_describe_cluster(frame)),
         ApiKey::CreateTopics => ready(admin::handle_create_topics(frame).await),

@@ -80,4 +80,6 @@ nested!(
     TxnOffsetCommitResponse => |r| r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
     WriteTxnMarkersResponse => |r| r.markers.iter().flat_map(|m| m.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code))),
     DescribeTransactionsResponse => |r| r.transaction_states.iter().map(|t| t.error_code),
+    DescribeTopicPartitionsResponse => |r| r.topics.iter().map(|t| t.error_code),
+    OffsetForLeaderEpochResponse => |r| r.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error_code)),
 );

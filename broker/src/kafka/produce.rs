@@ -1,13 +1,19 @@
-//! Produce v3-9. Batches are validated on the shard that read the request (CRC32C and header
+//! Produce v3-11. Batches are validated on the shard that read the request (CRC32C and header
 //! checks, no record decoding), grouped by owner shard, and appended there in one message per
 //! shard. acks=all answers after the owner's group-commit fdatasync.
+//!
+//! v10 (KIP-951) answers NOT_LEADER_OR_FOLLOWER with the partition's current leader and its
+//! endpoint. v11 only lets the broker answer TRANSACTION_ABORTABLE (KIP-890) where older
+//! versions get INVALID_TXN_STATE: Kafka gives either only when its produce-side transaction
+//! verification fails, which Weir does not do, so v11 is answered exactly as v10.
 
 use std::collections::BTreeMap;
 
 use futures::channel::oneshot;
 use futures::FutureExt;
 use kafka_protocol::messages::produce_response::{
-    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+    BatchIndexAndErrorMessage, LeaderIdAndEpoch, NodeEndpoint, PartitionProduceResponse,
+    TopicProduceResponse,
 };
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::protocol::StrBytes;
@@ -309,17 +315,48 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                 }
             }
         }
-        let resp = ProduceResponse::default().with_responses(
-            names
-                .into_iter()
-                .zip(results)
-                .map(|(name, partition_responses)| {
-                    TopicProduceResponse::default()
-                        .with_name(name)
-                        .with_partition_responses(partition_responses)
-                })
-                .collect(),
-        );
+        // KIP-951 (v10+): where the leader is, for a producer that asked the wrong broker.
+        let mut endpoints = super::topics::NodeEndpoints::default();
+        if frame.api_version >= 10 {
+            let image = shard().image();
+            for (name, row) in names.iter().zip(&mut results) {
+                for p in row
+                    .iter_mut()
+                    .filter(|p| p.error_code == NOT_LEADER_OR_FOLLOWER)
+                {
+                    let (leader, epoch, endpoint) =
+                        super::topics::current_leader(&image, name.0.as_str(), p.index);
+                    p.current_leader = LeaderIdAndEpoch::default()
+                        .with_leader_id(leader.into())
+                        .with_leader_epoch(epoch);
+                    endpoints.add(leader, endpoint);
+                }
+            }
+        }
+        let resp = ProduceResponse::default()
+            .with_responses(
+                names
+                    .into_iter()
+                    .zip(results)
+                    .map(|(name, partition_responses)| {
+                        TopicProduceResponse::default()
+                            .with_name(name)
+                            .with_partition_responses(partition_responses)
+                    })
+                    .collect(),
+            )
+            .with_node_endpoints(
+                endpoints
+                    .into_entries()
+                    .map(|(id, (host, port, rack))| {
+                        NodeEndpoint::default()
+                            .with_node_id(id.into())
+                            .with_host(StrBytes::from_string(host))
+                            .with_port(port)
+                            .with_rack(rack.map(StrBytes::from_string))
+                    })
+                    .collect(),
+            );
         match respond(&frame, OutBuf::new(), &resp) {
             Ok(r) => r,
             Err(e) => {

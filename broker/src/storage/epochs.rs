@@ -69,6 +69,49 @@ impl EpochCache {
         (found, end)
     }
 
+    /// OffsetForLeaderEpoch on a leader, answered as Kafka's `endOffsetFor` over the cache Kafka's
+    /// leader would hold: entries wholly below `log_start` dropped and the one holding it moved
+    /// to start there (Kafka truncates its cache from the start with the log), and the leader's
+    /// `current_epoch` starting at `log_end` when no batch of it is written yet (Kafka assigns it
+    /// on election, at the log end). Then: the latest epoch ends at `log_end`; an older one at
+    /// the start of the next known epoch, answered with the largest known epoch <= it (or the
+    /// asked epoch itself when it is older than everything kept); (-1, -1) for epoch -1 or one
+    /// newer than every known epoch.
+    pub fn leader_end_offset_for(
+        &self,
+        epoch: i32,
+        current_epoch: i32,
+        log_start: i64,
+        log_end: i64,
+    ) -> (i32, i64) {
+        if epoch == -1 {
+            return (-1, -1);
+        }
+        // The entry holding the log start, and every later one.
+        let first = self
+            .entries
+            .partition_point(|&(_, s)| s <= log_start)
+            .saturating_sub(1);
+        let mut view: Vec<(i32, i64)> = self.entries[first.min(self.entries.len())..].to_vec();
+        if let Some(e) = view.first_mut() {
+            e.1 = e.1.max(log_start);
+        }
+        if current_epoch >= 0 && view.last().is_none_or(|&(e, _)| e < current_epoch) {
+            view.push((current_epoch, log_end));
+        }
+        if view.last().is_some_and(|&(e, _)| e == epoch) {
+            return (epoch, log_end);
+        }
+        let higher = view.partition_point(|&(e, _)| e <= epoch);
+        let Some(&(_, next_start)) = view.get(higher) else {
+            return (-1, -1);
+        };
+        match higher.checked_sub(1).map(|i| view[i]) {
+            Some((floor, _)) => (floor, next_start),
+            None => (epoch, next_start),
+        }
+    }
+
     /// Drops the entries of batches at or past `end` (a truncated log end).
     pub fn truncate_from_end(&mut self, end: i64) {
         let before = self.entries.len();
@@ -166,6 +209,34 @@ mod tests {
         c.truncate_from_end(150);
         assert_eq!(c.entries(), &[(0, 0), (3, 100)]);
         assert_eq!(c.end_offset_for(5, 120), (3, 120));
+    }
+
+    #[test]
+    fn leader_end_offsets_follow_kafkas_leader_cache() {
+        let mut c = EpochCache::default();
+        // An empty log whose leader is in epoch 2: Kafka's cache holds (2, 0).
+        assert_eq!(c.leader_end_offset_for(2, 2, 0, 0), (2, 0));
+        assert_eq!(c.leader_end_offset_for(1, 2, 0, 0), (1, 0));
+        assert_eq!(c.leader_end_offset_for(3, 2, 0, 0), (-1, -1));
+        assert_eq!(c.leader_end_offset_for(-1, 2, 0, 0), (-1, -1));
+        c.assign(0, 0);
+        c.assign(3, 100);
+        c.assign(5, 150);
+        // Leader in epoch 5 (written): the latest ends at the log end.
+        assert_eq!(c.leader_end_offset_for(5, 5, 0, 200), (5, 200));
+        assert_eq!(c.leader_end_offset_for(4, 5, 0, 200), (3, 150));
+        assert_eq!(c.leader_end_offset_for(0, 5, 0, 200), (0, 100));
+        assert_eq!(c.leader_end_offset_for(6, 5, 0, 200), (-1, -1));
+        // Leader elected in epoch 7, nothing written in it yet.
+        assert_eq!(c.leader_end_offset_for(7, 7, 0, 200), (7, 200));
+        assert_eq!(c.leader_end_offset_for(5, 7, 0, 200), (5, 200));
+        assert_eq!(c.leader_end_offset_for(6, 7, 0, 200), (5, 200));
+        // The log start moved to 120: epoch 0 is gone, epoch 3 starts at 120.
+        assert_eq!(c.leader_end_offset_for(0, 5, 120, 200), (0, 120));
+        assert_eq!(c.leader_end_offset_for(3, 5, 120, 200), (3, 150));
+        // ... and to 150: only epoch 5 is left.
+        assert_eq!(c.leader_end_offset_for(3, 5, 150, 200), (3, 150));
+        assert_eq!(c.leader_end_offset_for(5, 5, 150, 200), (5, 200));
     }
 
     #[test]

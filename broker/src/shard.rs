@@ -2179,7 +2179,8 @@ async fn read_disk(p: &Rc<Partition>, offset: i64, max_bytes: usize) -> Result<O
     let mut range = p.log.borrow().locate(offset);
     // Bounded by the number of segments.
     while let Some(r) = range {
-        if let Some(b) = log::read_from_disk(&r, offset, max_bytes).await? {
+        if let Some((start, b)) = log::read_from_disk_at(&r, offset, max_bytes).await? {
+            p.log.borrow().note_read(&r, offset, start, &b);
             return Ok(Some(b));
         }
         range = r

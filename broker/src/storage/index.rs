@@ -71,6 +71,34 @@ impl SegmentIndex {
         }
     }
 
+    /// Thins a sealed segment's in-memory index to one offset entry per `stride_bytes` of log
+    /// (and as many time entries), so the memory every sealed segment keeps does not grow with
+    /// its batch count. The files on disk keep every entry. Lookups stay correct: each answer
+    /// is a position or offset at or before the exact one, and readers scan forward from it.
+    pub fn thin(&mut self, stride_bytes: u32) {
+        let before = self.offsets.len();
+        let mut last_kept: Option<u32> = None;
+        self.offsets.retain(|&(_, pos)| {
+            let keep = last_kept.is_none_or(|p| pos >= p.saturating_add(stride_bytes));
+            if keep {
+                last_kept = Some(pos);
+            }
+            keep
+        });
+        let kept = self.offsets.len().max(1);
+        let step = before.div_ceil(kept).max(1);
+        if step > 1 {
+            let mut i = 0usize;
+            self.times.retain(|_| {
+                let keep = i % step == 0;
+                i += 1;
+                keep
+            });
+        }
+        self.offsets.shrink_to_fit();
+        self.times.shrink_to_fit();
+    }
+
     pub fn encode_offsets(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.offsets.len() * 8);
         for &(o, p) in &self.offsets {
@@ -132,6 +160,29 @@ impl SegmentIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thinning_keeps_lookups_at_or_before_the_exact_answer() {
+        let mut full = SegmentIndex::default();
+        // 2000 batches of 1000 bytes, 10 offsets each: an entry per batch at interval 1000.
+        for i in 0..2000u32 {
+            full.on_append(i * 10, i * 1000, 1000, 1_000 + i as i64, 1000);
+        }
+        let mut thin = full.clone();
+        thin.thin(64 * 1024);
+        assert!(thin.offsets.len() <= 2000 * 1000 / (64 * 1024) + 1, "{}", thin.offsets.len());
+        assert!(thin.times.len() <= thin.offsets.len() + 1);
+        assert_eq!(thin.offsets[0], full.offsets[0]);
+        for rel in (0..20_000u32).step_by(7) {
+            let exact = full.position_for(rel);
+            let got = thin.position_for(rel);
+            assert!(got <= exact, "offset {rel}: {got} > {exact}");
+            assert!(exact - got < 64 * 1024 + 1000, "offset {rel}: {got} far before {exact}");
+        }
+        for ts in (900..3_100i64).step_by(13) {
+            assert!(thin.offset_for_time(ts) <= full.offset_for_time(ts), "ts {ts}");
+        }
+    }
 
     #[test]
     fn sparse_entries_and_lookup() {

@@ -31,6 +31,26 @@ use crate::config::LogConfig;
 pub const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
 /// One DMA write carries at most this many bytes of pending batches (plus one batch).
 pub const WRITE_CHUNK_BYTES: usize = 4 << 20;
+/// A sealed segment keeps one in-memory offset index entry per this many bytes of log (its
+/// index files keep them all): about 24 bytes per 256 KiB, instead of per indexed batch.
+pub const SEALED_INDEX_STRIDE_BYTES: u32 = 256 << 10;
+/// Where recent disk reads ended, so a sequential reader continues at the exact position
+/// instead of scanning from a thinned index entry. Kept per log, replaced round-robin.
+const READ_HINTS: usize = 4;
+
+/// A disk read that ended at `pos` of segment `segment_base`, where `next_offset` begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ReadHint {
+    segment_base: i64,
+    next_offset: i64,
+    pos: u64,
+}
+
+const NO_HINT: ReadHint = ReadHint {
+    segment_base: -1,
+    next_offset: -1,
+    pos: 0,
+};
 /// Recovery reads segments in chunks of this size.
 const SCAN_CHUNK_BYTES: usize = 4 << 20;
 
@@ -184,6 +204,9 @@ pub struct PartitionLog {
     pub synced_bytes: u64,
     /// Open transactions: first offset -> producer id (the oldest holds back the LSO).
     ongoing: BTreeMap<i64, i64>,
+    /// Where recent disk reads ended (`READ_HINTS`); cleared when a segment is rewritten.
+    read_hints: std::cell::Cell<[ReadHint; READ_HINTS]>,
+    read_hint_next: std::cell::Cell<usize>,
     /// Unique per opened log: a truncation or reset reopens the log with a new one, so a sync
     /// that started before it does not move the new log's durable offset.
     pub instance: u64,
@@ -270,11 +293,16 @@ impl PartitionLog {
             ongoing: BTreeMap::new(),
             cleaned_offset: super::compact::read_checkpoint(&dir).unwrap_or(0),
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            read_hints: std::cell::Cell::new([NO_HINT; READ_HINTS]),
+            read_hint_next: std::cell::Cell::new(0),
         };
         let count = listing.len();
         for (i, &(base, file_bytes)) in listing.iter().enumerate() {
             let is_last = i + 1 == count;
-            let seg = open_segment(&dir, base, file_bytes, !is_last || clean).await?;
+            let mut seg = open_segment(&dir, base, file_bytes, !is_last || clean).await?;
+            if !is_last {
+                seg.index.thin(SEALED_INDEX_STRIDE_BYTES);
+            }
             if let Some(prev) = log.segments.values().next_back() {
                 if seg.base_offset < prev.next_offset {
                     bail!(
@@ -650,7 +678,8 @@ impl PartitionLog {
         let mut range = self.locate(offset);
         // Bounded by the number of segments.
         while let Some(r) = range {
-            if let Some(b) = read_from_disk(&r, offset, max_bytes).await? {
+            if let Some((start, b)) = read_from_disk_at(&r, offset, max_bytes).await? {
+                self.note_read(&r, offset, start, &b);
                 return Ok(Some(b));
             }
             range = r.next_segment.and_then(|next| self.locate_segment(next));
@@ -797,7 +826,10 @@ impl PartitionLog {
         seg.next_offset = old.next_offset;
         seg.created_ms = old.created_ms;
         seg.aborted = std::mem::take(&mut old.aborted);
+        seg.index.thin(SEALED_INDEX_STRIDE_BYTES);
         *old = seg;
+        // Positions in the rewritten segment moved.
+        l.read_hints.set([NO_HINT; READ_HINTS]);
         Ok(())
     }
 
@@ -1092,6 +1124,10 @@ impl PartitionLog {
         zero.quiesce().await;
         PartitionLog::write_all(log).await?;
         let (_, dir) = PartitionLog::seal_active(log).await?;
+        log.borrow_mut()
+            .active_mut()
+            .index
+            .thin(SEALED_INDEX_STRIDE_BYTES);
         let new_base = log.borrow().log_end_offset;
         let seg = create_segment(&dir, new_base).await?;
         let mut l = log.borrow_mut();
@@ -1220,17 +1256,24 @@ impl PartitionLog {
             .range(..=offset)
             .next_back()
             .or_else(|| self.segments.iter().next())?;
-        let pos = if offset >= seg.base_offset {
+        let mut pos = if offset >= seg.base_offset {
             seg.index.position_for(seg.rel(offset)) as u64
         } else {
             0
         };
+        let end = seg.written.min(seg.size);
+        if let Some(h) = self.read_hints.get().iter().find(|h| {
+            h.segment_base == seg.base_offset && h.next_offset == offset && h.pos <= end
+        }) {
+            pos = pos.max(h.pos);
+        }
         // The range may be empty (a segment emptied by recovery, or an offset in a hole left
         // by a truncated one): readers then step on to `next_segment`.
         Some(DiskRange {
             file: seg.file.clone(),
+            segment_base: seg.base_offset,
             pos,
-            end: seg.written.min(seg.size),
+            end,
             next_segment: self
                 .segments
                 .range(seg.base_offset + 1..)
@@ -1239,11 +1282,38 @@ impl PartitionLog {
         })
     }
 
+    /// Records where a disk read of `range` for `offset` ended (`bytes` read from `start`), so
+    /// that a reader asking for the next offset continues there. The hint that led to this
+    /// read moves on; otherwise the oldest one is replaced.
+    pub fn note_read(&self, range: &DiskRange, offset: i64, start: u64, bytes: &[u8]) {
+        let Some(next_offset) = next_offset_after(bytes) else {
+            return;
+        };
+        let hint = ReadHint {
+            segment_base: range.segment_base,
+            next_offset,
+            pos: start + bytes.len() as u64,
+        };
+        let mut hints = self.read_hints.get();
+        if let Some(h) = hints
+            .iter_mut()
+            .find(|h| h.segment_base == hint.segment_base && h.next_offset == offset)
+        {
+            *h = hint;
+        } else {
+            let i = self.read_hint_next.get();
+            hints[i % READ_HINTS] = hint;
+            self.read_hint_next.set((i + 1) % READ_HINTS);
+        }
+        self.read_hints.set(hints);
+    }
+
     /// Like `locate`, from the start of a given segment (used to step over empty ranges).
     pub fn locate_segment(&self, base: i64) -> Option<DiskRange> {
         let seg = self.segments.get(&base)?;
         Some(DiskRange {
             file: seg.file.clone(),
+            segment_base: base,
             pos: 0,
             end: seg.written.min(seg.size),
             next_segment: self.segments.range(base + 1..).next().map(|(b, _)| *b),
@@ -1318,6 +1388,7 @@ fn batch_meta(h: &Header<'_>) -> BatchMeta {
 
 pub struct DiskRange {
     pub file: Rc<SegmentFile>,
+    pub segment_base: i64,
     pub pos: u64,
     pub end: u64,
     pub next_segment: Option<i64>,
@@ -1668,6 +1739,34 @@ pub async fn read_from_disk(
     offset: i64,
     max_bytes: usize,
 ) -> Result<Option<Bytes>> {
+    Ok(read_from_disk_at(range, offset, max_bytes)
+        .await?
+        .map(|(_, b)| b))
+}
+
+/// The offset after the last whole batch in `bytes` (batches back to back).
+fn next_offset_after(bytes: &[u8]) -> Option<i64> {
+    let mut at = 0usize;
+    let mut next = None;
+    // Bounded: every step moves past one batch of at least a header.
+    while at < bytes.len() {
+        let h = Header::new(&bytes[at..])?;
+        let total = h.total_bytes()?;
+        if at + total > bytes.len() {
+            break;
+        }
+        next = Some(h.last_offset() + 1);
+        at += total;
+    }
+    next
+}
+
+/// Like `read_from_disk`, also returning the file position the bytes start at.
+pub async fn read_from_disk_at(
+    range: &DiskRange,
+    offset: i64,
+    max_bytes: usize,
+) -> Result<Option<(u64, Bytes)>> {
     let mut pos = range.pos;
     loop {
         if pos >= range.end {
@@ -1699,7 +1798,7 @@ pub async fn read_from_disk(
                     if whole.len() < total {
                         bail!("short read of a batch on disk");
                     }
-                    return Ok(Some(Bytes::copy_from_slice(&whole)));
+                    return Ok(Some((pos + at as u64, Bytes::copy_from_slice(&whole))));
                 }
                 break;
             }
@@ -1709,7 +1808,9 @@ pub async fn read_from_disk(
             at += total;
         }
         match start {
-            Some(s) if at > s => return Ok(Some(Bytes::copy_from_slice(&chunk[s..at]))),
+            Some(s) if at > s => {
+                return Ok(Some((pos + s as u64, Bytes::copy_from_slice(&chunk[s..at]))))
+            }
             _ => {
                 if at == 0 {
                     bail!("cannot parse batch on disk at {pos}");
@@ -1817,6 +1918,83 @@ mod tests {
             drop(log);
             let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 412);
+        });
+    }
+
+    /// Sealed segments keep a thinned in-memory index (one entry per
+    /// SEALED_INDEX_STRIDE_BYTES), after a roll and after a reopen. Reads at any offset still
+    /// start at the batch holding it, and a sequential reader continues exactly where its last
+    /// read ended (the read hint), not at the thinned entry before it.
+    #[test]
+    fn sealed_indexes_are_thinned_and_reads_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 1 << 20;
+            cfg.index_interval_bytes = 1000;
+            let log = open_log(&path, &cfg, true).await;
+            append_n(&log, 6000).await;
+            flush(&log).await;
+            let end = log.borrow().log_end_offset;
+            assert_eq!(end, 24_000);
+            let check = |log: &RefCell<PartitionLog>| {
+                let l = log.borrow();
+                let sealed: Vec<&Segment> =
+                    l.segments.values().take(l.segments.len() - 1).collect();
+                assert!(sealed.len() >= 2, "{} segments", l.segments.len());
+                let bound = (1usize << 20) / SEALED_INDEX_STRIDE_BYTES as usize + 1;
+                for seg in sealed {
+                    assert!(
+                        seg.index.offsets.len() <= bound,
+                        "segment {}: {} entries",
+                        seg.base_offset,
+                        seg.index.offsets.len()
+                    );
+                }
+                // The active segment keeps every entry (about one per 1000 bytes).
+                assert!(l.active().index.offsets.len() > 100);
+            };
+            for reopen in [false, true] {
+                if reopen {
+                    PartitionLog::close(&log).await.unwrap();
+                    let reopened = open_log(&path, &cfg, true).await;
+                    *log.borrow_mut() = reopened.into_inner();
+                }
+                check(&log);
+                // Any offset: the first batch returned holds it.
+                for offset in (0..end).step_by(37) {
+                    let got = log.borrow().read_batches(offset, 1).await.unwrap().unwrap();
+                    let h = Header::new(&got).unwrap();
+                    assert!(
+                        h.base_offset() <= offset && offset <= h.last_offset(),
+                        "offset {offset}: batch {}-{}",
+                        h.base_offset(),
+                        h.last_offset()
+                    );
+                }
+                // Sequentially, in reads of a few batches: each read starts exactly where
+                // the previous one ended.
+                let mut offset = 0;
+                let mut ended_at: Option<(i64, u64)> = None;
+                while offset < end {
+                    let range = log.borrow().locate(offset).unwrap();
+                    if let Some((base, pos)) = ended_at {
+                        if base == range.segment_base {
+                            assert_eq!(range.pos, pos, "offset {offset}");
+                        }
+                    }
+                    let (start, got) = read_from_disk_at(&range, offset, 2000)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    log.borrow().note_read(&range, offset, start, &got);
+                    assert_eq!(Header::new(&got).unwrap().base_offset(), offset);
+                    ended_at = Some((range.segment_base, start + got.len() as u64));
+                    offset = next_offset_after(&got).unwrap();
+                }
+                assert_eq!(offset, end);
+            }
         });
     }
 

@@ -367,6 +367,110 @@ mod raw_errors {
         r.topics[0].partitions[0].error_code
     }
 
+    /// JoinGroup 9 (KIP-814): a static leader that rejoins a stable group with the same
+    /// metadata gets the members and `skip_assignment`, with no rebalance; at v7 it gets no
+    /// members. Its SyncGroup is answered with the assignment it had. JoinGroup 8 and
+    /// LeaveGroup 5 carry reasons (KIP-800).
+    #[test]
+    fn static_leader_rejoin_skips_assignment_and_reasons_are_taken() {
+        use kafka_protocol::messages::leave_group_request::MemberIdentity;
+        use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+        let (b, _conf) = super::broker();
+        let mut c = Conn::new(&b.bootstrap());
+        let meta = Bytes::from_static(&[0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let join_static = |c: &mut Conn, version: i16| -> JoinGroupResponse {
+            let req = JoinGroupRequest::default()
+                .with_group_id(GroupId(s("sg")))
+                .with_session_timeout_ms(10_000)
+                .with_rebalance_timeout_ms(10_000)
+                .with_member_id(s(""))
+                .with_group_instance_id(Some(s("i1")))
+                .with_protocol_type(s("consumer"))
+                .with_reason(Some(s("starting")))
+                .with_protocols(vec![JoinGroupRequestProtocol::default()
+                    .with_name(s("range"))
+                    .with_metadata(meta.clone())]);
+            c.call(ApiKey::JoinGroup, version, &req)
+        };
+        let first = join_static(&mut c, 9);
+        assert_eq!(first.error_code, 0);
+        let m1 = first.member_id.to_string();
+        assert_eq!(first.leader.as_str(), m1);
+        assert_eq!(first.members.len(), 1);
+        assert!(!first.skip_assignment, "the first join assigns");
+        let generation = first.generation_id;
+        let assignment = Bytes::from_static(b"the-assignment");
+        let sync: SyncGroupResponse = c.call(
+            ApiKey::SyncGroup,
+            5,
+            &SyncGroupRequest::default()
+                .with_group_id(GroupId(s("sg")))
+                .with_generation_id(generation)
+                .with_member_id(s(&m1))
+                .with_group_instance_id(Some(s("i1")))
+                .with_assignments(vec![SyncGroupRequestAssignment::default()
+                    .with_member_id(s(&m1))
+                    .with_assignment(assignment.clone())]),
+        );
+        assert_eq!(
+            (sync.error_code, sync.assignment.clone()),
+            (0, assignment.clone())
+        );
+
+        // The static leader comes back with a new member id: v9 gets the members and
+        // skip_assignment, the generation does not move.
+        let again = join_static(&mut c, 9);
+        assert_eq!(again.error_code, 0);
+        let m2 = again.member_id.to_string();
+        assert_ne!(m2, m1);
+        assert_eq!(again.leader.as_str(), m2);
+        assert_eq!(again.generation_id, generation, "no rebalance");
+        assert!(again.skip_assignment);
+        assert_eq!(again.members.len(), 1);
+        assert_eq!(again.members[0].member_id.as_str(), m2);
+        // At v7 the same rejoin gets no members to assign.
+        let old = join_static(&mut c, 7);
+        assert_eq!(old.error_code, 0);
+        let m3 = old.member_id.to_string();
+        assert_eq!(old.leader.as_str(), m3);
+        assert!(old.members.is_empty());
+        assert_eq!(old.generation_id, generation);
+        // Its SyncGroup in the stable group gets the assignment it had, not a new one.
+        let sync: SyncGroupResponse = c.call(
+            ApiKey::SyncGroup,
+            5,
+            &SyncGroupRequest::default()
+                .with_group_id(GroupId(s("sg")))
+                .with_generation_id(generation)
+                .with_member_id(s(&m3))
+                .with_group_instance_id(Some(s("i1")))
+                .with_assignments(vec![SyncGroupRequestAssignment::default()
+                    .with_member_id(s(&m3))
+                    .with_assignment(Bytes::from_static(b"other"))]),
+        );
+        assert_eq!((sync.error_code, sync.assignment), (0, assignment));
+
+        // LeaveGroup 5 with a reason; the group is then empty.
+        let left: LeaveGroupResponse = c.call(
+            ApiKey::LeaveGroup,
+            5,
+            &LeaveGroupRequest::default()
+                .with_group_id(GroupId(s("sg")))
+                .with_members(vec![MemberIdentity::default()
+                    .with_member_id(s(&m3))
+                    .with_group_instance_id(Some(s("i1")))
+                    .with_reason(Some(s("shutting down")))]),
+        );
+        assert_eq!(left.error_code, 0);
+        assert_eq!(left.members[0].error_code, 0);
+        let described: DescribeGroupsResponse = c.call(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default().with_groups(vec![GroupId(s("sg"))]),
+        );
+        assert_eq!(described.groups[0].group_state.as_str(), "Empty");
+    }
+
     #[test]
     fn group_errors_are_kafka_codes() {
         let (b, _conf) = super::broker();

@@ -780,13 +780,21 @@ impl Shard {
                             }
                             if g.state == State::Stable && unchanged {
                                 // As Kafka: no rebalance; the new member id is persisted so the
-                                // instance is not fenced after a broker restart.
+                                // instance is not fenced after a broker restart. A rejoining
+                                // leader must not assign again (its SyncGroup is answered with
+                                // its current assignment anyway): from v9 it gets the members
+                                // with `skip_assignment` (KIP-814), so it can still watch their
+                                // subscriptions; before v9 it gets no members.
                                 tracing::info!(group = %g.id, instance = %inst, leader = was_leader, "static member rejoined; assignment kept, no rebalance");
-                                break 'join JoinOutcome::Persist(
-                                    join_response(g, &new_id, a.version),
-                                    g.value(),
-                                    g.partition,
-                                );
+                                let mut r = join_response(g, &new_id, a.version);
+                                if was_leader {
+                                    if a.version >= 9 {
+                                        r.skip_assignment = true;
+                                    } else {
+                                        r.members.clear();
+                                    }
+                                }
+                                break 'join JoinOutcome::Persist(r, g.value(), g.partition);
                             }
                             member_id = new_id;
                         }

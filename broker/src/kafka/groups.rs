@@ -1,6 +1,8 @@
-//! Consumer-group APIs: FindCoordinator 0-4, JoinGroup 0-7, SyncGroup 0-5, Heartbeat 0-4,
-//! LeaveGroup 0-4, OffsetCommit 2-8, OffsetFetch 1-8, ListGroups 0-4, DescribeGroups 0-5,
+//! Consumer-group APIs: FindCoordinator 0-5, JoinGroup 0-9, SyncGroup 0-5, Heartbeat 0-4,
+//! LeaveGroup 0-5, OffsetCommit 2-9, OffsetFetch 1-9, ListGroups 0-5, DescribeGroups 0-5,
 //! DeleteGroups 0-2, OffsetDelete 0. Each group's requests run on its coordinator shard.
+//! (JoinGroup 8 and LeaveGroup 5 add a reason, KIP-800, which is logged; JoinGroup 9 adds
+//! `skip_assignment`, KIP-814, see `group::join_response`.)
 
 use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
@@ -137,6 +139,9 @@ pub fn handle_find_coordinator(frame: RequestFrame) -> Result<Response, String> 
 pub async fn handle_join(frame: RequestFrame) -> Result<Response, String> {
     let req: JoinGroupRequest = decode(&frame)?;
     let version = frame.api_version;
+    if let Some(reason) = req.reason.as_ref().filter(|_| version >= 8) {
+        tracing::debug!(group = %req.group_id.0, member = %req.member_id, "join: {}", truncated(reason));
+    }
     let args = JoinArgs {
         group: req.group_id.0.to_string(),
         member_id: req.member_id.to_string(),
@@ -243,6 +248,13 @@ pub async fn handle_leave(frame: RequestFrame) -> Result<Response, String> {
     let req: LeaveGroupRequest = decode(&frame)?;
     let version = frame.api_version;
     let group = req.group_id.0.to_string();
+    if version >= 5 {
+        for m in req.members.iter() {
+            if let Some(reason) = &m.reason {
+                tracing::debug!(group = %req.group_id.0, member = %m.member_id, "leave: {}", truncated(reason));
+            }
+        }
+    }
     let leaving: Vec<(String, Option<String>)> = if version >= 3 {
         req.members
             .iter()
@@ -1034,4 +1046,12 @@ pub async fn handle_offset_delete(frame: RequestFrame) -> Result<Response, Strin
         }
     }
     respond(&frame, OutBuf::new(), &resp)
+}
+
+/// A client-given reason (KIP-800) for a log line: at most 200 characters.
+fn truncated(reason: &str) -> &str {
+    match reason.char_indices().nth(200) {
+        Some((i, _)) => &reason[..i],
+        None => reason,
+    }
 }

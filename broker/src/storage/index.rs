@@ -170,17 +170,27 @@ mod tests {
         }
         let mut thin = full.clone();
         thin.thin(64 * 1024);
-        assert!(thin.offsets.len() <= 2000 * 1000 / (64 * 1024) + 1, "{}", thin.offsets.len());
+        assert!(
+            thin.offsets.len() <= 2000 * 1000 / (64 * 1024) + 1,
+            "{}",
+            thin.offsets.len()
+        );
         assert!(thin.times.len() <= thin.offsets.len() + 1);
         assert_eq!(thin.offsets[0], full.offsets[0]);
         for rel in (0..20_000u32).step_by(7) {
             let exact = full.position_for(rel);
             let got = thin.position_for(rel);
             assert!(got <= exact, "offset {rel}: {got} > {exact}");
-            assert!(exact - got < 64 * 1024 + 1000, "offset {rel}: {got} far before {exact}");
+            assert!(
+                exact - got < 64 * 1024 + 1000,
+                "offset {rel}: {got} far before {exact}"
+            );
         }
         for ts in (900..3_100i64).step_by(13) {
-            assert!(thin.offset_for_time(ts) <= full.offset_for_time(ts), "ts {ts}");
+            assert!(
+                thin.offset_for_time(ts) <= full.offset_for_time(ts),
+                "ts {ts}"
+            );
         }
     }
 

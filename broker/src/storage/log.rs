@@ -1262,9 +1262,11 @@ impl PartitionLog {
             0
         };
         let end = seg.written.min(seg.size);
-        if let Some(h) = self.read_hints.get().iter().find(|h| {
-            h.segment_base == seg.base_offset && h.next_offset == offset && h.pos <= end
-        }) {
+        if let Some(h) =
+            self.read_hints.get().iter().find(|h| {
+                h.segment_base == seg.base_offset && h.next_offset == offset && h.pos <= end
+            })
+        {
             pos = pos.max(h.pos);
         }
         // The range may be empty (a segment emptied by recovery, or an offset in a hole left
@@ -1809,7 +1811,10 @@ pub async fn read_from_disk_at(
         }
         match start {
             Some(s) if at > s => {
-                return Ok(Some((pos + s as u64, Bytes::copy_from_slice(&chunk[s..at]))))
+                return Ok(Some((
+                    pos + s as u64,
+                    Bytes::copy_from_slice(&chunk[s..at]),
+                )))
             }
             _ => {
                 if at == 0 {

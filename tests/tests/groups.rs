@@ -428,11 +428,13 @@ mod raw_errors {
         assert!(again.skip_assignment);
         assert_eq!(again.members.len(), 1);
         assert_eq!(again.members[0].member_id.as_str(), m2);
-        // At v7 the same rejoin gets no members to assign.
+        // At v7 the same rejoin gets no members and, as in Kafka, the leader id from before
+        // the rejoin, so the client does not act as the leader.
         let old = join_static(&mut c, 7);
         assert_eq!(old.error_code, 0);
         let m3 = old.member_id.to_string();
-        assert_eq!(old.leader.as_str(), m3);
+        assert_ne!(m3, m2);
+        assert_eq!(old.leader.as_str(), m2);
         assert!(old.members.is_empty());
         assert_eq!(old.generation_id, generation);
         // Its SyncGroup in the stable group gets the assignment it had, not a new one.

@@ -784,7 +784,9 @@ impl Shard {
                                 // leader must not assign again (its SyncGroup is answered with
                                 // its current assignment anyway): from v9 it gets the members
                                 // with `skip_assignment` (KIP-814), so it can still watch their
-                                // subscriptions; before v9 it gets no members.
+                                // subscriptions; before v9, as Kafka, it gets no members and
+                                // the leader id it had, which is not its new member id, so it
+                                // does not act as the leader.
                                 tracing::info!(group = %g.id, instance = %inst, leader = was_leader, "static member rejoined; assignment kept, no rebalance");
                                 let mut r = join_response(g, &new_id, a.version);
                                 if was_leader {
@@ -792,6 +794,7 @@ impl Shard {
                                         r.skip_assignment = true;
                                     } else {
                                         r.members.clear();
+                                        r.leader = StrBytes::from_string(old.clone());
                                     }
                                 }
                                 break 'join JoinOutcome::Persist(r, g.value(), g.partition);

@@ -461,16 +461,9 @@ pub fn run(config: Config) -> Result<()> {
             life.clone(),
             metrics.clone(),
         );
-        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("weir-shard-{i}"))
-            .io_memory(io_memory);
-        if let Some(us) = std::env::var("WEIR_SPIN_US")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            builder = builder.spin_before_park(std::time::Duration::from_micros(us.min(10_000)));
-        }
-        let h = builder
+            .io_memory(io_memory)
             .spawn(move || async move {
                 shard_main(
                     config,

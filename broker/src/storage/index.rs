@@ -7,11 +7,23 @@
 //!
 //! One entry is added per `index.interval.bytes` of log written. Both live in memory for the
 //! active segment and are written out whole when a segment rolls and at clean shutdown; after an
-//! unclean stop the active segment's indexes are rebuilt while its tail is scanned.
+//! unclean stop the active segment's indexes are rebuilt while its tail is scanned. Only the
+//! newest DENSE_TAIL_ENTRIES of the active segment keep that density in memory (and so in the
+//! files written from it); older entries, and sealed segments' entries, are thinned to one per
+//! THINNED_STRIDE_BYTES, and readers scan forward from the entry they find.
 
 /// At most this many entries per index: Kafka's segment.index.bytes default (10 MiB) / 8.
 /// The segment rolls when either index is full.
 pub const INDEX_ENTRIES_MAX: usize = 10 * 1024 * 1024 / 8;
+/// One offset entry per this many bytes of log is what a thinned index keeps in memory: every
+/// sealed segment, and the older part of the active one.
+pub const THINNED_STRIDE_BYTES: u32 = 256 << 10;
+/// The active segment keeps at least its newest this many entries at full density (every
+/// `index.interval.bytes`); when it holds twice as many, the older ones are thinned. So the
+/// active segment's in-memory index is at most about 24 bytes x (2 x this + segment bytes /
+/// THINNED_STRIDE_BYTES): about 147 KiB per partition for a 1 GiB segment, however small its
+/// batches. Without the bound it grew with the segment's batch count (24 bytes per batch).
+pub const DENSE_TAIL_ENTRIES: usize = 1024;
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct SegmentIndex {
@@ -45,8 +57,33 @@ impl SegmentIndex {
                 self.times.push((max_ts, rel_offset));
             }
             self.bytes_since_entry = 0;
+            if self.offsets.len() >= 2 * DENSE_TAIL_ENTRIES {
+                self.thin_older(THINNED_STRIDE_BYTES, DENSE_TAIL_ENTRIES);
+            }
         }
         self.bytes_since_entry += batch_bytes as u64;
+    }
+
+    /// Thins all but the newest `keep_dense` offset entries (and the time entries before the
+    /// first of those) as `thin` does. Lookups stay at or before the exact answer; the newest
+    /// part of the segment, where tail readers are, keeps its full density.
+    pub fn thin_older(&mut self, stride_bytes: u32, keep_dense: usize) {
+        if self.offsets.len() <= keep_dense {
+            return;
+        }
+        let cut = self.offsets.len() - keep_dense;
+        let dense_from = self.offsets[cut].0;
+        let times_cut = self.times.partition_point(|&(_, o)| o < dense_from);
+        let mut older = SegmentIndex {
+            offsets: self.offsets[..cut].to_vec(),
+            times: self.times[..times_cut].to_vec(),
+            bytes_since_entry: 0,
+        };
+        older.thin(stride_bytes);
+        older.offsets.extend_from_slice(&self.offsets[cut..]);
+        older.times.extend_from_slice(&self.times[times_cut..]);
+        self.offsets = older.offsets;
+        self.times = older.times;
     }
 
     pub fn is_full(&self) -> bool {
@@ -73,7 +110,7 @@ impl SegmentIndex {
 
     /// Thins a sealed segment's in-memory index to one offset entry per `stride_bytes` of log
     /// (and as many time entries), so the memory every sealed segment keeps does not grow with
-    /// its batch count. The files on disk keep every entry. Lookups stay correct: each answer
+    /// its batch count. Lookups stay correct: each answer
     /// is a position or offset at or before the exact one, and readers scan forward from it.
     pub fn thin(&mut self, stride_bytes: u32) {
         let before = self.offsets.len();
@@ -97,6 +134,14 @@ impl SegmentIndex {
         }
         self.offsets.shrink_to_fit();
         self.times.shrink_to_fit();
+        debug_assert!(self
+            .offsets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1));
+        debug_assert!(self
+            .times
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
     }
 
     pub fn encode_offsets(&self) -> Vec<u8> {
@@ -189,6 +234,47 @@ mod tests {
         for ts in (900..3_100i64).step_by(13) {
             assert!(
                 thin.offset_for_time(ts) <= full.offset_for_time(ts),
+                "ts {ts}"
+            );
+        }
+    }
+
+    /// The active segment's index stays bounded however many batches it takes, keeps its
+    /// newest entries exact, and answers older lookups at or before the exact answer.
+    #[test]
+    fn active_index_keeps_a_dense_tail_and_a_bounded_size() {
+        let mut full = SegmentIndex::default();
+        let mut bounded = SegmentIndex::default();
+        // 50,000 batches of 500 bytes (25 MB), an entry per batch: the unbounded index has
+        // 50,000 entries.
+        for i in 0..50_000u32 {
+            full.offsets.push((i * 4, i * 500));
+            full.times.push((1_000 + i as i64, i * 4));
+            bounded.on_append(i * 4, i * 500, 500, 1_000 + i as i64, 1);
+            assert!(
+                bounded.offsets.len()
+                    <= 2 * DENSE_TAIL_ENTRIES
+                        + (i as usize * 500) / THINNED_STRIDE_BYTES as usize
+                        + 1,
+                "after {i} batches: {} entries",
+                bounded.offsets.len()
+            );
+        }
+        assert!(bounded.offsets.len() >= DENSE_TAIL_ENTRIES);
+        assert!(bounded.times.len() <= bounded.offsets.len() + 1);
+        let dense_from = bounded.offsets[bounded.offsets.len() - DENSE_TAIL_ENTRIES].0;
+        for rel in (0..200_000u32).step_by(7) {
+            let exact = full.position_for(rel);
+            let got = bounded.position_for(rel);
+            assert!(got <= exact, "offset {rel}: {got} > {exact}");
+            assert!(exact - got <= THINNED_STRIDE_BYTES + 500, "offset {rel}");
+            if rel >= dense_from {
+                assert_eq!(got, exact, "offset {rel} is in the dense tail");
+            }
+        }
+        for ts in (900..51_100i64).step_by(13) {
+            assert!(
+                bounded.offset_for_time(ts) <= full.offset_for_time(ts),
                 "ts {ts}"
             );
         }

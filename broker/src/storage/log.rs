@@ -31,9 +31,10 @@ use crate::config::LogConfig;
 pub const PREALLOCATE_STEP_BYTES: u64 = 16 << 20;
 /// One DMA write carries at most this many bytes of pending batches (plus one batch).
 pub const WRITE_CHUNK_BYTES: usize = 4 << 20;
-/// A sealed segment keeps one in-memory offset index entry per this many bytes of log (its
-/// index files keep them all): about 24 bytes per 256 KiB, instead of per indexed batch.
-pub const SEALED_INDEX_STRIDE_BYTES: u32 = 256 << 10;
+/// A sealed segment keeps one in-memory offset index entry per this many bytes of log: about
+/// 24 bytes per 256 KiB, instead of per indexed batch (see `index::DENSE_TAIL_ENTRIES` for the
+/// active segment).
+pub const SEALED_INDEX_STRIDE_BYTES: u32 = super::index::THINNED_STRIDE_BYTES;
 /// Where recent disk reads ended, so a sequential reader continues at the exact position
 /// instead of scanning from a thinned index entry. Kept per log, replaced round-robin.
 const READ_HINTS: usize = 4;
@@ -1999,6 +2000,61 @@ mod tests {
                     offset = next_offset_after(&got).unwrap();
                 }
                 assert_eq!(offset, end);
+            }
+        });
+    }
+
+    /// The active segment's in-memory index is bounded too: with an entry per batch
+    /// (index.interval.bytes 1) and 10,000 batches in one segment, it keeps its newest
+    /// DENSE_TAIL_ENTRIES..2x at full density and the rest thinned, instead of 10,000 entries.
+    /// Reads at any offset, and timestamp lookups, still start at or before the right batch,
+    /// before and after a clean reopen (whose index files are written from the thinned index).
+    #[test]
+    fn the_active_segments_index_is_bounded_and_reads_stay_exact() {
+        use super::super::index::DENSE_TAIL_ENTRIES;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let mut cfg = LogConfig::default();
+            cfg.segment_bytes = 64 << 20;
+            cfg.index_interval_bytes = 1;
+            let log = open_log(&path, &cfg, true).await;
+            append_n(&log, 10_000).await;
+            flush(&log).await;
+            let end = log.borrow().log_end_offset;
+            assert_eq!(end, 40_000);
+            for reopen in [false, true] {
+                if reopen {
+                    PartitionLog::close(&log).await.unwrap();
+                    let reopened = open_log(&path, &cfg, true).await;
+                    *log.borrow_mut() = reopened.into_inner();
+                }
+                {
+                    let l = log.borrow();
+                    assert_eq!(l.segments.len(), 1);
+                    let size = l.active().size as usize;
+                    let bound =
+                        2 * DENSE_TAIL_ENTRIES + size / SEALED_INDEX_STRIDE_BYTES as usize + 1;
+                    let n = l.active().index.offsets.len();
+                    assert!(n <= bound, "reopen {reopen}: {n} entries > {bound}");
+                    assert!(n >= DENSE_TAIL_ENTRIES, "reopen {reopen}: {n} entries");
+                    assert!(l.active().index.times.len() <= bound);
+                }
+                for offset in (0..end).step_by(37) {
+                    let got = log.borrow().read_batches(offset, 1).await.unwrap().unwrap();
+                    let h = Header::new(&got).unwrap();
+                    assert!(
+                        h.base_offset() <= offset && offset <= h.last_offset(),
+                        "offset {offset}: batch {}-{}",
+                        h.base_offset(),
+                        h.last_offset()
+                    );
+                }
+                // Batch i has max timestamp 1000 + i and offsets 4i..4i+3.
+                for i in (0..10_000i64).step_by(101) {
+                    let start = log.borrow().offset_scan_start_for_time(1_000 + i).unwrap();
+                    assert!(start <= 4 * i, "ts {}: scan starts at {start}", 1_000 + i);
+                }
             }
         });
     }

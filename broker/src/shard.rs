@@ -344,11 +344,17 @@ impl Shard {
         produce_senders: Senders<ShardMsg>,
     ) -> Rc<Shard> {
         let request_memory = crate::net::RequestMemory::new(config.socket_request_bytes_max);
+        // The stamped batches live in the cache and the unwritten queue: the arena maps at most
+        // both limits and a few chunks for the partly filled and straggling ones.
+        let cache_share_bytes = config.cache_bytes / count.max(1);
+        crate::storage::arena::set_cap_bytes(
+            cache_share_bytes + PENDING_BYTES_MAX as usize + 4 * crate::storage::arena::CHUNK_BYTES,
+        );
         let s = Rc::new(Shard {
             id,
             count,
             // `--cache-bytes` is the broker's whole cache: each shard keeps its share.
-            cache: RefCell::new(ShardCache::new(config.cache_bytes / count.max(1))),
+            cache: RefCell::new(ShardCache::new(cache_share_bytes)),
             config,
             cluster_id,
             image: RefCell::new(image),
@@ -681,6 +687,8 @@ impl Shard {
             m.cache_bytes
                 .store(self.cache.borrow().bytes as u64, Relaxed);
             m.pending_bytes.store(self.pending.get(), Relaxed);
+            m.arena_bytes
+                .store(crate::storage::arena::mapped_bytes() as u64, Relaxed);
             let groups: Vec<crate::metrics::GroupSample> = self
                 .groups
                 .groups

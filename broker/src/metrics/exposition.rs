@@ -288,6 +288,15 @@ impl Collector for Scrape {
         )?;
         gauge(
             &mut enc,
+            "weir_batch_arena_bytes",
+            "Bytes of chunks mapped for the shard's stamped batches (cache, unwritten queue, and \
+             responses still holding them).",
+            per_shard(&|s| s.arena_bytes.load(Relaxed))
+                .into_iter()
+                .map(|(k, v)| (k, v as i64)),
+        )?;
+        gauge(
+            &mut enc,
             "weir_pending_bytes",
             "Bytes appended and not yet written to disk (appends wait above 64 MiB).",
             per_shard(&|s| s.pending_bytes.load(Relaxed))

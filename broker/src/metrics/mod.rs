@@ -221,6 +221,8 @@ pub struct ShardMetrics {
     pub isr_expands: AtomicU64,
     pub connections: AtomicUsize,
     pub cache_bytes: AtomicU64,
+    /// Bytes of batch-arena chunks the shard has mapped (`storage::arena`).
+    pub arena_bytes: AtomicU64,
     pub pending_bytes: AtomicU64,
     /// The shard's partition replicas, as the sampler last listed them.
     pub partitions: Mutex<Vec<Arc<PartitionMetrics>>>,
@@ -250,6 +252,7 @@ impl ShardMetrics {
             isr_expands: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             cache_bytes: AtomicU64::new(0),
+            arena_bytes: AtomicU64::new(0),
             pending_bytes: AtomicU64::new(0),
             partitions: Mutex::new(Vec::new()),
             groups: Mutex::new(Vec::new()),

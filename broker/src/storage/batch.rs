@@ -11,7 +11,7 @@
 //!  the CRC32C covers bytes 21..end, so rewriting base offset and leader epoch keeps it valid.
 //! ```
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 pub const HEADER_BYTES: usize = 61;
 /// Bytes before the batch length field is counted: base offset + the length field itself.
@@ -311,13 +311,14 @@ pub fn validate_replica(
     Ok(out)
 }
 
-/// Copies one validated batch into a buffer of exactly its size, with the broker's base offset
+/// Copies one validated batch into the shard's batch arena (`storage::arena`), with the broker's base offset
 /// and leader epoch written into the header; with `log_append_time_ms` it also sets the
 /// timestamp type and max timestamp and recomputes the CRC.
 ///
 /// This is the one copy a produced batch gets (a memcpy: about 50 µs for a 1 MiB batch, next to a
 /// multi-millisecond fdatasync). It gives the cache an exact byte count: a slice of the request
 /// frame would pin the whole frame, up to socket.request.max.bytes, for as long as it is cached.
+/// The arena packs these copies into chunks, so they do not fragment the heap.
 pub fn stamp(
     batch: &[u8],
     base_offset: i64,
@@ -325,18 +326,18 @@ pub fn stamp(
     log_append_time_ms: Option<i64>,
 ) -> Bytes {
     debug_assert!(batch.len() >= HEADER_BYTES);
-    let mut b = BytesMut::with_capacity(batch.len());
-    b.extend_from_slice(batch);
-    b[0..8].copy_from_slice(&base_offset.to_be_bytes());
-    b[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
-    if let Some(now) = log_append_time_ms {
-        let attrs = be_i16(&b, ATTRIBUTES_OFFSET) | ATTR_TIMESTAMP_TYPE;
-        b[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2].copy_from_slice(&attrs.to_be_bytes());
-        b[MAX_TIMESTAMP_OFFSET..MAX_TIMESTAMP_OFFSET + 8].copy_from_slice(&now.to_be_bytes());
-        let crc = crc32c::crc32c(&b[ATTRIBUTES_OFFSET..]);
-        b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
-    }
-    let out = b.freeze();
+    let out = super::arena::copy_with(batch.len(), |b| {
+        b.copy_from_slice(batch);
+        b[0..8].copy_from_slice(&base_offset.to_be_bytes());
+        b[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
+        if let Some(now) = log_append_time_ms {
+            let attrs = be_i16(b, ATTRIBUTES_OFFSET) | ATTR_TIMESTAMP_TYPE;
+            b[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2].copy_from_slice(&attrs.to_be_bytes());
+            b[MAX_TIMESTAMP_OFFSET..MAX_TIMESTAMP_OFFSET + 8].copy_from_slice(&now.to_be_bytes());
+            let crc = crc32c::crc32c(&b[ATTRIBUTES_OFFSET..]);
+            b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+        }
+    });
     debug_assert_eq!(Header(&out).base_offset(), base_offset);
     out
 }
@@ -390,6 +391,7 @@ pub const MESSAGE_BYTES_STORED_MAX: usize = crate::config::MESSAGE_BYTES_CEILING
 #[cfg(test)]
 pub mod test_batches {
     use super::*;
+    use bytes::BytesMut;
 
     /// Builds an uncompressed batch with `n` records with the kafka-protocol crate's encoder.
     pub fn make(n: usize, value_bytes: usize, timestamp: i64) -> Bytes {
@@ -562,6 +564,7 @@ mod recompress_tests {
 mod tests {
     use super::test_batches::make;
     use super::*;
+    use bytes::BytesMut;
 
     #[test]
     fn validates_and_stamps_without_breaking_crc() {

@@ -1,5 +1,6 @@
 //! Storage: record batches, segmented logs with sparse indexes, and the shard's batch cache.
 
+pub mod arena;
 pub mod batch;
 pub mod cache;
 pub mod compact;

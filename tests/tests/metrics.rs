@@ -312,3 +312,80 @@ fn cluster_metrics_follow_isr_changes_and_the_controller() {
         0.0
     );
 }
+
+/// The batch arena (storage/arena.rs) holds the stamped batches in mapped chunks, and its
+/// memory follows the cache: after writing about 2.5 times the harness's 64 MiB cache, each
+/// shard's mapped chunks are within a few chunks of what it caches and has unwritten, and
+/// they are unmapped when the topic is deleted (a batch kept alive anywhere would pin its
+/// chunk and fail the last check).
+#[test]
+fn batch_arena_memory_follows_the_cache_and_is_released() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    const MIB: f64 = (1 << 20) as f64;
+    let b = Broker::start(2);
+    admin::create(&b, "arena", 4, 1, &[]).unwrap();
+    let producer: BaseProducer = b
+        .client_config()
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("batch.size", "65536")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    let payload = vec![7u8; 1024];
+    for i in 0..160_000u32 {
+        let key = i.to_string();
+        let mut rec = BaseRecord::to("arena")
+            .partition((i % 4) as i32)
+            .key(&key)
+            .payload(&payload);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    rec = r;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    let check = |s: &Scrape| {
+        for shard in ["0", "1"] {
+            let l = [("shard", shard)];
+            let arena = value(s, "weir_batch_arena_bytes", &l);
+            let cache = value(s, "weir_cache_bytes", &l);
+            let pending = value(s, "weir_pending_bytes", &l);
+            // The harness's 64 MiB cache, 32 MiB per shard, is full after ~160 MB.
+            assert!(cache > 30.0 * MIB, "shard {shard}: cache {cache}");
+            assert!(
+                arena <= cache + pending + 4.0 * MIB,
+                "shard {shard}: arena {arena} > cache {cache} + pending {pending} + 4 chunks"
+            );
+            assert!(
+                arena >= cache / 2.0,
+                "shard {shard}: arena {arena}, cache {cache}"
+            );
+        }
+    };
+    // The sample is refreshed every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    check(&scrape(&b));
+    admin::delete(&b, "arena").unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let s = scrape(&b);
+            ["0", "1"]
+                .iter()
+                .all(|shard| value(&s, "weir_batch_arena_bytes", &[("shard", shard)]) <= 1.0 * MIB)
+        }),
+        "chunks stay mapped after the topic is gone: {:?}",
+        scrape(&b)
+            .samples
+            .iter()
+            .filter(|x| x.metric == "weir_batch_arena_bytes")
+            .map(|x| format!("{:?}", x.value))
+            .collect::<Vec<_>>()
+    );
+}

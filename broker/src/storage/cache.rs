@@ -86,12 +86,24 @@ impl PartitionCache {
     }
 }
 
+/// What one cached batch costs besides its bytes, counted against the cache's limit: its
+/// `CachedBatch` (48 bytes) in a VecDeque that may be twice the size it needs, its FIFO entry
+/// (24 bytes, the same), and the shared header behind its `Bytes` with its allocation (about
+/// 48). So `--cache-bytes` bounds the cache's bookkeeping too: with the 2 KB batches of many
+/// small producers that is 9% of the cache, which was memory outside the limit.
+pub const BATCH_OVERHEAD_BYTES: usize = 192;
+
+/// The bytes a cached batch of `len` bytes counts for.
+fn cost(len: usize) -> usize {
+    len + BATCH_OVERHEAD_BYTES
+}
+
 /// Shard-wide accounting and eviction order.
 pub struct ShardCache {
     pub limit_bytes: usize,
-    /// Bytes of the written batches in the FIFO.
+    /// Bytes of the written batches in the FIFO, each with BATCH_OVERHEAD_BYTES.
     pub bytes: usize,
-    /// (partition id, batch base offset, batch bytes) of written batches, in write order.
+    /// (partition id, batch base offset, cost) of written batches, in write order.
     fifo: VecDeque<(u64, i64, usize)>,
 }
 
@@ -138,8 +150,9 @@ impl ShardCache {
             if b.last >= written_offset {
                 break;
             }
-            self.bytes += b.bytes.len();
-            self.fifo.push_back((partition_id, b.base, b.bytes.len()));
+            self.bytes += cost(b.bytes.len());
+            self.fifo
+                .push_back((partition_id, b.base, cost(b.bytes.len())));
             end = b.last + 1;
         }
         cache.admitted_end = Some(end);
@@ -194,7 +207,9 @@ mod tests {
 
     #[test]
     fn read_and_evict_in_order() {
-        let mut shard = ShardCache::new(250);
+        // Each 100-byte batch costs `c`; the limit holds two and a half.
+        let c = cost(100);
+        let mut shard = ShardCache::new(2 * c + c / 2);
         let mut p = PartitionCache::default();
         for i in 0..4 {
             shard.insert(&mut p, b(i * 10, 10, 100));
@@ -219,18 +234,18 @@ mod tests {
         assert_eq!(p.start(40), 0);
         // The first three are written: eviction takes the oldest until under the limit.
         shard.admit_written(1, &mut p, 30);
-        assert_eq!(shard.bytes, 300);
+        assert_eq!(shard.bytes, 3 * c);
         assert_eq!(p.unadmitted_bytes(), 100);
         shard.evict(|_, base| drop_front(&mut p, base));
-        assert_eq!(shard.bytes, 200);
+        assert_eq!(shard.bytes, 2 * c);
         assert_eq!(p.start(40), 10);
         // Admitting again is idempotent for what was admitted.
         shard.admit_written(1, &mut p, 30);
-        assert_eq!(shard.bytes, 200);
+        assert_eq!(shard.bytes, 2 * c);
         shard.admit_written(1, &mut p, 40);
-        assert_eq!(shard.bytes, 300);
+        assert_eq!(shard.bytes, 3 * c);
         shard.evict(|_, base| drop_front(&mut p, base));
-        assert_eq!(shard.bytes, 200);
+        assert_eq!(shard.bytes, 2 * c);
         assert_eq!(p.start(40), 20);
         // Entries of a deleted partition are dropped.
         shard.limit_bytes = 0;

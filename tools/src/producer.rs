@@ -374,8 +374,41 @@ struct Batch {
     retry_at: Option<Instant>,
 }
 
+/// One partition's batches, oldest first.
+#[derive(Default)]
+struct PartitionQueue {
+    batches: VecDeque<Batch>,
+    /// The batches' bytes: what the partitioner weighs (KIP-794), kept as batches come and go.
+    bytes: usize,
+    /// At the sender's last drain, the partition leader's connection had
+    /// max.in.flight.requests.per.connection requests out: a batch filling up here cannot go
+    /// before an answer comes, and the answer wakes the sender, so appends do not.
+    leader_busy: bool,
+}
+
+impl PartitionQueue {
+    fn push_back(&mut self, b: Batch) {
+        self.bytes += b.bytes;
+        self.batches.push_back(b);
+    }
+    fn push_front(&mut self, b: Batch) {
+        self.bytes += b.bytes;
+        self.batches.push_front(b);
+    }
+    fn insert(&mut self, i: usize, b: Batch) {
+        self.bytes += b.bytes;
+        self.batches.insert(i, b);
+    }
+    fn pop_front(&mut self) -> Option<Batch> {
+        let b = self.batches.pop_front()?;
+        self.bytes -= b.bytes;
+        Some(b)
+    }
+}
+
 struct AccState {
-    queues: HashMap<TopicPartition, VecDeque<Batch>>,
+    /// topic -> partition -> queue (looked up by &str: no allocation per record).
+    queues: HashMap<String, HashMap<i32, PartitionQueue>>,
     used_bytes: usize,
     flush_requests: u64,
     flushed: u64,
@@ -383,6 +416,19 @@ struct AccState {
     in_flight: usize,
     /// Requests sent and not answered yet (set by the sender).
     requests_in_flight: usize,
+}
+
+impl AccState {
+    fn queue(&mut self, tp: &TopicPartition) -> &mut PartitionQueue {
+        if !self.queues.contains_key(&tp.0) {
+            self.queues.insert(tp.0.clone(), HashMap::new());
+        }
+        self.queues
+            .get_mut(&tp.0)
+            .expect("inserted")
+            .entry(tp.1)
+            .or_default()
+    }
 }
 
 struct Shared {
@@ -408,15 +454,14 @@ enum Event {
 
 impl Shared {
     /// Bytes queued for a partition, looked up only when the partitioner asks (it does when a
-    /// sticky partition is chosen, once per batch): computing it on every send walked every
-    /// queued batch, O(batches) per record.
+    /// sticky partition is chosen, once per batch); kept per queue, not summed per call.
     fn queue_bytes<'a>(&'a self, topic: &'a str) -> impl Fn(i32) -> usize + 'a {
         move |p| {
             let acc = self.acc.lock().unwrap();
             acc.queues
-                .get(&(topic.to_string(), p))
-                .map(|q| q.iter().map(|b| b.bytes).sum())
-                .unwrap_or(0)
+                .get(topic)
+                .and_then(|t| t.get(&p))
+                .map_or(0, |q| q.bytes)
         }
     }
 
@@ -582,7 +627,6 @@ impl RawProducer {
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 8)
                 .sum::<usize>();
-        let tp = (record.topic.clone(), partition);
         let mut acc = s.acc.lock().unwrap();
         // buffer.memory: wait for the sender to free space, up to max.block.ms.
         while acc.used_bytes + size > s.cfg.buffer_memory && acc.used_bytes > 0 {
@@ -603,21 +647,33 @@ impl RawProducer {
         }
         acc.used_bytes += size;
         let batch_size = s.cfg.batch_size;
-        let q = acc.queues.entry(tp.clone()).or_default();
-        let fits = q.back().is_some_and(|b| {
+        if !acc.queues.contains_key(&record.topic) {
+            acc.queues.insert(record.topic.clone(), HashMap::new());
+        }
+        let q = acc
+            .queues
+            .get_mut(&record.topic)
+            .expect("inserted")
+            .entry(partition)
+            .or_default();
+        let fits = q.batches.back().is_some_and(|b| {
             b.sequence.is_none() && b.attempts == 0 && b.bytes + size <= batch_size
         });
-        // The sender is woken when a batch fills or a new one starts its linger clock.
-        let wake = if fits {
-            let b = q.back_mut().expect("checked");
+        // The sender is woken when a batch fills or a new one starts its linger clock, unless
+        // the partition's connection is full (an answer wakes it then).
+        let mut new_batch_topic = None;
+        let filled = if fits {
+            let b = q.batches.back_mut().expect("checked");
             b.records.push(record);
             b.slots.push(slot);
             b.bytes += size;
+            q.bytes += size;
             b.bytes >= batch_size
         } else {
             let now = Instant::now();
+            let topic = record.topic.clone();
             q.push_back(Batch {
-                tp: tp.clone(),
+                tp: (topic.clone(), partition),
                 records: vec![record],
                 slots: vec![slot],
                 bytes: size,
@@ -628,13 +684,16 @@ impl RawProducer {
                 attempts: 0,
                 retry_at: None,
             });
+            new_batch_topic = Some(topic);
             true
         };
-        let new_batch_started = !fits;
+        let wake = filled && !q.leader_busy;
         drop(acc);
-        if new_batch_started && !matches!(s.cfg.partitioner, PartitionerKind::RoundRobin) {
-            s.partitioner
-                .on_new_batch(&tp.0, partitions, &s.queue_bytes(&tp.0));
+        if let Some(topic) = new_batch_topic {
+            if !matches!(s.cfg.partitioner, PartitionerKind::RoundRobin) {
+                s.partitioner
+                    .on_new_batch(&topic, partitions, &s.queue_bytes(&topic));
+            }
         }
         if wake {
             let _ = s.wake.lock().unwrap().send(Event::Wake);
@@ -794,23 +853,18 @@ impl SenderLoop {
 
     fn run(mut self) {
         loop {
+            self.waiting_for_room = false;
             let (ready, next_wake, idle, closing) = self.drain();
             if closing && idle {
                 return;
             }
-            self.waiting_for_room = false;
             if !ready.is_empty() {
                 self.send_batches(ready);
             }
             self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
-            let wait = if self.waiting_for_room
-                || self.total_in_flight()
-                    >= self.s.cfg.max_in_flight.max(1) * self.links.len().max(1)
-            {
-                Duration::from_millis(100)
-            } else {
-                next_wake
-            };
+            // Partitions whose connection is full do not count in next_wake: an answer
+            // wakes the sender for them.
+            let wait = next_wake;
             match self.rx.recv_timeout(wait) {
                 Ok(ev) => {
                     self.handle(ev);
@@ -839,57 +893,78 @@ impl SenderLoop {
     fn drain(&mut self) -> (Vec<Batch>, Duration, bool, bool) {
         let s = self.s.clone();
         let mut acc = s.acc.lock().unwrap();
+        // Lock order: acc, then cluster (nothing takes acc while holding cluster).
+        let cluster = s.cluster.lock().unwrap();
         let now = Instant::now();
         let flushing = acc.flush_requests > acc.flushed || acc.closing;
-        let room = self
-            .s
-            .cfg
-            .max_in_flight
-            .saturating_sub(self.total_in_flight());
+        let max_in_flight = self.s.cfg.max_in_flight.max(1);
+        let batch_size = self.s.cfg.batch_size;
+        let linger = self.s.cfg.linger;
         let mut ready = Vec::new();
         let mut next = Duration::from_millis(50);
         let mut expired = Vec::new();
         let mut freed = 0usize;
-        for q in acc.queues.values_mut() {
-            while let Some(b) = q.front() {
-                if now >= b.deadline {
-                    let b = q.pop_front().expect("front");
-                    freed += b.bytes;
-                    expired.push(b);
-                } else {
-                    break;
+        for (topic, parts) in acc.queues.iter_mut() {
+            for (&partition, q) in parts.iter_mut() {
+                while let Some(b) = q.batches.front() {
+                    if now >= b.deadline {
+                        let b = q.pop_front().expect("front");
+                        freed += b.bytes;
+                        expired.push(b);
+                    } else {
+                        break;
+                    }
                 }
-            }
-            let Some(b) = q.front() else { continue };
-            if b.retry_at.is_some_and(|t| t > now) {
-                next = next.min(b.retry_at.expect("some") - now);
-                continue;
-            }
-            let full = q.len() > 1 || b.bytes >= self.s.cfg.batch_size;
-            let lingered = now.duration_since(b.created) >= self.s.cfg.linger;
-            if full || lingered || flushing {
-                if ready.len() < room.max(1) * 8 {
+                // As Kafka's sender drains only nodes that can take a request: a batch for a
+                // connection with max.in.flight requests out stays in its queue and keeps
+                // filling (taking it and putting it back let appends in between start a new
+                // batch).
+                q.leader_busy = cluster
+                    .leader_addr(topic, partition)
+                    .and_then(|a| self.links.get(a))
+                    .is_some_and(|(_, l)| !l.broken && l.in_flight.len() >= max_in_flight);
+                let Some(b) = q.batches.front() else { continue };
+                if q.leader_busy {
+                    self.waiting_for_room = true;
+                    continue;
+                }
+                if b.retry_at.is_some_and(|t| t > now) {
+                    next = next.min(b.retry_at.expect("some") - now);
+                    continue;
+                }
+                let full = q.batches.len() > 1 || b.bytes >= batch_size;
+                let lingered = now.duration_since(b.created) >= linger;
+                if full || lingered || flushing {
                     // Its bytes stay in buffer.memory until the batch completes.
                     ready.push(q.pop_front().expect("front"));
                     // One batch per partition per request (as Kafka's sender): a queue with
                     // more sendable batches makes the sender come back at once while it has
                     // room in flight, instead of waiting for the next wake-up.
-                    if q.front().is_some_and(|n| {
-                        q.len() > 1
-                            || n.bytes >= self.s.cfg.batch_size
-                            || now.duration_since(n.created) >= self.s.cfg.linger
+                    if q.batches.front().is_some_and(|n| {
+                        q.batches.len() > 1
+                            || n.bytes >= batch_size
+                            || now.duration_since(n.created) >= linger
                             || flushing
                     }) {
                         next = Duration::ZERO;
                     }
+                } else {
+                    next = next.min(linger - now.duration_since(b.created));
                 }
-            } else {
-                next = next.min(self.s.cfg.linger - now.duration_since(b.created));
             }
         }
-        acc.queues.retain(|_, q| !q.is_empty());
+        drop(cluster);
+        for parts in acc.queues.values_mut() {
+            parts.retain(|_, q| !q.batches.is_empty());
+        }
+        acc.queues.retain(|_, parts| !parts.is_empty());
         acc.used_bytes -= freed;
-        let pending = acc.queues.values().map(|q| q.len()).sum::<usize>();
+        let pending = acc
+            .queues
+            .values()
+            .flat_map(|t| t.values())
+            .map(|q| q.batches.len())
+            .sum::<usize>();
         let idle = pending == 0 && self.total_in_flight() == 0 && ready.is_empty();
         if idle && acc.flushed < acc.flush_requests {
             acc.flushed = acc.flush_requests;
@@ -925,7 +1000,7 @@ impl SenderLoop {
     fn put_back(&mut self, batches: Vec<Batch>) {
         let mut acc = self.s.acc.lock().unwrap();
         for b in batches.into_iter().rev() {
-            acc.queues.entry(b.tp.clone()).or_default().push_front(b);
+            acc.queue(&b.tp).push_front(b);
         }
     }
 
@@ -943,13 +1018,16 @@ impl SenderLoop {
                 continue;
             }
             b.retry_at = Some(now + self.s.cfg.retry_backoff);
-            let q = acc.queues.entry(b.tp.clone()).or_default();
+            let q = acc.queue(&b.tp);
             // Keep a partition's batches in sequence order.
-            let at = q.iter().position(|x| match (x.sequence, b.sequence) {
-                (Some(xs), Some(bs)) => xs > bs,
-                (None, _) => true,
-                _ => false,
-            });
+            let at = q
+                .batches
+                .iter()
+                .position(|x| match (x.sequence, b.sequence) {
+                    (Some(xs), Some(bs)) => xs > bs,
+                    (None, _) => true,
+                    _ => false,
+                });
             match at {
                 Some(i) => q.insert(i, b),
                 None => q.push_back(b),
@@ -1214,6 +1292,8 @@ impl SenderLoop {
                 else {
                     return;
                 };
+                // Counted before any record completes: what the application sees next.
+                self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
                 let mut codes: HashMap<TopicPartition, (i16, i64, i64)> = HashMap::new();
                 for t in &resp.responses {
                     for p in &t.partition_responses {

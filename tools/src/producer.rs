@@ -303,7 +303,6 @@ type Callback = Box<dyn FnOnce(&Delivery) + Send>;
 struct SlotState {
     result: Option<Delivery>,
     waker: Option<Waker>,
-    callback: Option<Callback>,
 }
 
 #[derive(Default)]
@@ -314,19 +313,32 @@ struct Slot {
 
 impl Slot {
     fn complete(&self, d: Delivery) {
-        let (cb, waker) = {
+        let waker = {
             let mut s = self.state.lock().unwrap();
-            s.result = Some(d.clone());
-            (s.callback.take(), s.waker.take())
+            s.result = Some(d);
+            s.waker.take()
         };
         self.cv.notify_all();
         if let Some(w) = waker {
             w.wake();
         }
-        if let Some(cb) = cb {
-            cb(&d);
-        }
     }
+}
+
+/// Who learns a record's outcome: a future (`send`) or a callback (`send_with_callback`, run
+/// on the sender thread, with no shared slot to allocate and lock).
+enum Completion {
+    Future(Arc<Slot>),
+    Callback(Callback),
+}
+
+/// A record in a batch: what the batch encodes and the outcome reports (its topic is the
+/// batch's).
+struct QueuedRecord {
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<(String, Vec<u8>)>,
+    timestamp: i64,
 }
 
 /// The outcome of one send: `.await` it, or block with `get()`.
@@ -362,8 +374,8 @@ type TopicPartition = (String, i32);
 
 struct Batch {
     tp: TopicPartition,
-    records: Vec<RawRecord>,
-    slots: Vec<Arc<Slot>>,
+    records: Vec<QueuedRecord>,
+    slots: Vec<Completion>,
     bytes: usize,
     created: Instant,
     deadline: Instant,
@@ -520,13 +532,16 @@ impl Shared {
         }
     }
 
-    fn finish(&self, slot: &Slot, d: Delivery) {
+    fn finish(&self, c: Completion, d: Delivery) {
         for i in &self.interceptors {
             if let Err(e) = i.on_acknowledgement(&d) {
                 tracing::warn!("producer interceptor on_acknowledgement failed: {e:#}");
             }
         }
-        slot.complete(d);
+        match c {
+            Completion::Future(slot) => slot.complete(d),
+            Completion::Callback(cb) => cb(&d),
+        }
     }
 }
 
@@ -580,7 +595,7 @@ impl RawProducer {
 
     pub fn send(&self, record: RawRecord) -> Result<DeliveryFuture, ProduceError> {
         let slot = Arc::new(Slot::default());
-        self.enqueue(record, slot.clone())?;
+        self.enqueue(record, Completion::Future(slot.clone()))?;
         Ok(DeliveryFuture(slot))
     }
 
@@ -589,12 +604,10 @@ impl RawProducer {
         record: RawRecord,
         cb: impl FnOnce(&Delivery) + Send + 'static,
     ) -> Result<(), ProduceError> {
-        let slot = Arc::new(Slot::default());
-        slot.state.lock().unwrap().callback = Some(Box::new(cb));
-        self.enqueue(record, slot)
+        self.enqueue(record, Completion::Callback(Box::new(cb)))
     }
 
-    fn enqueue(&self, mut record: RawRecord, slot: Arc<Slot>) -> Result<(), ProduceError> {
+    fn enqueue(&self, mut record: RawRecord, slot: Completion) -> Result<(), ProduceError> {
         let s = &self.shared;
         for i in &s.interceptors {
             match i.on_send(record.clone()) {
@@ -627,6 +640,20 @@ impl RawProducer {
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 8)
                 .sum::<usize>();
+        let RawRecord {
+            topic,
+            key,
+            value,
+            headers,
+            timestamp,
+            ..
+        } = record;
+        let record = QueuedRecord {
+            key,
+            value,
+            headers,
+            timestamp,
+        };
         let mut acc = s.acc.lock().unwrap();
         // buffer.memory: wait for the sender to free space, up to max.block.ms.
         while acc.used_bytes + size > s.cfg.buffer_memory && acc.used_bytes > 0 {
@@ -647,12 +674,12 @@ impl RawProducer {
         }
         acc.used_bytes += size;
         let batch_size = s.cfg.batch_size;
-        if !acc.queues.contains_key(&record.topic) {
-            acc.queues.insert(record.topic.clone(), HashMap::new());
+        if !acc.queues.contains_key(&topic) {
+            acc.queues.insert(topic.clone(), HashMap::new());
         }
         let q = acc
             .queues
-            .get_mut(&record.topic)
+            .get_mut(&topic)
             .expect("inserted")
             .entry(partition)
             .or_default();
@@ -671,7 +698,6 @@ impl RawProducer {
             b.bytes >= batch_size
         } else {
             let now = Instant::now();
-            let topic = record.topic.clone();
             q.push_back(Batch {
                 tp: (topic.clone(), partition),
                 records: vec![record],
@@ -982,7 +1008,7 @@ impl SenderLoop {
     }
 
     fn fail(&self, b: Batch, e: ProduceError) {
-        for slot in &b.slots {
+        for slot in b.slots {
             self.s.finish(slot, Err(e.clone()));
         }
     }
@@ -1163,8 +1189,8 @@ impl SenderLoop {
                     let done: usize = batches.iter().map(|b| b.bytes).sum();
                     self.release(done);
                     for b in batches {
-                        for (i, slot) in b.slots.iter().enumerate() {
-                            let ts = b.records[i].timestamp;
+                        for (r, slot) in b.records.iter().zip(b.slots) {
+                            let ts = r.timestamp;
                             self.s.finish(
                                 slot,
                                 Ok(RecordMetadata {
@@ -1304,38 +1330,54 @@ impl SenderLoop {
                     }
                 }
                 let mut retry = Vec::new();
+                let mut released = 0;
+                let mut completed = Vec::with_capacity(batches.len());
+                let mut failed = Vec::new();
                 for b in batches {
                     let (code, base, append_time) =
                         codes.get(&b.tp).copied().unwrap_or((13, -1, -1));
                     if code == 0 {
-                        self.release(b.bytes);
-                        for (i, slot) in b.slots.iter().enumerate() {
-                            let ts = if append_time >= 0 {
-                                append_time
-                            } else {
-                                b.records[i].timestamp
-                            };
-                            self.s.finish(
-                                slot,
-                                Ok(RecordMetadata {
-                                    topic: b.tp.0.clone(),
-                                    partition: b.tp.1,
-                                    offset: base + i as i64,
-                                    timestamp: ts,
-                                }),
-                            );
-                        }
+                        released += b.bytes;
+                        completed.push((b, base, append_time));
                     } else if is_retriable(code) {
                         retry.push(b);
                     } else {
-                        self.release(b.bytes);
+                        released += b.bytes;
                         if b.sequence.is_some() {
                             // A gap in this producer's sequence would refuse every later batch:
                             // start over with a new producer id once nothing is in flight.
                             self.producer = None;
                         }
-                        self.fail(b, ProduceError::Broker(code));
+                        failed.push((b, code));
                     }
+                }
+                // One release (and one wake-up of blocked senders) per answer.
+                if released > 0 {
+                    self.release(released);
+                }
+                for (b, base, append_time) in completed {
+                    let Batch {
+                        tp, records, slots, ..
+                    } = b;
+                    for (i, (r, slot)) in records.iter().zip(slots).enumerate() {
+                        let ts = if append_time >= 0 {
+                            append_time
+                        } else {
+                            r.timestamp
+                        };
+                        self.s.finish(
+                            slot,
+                            Ok(RecordMetadata {
+                                topic: tp.0.clone(),
+                                partition: tp.1,
+                                offset: base + i as i64,
+                                timestamp: ts,
+                            }),
+                        );
+                    }
+                }
+                for (b, code) in failed {
+                    self.fail(b, ProduceError::Broker(code));
                 }
                 if !retry.is_empty() {
                     self.requeue(retry);

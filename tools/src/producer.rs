@@ -850,6 +850,10 @@ struct SenderLoop {
     next_link: usize,
     producer: Option<(i64, i16)>,
     sequences: HashMap<TopicPartition, i32>,
+    /// Answered batches (base offset and log append time, or the error) whose records are
+    /// not completed yet, in answer order; emptied on every turn of the loop, so at most a few
+    /// answers' worth.
+    acked: Vec<(Batch, Result<(i64, i64), i16>)>,
     refresh_needed: bool,
     /// A connection had max.in.flight requests out: wait for an answer before draining again.
     waiting_for_room: bool,
@@ -872,6 +876,7 @@ impl SenderLoop {
             next_link: 0,
             producer: None,
             sequences: HashMap::new(),
+            acked: Vec::new(),
             refresh_needed: false,
             waiting_for_room: false,
         }
@@ -888,9 +893,17 @@ impl SenderLoop {
                 self.send_batches(ready);
             }
             self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
+            // Acknowledged records complete after the next request is out, not before: the
+            // callbacks are off the path from an answer to the request that takes its place.
+            let completed = self.complete_acked();
             // Partitions whose connection is full do not count in next_wake: an answer
-            // wakes the sender for them.
-            let wait = next_wake;
+            // wakes the sender for them. With nothing in flight, come back at once to see
+            // whether the producer is idle (a flush waits for that).
+            let wait = if completed && self.total_in_flight() == 0 {
+                Duration::ZERO
+            } else {
+                next_wake
+            };
             match self.rx.recv_timeout(wait) {
                 Ok(ev) => {
                     self.handle(ev);
@@ -908,6 +921,44 @@ impl SenderLoop {
                 }
             }
         }
+    }
+
+    /// Completes the records of acknowledged batches; true when there were any.
+    fn complete_acked(&mut self) -> bool {
+        if self.acked.is_empty() {
+            return false;
+        }
+        let mut acked = std::mem::take(&mut self.acked);
+        for (b, outcome) in acked.drain(..) {
+            let (base, append_time) = match outcome {
+                Ok(o) => o,
+                Err(code) => {
+                    self.fail(b, ProduceError::Broker(code));
+                    continue;
+                }
+            };
+            let Batch {
+                tp, records, slots, ..
+            } = b;
+            for (i, (r, slot)) in records.iter().zip(slots).enumerate() {
+                let ts = if append_time >= 0 {
+                    append_time
+                } else {
+                    r.timestamp
+                };
+                self.s.finish(
+                    slot,
+                    Ok(RecordMetadata {
+                        topic: tp.0.clone(),
+                        partition: tp.1,
+                        offset: base + i as i64,
+                        timestamp: ts,
+                    }),
+                );
+            }
+        }
+        self.acked = acked;
+        true
     }
 
     fn total_in_flight(&self) -> usize {
@@ -991,7 +1042,10 @@ impl SenderLoop {
             .flat_map(|t| t.values())
             .map(|q| q.batches.len())
             .sum::<usize>();
-        let idle = pending == 0 && self.total_in_flight() == 0 && ready.is_empty();
+        let idle = pending == 0
+            && self.total_in_flight() == 0
+            && ready.is_empty()
+            && self.acked.is_empty();
         if idle && acc.flushed < acc.flush_requests {
             acc.flushed = acc.flush_requests;
         }
@@ -1000,6 +1054,10 @@ impl SenderLoop {
         drop(acc);
         if freed > 0 || idle {
             s.space.notify_all();
+        }
+        if !expired.is_empty() {
+            // Records of a partition complete in order: answered batches before expired ones.
+            self.complete_acked();
         }
         for b in expired {
             self.fail(b, ProduceError::Timeout);
@@ -1332,13 +1390,12 @@ impl SenderLoop {
                 let mut retry = Vec::new();
                 let mut released = 0;
                 let mut completed = Vec::with_capacity(batches.len());
-                let mut failed = Vec::new();
                 for b in batches {
                     let (code, base, append_time) =
                         codes.get(&b.tp).copied().unwrap_or((13, -1, -1));
                     if code == 0 {
                         released += b.bytes;
-                        completed.push((b, base, append_time));
+                        completed.push((b, Ok((base, append_time))));
                     } else if is_retriable(code) {
                         retry.push(b);
                     } else {
@@ -1348,37 +1405,14 @@ impl SenderLoop {
                             // start over with a new producer id once nothing is in flight.
                             self.producer = None;
                         }
-                        failed.push((b, code));
+                        completed.push((b, Err(code)));
                     }
                 }
                 // One release (and one wake-up of blocked senders) per answer.
                 if released > 0 {
                     self.release(released);
                 }
-                for (b, base, append_time) in completed {
-                    let Batch {
-                        tp, records, slots, ..
-                    } = b;
-                    for (i, (r, slot)) in records.iter().zip(slots).enumerate() {
-                        let ts = if append_time >= 0 {
-                            append_time
-                        } else {
-                            r.timestamp
-                        };
-                        self.s.finish(
-                            slot,
-                            Ok(RecordMetadata {
-                                topic: tp.0.clone(),
-                                partition: tp.1,
-                                offset: base + i as i64,
-                                timestamp: ts,
-                            }),
-                        );
-                    }
-                }
-                for (b, code) in failed {
-                    self.fail(b, ProduceError::Broker(code));
-                }
+                self.acked.extend(completed);
                 if !retry.is_empty() {
                     self.requeue(retry);
                 }

@@ -1293,11 +1293,11 @@ impl SenderLoop {
                     timestamp_type: TimestampType::Creation,
                     delete_horizon: false,
                     offset: i as i64,
-                    sequence: if base_seq < 0 {
-                        -1
-                    } else {
-                        base_seq.wrapping_add(i as i32)
-                    },
+                    // The encoder keeps records in one batch while offset - sequence stays
+                    // the same and writes the first record's sequence as the batch's: without
+                    // idempotence that is -1 (no sequence) and the next records follow it
+                    // (-1 for each split the batch into one batch per record).
+                    sequence: base_seq.wrapping_add(i as i32),
                     timestamp: r.timestamp,
                     key: r.key.clone(),
                     value: r.value.clone(),

@@ -588,3 +588,48 @@ fn batches_fill_up_while_the_connection_is_busy() {
         "partitions with batches not full ({full} records): {short:?}"
     );
 }
+
+/// Without idempotence (acks=1, acks=0, or enable.idempotence=false) a batch's records go out
+/// as one record batch, as with it: they carried sequence -1 each, and the encoder, which
+/// keeps a batch only while offset - sequence stays the same, wrote one batch per record.
+#[test]
+fn batches_without_idempotence_hold_all_their_records() {
+    let b = Broker::start(1);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    for (i, (acks, idempotence)) in [
+        ("1", "false"),
+        ("0", "false"),
+        ("all", "false"),
+        ("all", "true"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let topic = format!("whole{i}");
+        admin.create_topic(&topic, 1, 1, &[]).unwrap();
+        let mut cfg = ProducerConfig::new(&b.bootstrap());
+        cfg.set("acks", acks)
+            .unwrap()
+            .set("enable.idempotence", idempotence)
+            .unwrap()
+            .set("linger.ms", "60000")
+            .unwrap();
+        let p: Producer<str, str> =
+            Producer::new(cfg, StringSerializer, StringSerializer, vec![]).unwrap();
+        for n in 0..100 {
+            p.send(&ProducerRecord::new(&topic, format!("r{n}").as_str()))
+                .unwrap();
+        }
+        p.flush();
+        p.close();
+        assert_eq!(
+            stored_batches(&b, &topic, 0),
+            vec![100],
+            "acks={acks} enable.idempotence={idempotence}: one batch of 100 records"
+        );
+        let got = read_all(&b, &topic, 1, 100);
+        let values: Vec<String> = got.into_iter().map(|(_, _, v)| v).collect();
+        let want: Vec<String> = (0..100).map(|n| format!("r{n}")).collect();
+        assert_eq!(values, want);
+    }
+}

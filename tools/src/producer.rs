@@ -891,6 +891,11 @@ impl SenderLoop {
             }
             if !ready.is_empty() {
                 self.send_batches(ready);
+                if next_wake.is_zero() {
+                    // More batches can go now (several answers came at once): every request
+                    // that has room goes out before any callback runs.
+                    continue;
+                }
             }
             self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
             // Acknowledged records complete after the next request is out, not before: the

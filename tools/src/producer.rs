@@ -18,7 +18,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::pin::Pin;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -580,7 +580,10 @@ impl RawProducer {
         let s2 = shared.clone();
         let sender = std::thread::Builder::new()
             .name("weir-producer-sender".into())
-            .spawn(move || SenderLoop::new(s2, rx, tx).run())?;
+            .spawn(move || {
+                let state = Arc::new_cyclic(|me| Mutex::new(SenderLoop::new(s2, tx, me.clone())));
+                run_sender(state, rx)
+            })?;
         Ok(RawProducer {
             shared,
             sender: Some(sender),
@@ -842,10 +845,17 @@ struct Link {
     broken: bool,
 }
 
+/// The sender's state. The sender thread runs it on wake-ups, lingers and flushes; a link's
+/// reader thread runs it on each answer, so the request that takes the answered one's place
+/// goes out from the reader without a hand-off to the sender thread.
 struct SenderLoop {
     s: Arc<Shared>,
-    rx: Receiver<Event>,
     tx: Sender<Event>,
+    /// Given to reader threads (which end when the state is gone).
+    me: Weak<Mutex<SenderLoop>>,
+    /// The sender thread is completing records taken from `acked`, outside the lock: the
+    /// producer is not idle (a flush must not end) until it is done.
+    completing: bool,
     links: HashMap<String, (usize, Link)>,
     next_link: usize,
     producer: Option<(i64, i16)>,
@@ -853,10 +863,102 @@ struct SenderLoop {
     /// Answered batches (base offset and log append time, or the error) whose records are
     /// not completed yet, in answer order; emptied on every turn of the loop, so at most a few
     /// answers' worth.
-    acked: Vec<(Batch, Result<(i64, i64), i16>)>,
+    acked: Answered,
     refresh_needed: bool,
     /// A connection had max.in.flight requests out: wait for an answer before draining again.
     waiting_for_room: bool,
+}
+
+type Answered = Vec<(Batch, Result<(i64, i64), i16>)>;
+
+/// Completes the records of answered batches, in order; true when there were any.
+fn complete(s: &Shared, acked: &mut Answered) -> bool {
+    if acked.is_empty() {
+        return false;
+    }
+    for (b, outcome) in acked.drain(..) {
+        let (base, append_time) = match outcome {
+            Ok(o) => o,
+            Err(code) => {
+                for slot in b.slots {
+                    s.finish(slot, Err(ProduceError::Broker(code)));
+                }
+                continue;
+            }
+        };
+        let Batch {
+            tp, records, slots, ..
+        } = b;
+        for (i, (r, slot)) in records.iter().zip(slots).enumerate() {
+            let ts = if append_time >= 0 {
+                append_time
+            } else {
+                r.timestamp
+            };
+            s.finish(
+                slot,
+                Ok(RecordMetadata {
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                    offset: base + i as i64,
+                    timestamp: ts,
+                }),
+            );
+        }
+    }
+    true
+}
+
+/// The sender thread: sends what lingered, was flushed or woke it, and completes answered
+/// records outside the state's lock (acknowledged records complete after the request that
+/// takes their place is out: callbacks are off the path from an answer to the next request).
+fn run_sender(state: Arc<Mutex<SenderLoop>>, rx: Receiver<Event>) {
+    let s = state.lock().unwrap().s.clone();
+    let mut acked = Answered::new();
+    loop {
+        let next_wake = {
+            let mut st = state.lock().unwrap();
+            let (next_wake, done) = st.send_ready();
+            if done {
+                return;
+            }
+            std::mem::swap(&mut acked, &mut st.acked);
+            st.completing = !acked.is_empty();
+            next_wake
+        };
+        let wait = if complete(&s, &mut acked) {
+            let mut st = state.lock().unwrap();
+            st.completing = false;
+            // With nothing in flight, come back at once to see whether the producer is idle
+            // (a flush waits for that).
+            if st.total_in_flight() == 0 {
+                Duration::ZERO
+            } else {
+                next_wake
+            }
+        } else {
+            next_wake
+        };
+        // Partitions whose connection is full do not count in next_wake: an answer runs the
+        // sender for them.
+        match rx.recv_timeout(wait) {
+            Ok(ev) => {
+                let mut st = state.lock().unwrap();
+                st.handle(ev);
+                while let Ok(ev) = rx.try_recv() {
+                    st.handle(ev);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let refresh = std::mem::take(&mut state.lock().unwrap().refresh_needed);
+        if refresh {
+            if let Err(e) = s.refresh_metadata(None) {
+                tracing::debug!("metadata refresh failed: {e:#}");
+            }
+        }
+    }
 }
 
 fn is_retriable(code: i16) -> bool {
@@ -867,11 +969,12 @@ fn is_retriable(code: i16) -> bool {
 }
 
 impl SenderLoop {
-    fn new(s: Arc<Shared>, rx: Receiver<Event>, tx: Sender<Event>) -> SenderLoop {
+    fn new(s: Arc<Shared>, tx: Sender<Event>, me: Weak<Mutex<SenderLoop>>) -> SenderLoop {
         SenderLoop {
             s,
-            rx,
             tx,
+            me,
+            completing: false,
             links: HashMap::new(),
             next_link: 0,
             producer: None,
@@ -882,12 +985,14 @@ impl SenderLoop {
         }
     }
 
-    fn run(mut self) {
+    /// Drains and sends until nothing more can go now; returns the time until the next linger
+    /// deadline and whether the producer is closed and idle.
+    fn send_ready(&mut self) -> (Duration, bool) {
         loop {
             self.waiting_for_room = false;
             let (ready, next_wake, idle, closing) = self.drain();
             if closing && idle {
-                return;
+                return (next_wake, true);
             }
             if !ready.is_empty() {
                 self.send_batches(ready);
@@ -898,72 +1003,13 @@ impl SenderLoop {
                 }
             }
             self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
-            // Acknowledged records complete after the next request is out, not before: the
-            // callbacks are off the path from an answer to the request that takes its place.
-            let completed = self.complete_acked();
-            // Partitions whose connection is full do not count in next_wake: an answer
-            // wakes the sender for them. With nothing in flight, come back at once to see
-            // whether the producer is idle (a flush waits for that).
-            let wait = if completed && self.total_in_flight() == 0 {
-                Duration::ZERO
-            } else {
-                next_wake
-            };
-            match self.rx.recv_timeout(wait) {
-                Ok(ev) => {
-                    self.handle(ev);
-                    while let Ok(ev) = self.rx.try_recv() {
-                        self.handle(ev);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            if self.refresh_needed {
-                self.refresh_needed = false;
-                if let Err(e) = self.s.refresh_metadata(None) {
-                    tracing::debug!("metadata refresh failed: {e:#}");
-                }
-            }
+            return (next_wake, false);
         }
     }
 
     /// Completes the records of acknowledged batches; true when there were any.
     fn complete_acked(&mut self) -> bool {
-        if self.acked.is_empty() {
-            return false;
-        }
-        let mut acked = std::mem::take(&mut self.acked);
-        for (b, outcome) in acked.drain(..) {
-            let (base, append_time) = match outcome {
-                Ok(o) => o,
-                Err(code) => {
-                    self.fail(b, ProduceError::Broker(code));
-                    continue;
-                }
-            };
-            let Batch {
-                tp, records, slots, ..
-            } = b;
-            for (i, (r, slot)) in records.iter().zip(slots).enumerate() {
-                let ts = if append_time >= 0 {
-                    append_time
-                } else {
-                    r.timestamp
-                };
-                self.s.finish(
-                    slot,
-                    Ok(RecordMetadata {
-                        topic: tp.0.clone(),
-                        partition: tp.1,
-                        offset: base + i as i64,
-                        timestamp: ts,
-                    }),
-                );
-            }
-        }
-        self.acked = acked;
-        true
+        complete(&self.s, &mut self.acked)
     }
 
     fn total_in_flight(&self) -> usize {
@@ -1050,7 +1096,8 @@ impl SenderLoop {
         let idle = pending == 0
             && self.total_in_flight() == 0
             && ready.is_empty()
-            && self.acked.is_empty();
+            && self.acked.is_empty()
+            && !self.completing;
         if idle && acc.flushed < acc.flush_requests {
             acc.flushed = acc.flush_requests;
         }
@@ -1140,10 +1187,10 @@ impl SenderLoop {
         let id = self.next_link;
         self.next_link += 1;
         let reader = conn_reader(&conn)?;
-        let tx = self.tx.clone();
+        let (tx, state) = (self.tx.clone(), self.me.clone());
         std::thread::Builder::new()
             .name("weir-producer-reader".into())
-            .spawn(move || read_responses(reader, id, version, tx))?;
+            .spawn(move || read_responses(reader, id, version, state, tx))?;
         self.links.insert(
             addr.to_string(),
             (
@@ -1439,8 +1486,16 @@ fn conn_reader(conn: &Conn) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// A link's reader thread: decodes Produce responses in order and hands them to the sender.
-fn read_responses(mut stream: TcpStream, link: usize, version: i16, tx: Sender<Event>) {
+/// A link's reader thread: decodes Produce responses in order, applies each to the sender's
+/// state and sends what the answer made room for; the sender thread is woken to complete the
+/// answered records.
+fn read_responses(
+    mut stream: TcpStream,
+    link: usize,
+    version: i16,
+    state: Weak<Mutex<SenderLoop>>,
+    tx: Sender<Event>,
+) {
     loop {
         let r = (|| -> Result<(i32, ProduceResponse)> {
             let mut size = [0u8; 4];
@@ -1461,27 +1516,23 @@ fn read_responses(mut stream: TcpStream, link: usize, version: i16, tx: Sender<E
                 ProduceResponse::decode(&mut body, version)?,
             ))
         })();
-        match r {
-            Ok((correlation, resp)) => {
-                if tx
-                    .send(Event::Response {
-                        link,
-                        correlation,
-                        response: Ok(resp),
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Event::Response {
-                    link,
-                    correlation: -1,
-                    response: Err(format!("{e:#}")),
-                });
-                return;
-            }
+        let failed = r.is_err();
+        let ev = Event::Response {
+            link,
+            correlation: r.as_ref().map_or(-1, |(c, _)| *c),
+            response: r.map(|(_, resp)| resp).map_err(|e| format!("{e:#}")),
+        };
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        {
+            let mut st = state.lock().unwrap();
+            st.handle(ev);
+            st.send_ready();
+        }
+        drop(state);
+        if tx.send(Event::Wake).is_err() || failed {
+            return;
         }
     }
 }

@@ -4,12 +4,15 @@
 //! send(record) -> interceptors.on_send -> serializers -> partitioner -> accumulator
 //!      (one deque of batches per partition, bounded by buffer.memory: send blocks up to
 //!       max.block.ms when full)
-//! sender thread: drains ready batches (full, linger.ms passed, or flush), groups them per
-//!      broker into one Produce request, keeps at most max.in.flight.requests.per.connection
-//!      in flight; a reader thread per broker link hands responses back; retriable errors are
-//!      retried after retry.backoff.ms until delivery.timeout.ms; with idempotence each batch
-//!      keeps its producer id, epoch and sequence across retries.
-//! completion: interceptors.on_acknowledgement, then the record's future / callback.
+//! sender: drains ready batches (full, linger.ms passed, or flush) of partitions whose
+//!      connection has room, groups them per broker into one Produce request (one batch per
+//!      partition), keeps at most max.in.flight.requests.per.connection in flight; retriable
+//!      errors are retried after retry.backoff.ms until delivery.timeout.ms; with idempotence
+//!      each batch keeps its producer id, epoch and sequence across retries. The sender's
+//!      state is run by the sender thread (wake-ups, linger, flush) and by each broker link's
+//!      reader thread, which applies an answer and sends the request that takes its place.
+//! completion (sender thread, after the next request is out): interceptors.on_acknowledgement,
+//!      then the record's future / callback.
 //! ```
 
 use std::collections::{HashMap, VecDeque};

@@ -4,12 +4,15 @@
 //! send(record) -> interceptors.on_send -> serializers -> partitioner -> accumulator
 //!      (one deque of batches per partition, bounded by buffer.memory: send blocks up to
 //!       max.block.ms when full)
-//! sender thread: drains ready batches (full, linger.ms passed, or flush), groups them per
-//!      broker into one Produce request, keeps at most max.in.flight.requests.per.connection
-//!      in flight; a reader thread per broker link hands responses back; retriable errors are
-//!      retried after retry.backoff.ms until delivery.timeout.ms; with idempotence each batch
-//!      keeps its producer id, epoch and sequence across retries.
-//! completion: interceptors.on_acknowledgement, then the record's future / callback.
+//! sender: drains ready batches (full, linger.ms passed, or flush) of partitions whose
+//!      connection has room, groups them per broker into one Produce request (one batch per
+//!      partition), keeps at most max.in.flight.requests.per.connection in flight; retriable
+//!      errors are retried after retry.backoff.ms until delivery.timeout.ms; with idempotence
+//!      each batch keeps its producer id, epoch and sequence across retries. The sender's
+//!      state is run by the sender thread (wake-ups, linger, flush) and by each broker link's
+//!      reader thread, which applies an answer and sends the request that takes its place.
+//! completion (sender thread, after the next request is out): interceptors.on_acknowledgement,
+//!      then the record's future / callback.
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -18,7 +21,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::pin::Pin;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -303,7 +306,6 @@ type Callback = Box<dyn FnOnce(&Delivery) + Send>;
 struct SlotState {
     result: Option<Delivery>,
     waker: Option<Waker>,
-    callback: Option<Callback>,
 }
 
 #[derive(Default)]
@@ -314,19 +316,32 @@ struct Slot {
 
 impl Slot {
     fn complete(&self, d: Delivery) {
-        let (cb, waker) = {
+        let waker = {
             let mut s = self.state.lock().unwrap();
-            s.result = Some(d.clone());
-            (s.callback.take(), s.waker.take())
+            s.result = Some(d);
+            s.waker.take()
         };
         self.cv.notify_all();
         if let Some(w) = waker {
             w.wake();
         }
-        if let Some(cb) = cb {
-            cb(&d);
-        }
     }
+}
+
+/// Who learns a record's outcome: a future (`send`) or a callback (`send_with_callback`, run
+/// on the sender thread, with no shared slot to allocate and lock).
+enum Completion {
+    Future(Arc<Slot>),
+    Callback(Callback),
+}
+
+/// A record in a batch: what the batch encodes and the outcome reports (its topic is the
+/// batch's).
+struct QueuedRecord {
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<(String, Vec<u8>)>,
+    timestamp: i64,
 }
 
 /// The outcome of one send: `.await` it, or block with `get()`.
@@ -362,8 +377,8 @@ type TopicPartition = (String, i32);
 
 struct Batch {
     tp: TopicPartition,
-    records: Vec<RawRecord>,
-    slots: Vec<Arc<Slot>>,
+    records: Vec<QueuedRecord>,
+    slots: Vec<Completion>,
     bytes: usize,
     created: Instant,
     deadline: Instant,
@@ -374,8 +389,41 @@ struct Batch {
     retry_at: Option<Instant>,
 }
 
+/// One partition's batches, oldest first.
+#[derive(Default)]
+struct PartitionQueue {
+    batches: VecDeque<Batch>,
+    /// The batches' bytes: what the partitioner weighs (KIP-794), kept as batches come and go.
+    bytes: usize,
+    /// At the sender's last drain, the partition leader's connection had
+    /// max.in.flight.requests.per.connection requests out: a batch filling up here cannot go
+    /// before an answer comes, and the answer wakes the sender, so appends do not.
+    leader_busy: bool,
+}
+
+impl PartitionQueue {
+    fn push_back(&mut self, b: Batch) {
+        self.bytes += b.bytes;
+        self.batches.push_back(b);
+    }
+    fn push_front(&mut self, b: Batch) {
+        self.bytes += b.bytes;
+        self.batches.push_front(b);
+    }
+    fn insert(&mut self, i: usize, b: Batch) {
+        self.bytes += b.bytes;
+        self.batches.insert(i, b);
+    }
+    fn pop_front(&mut self) -> Option<Batch> {
+        let b = self.batches.pop_front()?;
+        self.bytes -= b.bytes;
+        Some(b)
+    }
+}
+
 struct AccState {
-    queues: HashMap<TopicPartition, VecDeque<Batch>>,
+    /// topic -> partition -> queue (looked up by &str: no allocation per record).
+    queues: HashMap<String, HashMap<i32, PartitionQueue>>,
     used_bytes: usize,
     flush_requests: u64,
     flushed: u64,
@@ -383,6 +431,19 @@ struct AccState {
     in_flight: usize,
     /// Requests sent and not answered yet (set by the sender).
     requests_in_flight: usize,
+}
+
+impl AccState {
+    fn queue(&mut self, tp: &TopicPartition) -> &mut PartitionQueue {
+        if !self.queues.contains_key(&tp.0) {
+            self.queues.insert(tp.0.clone(), HashMap::new());
+        }
+        self.queues
+            .get_mut(&tp.0)
+            .expect("inserted")
+            .entry(tp.1)
+            .or_default()
+    }
 }
 
 struct Shared {
@@ -408,15 +469,14 @@ enum Event {
 
 impl Shared {
     /// Bytes queued for a partition, looked up only when the partitioner asks (it does when a
-    /// sticky partition is chosen, once per batch): computing it on every send walked every
-    /// queued batch, O(batches) per record.
+    /// sticky partition is chosen, once per batch); kept per queue, not summed per call.
     fn queue_bytes<'a>(&'a self, topic: &'a str) -> impl Fn(i32) -> usize + 'a {
         move |p| {
             let acc = self.acc.lock().unwrap();
             acc.queues
-                .get(&(topic.to_string(), p))
-                .map(|q| q.iter().map(|b| b.bytes).sum())
-                .unwrap_or(0)
+                .get(topic)
+                .and_then(|t| t.get(&p))
+                .map_or(0, |q| q.bytes)
         }
     }
 
@@ -475,13 +535,16 @@ impl Shared {
         }
     }
 
-    fn finish(&self, slot: &Slot, d: Delivery) {
+    fn finish(&self, c: Completion, d: Delivery) {
         for i in &self.interceptors {
             if let Err(e) = i.on_acknowledgement(&d) {
                 tracing::warn!("producer interceptor on_acknowledgement failed: {e:#}");
             }
         }
-        slot.complete(d);
+        match c {
+            Completion::Future(slot) => slot.complete(d),
+            Completion::Callback(cb) => cb(&d),
+        }
     }
 }
 
@@ -520,7 +583,10 @@ impl RawProducer {
         let s2 = shared.clone();
         let sender = std::thread::Builder::new()
             .name("weir-producer-sender".into())
-            .spawn(move || SenderLoop::new(s2, rx, tx).run())?;
+            .spawn(move || {
+                let state = Arc::new_cyclic(|me| Mutex::new(SenderLoop::new(s2, tx, me.clone())));
+                run_sender(state, rx)
+            })?;
         Ok(RawProducer {
             shared,
             sender: Some(sender),
@@ -535,7 +601,7 @@ impl RawProducer {
 
     pub fn send(&self, record: RawRecord) -> Result<DeliveryFuture, ProduceError> {
         let slot = Arc::new(Slot::default());
-        self.enqueue(record, slot.clone())?;
+        self.enqueue(record, Completion::Future(slot.clone()))?;
         Ok(DeliveryFuture(slot))
     }
 
@@ -544,12 +610,10 @@ impl RawProducer {
         record: RawRecord,
         cb: impl FnOnce(&Delivery) + Send + 'static,
     ) -> Result<(), ProduceError> {
-        let slot = Arc::new(Slot::default());
-        slot.state.lock().unwrap().callback = Some(Box::new(cb));
-        self.enqueue(record, slot)
+        self.enqueue(record, Completion::Callback(Box::new(cb)))
     }
 
-    fn enqueue(&self, mut record: RawRecord, slot: Arc<Slot>) -> Result<(), ProduceError> {
+    fn enqueue(&self, mut record: RawRecord, slot: Completion) -> Result<(), ProduceError> {
         let s = &self.shared;
         for i in &s.interceptors {
             match i.on_send(record.clone()) {
@@ -582,7 +646,20 @@ impl RawProducer {
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 8)
                 .sum::<usize>();
-        let tp = (record.topic.clone(), partition);
+        let RawRecord {
+            topic,
+            key,
+            value,
+            headers,
+            timestamp,
+            ..
+        } = record;
+        let record = QueuedRecord {
+            key,
+            value,
+            headers,
+            timestamp,
+        };
         let mut acc = s.acc.lock().unwrap();
         // buffer.memory: wait for the sender to free space, up to max.block.ms.
         while acc.used_bytes + size > s.cfg.buffer_memory && acc.used_bytes > 0 {
@@ -603,21 +680,32 @@ impl RawProducer {
         }
         acc.used_bytes += size;
         let batch_size = s.cfg.batch_size;
-        let q = acc.queues.entry(tp.clone()).or_default();
-        let fits = q.back().is_some_and(|b| {
+        if !acc.queues.contains_key(&topic) {
+            acc.queues.insert(topic.clone(), HashMap::new());
+        }
+        let q = acc
+            .queues
+            .get_mut(&topic)
+            .expect("inserted")
+            .entry(partition)
+            .or_default();
+        let fits = q.batches.back().is_some_and(|b| {
             b.sequence.is_none() && b.attempts == 0 && b.bytes + size <= batch_size
         });
-        // The sender is woken when a batch fills or a new one starts its linger clock.
-        let wake = if fits {
-            let b = q.back_mut().expect("checked");
+        // The sender is woken when a batch fills or a new one starts its linger clock, unless
+        // the partition's connection is full (an answer wakes it then).
+        let mut new_batch_topic = None;
+        let filled = if fits {
+            let b = q.batches.back_mut().expect("checked");
             b.records.push(record);
             b.slots.push(slot);
             b.bytes += size;
+            q.bytes += size;
             b.bytes >= batch_size
         } else {
             let now = Instant::now();
             q.push_back(Batch {
-                tp: tp.clone(),
+                tp: (topic.clone(), partition),
                 records: vec![record],
                 slots: vec![slot],
                 bytes: size,
@@ -628,13 +716,16 @@ impl RawProducer {
                 attempts: 0,
                 retry_at: None,
             });
+            new_batch_topic = Some(topic);
             true
         };
-        let new_batch_started = !fits;
+        let wake = filled && !q.leader_busy;
         drop(acc);
-        if new_batch_started && !matches!(s.cfg.partitioner, PartitionerKind::RoundRobin) {
-            s.partitioner
-                .on_new_batch(&tp.0, partitions, &s.queue_bytes(&tp.0));
+        if let Some(topic) = new_batch_topic {
+            if !matches!(s.cfg.partitioner, PartitionerKind::RoundRobin) {
+                s.partitioner
+                    .on_new_batch(&topic, partitions, &s.queue_bytes(&topic));
+            }
         }
         if wake {
             let _ = s.wake.lock().unwrap().send(Event::Wake);
@@ -757,17 +848,120 @@ struct Link {
     broken: bool,
 }
 
+/// The sender's state. The sender thread runs it on wake-ups, lingers and flushes; a link's
+/// reader thread runs it on each answer, so the request that takes the answered one's place
+/// goes out from the reader without a hand-off to the sender thread.
 struct SenderLoop {
     s: Arc<Shared>,
-    rx: Receiver<Event>,
     tx: Sender<Event>,
+    /// Given to reader threads (which end when the state is gone).
+    me: Weak<Mutex<SenderLoop>>,
+    /// The sender thread is completing records taken from `acked`, outside the lock: the
+    /// producer is not idle (a flush must not end) until it is done.
+    completing: bool,
     links: HashMap<String, (usize, Link)>,
     next_link: usize,
     producer: Option<(i64, i16)>,
     sequences: HashMap<TopicPartition, i32>,
+    /// Answered batches (base offset and log append time, or the error) whose records are
+    /// not completed yet, in answer order; emptied on every turn of the loop, so at most a few
+    /// answers' worth.
+    acked: Answered,
     refresh_needed: bool,
     /// A connection had max.in.flight requests out: wait for an answer before draining again.
     waiting_for_room: bool,
+}
+
+type Answered = Vec<(Batch, Result<(i64, i64), i16>)>;
+
+/// Completes the records of answered batches, in order; true when there were any.
+fn complete(s: &Shared, acked: &mut Answered) -> bool {
+    if acked.is_empty() {
+        return false;
+    }
+    for (b, outcome) in acked.drain(..) {
+        let (base, append_time) = match outcome {
+            Ok(o) => o,
+            Err(code) => {
+                for slot in b.slots {
+                    s.finish(slot, Err(ProduceError::Broker(code)));
+                }
+                continue;
+            }
+        };
+        let Batch {
+            tp, records, slots, ..
+        } = b;
+        for (i, (r, slot)) in records.iter().zip(slots).enumerate() {
+            let ts = if append_time >= 0 {
+                append_time
+            } else {
+                r.timestamp
+            };
+            s.finish(
+                slot,
+                Ok(RecordMetadata {
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                    offset: base + i as i64,
+                    timestamp: ts,
+                }),
+            );
+        }
+    }
+    true
+}
+
+/// The sender thread: sends what lingered, was flushed or woke it, and completes answered
+/// records outside the state's lock (acknowledged records complete after the request that
+/// takes their place is out: callbacks are off the path from an answer to the next request).
+fn run_sender(state: Arc<Mutex<SenderLoop>>, rx: Receiver<Event>) {
+    let s = state.lock().unwrap().s.clone();
+    let mut acked = Answered::new();
+    loop {
+        let next_wake = {
+            let mut st = state.lock().unwrap();
+            let (next_wake, done) = st.send_ready();
+            if done {
+                return;
+            }
+            std::mem::swap(&mut acked, &mut st.acked);
+            st.completing = !acked.is_empty();
+            next_wake
+        };
+        let wait = if complete(&s, &mut acked) {
+            let mut st = state.lock().unwrap();
+            st.completing = false;
+            // With nothing in flight, come back at once to see whether the producer is idle
+            // (a flush waits for that).
+            if st.total_in_flight() == 0 {
+                Duration::ZERO
+            } else {
+                next_wake
+            }
+        } else {
+            next_wake
+        };
+        // Partitions whose connection is full do not count in next_wake: an answer runs the
+        // sender for them.
+        match rx.recv_timeout(wait) {
+            Ok(ev) => {
+                let mut st = state.lock().unwrap();
+                st.handle(ev);
+                while let Ok(ev) = rx.try_recv() {
+                    st.handle(ev);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let refresh = std::mem::take(&mut state.lock().unwrap().refresh_needed);
+        if refresh {
+            if let Err(e) = s.refresh_metadata(None) {
+                tracing::debug!("metadata refresh failed: {e:#}");
+            }
+        }
+    }
 }
 
 fn is_retriable(code: i16) -> bool {
@@ -778,56 +972,47 @@ fn is_retriable(code: i16) -> bool {
 }
 
 impl SenderLoop {
-    fn new(s: Arc<Shared>, rx: Receiver<Event>, tx: Sender<Event>) -> SenderLoop {
+    fn new(s: Arc<Shared>, tx: Sender<Event>, me: Weak<Mutex<SenderLoop>>) -> SenderLoop {
         SenderLoop {
             s,
-            rx,
             tx,
+            me,
+            completing: false,
             links: HashMap::new(),
             next_link: 0,
             producer: None,
             sequences: HashMap::new(),
+            acked: Vec::new(),
             refresh_needed: false,
             waiting_for_room: false,
         }
     }
 
-    fn run(mut self) {
+    /// Drains and sends until nothing more can go now; returns the time until the next linger
+    /// deadline and whether the producer is closed and idle.
+    fn send_ready(&mut self) -> (Duration, bool) {
         loop {
+            self.waiting_for_room = false;
             let (ready, next_wake, idle, closing) = self.drain();
             if closing && idle {
-                return;
+                return (next_wake, true);
             }
-            self.waiting_for_room = false;
             if !ready.is_empty() {
                 self.send_batches(ready);
+                if next_wake.is_zero() {
+                    // More batches can go now (several answers came at once): every request
+                    // that has room goes out before any callback runs.
+                    continue;
+                }
             }
             self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
-            let wait = if self.waiting_for_room
-                || self.total_in_flight()
-                    >= self.s.cfg.max_in_flight.max(1) * self.links.len().max(1)
-            {
-                Duration::from_millis(100)
-            } else {
-                next_wake
-            };
-            match self.rx.recv_timeout(wait) {
-                Ok(ev) => {
-                    self.handle(ev);
-                    while let Ok(ev) = self.rx.try_recv() {
-                        self.handle(ev);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            if self.refresh_needed {
-                self.refresh_needed = false;
-                if let Err(e) = self.s.refresh_metadata(None) {
-                    tracing::debug!("metadata refresh failed: {e:#}");
-                }
-            }
+            return (next_wake, false);
         }
+    }
+
+    /// Completes the records of acknowledged batches; true when there were any.
+    fn complete_acked(&mut self) -> bool {
+        complete(&self.s, &mut self.acked)
     }
 
     fn total_in_flight(&self) -> usize {
@@ -839,58 +1024,83 @@ impl SenderLoop {
     fn drain(&mut self) -> (Vec<Batch>, Duration, bool, bool) {
         let s = self.s.clone();
         let mut acc = s.acc.lock().unwrap();
+        // Lock order: acc, then cluster (nothing takes acc while holding cluster).
+        let cluster = s.cluster.lock().unwrap();
         let now = Instant::now();
         let flushing = acc.flush_requests > acc.flushed || acc.closing;
-        let room = self
-            .s
-            .cfg
-            .max_in_flight
-            .saturating_sub(self.total_in_flight());
+        let max_in_flight = self.s.cfg.max_in_flight.max(1);
+        let batch_size = self.s.cfg.batch_size;
+        let linger = self.s.cfg.linger;
         let mut ready = Vec::new();
         let mut next = Duration::from_millis(50);
         let mut expired = Vec::new();
         let mut freed = 0usize;
-        for q in acc.queues.values_mut() {
-            while let Some(b) = q.front() {
-                if now >= b.deadline {
-                    let b = q.pop_front().expect("front");
-                    freed += b.bytes;
-                    expired.push(b);
-                } else {
-                    break;
+        for (topic, parts) in acc.queues.iter_mut() {
+            for (&partition, q) in parts.iter_mut() {
+                while let Some(b) = q.batches.front() {
+                    if now >= b.deadline {
+                        let b = q.pop_front().expect("front");
+                        freed += b.bytes;
+                        expired.push(b);
+                    } else {
+                        break;
+                    }
                 }
-            }
-            let Some(b) = q.front() else { continue };
-            if b.retry_at.is_some_and(|t| t > now) {
-                next = next.min(b.retry_at.expect("some") - now);
-                continue;
-            }
-            let full = q.len() > 1 || b.bytes >= self.s.cfg.batch_size;
-            let lingered = now.duration_since(b.created) >= self.s.cfg.linger;
-            if full || lingered || flushing {
-                if ready.len() < room.max(1) * 8 {
+                // As Kafka's sender drains only nodes that can take a request: a batch for a
+                // connection with max.in.flight requests out stays in its queue and keeps
+                // filling (taking it and putting it back let appends in between start a new
+                // batch).
+                q.leader_busy = cluster
+                    .leader_addr(topic, partition)
+                    .and_then(|a| self.links.get(a))
+                    .is_some_and(|(_, l)| !l.broken && l.in_flight.len() >= max_in_flight);
+                let Some(b) = q.batches.front() else { continue };
+                if q.leader_busy {
+                    self.waiting_for_room = true;
+                    continue;
+                }
+                if b.retry_at.is_some_and(|t| t > now) {
+                    next = next.min(b.retry_at.expect("some") - now);
+                    continue;
+                }
+                let full = q.batches.len() > 1 || b.bytes >= batch_size;
+                let lingered = now.duration_since(b.created) >= linger;
+                if full || lingered || flushing {
                     // Its bytes stay in buffer.memory until the batch completes.
                     ready.push(q.pop_front().expect("front"));
                     // One batch per partition per request (as Kafka's sender): a queue with
                     // more sendable batches makes the sender come back at once while it has
                     // room in flight, instead of waiting for the next wake-up.
-                    if q.front().is_some_and(|n| {
-                        q.len() > 1
-                            || n.bytes >= self.s.cfg.batch_size
-                            || now.duration_since(n.created) >= self.s.cfg.linger
+                    if q.batches.front().is_some_and(|n| {
+                        q.batches.len() > 1
+                            || n.bytes >= batch_size
+                            || now.duration_since(n.created) >= linger
                             || flushing
                     }) {
                         next = Duration::ZERO;
                     }
+                } else {
+                    next = next.min(linger - now.duration_since(b.created));
                 }
-            } else {
-                next = next.min(self.s.cfg.linger - now.duration_since(b.created));
             }
         }
-        acc.queues.retain(|_, q| !q.is_empty());
+        drop(cluster);
+        for parts in acc.queues.values_mut() {
+            parts.retain(|_, q| !q.batches.is_empty());
+        }
+        acc.queues.retain(|_, parts| !parts.is_empty());
         acc.used_bytes -= freed;
-        let pending = acc.queues.values().map(|q| q.len()).sum::<usize>();
-        let idle = pending == 0 && self.total_in_flight() == 0 && ready.is_empty();
+        let pending = acc
+            .queues
+            .values()
+            .flat_map(|t| t.values())
+            .map(|q| q.batches.len())
+            .sum::<usize>();
+        let idle = pending == 0
+            && self.total_in_flight() == 0
+            && ready.is_empty()
+            && self.acked.is_empty()
+            && !self.completing;
         if idle && acc.flushed < acc.flush_requests {
             acc.flushed = acc.flush_requests;
         }
@@ -900,6 +1110,10 @@ impl SenderLoop {
         if freed > 0 || idle {
             s.space.notify_all();
         }
+        if !expired.is_empty() {
+            // Records of a partition complete in order: answered batches before expired ones.
+            self.complete_acked();
+        }
         for b in expired {
             self.fail(b, ProduceError::Timeout);
         }
@@ -907,7 +1121,7 @@ impl SenderLoop {
     }
 
     fn fail(&self, b: Batch, e: ProduceError) {
-        for slot in &b.slots {
+        for slot in b.slots {
             self.s.finish(slot, Err(e.clone()));
         }
     }
@@ -925,7 +1139,7 @@ impl SenderLoop {
     fn put_back(&mut self, batches: Vec<Batch>) {
         let mut acc = self.s.acc.lock().unwrap();
         for b in batches.into_iter().rev() {
-            acc.queues.entry(b.tp.clone()).or_default().push_front(b);
+            acc.queue(&b.tp).push_front(b);
         }
     }
 
@@ -943,13 +1157,16 @@ impl SenderLoop {
                 continue;
             }
             b.retry_at = Some(now + self.s.cfg.retry_backoff);
-            let q = acc.queues.entry(b.tp.clone()).or_default();
+            let q = acc.queue(&b.tp);
             // Keep a partition's batches in sequence order.
-            let at = q.iter().position(|x| match (x.sequence, b.sequence) {
-                (Some(xs), Some(bs)) => xs > bs,
-                (None, _) => true,
-                _ => false,
-            });
+            let at = q
+                .batches
+                .iter()
+                .position(|x| match (x.sequence, b.sequence) {
+                    (Some(xs), Some(bs)) => xs > bs,
+                    (None, _) => true,
+                    _ => false,
+                });
             match at {
                 Some(i) => q.insert(i, b),
                 None => q.push_back(b),
@@ -973,10 +1190,10 @@ impl SenderLoop {
         let id = self.next_link;
         self.next_link += 1;
         let reader = conn_reader(&conn)?;
-        let tx = self.tx.clone();
+        let (tx, state) = (self.tx.clone(), self.me.clone());
         std::thread::Builder::new()
             .name("weir-producer-reader".into())
-            .spawn(move || read_responses(reader, id, version, tx))?;
+            .spawn(move || read_responses(reader, id, version, state, tx))?;
         self.links.insert(
             addr.to_string(),
             (
@@ -1085,8 +1302,8 @@ impl SenderLoop {
                     let done: usize = batches.iter().map(|b| b.bytes).sum();
                     self.release(done);
                     for b in batches {
-                        for (i, slot) in b.slots.iter().enumerate() {
-                            let ts = b.records[i].timestamp;
+                        for (r, slot) in b.records.iter().zip(b.slots) {
+                            let ts = r.timestamp;
                             self.s.finish(
                                 slot,
                                 Ok(RecordMetadata {
@@ -1131,11 +1348,11 @@ impl SenderLoop {
                     timestamp_type: TimestampType::Creation,
                     delete_horizon: false,
                     offset: i as i64,
-                    sequence: if base_seq < 0 {
-                        -1
-                    } else {
-                        base_seq.wrapping_add(i as i32)
-                    },
+                    // The encoder keeps records in one batch while offset - sequence stays
+                    // the same and writes the first record's sequence as the batch's: without
+                    // idempotence that is -1 (no sequence) and the next records follow it
+                    // (-1 for each split the batch into one batch per record).
+                    sequence: base_seq.wrapping_add(i as i32),
                     timestamp: r.timestamp,
                     key: r.key.clone(),
                     value: r.value.clone(),
@@ -1214,6 +1431,8 @@ impl SenderLoop {
                 else {
                     return;
                 };
+                // Counted before any record completes: what the application sees next.
+                self.s.acc.lock().unwrap().requests_in_flight = self.total_in_flight();
                 let mut codes: HashMap<TopicPartition, (i16, i64, i64)> = HashMap::new();
                 for t in &resp.responses {
                     for p in &t.partition_responses {
@@ -1224,39 +1443,31 @@ impl SenderLoop {
                     }
                 }
                 let mut retry = Vec::new();
+                let mut released = 0;
+                let mut completed = Vec::with_capacity(batches.len());
                 for b in batches {
                     let (code, base, append_time) =
                         codes.get(&b.tp).copied().unwrap_or((13, -1, -1));
                     if code == 0 {
-                        self.release(b.bytes);
-                        for (i, slot) in b.slots.iter().enumerate() {
-                            let ts = if append_time >= 0 {
-                                append_time
-                            } else {
-                                b.records[i].timestamp
-                            };
-                            self.s.finish(
-                                slot,
-                                Ok(RecordMetadata {
-                                    topic: b.tp.0.clone(),
-                                    partition: b.tp.1,
-                                    offset: base + i as i64,
-                                    timestamp: ts,
-                                }),
-                            );
-                        }
+                        released += b.bytes;
+                        completed.push((b, Ok((base, append_time))));
                     } else if is_retriable(code) {
                         retry.push(b);
                     } else {
-                        self.release(b.bytes);
+                        released += b.bytes;
                         if b.sequence.is_some() {
                             // A gap in this producer's sequence would refuse every later batch:
                             // start over with a new producer id once nothing is in flight.
                             self.producer = None;
                         }
-                        self.fail(b, ProduceError::Broker(code));
+                        completed.push((b, Err(code)));
                     }
                 }
+                // One release (and one wake-up of blocked senders) per answer.
+                if released > 0 {
+                    self.release(released);
+                }
+                self.acked.extend(completed);
                 if !retry.is_empty() {
                     self.requeue(retry);
                 }
@@ -1278,8 +1489,16 @@ fn conn_reader(conn: &Conn) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// A link's reader thread: decodes Produce responses in order and hands them to the sender.
-fn read_responses(mut stream: TcpStream, link: usize, version: i16, tx: Sender<Event>) {
+/// A link's reader thread: decodes Produce responses in order, applies each to the sender's
+/// state and sends what the answer made room for; the sender thread is woken to complete the
+/// answered records.
+fn read_responses(
+    mut stream: TcpStream,
+    link: usize,
+    version: i16,
+    state: Weak<Mutex<SenderLoop>>,
+    tx: Sender<Event>,
+) {
     loop {
         let r = (|| -> Result<(i32, ProduceResponse)> {
             let mut size = [0u8; 4];
@@ -1300,27 +1519,23 @@ fn read_responses(mut stream: TcpStream, link: usize, version: i16, tx: Sender<E
                 ProduceResponse::decode(&mut body, version)?,
             ))
         })();
-        match r {
-            Ok((correlation, resp)) => {
-                if tx
-                    .send(Event::Response {
-                        link,
-                        correlation,
-                        response: Ok(resp),
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Event::Response {
-                    link,
-                    correlation: -1,
-                    response: Err(format!("{e:#}")),
-                });
-                return;
-            }
+        let failed = r.is_err();
+        let ev = Event::Response {
+            link,
+            correlation: r.as_ref().map_or(-1, |(c, _)| *c),
+            response: r.map(|(_, resp)| resp).map_err(|e| format!("{e:#}")),
+        };
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        {
+            let mut st = state.lock().unwrap();
+            st.handle(ev);
+            st.send_ready();
+        }
+        drop(state);
+        if tx.send(Event::Wake).is_err() || failed {
+            return;
         }
     }
 }

@@ -462,3 +462,174 @@ fn the_sender_keeps_its_pipeline_full_and_bounded() {
     assert_eq!(done.load(Ordering::Relaxed), 2000);
     assert_eq!(wait_for(0), 0);
 }
+
+/// Record batches of one partition as the broker stores them: records per batch, in offset
+/// order (read with a raw Fetch, so batch boundaries are visible).
+fn stored_batches(b: &Broker, topic: &str, partition: i32) -> Vec<i32> {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, TopicName};
+    use kafka_protocol::protocol::StrBytes;
+    let mut conn =
+        weir_tools::Conn::connect(&b.bootstrap(), "batch-reader", Duration::from_secs(10)).unwrap();
+    let mut counts = Vec::new();
+    let mut offset = 0i64;
+    loop {
+        let req = FetchRequest::default()
+            .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+            .with_max_wait_ms(0)
+            .with_min_bytes(1)
+            .with_max_bytes(8 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(partition)
+                    .with_fetch_offset(offset)
+                    .with_partition_max_bytes(8 << 20)])]);
+        let (resp, _): (FetchResponse, i16) = conn.call(ApiKey::Fetch, 4, &req).unwrap();
+        let p = &resp.responses[0].partitions[0];
+        assert_eq!(p.error_code, 0);
+        let mut rest = p.records.clone().unwrap_or_default();
+        if rest.is_empty() {
+            return counts;
+        }
+        // v2 batch: baseOffset i64, batchLength i32, then 49 bytes to recordCount (i32) at 57.
+        while rest.len() >= 61 {
+            let base = i64::from_be_bytes(rest[0..8].try_into().unwrap());
+            let len = i32::from_be_bytes(rest[8..12].try_into().unwrap()) as usize;
+            if rest.len() < 12 + len {
+                break;
+            }
+            let n = i32::from_be_bytes(rest[57..61].try_into().unwrap());
+            counts.push(n);
+            offset = base + n as i64;
+            rest = rest.slice(12 + len..);
+        }
+    }
+}
+
+/// While its connection has max.in.flight.requests.per.connection requests out, a
+/// partition's batch stays in the accumulator and keeps filling, as in Kafka's producer (a
+/// batch goes out when full, lingered, flushed or closed, and only to a connection with room).
+/// Taking batches out and putting them back let records arriving in between start new
+/// batches, so a busy connection produced batches of a record or two.
+#[test]
+fn batches_fill_up_while_the_connection_is_busy() {
+    let b = Broker::start(1);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    let partitions = 32;
+    admin.create_topic("fill", partitions, 1, &[]).unwrap();
+    let mut cfg = ProducerConfig::new(&b.bootstrap());
+    cfg.set("batch.size", "16384")
+        .unwrap()
+        .set("linger.ms", "0")
+        .unwrap()
+        .set("acks", "all")
+        .unwrap()
+        .set("max.in.flight.requests.per.connection", "1")
+        .unwrap();
+    let p: Producer<str, str> =
+        Producer::new(cfg, StringSerializer, StringSerializer, vec![]).unwrap();
+    p.send(&ProducerRecord::new("fill", "warm").partition(0))
+        .unwrap()
+        .get()
+        .unwrap();
+    // A paused broker: one request (one record) goes out and stays unanswered.
+    b.pause(true);
+    p.send_with_callback(&ProducerRecord::new("fill", "first").partition(0), |_| {})
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.requests_in_flight() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(p.requests_in_flight(), 1);
+    // Records to every partition in turn: each new batch wakes the sender.
+    let big = "z".repeat(1000);
+    let n = 32 * 60;
+    let done = Arc::new(AtomicUsize::new(0));
+    for i in 0..n {
+        let done = done.clone();
+        let r = ProducerRecord::new("fill", big.as_str()).partition(i as i32 % partitions);
+        p.send_with_callback(&r, move |d| {
+            assert!(d.is_ok(), "{d:?}");
+            done.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    }
+    b.pause(false);
+    p.flush();
+    assert_eq!(done.load(Ordering::Relaxed), n);
+    let mut counts = Vec::new();
+    for partition in 0..partitions {
+        let mut batches = stored_batches(&b, "fill", partition);
+        if partition == 0 {
+            assert_eq!(
+                batches[..2],
+                [1, 1],
+                "warm-up and first record: {batches:?}"
+            );
+            batches.drain(..2);
+        }
+        assert_eq!(
+            batches.iter().sum::<i32>() as usize,
+            n / partitions as usize
+        );
+        counts.push(batches);
+    }
+    // Every batch but the last of each partition is full: the same (largest) record count.
+    let full = *counts.iter().flatten().max().unwrap();
+    assert!(full > 1);
+    let short: Vec<_> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c[..c.len() - 1].iter().any(|&x| x != full))
+        .collect();
+    assert!(
+        short.is_empty(),
+        "partitions with batches not full ({full} records): {short:?}"
+    );
+}
+
+/// Without idempotence (acks=1, acks=0, or enable.idempotence=false) a batch's records go out
+/// as one record batch, as with it: they carried sequence -1 each, and the encoder, which
+/// keeps a batch only while offset - sequence stays the same, wrote one batch per record.
+#[test]
+fn batches_without_idempotence_hold_all_their_records() {
+    let b = Broker::start(1);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    for (i, (acks, idempotence)) in [
+        ("1", "false"),
+        ("0", "false"),
+        ("all", "false"),
+        ("all", "true"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let topic = format!("whole{i}");
+        admin.create_topic(&topic, 1, 1, &[]).unwrap();
+        let mut cfg = ProducerConfig::new(&b.bootstrap());
+        cfg.set("acks", acks)
+            .unwrap()
+            .set("enable.idempotence", idempotence)
+            .unwrap()
+            .set("linger.ms", "60000")
+            .unwrap();
+        let p: Producer<str, str> =
+            Producer::new(cfg, StringSerializer, StringSerializer, vec![]).unwrap();
+        for n in 0..100 {
+            p.send(&ProducerRecord::new(&topic, format!("r{n}").as_str()))
+                .unwrap();
+        }
+        p.flush();
+        p.close();
+        assert_eq!(
+            stored_batches(&b, &topic, 0),
+            vec![100],
+            "acks={acks} enable.idempotence={idempotence}: one batch of 100 records"
+        );
+        let got = read_all(&b, &topic, 1, 100);
+        let values: Vec<String> = got.into_iter().map(|(_, _, v)| v).collect();
+        let want: Vec<String> = (0..100).map(|n| format!("r{n}")).collect();
+        assert_eq!(values, want);
+    }
+}

@@ -29,8 +29,17 @@ use crate::storage::batch::{BatchInfo, Header};
 use crate::storage::cache::{CachedBatch, Evicted, PartitionCache, ShardCache};
 use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog, PendingLedger};
 
-/// Unwritten bytes a shard holds before appends wait for the flusher (backpressure).
+/// Unwritten bytes a shard holds before appends wait for the flusher (backpressure): a quarter
+/// of its cache share, between these bounds. Unwritten batches are cached (they are the only
+/// copy) and count against the cache's limit, so the cache evicts written batches to make room
+/// for them and the two together stay within the share (`pending_limit_bytes`).
 pub const PENDING_BYTES_MAX: u64 = 64 << 20;
+pub const PENDING_BYTES_MIN: u64 = 8 << 20;
+
+/// The unwritten-bytes limit of a shard whose cache share is `cache_share_bytes`.
+pub fn pending_limit_bytes(cache_share_bytes: usize) -> u64 {
+    (cache_share_bytes as u64 / 4).clamp(PENDING_BYTES_MIN, PENDING_BYTES_MAX)
+}
 /// The flusher writes at least this often when nothing asks for a sync.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(5);
 /// fdatasync rounds of one shard in flight at once. The flusher writes the next batches while
@@ -126,6 +135,8 @@ pub struct Shard {
     /// Bytes appended on this shard and not yet taken by a disk write (backpressure gate);
     /// kept by the logs themselves, always equal to the sum of their pending bytes.
     pending: Rc<PendingLedger>,
+    /// Appends wait while the shard holds more unwritten bytes than this.
+    pending_limit_bytes: u64,
     flush_wanted: Event,
     sync_requested: Cell<bool>,
     /// An acks=1 producer waits for a write: the flusher writes without lingering.
@@ -347,8 +358,9 @@ impl Shard {
         // The stamped batches live in the cache and the unwritten queue: the arena maps at most
         // both limits and a few chunks for the partly filled and straggling ones.
         let cache_share_bytes = config.cache_bytes / count.max(1);
+        let pending_limit = pending_limit_bytes(cache_share_bytes);
         crate::storage::arena::set_cap_bytes(
-            cache_share_bytes + PENDING_BYTES_MAX as usize + 4 * crate::storage::arena::CHUNK_BYTES,
+            cache_share_bytes + pending_limit as usize + 4 * crate::storage::arena::CHUNK_BYTES,
         );
         let s = Rc::new(Shard {
             id,
@@ -366,6 +378,7 @@ impl Shard {
             dirty: RefCell::new(Vec::new()),
             unsynced: RefCell::new(Vec::new()),
             pending: Rc::new(PendingLedger::default()),
+            pending_limit_bytes: pending_limit,
             flush_wanted: Event::new(),
             sync_requested: Cell::new(false),
             write_requested: Cell::new(false),
@@ -741,12 +754,13 @@ impl Shard {
     // ---- produce ----
 
     async fn wait_for_room(&self) {
-        if self.pending.get() > PENDING_BYTES_MAX {
+        let limit = self.pending_limit_bytes;
+        if self.pending.get() > limit {
             crate::metrics::backpressure_wait();
         }
-        while self.pending.get() > PENDING_BYTES_MAX {
+        while self.pending.get() > limit {
             let l = self.flushed.listen();
-            if self.pending.get() <= PENDING_BYTES_MAX {
+            if self.pending.get() <= limit {
                 break;
             }
             self.flush_wanted.notify(1);
@@ -1169,6 +1183,8 @@ impl Shard {
             }
         }
         p.metrics.produced(records, size);
+        // The new batches count against the cache's limit while unwritten: make room.
+        self.evict();
         self.mark_dirty(p);
         p.produced_batches.set(p.produced_batches.get() + n);
         p.appended.notify(usize::MAX);
@@ -1190,11 +1206,13 @@ impl Shard {
         self.evict();
     }
 
+    /// Evicts written batches while they and the shard's unwritten ones exceed the cache share.
     fn evict(&self) {
         let by_id = self.by_id.borrow();
+        let unwritten = self.pending.get() as usize;
         self.cache
             .borrow_mut()
-            .evict(|pid, base| match by_id.get(&pid) {
+            .evict(unwritten, |pid, base| match by_id.get(&pid) {
                 None => Evicted::Gone,
                 Some(p) => {
                     let popped = p.cache.borrow_mut().pop_front_if(base);

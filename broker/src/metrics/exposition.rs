@@ -298,7 +298,7 @@ impl Collector for Scrape {
         gauge(
             &mut enc,
             "weir_pending_bytes",
-            "Bytes appended and not yet written to disk (appends wait above 64 MiB).",
+            "Bytes appended and not yet written to disk (appends wait above a quarter of the shard's cache share, 8-64 MiB).",
             per_shard(&|s| s.pending_bytes.load(Relaxed))
                 .into_iter()
                 .map(|(k, v)| (k, v as i64)),

@@ -3,8 +3,9 @@
 //! written to disk is the only copy: it is cached at append but enters the shard's eviction FIFO
 //! only once written (`admit_written`), so eviction never meets a batch it must keep and a
 //! partition whose writes stall cannot stop eviction of the others. Written batches are evicted
-//! from the FIFO's front while they exceed `--cache-bytes`; unwritten ones are bounded by the
-//! shard's pending-bytes backpressure instead.
+//! from the FIFO's front while they and the unwritten ones exceed the shard's share of
+//! `--cache-bytes`; unwritten ones are bounded by the shard's pending-bytes backpressure (a
+//! quarter of the share, at least 8 MiB), so together they stay within the share.
 
 use std::collections::VecDeque;
 
@@ -178,10 +179,15 @@ impl ShardCache {
         self.bytes > self.limit_bytes
     }
 
-    /// Evicts from the front while over the limit; `evict_one(partition, base)` drops one
-    /// batch. Bounded by the FIFO's length.
-    pub fn evict(&mut self, mut evict_one: impl FnMut(u64, i64) -> Evicted) {
-        while self.bytes > self.limit_bytes {
+    /// Evicts from the front while the written batches and `unwritten_bytes` (the shard's
+    /// unwritten batches, also cached) exceed the limit; `evict_one(partition, base)` drops
+    /// one batch. Bounded by the FIFO's length.
+    pub fn evict(
+        &mut self,
+        unwritten_bytes: usize,
+        mut evict_one: impl FnMut(u64, i64) -> Evicted,
+    ) {
+        while self.bytes + unwritten_bytes > self.limit_bytes {
             let Some((pid, base, len)) = self.fifo.pop_front() else {
                 return;
             };
@@ -230,13 +236,13 @@ mod tests {
             assert!(p.pop_front_if(base));
             Evicted::Dropped
         };
-        shard.evict(|_, base| drop_front(&mut p, base));
+        shard.evict(0, |_, base| drop_front(&mut p, base));
         assert_eq!(p.start(40), 0);
         // The first three are written: eviction takes the oldest until under the limit.
         shard.admit_written(1, &mut p, 30);
         assert_eq!(shard.bytes, 3 * c);
         assert_eq!(p.unadmitted_bytes(), 100);
-        shard.evict(|_, base| drop_front(&mut p, base));
+        shard.evict(0, |_, base| drop_front(&mut p, base));
         assert_eq!(shard.bytes, 2 * c);
         assert_eq!(p.start(40), 10);
         // Admitting again is idempotent for what was admitted.
@@ -244,12 +250,17 @@ mod tests {
         assert_eq!(shard.bytes, 2 * c);
         shard.admit_written(1, &mut p, 40);
         assert_eq!(shard.bytes, 3 * c);
-        shard.evict(|_, base| drop_front(&mut p, base));
+        shard.evict(0, |_, base| drop_front(&mut p, base));
         assert_eq!(shard.bytes, 2 * c);
         assert_eq!(p.start(40), 20);
+        // Unwritten batches count against the limit: room for one more unwritten batch
+        // evicts a written one.
+        shard.evict(c, |_, base| drop_front(&mut p, base));
+        assert_eq!(shard.bytes, c);
+        assert_eq!(p.start(40), 30);
         // Entries of a deleted partition are dropped.
         shard.limit_bytes = 0;
-        shard.evict(|_, _| Evicted::Gone);
+        shard.evict(0, |_, _| Evicted::Gone);
         assert_eq!(shard.bytes, 0);
     }
 }

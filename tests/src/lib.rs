@@ -296,6 +296,20 @@ pub struct PartitionView {
     pub isr: Vec<i32>,
 }
 
+/// How many brokers `b`'s Metadata response lists (0 when it cannot answer).
+pub fn brokers_seen(b: &Broker) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let Ok(c) = ClientConfig::new()
+        .set("bootstrap.servers", b.bootstrap())
+        .create::<BaseConsumer>()
+    else {
+        return 0;
+    };
+    c.fetch_metadata(None, Duration::from_secs(2))
+        .map(|m| m.brokers().len())
+        .unwrap_or(0)
+}
+
 /// `topic`'s partitions in order, as broker `b` (through librdkafka) reports them; None when
 /// the broker cannot answer or the topic has an error.
 pub fn topic_view(b: &Broker, topic: &str) -> Option<Vec<PartitionView>> {
@@ -482,6 +496,20 @@ impl Cluster {
         for (i, b) in c.nodes.iter_mut().enumerate() {
             if roles[i].contains("broker") {
                 b.wait_listening();
+            }
+        }
+        // A broker listens before it has registered with the controller: a topic created
+        // right away with replication factor 3 could see fewer brokers and fail with
+        // INVALID_REPLICATION_FACTOR (seen in CI on a busy machine). Wait until every broker
+        // sees all of them (at most 30 s; a test that wants fewer finds out itself).
+        let brokers = roles.iter().filter(|r| r.contains("broker")).count();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (i, b) in c.nodes.iter().enumerate() {
+            if !roles[i].contains("broker") {
+                continue;
+            }
+            while Instant::now() < deadline && brokers_seen(b) < brokers {
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
         c

@@ -1927,6 +1927,20 @@ mod tests {
         });
     }
 
+    /// Reads at every 37th offset below `end`: the first batch returned holds the offset.
+    async fn reads_start_at_their_batch(log: &RefCell<PartitionLog>, end: i64) {
+        for offset in (0..end).step_by(37) {
+            let got = log.borrow().read_batches(offset, 1).await.unwrap().unwrap();
+            let h = Header::new(&got).unwrap();
+            assert!(
+                h.base_offset() <= offset && offset <= h.last_offset(),
+                "offset {offset}: batch {}-{}",
+                h.base_offset(),
+                h.last_offset()
+            );
+        }
+    }
+
     /// Sealed segments keep a thinned in-memory index (one entry per
     /// SEALED_INDEX_STRIDE_BYTES), after a roll and after a reopen. Reads at any offset still
     /// start at the batch holding it, and a sequential reader continues exactly where its last
@@ -1969,16 +1983,7 @@ mod tests {
                 }
                 check(&log);
                 // Any offset: the first batch returned holds it.
-                for offset in (0..end).step_by(37) {
-                    let got = log.borrow().read_batches(offset, 1).await.unwrap().unwrap();
-                    let h = Header::new(&got).unwrap();
-                    assert!(
-                        h.base_offset() <= offset && offset <= h.last_offset(),
-                        "offset {offset}: batch {}-{}",
-                        h.base_offset(),
-                        h.last_offset()
-                    );
-                }
+                reads_start_at_their_batch(&log, end).await;
                 // Sequentially, in reads of a few batches: each read starts exactly where
                 // the previous one ended.
                 let mut offset = 0;
@@ -2040,16 +2045,7 @@ mod tests {
                     assert!(n >= DENSE_TAIL_ENTRIES, "reopen {reopen}: {n} entries");
                     assert!(l.active().index.times.len() <= bound);
                 }
-                for offset in (0..end).step_by(37) {
-                    let got = log.borrow().read_batches(offset, 1).await.unwrap().unwrap();
-                    let h = Header::new(&got).unwrap();
-                    assert!(
-                        h.base_offset() <= offset && offset <= h.last_offset(),
-                        "offset {offset}: batch {}-{}",
-                        h.base_offset(),
-                        h.last_offset()
-                    );
-                }
+                reads_start_at_their_batch(&log, end).await;
                 // Batch i has max timestamp 1000 + i and offsets 4i..4i+3.
                 for i in (0..10_000i64).step_by(101) {
                     let start = log.borrow().offset_scan_start_for_time(1_000 + i).unwrap();

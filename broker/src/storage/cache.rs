@@ -175,10 +175,6 @@ impl ShardCache {
         *cache = PartitionCache::default();
     }
 
-    pub fn over_limit(&self) -> bool {
-        self.bytes > self.limit_bytes
-    }
-
     /// Evicts from the front while the written batches and `unwritten_bytes` (the shard's
     /// unwritten batches, also cached) exceed the limit; `evict_one(partition, base)` drops
     /// one batch. Bounded by the FIFO's length.

@@ -113,7 +113,6 @@ impl SegmentIndex {
     /// its batch count. Lookups stay correct: each answer
     /// is a position or offset at or before the exact one, and readers scan forward from it.
     pub fn thin(&mut self, stride_bytes: u32) {
-        let before = self.offsets.len();
         let mut last_kept: Option<u32> = None;
         self.offsets.retain(|&(_, pos)| {
             let keep = last_kept.is_none_or(|p| pos >= p.saturating_add(stride_bytes));
@@ -122,16 +121,19 @@ impl SegmentIndex {
             }
             keep
         });
-        let kept = self.offsets.len().max(1);
-        let step = before.div_ceil(kept).max(1);
-        if step > 1 {
-            let mut i = 0usize;
-            self.times.retain(|_| {
-                let keep = i % step == 0;
-                i += 1;
-                keep
-            });
-        }
+        // At most one time entry per kept offset entry: the first at or after it. (Thinning by
+        // count instead made earlier entries sparser on every pass over an active segment.)
+        let offsets = &self.offsets;
+        let mut next = 0usize;
+        self.times.retain(|&(_, o)| {
+            if next >= offsets.len() || o < offsets[next].0 {
+                return false;
+            }
+            while next < offsets.len() && offsets[next].0 <= o {
+                next += 1;
+            }
+            true
+        });
         self.offsets.shrink_to_fit();
         self.times.shrink_to_fit();
         debug_assert!(self
@@ -272,10 +274,15 @@ mod tests {
                 assert_eq!(got, exact, "offset {rel} is in the dense tail");
             }
         }
+        // Time lookups land at most about two strides before the exact answer, in the old part
+        // of the segment too (each batch is 500 bytes and 4 offsets).
+        let stride_offsets = (THINNED_STRIDE_BYTES / 500 + 1) * 4;
         for ts in (900..51_100i64).step_by(13) {
+            let (exact, got) = (full.offset_for_time(ts), bounded.offset_for_time(ts));
+            assert!(got <= exact, "ts {ts}");
             assert!(
-                bounded.offset_for_time(ts) <= full.offset_for_time(ts),
-                "ts {ts}"
+                exact - got <= 2 * stride_offsets,
+                "ts {ts}: {got} far before {exact}"
             );
         }
     }

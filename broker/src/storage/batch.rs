@@ -326,8 +326,7 @@ pub fn stamp(
     log_append_time_ms: Option<i64>,
 ) -> Bytes {
     debug_assert!(batch.len() >= HEADER_BYTES);
-    let out = super::arena::copy_with(batch.len(), |b| {
-        b.copy_from_slice(batch);
+    let out = super::arena::copy_with(batch, |b| {
         b[0..8].copy_from_slice(&base_offset.to_be_bytes());
         b[12..16].copy_from_slice(&leader_epoch.to_be_bytes());
         if let Some(now) = log_append_time_ms {

@@ -22,6 +22,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
@@ -269,6 +270,14 @@ fn crash_after(f: Option<Fault>, op: Op, path: &Path) {
     }
 }
 
+/// The size of the zero buffer a shard keeps (`write_zeros_at`).
+pub const ZERO_BUFFER_BYTES: usize = super::zero_ahead::ZERO_STEP_BYTES as usize;
+
+thread_local! {
+    /// This shard's zeroed DMA buffer, shared by its zero writes; never written after the fill.
+    static ZERO_BUFFER: std::cell::RefCell<Option<Rc<DmaBuffer>>> = const { std::cell::RefCell::new(None) };
+}
+
 /// A segment file: a glommio DMA (O_DIRECT) file behind the fault injector.
 pub struct SegmentFile {
     file: DmaFile,
@@ -332,6 +341,33 @@ impl SegmentFile {
         let r = self.file.write_at(buf, pos).await.map_err(io_err);
         crash_after(f, Op::Write, &self.path);
         r
+    }
+
+    /// Writes `len` zero bytes at `pos`; returns the bytes written. A write of the shard's
+    /// usual zero-write size reuses one zeroed buffer (the zero-ahead's 512 KiB steps: a fresh
+    /// buffer and its memset per step cost about 4% of the broker's CPU at 450 MB/s).
+    pub async fn write_zeros_at(&self, pos: u64, len: usize) -> io::Result<usize> {
+        let f = fault(Op::Write, &self.path);
+        let shared = (f.is_none() && len == ZERO_BUFFER_BYTES).then(|| {
+            ZERO_BUFFER.with(|z| {
+                z.borrow_mut()
+                    .get_or_insert_with(|| {
+                        let mut b = self.file.alloc_dma_buffer(ZERO_BUFFER_BYTES);
+                        b.as_bytes_mut().fill(0);
+                        Rc::new(b)
+                    })
+                    .clone()
+            })
+        });
+        match shared {
+            Some(buf) => self.file.write_rc_at(buf, pos).await.map_err(io_err),
+            // Other sizes, and every injected fault, take the ordinary path.
+            None => {
+                let mut buf = self.file.alloc_dma_buffer(len);
+                buf.as_bytes_mut().fill(0);
+                self.write_at(buf, pos).await
+            }
+        }
     }
 
     /// Reserves disk space up to `size` bytes without changing the file size.

@@ -149,9 +149,7 @@ impl ZeroAhead {
                     me.file.pre_allocate(to).await?;
                     me.reserved_to(to);
                 }
-                let mut buf = me.file.alloc_dma_buffer(len);
-                buf.as_bytes_mut().fill(0);
-                me.file.write_at(buf, start).await
+                me.file.write_zeros_at(start, len).await
             }
             .await;
             IN_FLIGHT.with(|n| n.set(n.get() - 1));

@@ -2118,6 +2118,22 @@ mod tests {
                 data_end()
             );
             assert!(zeroed_bytes() >= ZERO_STEP_BYTES);
+            // The blocks past the data hold zeros (the shard's shared zero buffer is written
+            // as it was filled).
+            let file = log.borrow().active().path.clone();
+            let bytes = std::fs::read(&file).unwrap();
+            let from = data_end().div_ceil(4096) as usize;
+            let from = from * 4096;
+            let to = (zero.done() as usize).min(bytes.len());
+            assert!(
+                to >= from + ZERO_STEP_BYTES as usize,
+                "file {} bytes",
+                bytes.len()
+            );
+            assert!(
+                bytes[from..to].iter().all(|&b| b == 0),
+                "non-zero byte past the data"
+            );
             // More data on the zeroed blocks, while zeroing goes on ahead of it.
             for _ in 0..6 {
                 append_n(&log, 400).await;

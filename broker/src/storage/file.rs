@@ -324,8 +324,18 @@ impl SegmentFile {
     }
 
     /// Writes `buf` at `pos`; returns the bytes written (fewer on a short write).
-    pub async fn write_at(&self, mut buf: DmaBuffer, pos: u64) -> io::Result<usize> {
-        let f = fault(Op::Write, &self.path);
+    pub async fn write_at(&self, buf: DmaBuffer, pos: u64) -> io::Result<usize> {
+        self.write_with_fault(fault(Op::Write, &self.path), buf, pos)
+            .await
+    }
+
+    /// `write_at` with the injector already asked (once per write).
+    async fn write_with_fault(
+        &self,
+        f: Option<Fault>,
+        mut buf: DmaBuffer,
+        pos: u64,
+    ) -> io::Result<usize> {
         if let Some(f) = f {
             injected(f, Op::Write, &self.path)?;
             if f == Fault::ShortWrite {
@@ -365,7 +375,7 @@ impl SegmentFile {
             None => {
                 let mut buf = self.file.alloc_dma_buffer(len);
                 buf.as_bytes_mut().fill(0);
-                self.write_at(buf, pos).await
+                self.write_with_fault(f, buf, pos).await
             }
         }
     }

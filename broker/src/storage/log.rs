@@ -2122,8 +2122,7 @@ mod tests {
             // as it was filled).
             let file = log.borrow().active().path.clone();
             let bytes = std::fs::read(&file).unwrap();
-            let from = data_end().div_ceil(4096) as usize;
-            let from = from * 4096;
+            let from = (data_end().div_ceil(4096) * 4096) as usize;
             let to = (zero.done() as usize).min(bytes.len());
             assert!(
                 to >= from + ZERO_STEP_BYTES as usize,

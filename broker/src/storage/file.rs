@@ -273,19 +273,9 @@ fn crash_after(f: Option<Fault>, op: Op, path: &Path) {
 /// The size of the zero buffer a shard keeps (`write_zeros_at`).
 pub const ZERO_BUFFER_BYTES: usize = super::zero_ahead::ZERO_STEP_BYTES as usize;
 
-/// The size of the write buffers a shard keeps (`write_buffer`): a log write's largest usual
-/// size, WRITE_CHUNK_BYTES of batches plus the old partial block and the padding.
-pub const WRITE_BUFFER_BYTES: usize = super::log::WRITE_CHUNK_BYTES + (8 << 10);
-/// Write buffers a shard keeps for reuse. A fresh buffer for each log write meant fresh pages
-/// for each: their page faults and zeroing were about a fifth of the broker's CPU under kcat's
-/// 1 MB batches. Kept buffers stay resident: at most 2 x 4 MiB per shard.
-pub const WRITE_BUFFERS_KEPT: usize = 2;
-
 thread_local! {
     /// This shard's zeroed DMA buffer, shared by its zero writes; never written after the fill.
     static ZERO_BUFFER: std::cell::RefCell<Option<Rc<DmaBuffer>>> = const { std::cell::RefCell::new(None) };
-    /// This shard's idle write buffers, each WRITE_BUFFER_BYTES, at most WRITE_BUFFERS_KEPT.
-    static WRITE_BUFFERS: std::cell::RefCell<Vec<DmaBuffer>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A segment file: a glommio DMA (O_DIRECT) file behind the fault injector.
@@ -321,50 +311,6 @@ impl SegmentFile {
 
     pub fn alloc_dma_buffer(&self, size: usize) -> DmaBuffer {
         self.file.alloc_dma_buffer(size)
-    }
-
-    /// A buffer of `size` bytes for `write_buffer_at`: one of the shard's kept write buffers
-    /// when `size` fits in one (its old contents are there: the caller overwrites all of it),
-    /// else a fresh allocation.
-    pub fn write_buffer(&self, size: usize) -> DmaBuffer {
-        if size > WRITE_BUFFER_BYTES {
-            return self.file.alloc_dma_buffer(size);
-        }
-        let mut b = WRITE_BUFFERS
-            .with(|w| w.borrow_mut().pop())
-            .unwrap_or_else(|| self.file.alloc_dma_buffer(WRITE_BUFFER_BYTES));
-        b.reset_to_size(size);
-        b
-    }
-
-    /// `write_at` for a buffer from `write_buffer`: afterwards the buffer goes back to the
-    /// shard's kept ones (unless WRITE_BUFFERS_KEPT are there, or the write was dropped before
-    /// it completed, or a fault was injected: then it is freed).
-    pub async fn write_buffer_at(&self, buf: DmaBuffer, pos: u64) -> io::Result<usize> {
-        let f = fault(Op::Write, &self.path);
-        if f.is_some() || buf.capacity() != WRITE_BUFFER_BYTES {
-            return self.write_with_fault(f, buf, pos).await;
-        }
-        let buf = Rc::new(buf);
-        let r = self
-            .file
-            .write_rc_at(buf.clone(), pos)
-            .await
-            .map_err(io_err);
-        if let Ok(b) = Rc::try_unwrap(buf) {
-            WRITE_BUFFERS.with(|w| {
-                let mut w = w.borrow_mut();
-                if w.len() < WRITE_BUFFERS_KEPT {
-                    w.push(b);
-                }
-            });
-        }
-        r
-    }
-
-    /// Addresses of this shard's kept write buffers (tests).
-    pub fn kept_write_buffers() -> Vec<usize> {
-        WRITE_BUFFERS.with(|w| w.borrow().iter().map(|b| b.as_ptr() as usize).collect())
     }
 
     pub async fn read_at(&self, pos: u64, size: usize) -> io::Result<ReadResult> {

@@ -1528,7 +1528,7 @@ impl PendingWrite {
             self.zero.reserved_to(target);
         }
         self.zero.before_write(self.file_pos, write_end).await;
-        let mut buf = self.file.write_buffer(padded);
+        let mut buf = self.file.alloc_dma_buffer(padded);
         let dst = buf.as_bytes_mut();
         dst[..self.head.len()].copy_from_slice(&self.head);
         let mut at = self.head.len();
@@ -1539,7 +1539,7 @@ impl PendingWrite {
         dst[at..].fill(0);
         let tail_len = logical % align;
         let tail = dst[logical - tail_len..logical].to_vec();
-        let n = self.file.write_buffer_at(buf, self.file_pos).await?;
+        let n = self.file.write_at(buf, self.file_pos).await?;
         if n == padded {
             self.zero
                 .after_write(write_end, segment_cap.max(write_end), step);
@@ -2040,43 +2040,6 @@ mod tests {
                     .unwrap();
                 assert_eq!(&got[..b.len()], &b[..]);
             }
-        });
-    }
-
-    /// Log writes reuse the shard's kept write buffer, and a short write after a long one
-    /// leaves no stale bytes of the long one on disk past its data.
-    #[test]
-    fn write_buffers_are_reused_and_leave_no_stale_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t-0");
-        run(move || async move {
-            let cfg = LogConfig::default();
-            let log = open_log(&path, &cfg, true).await;
-            let long = make(200, 1024, 5_000);
-            let infos = batch::validate_produce(&long, 8 << 20).unwrap();
-            log.borrow_mut().append(&long, &infos, now_ms()).unwrap();
-            flush(&log).await;
-            let kept = SegmentFile::kept_write_buffers();
-            assert_eq!(kept.len(), 1, "the write's buffer is kept");
-            let short = make(1, 10, 5_000);
-            let infos = batch::validate_produce(&short, 8 << 20).unwrap();
-            log.borrow_mut().append(&short, &infos, now_ms()).unwrap();
-            flush(&log).await;
-            assert_eq!(
-                SegmentFile::kept_write_buffers(),
-                kept,
-                "the same buffer again"
-            );
-            let file = std::fs::read(path.join(segment_file_name(0, "log"))).unwrap();
-            let end = long.len() + short.len();
-            assert!(
-                file[end..end + (256 << 10)].iter().all(|&b| b == 0),
-                "stale bytes past the data"
-            );
-            assert_eq!(
-                batch::check_stored(&file[long.len()..], Some(200)),
-                batch::Stored::Valid { bytes: short.len() }
-            );
         });
     }
 

@@ -87,8 +87,6 @@ pub struct DmaBuffer {
     // Invariant: trim + size are at most one byte past the original allocation.
     trim: usize,
     size: usize,
-    // Weir patch: the original allocation's size, so a trimmed buffer can be reused whole.
-    capacity: usize,
 }
 
 impl DmaBuffer {
@@ -97,7 +95,6 @@ impl DmaBuffer {
             storage: BufferStorage::Sys(SysAlloc::new(size)?),
             size,
             trim: 0,
-            capacity: size,
         })
     }
 
@@ -106,7 +103,6 @@ impl DmaBuffer {
             storage,
             size,
             trim: 0,
-            capacity: size,
         }
     }
 
@@ -124,20 +120,6 @@ impl DmaBuffer {
     pub fn trim_to_size(&mut self, newsize: usize) {
         assert!(newsize <= self.size);
         self.size = newsize;
-    }
-
-    /// Weir patch: sets the length to `newsize` bytes from the start of the allocation (undoing
-    /// any trim), at most the size the buffer was allocated with. Lets a caller keep one
-    /// allocation for writes of different lengths.
-    pub fn reset_to_size(&mut self, newsize: usize) {
-        assert!(newsize <= self.capacity);
-        self.trim = 0;
-        self.size = newsize;
-    }
-
-    /// Weir patch: the size the buffer was allocated with.
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     /// Returns a representation of the current addressable contents of this

@@ -692,10 +692,15 @@ impl Consumer {
         Ok(())
     }
 
-    /// Commits (with auto commit) and leaves the group.
+    /// Commits (with auto commit) and leaves the group. As in the Java client, a failed
+    /// auto-commit (say the group is rebalancing because another member left) is logged and
+    /// the consumer still leaves the group: the records since the last commit are then
+    /// delivered again to whoever gets the partitions.
     pub fn close(mut self) -> Result<()> {
         if self.cfg.enable_auto_commit && self.cfg.group_id.is_some() {
-            self.commit_sync()?;
+            if let Err(e) = self.commit_sync() {
+                tracing::warn!("auto-commit on close failed: {e:#}");
+            }
         }
         if let (Some(group), false) = (self.cfg.group_id.clone(), self.member_id.is_empty()) {
             if self.cfg.group_instance_id.is_none() {

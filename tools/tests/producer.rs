@@ -398,6 +398,56 @@ fn two_library_consumers_in_one_group_split_the_partitions() {
 /// answers. (Coming back at once for queued batches let the sender exceed the limit, 8 of 5,
 /// until the limit became a per-connection check; the throughput effect of not waiting for a
 /// wake-up is measured by the benchmark, not here.)
+/// Closing a consumer while its group rebalances (another member is joining) still leaves the
+/// group: the auto-commit's REBALANCE_IN_PROGRESS is logged, as the Java client does, not
+/// returned, and the joining member then gets every partition. (CI saw `close` fail this way
+/// when two members closed at once.)
+#[test]
+fn close_during_a_rebalance_still_leaves_the_group() {
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("server.properties");
+    std::fs::write(&path, "group.initial.rebalance.delay.ms=0\n").unwrap();
+    let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
+    let mut admin = Admin::connect(&b.bootstrap()).unwrap();
+    admin.create_topic("closing", 2, 1, &[]).unwrap();
+    let consumer = |bs: &str| {
+        let mut cfg = ConsumerConfig::new(bs);
+        cfg.set("group.id", "closing")
+            .unwrap()
+            .set("auto.offset.reset", "earliest")
+            .unwrap()
+            .set("heartbeat.interval.ms", "300")
+            .unwrap()
+            .set("session.timeout.ms", "6000")
+            .unwrap();
+        let mut c = Consumer::new(cfg).unwrap();
+        c.subscribe(&["closing"]).unwrap();
+        c
+    };
+    let mut a = consumer(&b.bootstrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.assignment().len() < 2 && Instant::now() < deadline {
+        a.poll(Duration::from_millis(100)).unwrap();
+    }
+    assert_eq!(a.assignment().len(), 2);
+    // The second member's join puts the group into a rebalance that `a` does not answer.
+    let bs = b.bootstrap();
+    let joiner = std::thread::spawn(move || {
+        let mut c = consumer(&bs);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.assignment().len() < 2 && Instant::now() < deadline {
+            c.poll(Duration::from_millis(100)).unwrap();
+        }
+        let got = c.assignment().len();
+        c.close().unwrap();
+        got
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    a.close()
+        .expect("close leaves the group even though its commit is refused");
+    assert_eq!(joiner.join().unwrap(), 2, "the joiner gets both partitions");
+}
+
 #[test]
 fn the_sender_keeps_its_pipeline_full_and_bounded() {
     let b = Broker::start(1);

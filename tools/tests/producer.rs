@@ -323,6 +323,23 @@ fn buffer_memory_is_reused_for_far_more_than_its_size() {
     assert!(futures.into_iter().all(|f| f.get().is_ok()));
 }
 
+/// A consumer in `group` subscribed to `topic`, reading from the earliest offset, with short
+/// heartbeat and session timeouts.
+fn group_member(bootstrap: &str, group: &str, topic: &str) -> Consumer {
+    let mut cfg = ConsumerConfig::new(bootstrap);
+    cfg.set("group.id", group)
+        .unwrap()
+        .set("auto.offset.reset", "earliest")
+        .unwrap()
+        .set("heartbeat.interval.ms", "300")
+        .unwrap()
+        .set("session.timeout.ms", "6000")
+        .unwrap();
+    let mut c = Consumer::new(cfg).unwrap();
+    c.subscribe(&[topic]).unwrap();
+    c
+}
+
 #[test]
 fn two_library_consumers_in_one_group_split_the_partitions() {
     let conf = tempfile::tempdir().unwrap();
@@ -347,17 +364,7 @@ fn two_library_consumers_in_one_group_split_the_partitions() {
     let spawn = |stop: Arc<std::sync::atomic::AtomicBool>| {
         let bs = b.bootstrap();
         std::thread::spawn(move || {
-            let mut cfg = ConsumerConfig::new(&bs);
-            cfg.set("group.id", "lib")
-                .unwrap()
-                .set("auto.offset.reset", "earliest")
-                .unwrap()
-                .set("heartbeat.interval.ms", "300")
-                .unwrap()
-                .set("session.timeout.ms", "6000")
-                .unwrap();
-            let mut c = Consumer::new(cfg).unwrap();
-            c.subscribe(&["split"]).unwrap();
+            let mut c = group_member(&bs, "lib", "split");
             let mut seen = Vec::new();
             let mut assignment = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -410,20 +417,7 @@ fn close_during_a_rebalance_still_leaves_the_group() {
     let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
     let mut admin = Admin::connect(&b.bootstrap()).unwrap();
     admin.create_topic("closing", 2, 1, &[]).unwrap();
-    let consumer = |bs: &str| {
-        let mut cfg = ConsumerConfig::new(bs);
-        cfg.set("group.id", "closing")
-            .unwrap()
-            .set("auto.offset.reset", "earliest")
-            .unwrap()
-            .set("heartbeat.interval.ms", "300")
-            .unwrap()
-            .set("session.timeout.ms", "6000")
-            .unwrap();
-        let mut c = Consumer::new(cfg).unwrap();
-        c.subscribe(&["closing"]).unwrap();
-        c
-    };
+    let consumer = |bs: &str| group_member(bs, "closing", "closing");
     let mut a = consumer(&b.bootstrap());
     let deadline = Instant::now() + Duration::from_secs(20);
     while a.assignment().len() < 2 && Instant::now() < deadline {

@@ -52,13 +52,6 @@ const BODY_FIRST_BYTES: usize = 64 << 10;
 /// buffer grows to take all of it at once: those bytes have arrived, and a 1 MB frame that is
 /// all queued is then one allocation with no copies.
 const BODY_GROWTH: usize = 4;
-/// A frame with more than this left to arrive waits for the rest with the socket's receive low
-/// mark set (SO_RCVLOWAT): one wake-up and one buffer growth for the rest instead of one per
-/// arriving segment and BODY_GROWTH step. Its bytes are still received only once they are
-/// queued, so nothing is reserved for bytes that have not arrived.
-const LOWAT_FROM_BYTES: usize = BODY_FIRST_BYTES;
-/// The largest low mark asked for (the kernel caps it at half of tcp_rmem's maximum).
-const LOWAT_MAX_BYTES: usize = 4 << 20;
 /// Bytes read into the connection's stack buffer when a socket has nothing queued: waiting
 /// needs a buffer, and a peer that sends nothing must not make us allocate one on the heap.
 const WAIT_READ_BYTES: usize = 512;
@@ -537,35 +530,14 @@ async fn read_body(
             }
         }
         let k = left.min(WAIT_READ_BYTES);
-        // A large rest: be woken once it is all queued (or as much as the socket holds,
-        // which the kernel keeps at least twice the low mark), not for every segment.
-        let lowat = (left > LOWAT_FROM_BYTES).then(|| left.min(LOWAT_MAX_BYTES));
-        if let Some(l) = lowat {
-            set_rcvlowat(fd, l);
-        }
-        let mut queued_before = queued_bytes(fd);
-        let read = loop {
-            let read = glommio::timer::timeout(FRAME_PROGRESS_TIMEOUT, async {
-                reader
-                    .read(&mut head[..k])
-                    .await
-                    .map_err(glommio::GlommioError::from)
-            })
-            .await
-            .map_err(io::Error::from);
-            // Bytes below the low mark do not wake the read: they are progress all the same.
-            if lowat.is_some() && matches!(&read, Err(e) if e.kind() == io::ErrorKind::TimedOut) {
-                let q = queued_bytes(fd);
-                if q > queued_before {
-                    queued_before = q;
-                    continue;
-                }
-            }
-            break read;
-        };
-        if lowat.is_some() {
-            set_rcvlowat(fd, 1);
-        }
+        let read = glommio::timer::timeout(FRAME_PROGRESS_TIMEOUT, async {
+            reader
+                .read(&mut head[..k])
+                .await
+                .map_err(glommio::GlommioError::from)
+        })
+        .await
+        .map_err(io::Error::from);
         let n = match read {
             Ok(0) => return Err("peer closed mid-frame".into()),
             Ok(n) => n,
@@ -611,23 +583,6 @@ fn grow(body: &mut Vec<u8>, size: usize, need: usize, queued: usize) {
         .min(size);
     assert!(target >= body.len() + need, "growing past the frame");
     body.reserve_exact(target - body.len());
-}
-
-/// Sets the socket's receive low mark (SO_RCVLOWAT): a wait for data ends once this many bytes
-/// are queued (the kernel caps it at half the largest receive buffer and grows the buffer to
-/// fit), or at end of stream or an error. Failure only costs wake-ups.
-fn set_rcvlowat(fd: RawFd, bytes: usize) {
-    let v: libc::c_int = bytes.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: setsockopt reads one int from the pointer; fd is this connection's socket.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
 }
 
 /// Bytes queued on the socket, received and not yet read (FIONREAD); 0 when unknown.

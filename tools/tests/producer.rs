@@ -399,12 +399,6 @@ fn two_library_consumers_in_one_group_split_the_partitions() {
     assert_eq!(distinct.len(), 400, "every record read by the group");
 }
 
-/// With many full batches queued and nothing new arriving (the buffer is full, or the
-/// application stopped sending), the sender puts `max.in.flight.requests.per.connection`
-/// requests out, and never more: a paused broker sees exactly 5, before and after a burst of
-/// answers. (Coming back at once for queued batches let the sender exceed the limit, 8 of 5,
-/// until the limit became a per-connection check; the throughput effect of not waiting for a
-/// wake-up is measured by the benchmark, not here.)
 /// Closing a consumer while its group rebalances (another member is joining) still leaves the
 /// group: the auto-commit's REBALANCE_IN_PROGRESS is logged, as the Java client does, not
 /// returned, and the joining member then gets every partition. (CI saw `close` fail this way
@@ -417,8 +411,7 @@ fn close_during_a_rebalance_still_leaves_the_group() {
     let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
     let mut admin = Admin::connect(&b.bootstrap()).unwrap();
     admin.create_topic("closing", 2, 1, &[]).unwrap();
-    let consumer = |bs: &str| group_member(bs, "closing", "closing");
-    let mut a = consumer(&b.bootstrap());
+    let mut a = group_member(&b.bootstrap(), "closing", "closing");
     let deadline = Instant::now() + Duration::from_secs(20);
     while a.assignment().len() < 2 && Instant::now() < deadline {
         a.poll(Duration::from_millis(100)).unwrap();
@@ -427,7 +420,7 @@ fn close_during_a_rebalance_still_leaves_the_group() {
     // The second member's join puts the group into a rebalance that `a` does not answer.
     let bs = b.bootstrap();
     let joiner = std::thread::spawn(move || {
-        let mut c = consumer(&bs);
+        let mut c = group_member(&bs, "closing", "closing");
         let deadline = Instant::now() + Duration::from_secs(30);
         while c.assignment().len() < 2 && Instant::now() < deadline {
             c.poll(Duration::from_millis(100)).unwrap();
@@ -442,6 +435,12 @@ fn close_during_a_rebalance_still_leaves_the_group() {
     assert_eq!(joiner.join().unwrap(), 2, "the joiner gets both partitions");
 }
 
+/// With many full batches queued and nothing new arriving (the buffer is full, or the
+/// application stopped sending), the sender puts `max.in.flight.requests.per.connection`
+/// requests out, and never more: a paused broker sees exactly 5, before and after a burst of
+/// answers. (Coming back at once for queued batches let the sender exceed the limit, 8 of 5,
+/// until the limit became a per-connection check; the throughput effect of not waiting for a
+/// wake-up is measured by the benchmark, not here.)
 #[test]
 fn the_sender_keeps_its_pipeline_full_and_bounded() {
     let b = Broker::start(1);

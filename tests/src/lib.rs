@@ -403,6 +403,18 @@ pub mod admin {
         b.client_config().create().expect("admin client")
     }
 
+    /// An admin request that got no answer: the panic carries the broker's log, so a failure
+    /// in CI says what the broker was doing.
+    fn failed(b: &Broker, api: &str, e: rdkafka::error::KafkaError) -> ! {
+        let log = b.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        panic!(
+            "{api} request failed: {e}\nlast lines of the broker's log:\n{}",
+            tail.join("\n")
+        )
+    }
+
     pub fn opts() -> AdminOptions {
         AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(30)))
     }
@@ -421,7 +433,7 @@ pub mod admin {
             t = t.set(k, v);
         }
         let r = futures::executor::block_on(a.create_topics([&t], &opts()))
-            .expect("CreateTopics request");
+            .unwrap_or_else(|e| failed(b, "CreateTopics", e));
         r.into_iter()
             .next()
             .expect("one result")
@@ -432,7 +444,7 @@ pub mod admin {
     pub fn delete(b: &Broker, name: &str) -> Result<(), RDKafkaErrorCode> {
         let a = client(b);
         let r = futures::executor::block_on(a.delete_topics(&[name], &opts()))
-            .expect("DeleteTopics request");
+            .unwrap_or_else(|e| failed(b, "DeleteTopics", e));
         r.into_iter()
             .next()
             .expect("one result")
@@ -444,7 +456,7 @@ pub mod admin {
         let a = client(b);
         let p = NewPartitions::new(name, total);
         let r = futures::executor::block_on(a.create_partitions([&p], &opts()))
-            .expect("CreatePartitions request");
+            .unwrap_or_else(|e| failed(b, "CreatePartitions", e));
         r.into_iter()
             .next()
             .expect("one result")

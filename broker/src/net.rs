@@ -48,7 +48,9 @@ const BODY_FIRST_BYTES: usize = 64 << 10;
 /// of 4 that is at most a third of a byte copied per byte, less than the zero fill of the whole
 /// frame this replaces (a recv straight into spare capacity needs no zeroing); the buffer is
 /// never more than max(BODY_FIRST_BYTES, 4 times what arrived), so an untouched reservation
-/// stays small.
+/// stays small. When the socket already holds more of the frame than that (FIONREAD), the
+/// buffer grows to take all of it at once: those bytes have arrived, and a 1 MB frame that is
+/// all queued is then one allocation with no copies.
 const BODY_GROWTH: usize = 4;
 /// Bytes read into the connection's stack buffer when a socket has nothing queued: waiting
 /// needs a buffer, and a peer that sends nothing must not make us allocate one on the heap.
@@ -505,7 +507,7 @@ async fn read_body(
     while body.len() < size {
         let left = size - body.len();
         if body.len() == body.capacity() && !body.is_empty() {
-            grow(&mut body, size, 1);
+            grow(&mut body, size, 1, queued_bytes(fd));
         }
         if body.capacity() > body.len() && !drained {
             let want = (body.capacity() - body.len()).min(left);
@@ -553,7 +555,7 @@ async fn read_body(
         }
         waiting_since = None;
         if body.capacity() - body.len() < n {
-            grow(&mut body, size, n);
+            grow(&mut body, size, n, queued_bytes(fd));
         }
         body.extend_from_slice(&head[..n]);
         drained = false;
@@ -571,14 +573,27 @@ async fn read_body(
 }
 
 /// Grows `body` to hold at least `need` more bytes: BODY_GROWTH times what it holds, at least
-/// BODY_FIRST_BYTES, never past the frame's `size`.
-fn grow(body: &mut Vec<u8>, size: usize, need: usize) {
+/// BODY_FIRST_BYTES, or room for the `queued` bytes waiting in the socket besides `need` when
+/// that is more; never past the frame's `size`.
+fn grow(body: &mut Vec<u8>, size: usize, need: usize, queued: usize) {
     let target = (body.len() * BODY_GROWTH)
         .max(BODY_FIRST_BYTES)
         .max(body.len() + need)
+        .max(body.len().saturating_add(need).saturating_add(queued))
         .min(size);
     assert!(target >= body.len() + need, "growing past the frame");
     body.reserve_exact(target - body.len());
+}
+
+/// Bytes queued on the socket, received and not yet read (FIONREAD); 0 when unknown.
+fn queued_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int at the pointer; fd is this connection's socket.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 {
+        return 0;
+    }
+    n.max(0) as usize
 }
 
 /// One non-blocking recv of at most `max` bytes into `buf`'s spare capacity: Some(n) bytes

@@ -178,6 +178,9 @@ pub struct ProduceItem {
     pub partition: i32,
     pub records: Bytes,
     pub infos: Vec<BatchInfo>,
+    /// `records` are all but a few bytes of their request frame, and the handler holds no
+    /// other view of it: a lone large batch may be stamped in place (`PartitionLog::append_frame`).
+    pub whole_frame: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -772,7 +775,7 @@ impl Shard {
     pub async fn append_local(
         self: &Rc<Self>,
         p: &Rc<Partition>,
-        item: &ProduceItem,
+        item: &mut ProduceItem,
     ) -> Result<(i64, i64), i16> {
         self.append(p, item).await
     }
@@ -981,13 +984,14 @@ impl Shard {
         let infos =
             crate::storage::batch::validate_produce(&buf, crate::config::MESSAGE_BYTES_CEILING)
                 .map_err(|_| UNKNOWN_SERVER_ERROR)?;
-        let item = ProduceItem {
+        let mut item = ProduceItem {
             topic: topic.to_string(),
             partition,
             records: buf,
             infos,
+            whole_frame: false,
         };
-        self.append(&p, &item).await?;
+        self.append(&p, &mut item).await?;
         let end = p.log.borrow().log_end_offset;
         self.wait_durable_one(&p, end).await
     }
@@ -1024,13 +1028,14 @@ impl Shard {
             base_sequence: -1,
             transactional: true,
         };
-        let item = ProduceItem {
+        let mut item = ProduceItem {
             topic: p.topic.clone(),
             partition: p.index,
             records: b,
             infos: vec![info],
+            whole_frame: false,
         };
-        self.append(p, &item).await?;
+        self.append(p, &mut item).await?;
         if p.topic == crate::group::OFFSETS_TOPIC {
             crate::group::complete_txn_offsets(self, p.index, pid, commit);
         }
@@ -1116,13 +1121,18 @@ impl Shard {
     async fn append(
         self: &Rc<Self>,
         p: &Rc<Partition>,
-        item: &ProduceItem,
+        item: &mut ProduceItem,
     ) -> Result<(i64, i64), i16> {
         self.wait_for_room().await;
         loop {
             appendable(p)?;
             let now = now_ms();
-            let r = p.log.borrow_mut().append(&item.records, &item.infos, now);
+            let r = p.log.borrow_mut().append_frame(
+                &mut item.records,
+                &item.infos,
+                now,
+                item.whole_frame,
+            );
             match r {
                 Ok(a) if a.duplicate => {
                     tracing::debug!(topic = %p.topic, partition = p.index, offset = a.base_offset, "duplicate batch from an idempotent producer");
@@ -1134,6 +1144,9 @@ impl Shard {
                     } else {
                         -1
                     };
+                    if a.in_place {
+                        crate::metrics::batch_in_place();
+                    }
                     let leo = a.last_offset + 1;
                     p.repl.borrow_mut().advance_high_watermark(leo);
                     self.appended(p, a.batches.into_iter());
@@ -1231,7 +1244,7 @@ impl Shard {
     ) {
         let mut results = Vec::with_capacity(items.len());
         let mut waits = Vec::new();
-        for item in &items {
+        for mut item in items {
             let Some(p) = self.partition(&item.topic, item.partition) else {
                 results.push(ProduceResult {
                     error: NOT_LEADER_OR_FOLLOWER,
@@ -1260,7 +1273,7 @@ impl Shard {
                 });
                 continue;
             }
-            match self.append(&p, item).await {
+            match self.append(&p, &mut item).await {
                 Ok((base, append_time)) => {
                     let (start, end) = {
                         let l = p.log.borrow();

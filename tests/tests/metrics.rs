@@ -389,3 +389,86 @@ fn batch_arena_memory_follows_the_cache_and_is_released() {
             .collect::<Vec<_>>()
     );
 }
+
+/// A producer whose requests each carry one large batch (one partition, 1 MB batches) gets
+/// its batches stamped in the request's buffer, not copied (`weir_produce_batches_in_place`),
+/// and the records read back intact at their acknowledged offsets, from the cache and, after
+/// kill -9 and a restart, from disk. A producer spreading small batches over partitions gets copies.
+#[test]
+fn large_lone_batches_are_stored_from_the_request_buffer() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut b = Broker::start(1);
+    admin::create(&b, "whole", 1, 1, &[]).unwrap();
+    admin::create(&b, "spread", 4, 1, &[]).unwrap();
+    let before = scrape(&b);
+    let produce = |topic: &str, partitions: i32, batch_size: &str, n: usize| {
+        let producer: FutureProducer = b
+            .client_config()
+            .set("acks", "all")
+            .set("linger.ms", "100")
+            .set("batch.size", batch_size)
+            .create()
+            .unwrap();
+        let acks: Vec<_> = (0..n)
+            .map(|i| {
+                let key = format!("{topic}-{i}");
+                let value = vec![(i % 251) as u8; 1024];
+                producer
+                    .send_result(
+                        FutureRecord::to(topic)
+                            .partition(i as i32 % partitions)
+                            .key(&key)
+                            .payload(&value),
+                    )
+                    .unwrap()
+            })
+            .collect();
+        acks.into_iter()
+            .map(|a| futures::executor::block_on(a).unwrap().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let whole = produce("whole", 1, "1000000", 3000);
+    let after_whole = scrape(&b);
+    let in_place = delta(
+        &before,
+        &after_whole,
+        "weir_produce_batches_in_place_total",
+        &[],
+    );
+    assert!(in_place >= 2.0, "in place: {in_place}");
+    produce("spread", 4, "16384", 2000);
+    let after_spread = scrape(&b);
+    assert_eq!(
+        delta(
+            &after_whole,
+            &after_spread,
+            "weir_produce_batches_in_place_total",
+            &[]
+        ),
+        0.0
+    );
+    let check = |b: &Broker| {
+        let got = weir_tests::workload::consume(
+            &b.client_config(),
+            "whole",
+            1,
+            3000,
+            Duration::from_secs(30),
+        );
+        let recs = &got[&0];
+        assert_eq!(recs.len(), 3000);
+        for (i, r) in recs.iter().enumerate() {
+            assert_eq!(r.offset, i as i64);
+            assert_eq!(r.key.as_deref(), Some(format!("whole-{i}").as_bytes()));
+            assert_eq!(r.value.as_deref(), Some(&vec![(i % 251) as u8; 1024][..]));
+        }
+        for (i, d) in whole.iter().enumerate() {
+            assert_eq!((d.partition, d.offset), (0, i as i64));
+        }
+    };
+    check(&b);
+    // Acknowledged with acks=all: after kill -9 the same bytes come from disk.
+    b.kill9();
+    b.restart();
+    check(&b);
+}

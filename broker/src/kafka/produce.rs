@@ -15,7 +15,7 @@ use kafka_protocol::messages::produce_response::{
     BatchIndexAndErrorMessage, LeaderIdAndEpoch, NodeEndpoint, PartitionProduceResponse,
     TopicProduceResponse,
 };
-use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::errors::*;
@@ -67,6 +67,11 @@ fn keyless_records(records: &bytes::Bytes) -> Vec<i32> {
 }
 
 /// Creates the topics a request names that do not exist yet, when auto-creation is on.
+/// At most this many bytes of a request frame besides one partition's records, for those
+/// records to be stamped in place and cached in the frame's buffer: what the cache then holds
+/// beyond the batch's counted bytes (a request header, a topic name, the produce fields).
+const FRAME_SLACK_BYTES: usize = 1024;
+
 pub async fn auto_create(names: Vec<String>) {
     let s = shard();
     if !s.config.auto_create_topics || names.is_empty() {
@@ -97,8 +102,18 @@ pub async fn auto_create(names: Vec<String>) {
     }
 }
 
-pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
-    let req: ProduceRequest = decode(&frame)?;
+pub async fn handle(mut frame: RequestFrame) -> Result<Pending, String> {
+    let mut req: ProduceRequest = decode(&frame)?;
+    // The frame's bytes beyond the records of a partition that fills it: the request header
+    // and the produce fields. Such records are stamped where they lie, when nothing else
+    // references the frame by then (`PartitionLog::append_frame`).
+    let frame_bytes = frame.frame_bytes;
+    // The decoded request and its items are all this handler keeps of the frame: drop the
+    // other views of its buffer (the header's strings, the body) so a lone large batch can
+    // be stamped in place.
+    frame.body = bytes::Bytes::new();
+    frame.header.client_id = None;
+    frame.header.unknown_tagged_fields.clear();
     let s = shard();
     let acks = req.acks;
 
@@ -117,11 +132,17 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
     // results[t][p], filled in request order.
     let mut results: Vec<Vec<PartitionProduceResponse>> = Vec::with_capacity(req.topic_data.len());
     let mut per_shard: BTreeMap<usize, (Vec<ProduceItem>, Vec<(usize, usize)>)> = BTreeMap::new();
-    for (ti, t) in req.topic_data.iter().enumerate() {
+    let transactional = req
+        .transactional_id
+        .as_ref()
+        .is_some_and(|t| !t.0.is_empty());
+    for (ti, t) in req.topic_data.iter_mut().enumerate() {
         let name = t.name.0.to_string();
+        // An owned copy: the decoded name is a view of the frame.
+        t.name = TopicName(StrBytes::from_string(name.clone()));
         let log_cfg = image.log_config(&s.config.log, &name);
         let mut row = Vec::with_capacity(t.partition_data.len());
-        for (pi, p) in t.partition_data.iter().enumerate() {
+        for (pi, p) in t.partition_data.iter_mut().enumerate() {
             if !matches!(acks, -1..=1) {
                 row.push(partition_error(
                     p.index,
@@ -147,7 +168,7 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                     continue;
                 }
             };
-            let Some(records) = p.records.clone() else {
+            let Some(records) = p.records.take() else {
                 row.push(partition_error(
                     p.index,
                     CORRUPT_MESSAGE,
@@ -174,18 +195,17 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                 });
             // A transactional batch comes from a transactional producer (with its id in the
             // request) and carries sequences; a producer that sends one without is refused.
-            let checked = checked.and_then(|(records, infos)| {
-                let txn_id = req
-                    .transactional_id
-                    .as_ref()
-                    .is_some_and(|t| !t.0.is_empty());
-                match infos.iter().find(|i| i.transactional) {
-                    Some(i) if !txn_id || i.base_sequence < 0 => Err(BatchError::Invalid(
-                        "a transactional batch needs a transactional id and sequences",
-                    )),
-                    _ => Ok((records, infos)),
-                }
-            });
+            let checked =
+                checked.and_then(
+                    |(records, infos)| match infos.iter().find(|i| i.transactional) {
+                        Some(i) if !transactional || i.base_sequence < 0 => {
+                            Err(BatchError::Invalid(
+                                "a transactional batch needs a transactional id and sequences",
+                            ))
+                        }
+                        _ => Ok((records, infos)),
+                    },
+                );
             // A compacted topic takes only keyed records (KIP-467: the partition fails with
             // INVALID_RECORD and the index of each keyless record).
             if log_cfg.compact {
@@ -243,16 +263,25 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
                 frame.api_version,
             ));
             let entry = per_shard.entry(owner as usize).or_default();
+            let whole_frame = records.len() + FRAME_SLACK_BYTES >= frame_bytes;
             entry.0.push(ProduceItem {
                 topic: name.clone(),
                 partition: p.index,
                 records,
                 infos,
+                whole_frame,
             });
             entry.1.push((ti, pi));
         }
         results.push(row);
     }
+
+    // Nothing of the request is a view of the frame any more but the items' records.
+    let names: Vec<_> = std::mem::take(&mut req.topic_data)
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    drop(req);
 
     // Stage one: this shard appends (in memory) before the next request on this connection
     // is read. A peer shard's items go on its produce lane, which appends them in the order
@@ -297,7 +326,6 @@ pub async fn handle(frame: RequestFrame) -> Result<Pending, String> {
 
     // Stage two: the peers' appends, then acks=all waits for the owners' fdatasync, acks=1 for
     // their disk write.
-    let names: Vec<_> = req.topic_data.into_iter().map(|t| t.name).collect();
     Ok(async move {
         for (rx, slots) in remote {
             take_reply(rx.await, &slots, &mut results, &mut durable, version);

@@ -309,6 +309,12 @@ impl Collector for Scrape {
             "Appends that waited for the shard's unwritten bytes to drain.",
             per_shard(&|s| s.backpressure_waits.load(Relaxed)),
         )?;
+        counter(
+            &mut enc,
+            "weir_produce_batches_in_place",
+            "Produced batches cached and written from their request's buffer (one large batch filling the frame) instead of copied.",
+            per_shard(&|s| s.batches_in_place.load(Relaxed)),
+        )?;
         gauge(
             &mut enc,
             "weir_connections",

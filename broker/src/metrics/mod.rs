@@ -217,6 +217,8 @@ pub struct ShardMetrics {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
     pub backpressure_waits: AtomicU64,
+    /// Produced batches stamped where they arrived (`PartitionLog::append_frame`).
+    pub batches_in_place: AtomicU64,
     pub isr_shrinks: AtomicU64,
     pub isr_expands: AtomicU64,
     pub connections: AtomicUsize,
@@ -248,6 +250,7 @@ impl ShardMetrics {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             backpressure_waits: AtomicU64::new(0),
+            batches_in_place: AtomicU64::new(0),
             isr_shrinks: AtomicU64::new(0),
             isr_expands: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
@@ -351,6 +354,11 @@ pub fn cache_read(hit: bool) {
             m.cache_misses.fetch_add(1, Relaxed);
         }
     });
+}
+
+/// A produced batch was stamped in its request frame's buffer instead of copied.
+pub fn batch_in_place() {
+    with(|m| m.batches_in_place.fetch_add(1, Relaxed));
 }
 
 pub fn backpressure_wait() {

@@ -23,6 +23,8 @@ pub struct RequestFrame {
     pub body: Bytes,
     /// The client's address as Kafka reports it ("/127.0.0.1"), set by the connection.
     pub client_host: String,
+    /// Bytes of the whole frame (without its size prefix): header and body.
+    pub frame_bytes: usize,
 }
 
 /// What to do with a frame whose header cannot be served.
@@ -64,6 +66,7 @@ pub fn parse_frame(mut frame: Bytes) -> Result<RequestFrame, FrameError> {
             range.0, range.1
         )));
     }
+    let frame_bytes = frame.len();
     let header_version = api_key.request_header_version(version);
     let header = RequestHeader::decode(&mut frame, header_version)
         .map_err(|e| FrameError::Close(format!("undecodable request header: {e}")))?;
@@ -73,6 +76,7 @@ pub fn parse_frame(mut frame: Bytes) -> Result<RequestFrame, FrameError> {
         header,
         body: frame,
         client_host: String::new(),
+        frame_bytes,
     })
 }
 

@@ -161,11 +161,20 @@ impl Segment {
 }
 
 /// What `append` needs before it can go on.
+#[derive(Debug)]
 pub enum AppendError {
     /// The active segment must roll first (size, age or a full index).
     NeedsRoll,
     /// Refused with this Kafka error code (producer epoch or sequence).
     Refused(i16),
+}
+
+/// What `check_append` found.
+enum Checked {
+    /// An idempotent producer's retry of a batch already in the log: the answer.
+    Duplicate(Appended),
+    /// Append; `control` for a marker or a coordinator's write (no producer sequences).
+    Append { control: bool },
 }
 
 pub struct Appended {
@@ -175,6 +184,8 @@ pub struct Appended {
     pub batches: Vec<(i64, i64, Bytes)>,
     /// An idempotent producer's retry of a batch already in the log: nothing was written.
     pub duplicate: bool,
+    /// The batch was stamped in its request frame's buffer, not copied (`append_frame`).
+    pub in_place: bool,
 }
 
 pub struct PartitionLog {
@@ -879,12 +890,87 @@ impl PartitionLog {
     }
 
     /// Assigns offsets to validated batches and appends them in memory. No I/O happens here.
+    /// Each batch is copied (`batch::stamp`).
     pub fn append(
         &mut self,
         records: &[u8],
         infos: &[BatchInfo],
         now_ms: i64,
     ) -> Result<Appended, AppendError> {
+        let control = match self.check_append(records, infos, now_ms)? {
+            Checked::Duplicate(dup) => return Ok(dup),
+            Checked::Append { control } => control,
+        };
+        Ok(
+            self.commit_append(control, infos, now_ms, |i, base, epoch, append_time| {
+                let info = &infos[i];
+                batch::stamp(
+                    &records[info.start..info.start + info.bytes],
+                    base,
+                    epoch,
+                    append_time,
+                )
+            }),
+        )
+    }
+
+    /// As `append`, for a Produce partition's records that may be stamped where they lie
+    /// instead of copied: when they are one batch larger than the arena takes
+    /// (`arena::ARENA_BATCH_BYTES_MAX`), `whole_frame` says they are all but a few bytes of
+    /// their request frame, and nothing else references that frame (the handler dropped its
+    /// other views). Then the frame's buffer becomes the cached batch: no copy, no second
+    /// allocation of a batch's size. Otherwise (or when `records` is shared) it is `append`.
+    /// `records` is left empty when it was taken.
+    pub fn append_frame(
+        &mut self,
+        records: &mut Bytes,
+        infos: &[BatchInfo],
+        now_ms: i64,
+        whole_frame: bool,
+    ) -> Result<Appended, AppendError> {
+        let one_large = matches!(infos, [i] if i.start == 0
+            && i.bytes == records.len()
+            && i.bytes > super::arena::ARENA_BATCH_BYTES_MAX);
+        if !(whole_frame && one_large) {
+            return self.append(records, infos, now_ms);
+        }
+        let control = match self.check_append(records, infos, now_ms)? {
+            Checked::Duplicate(dup) => return Ok(dup),
+            Checked::Append { control } => control,
+        };
+        let mut owned = match std::mem::take(records).try_into_mut() {
+            Ok(m) => Some(m),
+            Err(shared) => {
+                *records = shared;
+                None
+            }
+        };
+        let shared = records.clone();
+        let mut in_place = false;
+        let mut appended =
+            self.commit_append(control, infos, now_ms, |i, base, epoch, append_time| {
+                debug_assert_eq!(i, 0);
+                match owned.take() {
+                    Some(mut m) => {
+                        batch::stamp_in_place(&mut m, base, epoch, append_time);
+                        in_place = true;
+                        m.freeze()
+                    }
+                    None => batch::stamp(&shared, base, epoch, append_time),
+                }
+            });
+        appended.in_place = in_place;
+        Ok(appended)
+    }
+
+    /// The checks before an append: idempotent sequences and whether the active segment must
+    /// roll first. Changes nothing.
+    fn check_append(
+        &self,
+        records: &[u8],
+        infos: &[BatchInfo],
+        now_ms: i64,
+    ) -> Result<Checked, AppendError> {
         // A control batch (a transaction marker, written by the broker itself) carries no
         // sequence: it is not checked against the producer's sequences.
         // Nor is a coordinator's transactional write on a producer's behalf (no sequence).
@@ -907,12 +993,13 @@ impl PartitionLog {
                     first_offset,
                     last_offset,
                 } => {
-                    return Ok(Appended {
+                    return Ok(Checked::Duplicate(Appended {
                         base_offset: first_offset,
                         last_offset,
                         batches: Vec::new(),
                         duplicate: true,
-                    });
+                        in_place: false,
+                    }));
                 }
                 Check::Refuse(code) => return Err(AppendError::Refused(code)),
             }
@@ -921,6 +1008,18 @@ impl PartitionLog {
         if self.needs_roll(incoming, now_ms) {
             return Err(AppendError::NeedsRoll);
         }
+        Ok(Checked::Append { control })
+    }
+
+    /// Assigns offsets to checked batches and appends them in memory; `stamp(i, base offset,
+    /// leader epoch, log append time)` gives the stored bytes of `infos[i]`.
+    fn commit_append(
+        &mut self,
+        control: bool,
+        infos: &[BatchInfo],
+        now_ms: i64,
+        mut stamp: impl FnMut(usize, i64, i32, Option<i64>) -> Bytes,
+    ) -> Appended {
         let epoch = self.leader_epoch;
         self.epochs.assign(epoch, self.log_end_offset);
         let append_time = self.config.log_append_time.then_some(now_ms);
@@ -932,9 +1031,9 @@ impl PartitionLog {
         let mut next = self.log_end_offset;
         let ledger = self.ledger.clone();
         let seg = self.active_mut();
-        for info in infos {
-            let raw = &records[info.start..info.start + info.bytes];
-            let stamped = batch::stamp(raw, next, epoch, append_time);
+        for (i, info) in infos.iter().enumerate() {
+            let stamped = stamp(i, next, epoch, append_time);
+            assert_eq!(stamped.len(), info.bytes);
             let last = next + info.offset_count as i64 - 1;
             let ts = append_time.unwrap_or(info.max_timestamp);
             seg.index.on_append(
@@ -976,12 +1075,13 @@ impl PartitionLog {
         }
         self.max_timestamp = max_ts;
         self.log_end_offset = next;
-        Ok(Appended {
+        Appended {
             base_offset,
             last_offset: next - 1,
             batches,
             duplicate: false,
-        })
+            in_place: false,
+        }
     }
 
     /// Takes up to one write's worth of pending batches from the oldest segment that has any.
@@ -1884,6 +1984,63 @@ mod tests {
         }
         let mut l = log.borrow_mut();
         l.durable_offset = l.written_offset;
+    }
+
+    /// A lone large batch that owns its buffer is stamped there (same memory, no copy); one
+    /// whose buffer is shared, or not the whole frame, or small, is copied and the original
+    /// bytes stay as they were. Both read back from disk stamped.
+    #[test]
+    fn append_frame_stamps_in_place_only_what_it_owns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let log = open_log(&path, &cfg, true).await;
+            // 300 records of 1 KiB: past the arena's batch limit.
+            let large = || Bytes::copy_from_slice(&make(300, 1024, 5_000));
+            assert!(large().len() > crate::storage::arena::ARENA_BATCH_BYTES_MAX);
+            let mut stamped = Vec::new();
+            // (records, whole_frame, keep another view, expect in place)
+            let cases = [
+                (large(), true, false, true),
+                (large(), true, true, false),
+                (large(), false, false, false),
+                (
+                    Bytes::copy_from_slice(&make(3, 100, 5_000)),
+                    true,
+                    false,
+                    false,
+                ),
+            ];
+            for (mut records, whole, keep_view, expect) in cases {
+                let infos = batch::validate_produce(&records, 8 << 20).unwrap();
+                let ptr = records.as_ptr();
+                let view = keep_view.then(|| records.clone());
+                let a = log
+                    .borrow_mut()
+                    .append_frame(&mut records, &infos, now_ms(), whole)
+                    .unwrap();
+                assert_eq!(a.in_place, expect);
+                let (base, _, b) = &a.batches[0];
+                assert_eq!(b.as_ptr() == ptr, expect, "same memory iff in place");
+                assert_eq!(Header::new(b).unwrap().base_offset(), *base);
+                if let Some(v) = view {
+                    // The other view still sees the producer's bytes (base offset 0).
+                    assert_eq!(Header::new(&v).unwrap().base_offset(), 0);
+                    assert!(*base > 0);
+                }
+                stamped.push((*base, b.clone()));
+            }
+            flush(&log).await;
+            for (base, b) in stamped {
+                let range = log.borrow().locate(base).unwrap();
+                let got = read_from_disk(&range, base, b.len())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&got[..b.len()], &b[..]);
+            }
+        });
     }
 
     #[test]

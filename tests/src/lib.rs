@@ -55,12 +55,29 @@ pub fn http_get(addr: &str, path: &str) -> (String, String) {
     )
 }
 
+/// A free loopback port for a broker, a metrics endpoint or a controller listener.
+///
+/// Never the same port twice in one test process: the port is free when this returns, but a
+/// broker binds it later (a cluster's brokers only once the quorum runs, a restarted node after
+/// its downtime), and in between the kernel would hand it to the next caller too. A test
+/// running beside this one could then get it as its metrics port, and this broker's readiness
+/// check would be answered by that HTTP server (a Kafka request read EOF, an admin request
+/// timed out).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap();
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no port left that this test process has not used");
 }
 
 pub struct Broker {
@@ -73,6 +90,8 @@ pub struct Broker {
     child: Option<Child>,
     log_path: PathBuf,
     starts: usize,
+    /// "accepting connections" lines in the log before the latest start.
+    accepting_before: usize,
 }
 
 impl Broker {
@@ -98,6 +117,7 @@ impl Broker {
             child: None,
             log_path,
             starts: 0,
+            accepting_before: 0,
         };
         b.restart();
         b
@@ -116,6 +136,7 @@ impl Broker {
             child: None,
             log_path,
             starts: 0,
+            accepting_before: 0,
         }
     }
 
@@ -167,6 +188,7 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.starts += 1;
+        self.accepting_before = self.accepting_lines();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -199,7 +221,10 @@ impl Broker {
     pub fn wait_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if TcpStream::connect(self.bootstrap()).is_ok() {
+            // Something accepting on the port is this broker only once it says so: another
+            // process could hold the port (see `free_port`), and a connect can even be answered
+            // by itself (TCP simultaneous open) when the kernel picks the port as its source.
+            if TcpStream::connect(self.bootstrap()).is_ok() && self.says_it_accepts() {
                 // Every shard binds the port; give the last ones a moment after the first.
                 std::thread::sleep(Duration::from_millis(200));
                 return;
@@ -254,6 +279,17 @@ impl Broker {
             Some(c) => c.try_wait().unwrap().is_none(),
             None => false,
         }
+    }
+
+    fn accepting_lines(&self) -> usize {
+        self.log().matches("accepting connections").count()
+    }
+
+    /// The broker logged that a shard accepts connections since its latest start (always
+    /// true when WEIR_TEST_LOG may have turned info lines off).
+    fn says_it_accepts(&self) -> bool {
+        std::env::var_os("WEIR_TEST_LOG").is_some()
+            || self.accepting_lines() > self.accepting_before
     }
 
     /// Everything the broker logged so far (all starts).
@@ -560,6 +596,7 @@ impl Cluster {
             child: None,
             log_path,
             starts: 0,
+            accepting_before: 0,
         };
         // A controller-only node ignores the --listen every Broker gets: it has no Kafka
         // listener.
@@ -623,5 +660,48 @@ impl Cluster {
             .enumerate()
             .map(|(i, b)| format!("===== node {i} =====\n{}", b.log()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod harness_tests {
+    use super::*;
+
+    /// The kernel hands a released port out again at random: 3,000 ports from bind(0) on a
+    /// 28k-port range repeat about 150 times. `free_port` must not.
+    #[test]
+    fn free_port_never_repeats_a_port() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..3000 {
+            let p = free_port();
+            assert!(seen.insert(p), "port {p} given out twice");
+        }
+    }
+
+    /// A port that something else listens on (here an HTTP-like server that hangs up) does not
+    /// pass for a started broker.
+    #[test]
+    fn a_foreign_listener_is_not_a_started_broker() {
+        let port = free_port();
+        let squatter = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("broker.log");
+        let mut b = Broker {
+            port,
+            metrics_port: free_port(),
+            dir,
+            shards: 1,
+            extra_args: Vec::new(),
+            child: None,
+            log_path,
+            starts: 0,
+            accepting_before: 0,
+        };
+        b.spawn();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.wait_listening()));
+        let msg = r.expect_err("wait_listening took a foreign listener for the broker");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains("address in use"), "{msg}");
+        drop(squatter);
     }
 }

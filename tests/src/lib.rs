@@ -107,37 +107,37 @@ impl Broker {
     /// Starts a broker whose data directory is `dir/data`, prepared by the caller (for example
     /// a small filesystem mounted there).
     pub fn start_in(dir: tempfile::TempDir, shards: usize, extra: &[&str]) -> Broker {
-        let log_path = dir.path().join("broker.log");
-        let mut b = Broker {
-            port: free_port(),
-            metrics_port: free_port(),
-            dir,
-            shards,
-            extra_args: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            log_path,
-            starts: 0,
-            accepting_before: 0,
-        };
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut b = Broker::unstarted(dir, free_port(), free_port(), shards, extra);
         b.restart();
         b
     }
 
-    /// A handle on a broker started elsewhere (no process to manage), for its client helpers.
-    pub fn attach(port: u16) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("broker.log");
+    /// A broker not started yet: its ports, directory (the log and `data/` in it), shards
+    /// and extra arguments.
+    fn unstarted(
+        dir: tempfile::TempDir,
+        port: u16,
+        metrics_port: u16,
+        shards: usize,
+        extra_args: Vec<String>,
+    ) -> Broker {
         Broker {
             port,
-            metrics_port: 0,
+            metrics_port,
+            log_path: dir.path().join("broker.log"),
             dir,
-            shards: 0,
-            extra_args: Vec::new(),
+            shards,
+            extra_args,
             child: None,
-            log_path,
             starts: 0,
             accepting_before: 0,
         }
+    }
+
+    /// A handle on a broker started elsewhere (no process to manage), for its client helpers.
+    pub fn attach(port: u16) -> Broker {
+        Broker::unstarted(tempfile::tempdir().unwrap(), port, 0, 0, Vec::new())
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -582,22 +582,12 @@ impl Cluster {
             props.retain(|(pk, _)| pk != k);
             props.push((k.clone(), v.clone()));
         }
+        let extra_args = props
+            .iter()
+            .flat_map(|(k, v)| ["--override".to_string(), format!("{k}={v}")])
+            .collect();
         let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("broker.log");
-        let mut b = Broker {
-            port,
-            metrics_port: free_port(),
-            dir,
-            shards: 1,
-            extra_args: props
-                .iter()
-                .flat_map(|(k, v)| ["--override".to_string(), format!("{k}={v}")])
-                .collect(),
-            child: None,
-            log_path,
-            starts: 0,
-            accepting_before: 0,
-        };
+        let mut b = Broker::unstarted(dir, port, free_port(), 1, extra_args);
         // A controller-only node ignores the --listen every Broker gets: it has no Kafka
         // listener.
         b.spawn();
@@ -685,18 +675,7 @@ mod harness_tests {
         let port = free_port();
         let squatter = TcpListener::bind(("127.0.0.1", port)).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let log_path = dir.path().join("broker.log");
-        let mut b = Broker {
-            port,
-            metrics_port: free_port(),
-            dir,
-            shards: 1,
-            extra_args: Vec::new(),
-            child: None,
-            log_path,
-            starts: 0,
-            accepting_before: 0,
-        };
+        let mut b = Broker::unstarted(dir, port, free_port(), 1, Vec::new());
         b.spawn();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.wait_listening()));
         let msg = r.expect_err("wait_listening took a foreign listener for the broker");

@@ -323,6 +323,15 @@ fn buffer_memory_is_reused_for_far_more_than_its_size() {
     assert!(futures.into_iter().all(|f| f.get().is_ok()));
 }
 
+/// A broker with `shards` shards whose groups start without the initial join delay, so a test
+/// does not wait 3 s per new group.
+fn group_broker(shards: usize) -> Broker {
+    Broker::start_with(
+        shards,
+        &["--override", "group.initial.rebalance.delay.ms=0"],
+    )
+}
+
 /// A consumer in `group` subscribed to `topic`, reading from the earliest offset, with short
 /// heartbeat and session timeouts.
 fn group_member(bootstrap: &str, group: &str, topic: &str) -> Consumer {
@@ -342,10 +351,7 @@ fn group_member(bootstrap: &str, group: &str, topic: &str) -> Consumer {
 
 #[test]
 fn two_library_consumers_in_one_group_split_the_partitions() {
-    let conf = tempfile::tempdir().unwrap();
-    let path = conf.path().join("server.properties");
-    std::fs::write(&path, "group.initial.rebalance.delay.ms=0\n").unwrap();
-    let b = Broker::start_with(2, &["--config", path.to_str().unwrap()]);
+    let b = group_broker(2);
     let mut admin = Admin::connect(&b.bootstrap()).unwrap();
     admin.create_topic("split", 4, 1, &[]).unwrap();
     let p: Producer<str, str> = Producer::new(
@@ -405,10 +411,7 @@ fn two_library_consumers_in_one_group_split_the_partitions() {
 /// when two members closed at once.)
 #[test]
 fn close_during_a_rebalance_still_leaves_the_group() {
-    let conf = tempfile::tempdir().unwrap();
-    let path = conf.path().join("server.properties");
-    std::fs::write(&path, "group.initial.rebalance.delay.ms=0\n").unwrap();
-    let b = Broker::start_with(1, &["--config", path.to_str().unwrap()]);
+    let b = group_broker(1);
     let mut admin = Admin::connect(&b.bootstrap()).unwrap();
     admin.create_topic("closing", 2, 1, &[]).unwrap();
     let mut a = group_member(&b.bootstrap(), "closing", "closing");

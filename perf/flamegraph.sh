@@ -9,17 +9,10 @@
 # missing. Prints the functions with the most samples.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-20}
-shift || true
-[ "${1:-}" = "--" ] && shift
-if [ $# -gt 0 ]; then bench_args=("$@"); else bench_args=(produce --acks all --linger 20ms --record-size 1024 --partitions 6); fi
-
-SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-command -v perf >/dev/null 2>&1 || { $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq linux-perf >/dev/null; }
+. perf/args.sh
+perf_args 20 "$@"
+need_perf
 command -v inferno-flamegraph >/dev/null 2>&1 || cargo install --quiet inferno
-# perf needs to read kernel symbols and sample other processes.
-[ -w /proc/sys/kernel/perf_event_paranoid ] && echo -1 > /proc/sys/kernel/perf_event_paranoid || true
-[ -w /proc/sys/kernel/kptr_restrict ] && echo 0 > /proc/sys/kernel/kptr_restrict || true
 
 export CARGO_TARGET_DIR=target/perf
 RUSTFLAGS="-C force-frame-pointers=yes" cargo build --release --quiet --bin broker --bin bench

@@ -14,14 +14,9 @@
 # writes the text to perf/offcpu.txt. Installs linux-perf (Debian) if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-2}
-shift || true
-[ "${1:-}" = "--" ] && shift
-if [ $# -gt 0 ]; then bench_args=("$@"); else bench_args=(produce --acks all --linger 20ms --record-size 1024 --partitions 6); fi
-
-SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-command -v perf >/dev/null 2>&1 || { $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq linux-perf >/dev/null; }
-[ -w /proc/sys/kernel/perf_event_paranoid ] && echo -1 > /proc/sys/kernel/perf_event_paranoid || true
+. perf/args.sh
+perf_args 2 "$@"
+need_perf
 
 cargo build --release --quiet --bin broker --bin bench
 bin=target/release

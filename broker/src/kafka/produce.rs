@@ -66,12 +66,12 @@ fn keyless_records(records: &bytes::Bytes) -> Vec<i32> {
     out
 }
 
-/// Creates the topics a request names that do not exist yet, when auto-creation is on.
 /// At most this many bytes of a request frame besides one partition's records, for those
 /// records to be stamped in place and cached in the frame's buffer: what the cache then holds
 /// beyond the batch's counted bytes (a request header, a topic name, the produce fields).
 const FRAME_SLACK_BYTES: usize = 1024;
 
+/// Creates the topics a request names that do not exist yet, when auto-creation is on.
 pub async fn auto_create(names: Vec<String>) {
     let s = shard();
     if !s.config.auto_create_topics || names.is_empty() {

@@ -76,6 +76,12 @@ pub struct Partition {
     pub appended: Event,
     in_dirty: Cell<bool>,
     in_unsynced: Cell<bool>,
+    /// A write task of this partition waits for its I/O lock (`Shard::spawn_write`); it will
+    /// take everything appended until it starts, so no second one is queued.
+    write_queued: Cell<bool>,
+    /// A producer waits for durability of what the queued write will take: it goes through
+    /// the O_DSYNC descriptor.
+    write_durable: Cell<bool>,
     /// An I/O error happened: the partition answers KAFKA_STORAGE_ERROR from now on.
     pub failed: Cell<bool>,
     /// The disk is full: appends are refused with KAFKA_STORAGE_ERROR, reads go on, and the
@@ -550,6 +556,8 @@ impl Shard {
                     appended: Event::new(),
                     in_dirty: Cell::new(false),
                     in_unsynced: Cell::new(false),
+                    write_queued: Cell::new(false),
+                    write_durable: Cell::new(false),
                     failed: Cell::new(false),
                     stalled: Cell::new(false),
                     deleted: Cell::new(false),
@@ -1427,7 +1435,7 @@ impl Shard {
     async fn retry_stalled(&self) {
         let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.stalled.borrow_mut());
         for p in &parts {
-            self.write_partition(p).await;
+            self.write_partition(p, false).await;
             if !p.stalled.get() && !p.failed.get() && !p.deleted.get() {
                 tracing::info!(topic = %p.topic, partition = p.index, "disk space is back: partition takes appends again");
             }
@@ -1447,6 +1455,9 @@ impl Shard {
             if !stalled.iter().any(|s| Rc::ptr_eq(s, p)) {
                 stalled.push(p.clone());
             }
+            // The write may have run in its own task while the flusher sleeps: wake it so it
+            // starts retrying.
+            self.flush_wanted.notify(1);
         } else {
             tracing::error!(topic = %p.topic, partition = p.index, "{what} failed, partition offline: {e:#}");
             p.failed.set(true);
@@ -1467,8 +1478,19 @@ impl Shard {
         for p in &parts {
             p.in_dirty.set(false);
         }
+        if durable_writes() {
+            for p in parts {
+                self.spawn_write(p, sync);
+            }
+            // Partitions written without O_DSYNC before (acks=1 data that an acks=all
+            // producer now waits on) still need their fdatasync.
+            if sync && !self.unsynced.borrow().is_empty() {
+                self.start_sync_round().await;
+            }
+            return;
+        }
         let wrote = !parts.is_empty();
-        let writes = parts.iter().map(|p| self.write_partition(p));
+        let writes = parts.iter().map(|p| self.write_partition(p, false));
         futures::future::join_all(writes).await;
         for p in parts {
             if !p.in_unsynced.replace(true) {
@@ -1481,25 +1503,65 @@ impl Shard {
             self.flushed.notify(usize::MAX);
         }
         if sync && !self.unsynced.borrow().is_empty() {
-            let Some(slots) = self.sync_slots.clone() else {
-                let parts = self.take_unsynced();
-                self.sync_parts(&parts).await;
-                self.flushed.notify(usize::MAX);
-                return;
-            };
-            let permit = slots
-                .acquire_static_permit(1)
-                .await
-                .expect("the sync semaphore is never closed");
-            let parts = self.take_unsynced();
-            let me = self.clone();
-            glommio::spawn_local(async move {
-                me.sync_parts(&parts).await;
-                drop(permit);
-                me.flushed.notify(usize::MAX);
-            })
-            .detach();
+            self.start_sync_round().await;
         }
+    }
+
+    /// Starts an fdatasync round of the partitions written and not yet synced, as its own
+    /// task (at most `SYNCS_IN_FLIGHT_MAX` per shard; past that, waits for one to end).
+    async fn start_sync_round(self: &Rc<Self>) {
+        let Some(slots) = self.sync_slots.clone() else {
+            let parts = self.take_unsynced();
+            self.sync_parts(&parts).await;
+            self.flushed.notify(usize::MAX);
+            return;
+        };
+        let permit = slots
+            .acquire_static_permit(1)
+            .await
+            .expect("the sync semaphore is never closed");
+        let parts = self.take_unsynced();
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            me.sync_parts(&parts).await;
+            drop(permit);
+            me.flushed.notify(usize::MAX);
+        })
+        .detach();
+    }
+
+    /// Writes `p`'s pending batches in a task of their own, so a partition's write never waits
+    /// for another partition's, and the flusher's next round does not wait for this one: a
+    /// request waits only for the write of its own partitions in flight, then its own write.
+    /// Per partition at most one write runs (its I/O lock) and one waits (`write_queued`);
+    /// the waiting one takes everything appended until it starts. With `durable` (a producer
+    /// waits for an fdatasync) the write goes through the O_DSYNC descriptor.
+    fn spawn_write(self: &Rc<Self>, p: Rc<Partition>, durable: bool) {
+        if durable {
+            p.write_durable.set(true);
+        }
+        if p.write_queued.replace(true) {
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let permit = p.io_lock.acquire_permit(1).await;
+            p.write_queued.set(false);
+            let durable = p.write_durable.replace(false);
+            me.write_locked(&p, durable).await;
+            drop(permit);
+            let owed = {
+                let l = p.log.borrow();
+                l.durable_offset < l.written_offset
+            };
+            if owed && !p.in_unsynced.replace(true) {
+                me.unsynced.borrow_mut().push(p.clone());
+            }
+            // Waiters on this partition see its new written (and durable) offset; ones that
+            // still wait for an fdatasync ask for a sync round.
+            me.flushed.notify(usize::MAX);
+        })
+        .detach();
     }
 
     /// The partitions written since their last sync, for one sync round.
@@ -1522,14 +1584,31 @@ impl Shard {
         }
     }
 
-    async fn write_partition(&self, p: &Rc<Partition>) {
+    /// Writes what `p` has pending. With `durable` (a producer waits for an fdatasync), the
+    /// writes go through the O_DSYNC descriptor and make the partition durable as they
+    /// complete, so its sync that follows has nothing left to do.
+    async fn write_partition(&self, p: &Rc<Partition>, durable: bool) {
         let _permit = p.io_lock.acquire_permit(1).await;
+        self.write_locked(p, durable).await;
+    }
+
+    /// `write_partition` with the partition's I/O lock held by the caller.
+    async fn write_locked(&self, p: &Rc<Partition>, durable: bool) {
         if p.deleted.get() || p.failed.get() {
             return;
         }
         let started = Instant::now();
-        let r = PartitionLog::write_all(&p.log).await;
+        let synced_before = p.log.borrow().synced_bytes;
+        let r = if durable {
+            PartitionLog::write_all_durable(&p.log).await
+        } else {
+            PartitionLog::write_all(&p.log).await
+        };
         crate::metrics::produce_stage(Stage::DiskWrite, started.elapsed());
+        let synced = p.log.borrow().synced_bytes.saturating_sub(synced_before);
+        if synced > 0 {
+            crate::metrics::group_commit(synced);
+        }
         self.check_pending_ledger();
         self.admit_written(p);
         match r {
@@ -1615,7 +1694,7 @@ impl Shard {
         for p in &parts {
             p.in_dirty.set(false);
         }
-        futures::future::join_all(parts.iter().map(|p| self.write_partition(p))).await;
+        futures::future::join_all(parts.iter().map(|p| self.write_partition(p, false))).await;
         for p in parts {
             if !p.in_unsynced.replace(true) {
                 self.unsynced.borrow_mut().push(p);
@@ -2361,4 +2440,12 @@ impl Shard {
     pub fn count_remote_in(&self) {
         self.stats.borrow_mut().remote_ops_in += 1;
     }
+}
+
+/// Whether a write round that producers wait on for durability writes through O_DSYNC
+/// descriptors (`PartitionLog::write_all_durable`) instead of writing and then fdatasyncing.
+/// `WEIR_WRITE_DSYNC=0` turns it off (for A/B measurements).
+fn durable_writes() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("WEIR_WRITE_DSYNC").map_or(true, |v| v != "0"))
 }

@@ -275,7 +275,17 @@ fn offset_for_leader_epoch_across_a_leader_change() {
     }));
     let (old_leader, old_epoch, _) = first.unwrap();
     let mut conn = Conn::new(&c.node(old_leader as usize).bootstrap());
-    assert_eq!(conn.produce("ofle", 0, -1, -1, -1, 3).0, 0);
+    // Node 0 can learn the leader before the leader itself has applied its election: until
+    // then it answers NOT_LEADER_OR_FOLLOWER (6) and appends nothing, and a client retries.
+    let mut code = -1;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            code = conn.produce("ofle", 0, -1, -1, -1, 3).0;
+            code != 6
+        }),
+        "the leader never took the produce"
+    );
+    assert_eq!(code, 0);
 
     assert!(c.stop(old_leader as usize), "controlled stop");
     let other = (0..3).find(|&i| i as i32 != old_leader).unwrap();

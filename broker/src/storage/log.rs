@@ -1086,7 +1086,12 @@ impl PartitionLog {
 
     /// Takes up to one write's worth of pending batches from the oldest segment that has any.
     /// Returns what to write where; `finish_write` records it once the write completed.
-    pub fn take_write(&mut self) -> Option<PendingWrite> {
+    ///
+    /// With `durable`, the write goes through the file's O_DSYNC descriptor; it then also
+    /// advances the durable offset, provided the log was durable up to where it starts
+    /// (otherwise an fdatasync still covers the earlier writes).
+    pub fn take_write(&mut self, durable: bool) -> Option<PendingWrite> {
+        let durable = durable && self.durable_offset >= self.written_offset;
         let seg = self.segments.values_mut().find(|s| !s.pending.is_empty())?;
         let start = seg.written - seg.tail_block.len() as u64;
         let mut chunks = Vec::new();
@@ -1115,6 +1120,7 @@ impl PartitionLog {
             end_offset,
             segment_bytes: self.config.segment_bytes,
             zero: seg.zero.clone(),
+            durable,
         })
     }
 
@@ -1129,6 +1135,11 @@ impl PartitionLog {
         }
         debug_assert!(w.end_offset > self.written_offset);
         self.written_offset = w.end_offset;
+        if w.durable {
+            // `take_write` saw the log durable up to this write's start.
+            self.durable_offset = self.durable_offset.max(w.end_offset);
+            self.synced_bytes = self.synced_bytes.max(self.written_bytes);
+        }
     }
 
     /// Drops every unwritten batch of a log that is being deleted, releasing them from the
@@ -1163,6 +1174,17 @@ impl PartitionLog {
     /// and the next attempt rewrites the same bytes at the same position. So a full disk loses
     /// nothing that is in memory, and a retry after space returns continues exactly.
     pub async fn write_all(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        PartitionLog::write_all_with(log, false).await
+    }
+
+    /// `write_all`, each write through the O_DSYNC descriptor: when it returns Ok, the log is
+    /// durable up to its written offset (as after `write_all` and an fdatasync of
+    /// `files_to_sync`), unless it was not durable before it started (`take_write`).
+    pub async fn write_all_durable(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        PartitionLog::write_all_with(log, true).await
+    }
+
+    async fn write_all_with(log: &std::cell::RefCell<PartitionLog>, durable: bool) -> Result<()> {
         // Bounded: every round takes at least one pending batch, and none is added back
         // without returning.
         loop {
@@ -1179,7 +1201,7 @@ impl PartitionLog {
                 }
                 continue;
             }
-            let w = log.borrow_mut().take_write();
+            let w = log.borrow_mut().take_write(durable);
             let Some(w) = w else { return Ok(()) };
             match w.run().await {
                 Ok(tail) => log.borrow_mut().finish_write(&w, tail),
@@ -1507,6 +1529,9 @@ pub struct PendingWrite {
     pub end_offset: i64,
     segment_bytes: u64,
     zero: Rc<ZeroAhead>,
+    /// Written through the O_DSYNC descriptor, and everything before it was already durable:
+    /// once it completes, the log is durable up to `end_offset` without an fdatasync.
+    durable: bool,
 }
 
 impl PendingWrite {
@@ -1539,7 +1564,11 @@ impl PendingWrite {
         dst[at..].fill(0);
         let tail_len = logical % align;
         let tail = dst[logical - tail_len..logical].to_vec();
-        let n = self.file.write_at(buf, self.file_pos).await?;
+        let n = if self.durable {
+            self.file.write_durable_at(buf, self.file_pos).await?
+        } else {
+            self.file.write_at(buf, self.file_pos).await?
+        };
         if n == padded {
             self.zero
                 .after_write(write_end, segment_cap.max(write_end), step);
@@ -1984,6 +2013,64 @@ mod tests {
         }
         let mut l = log.borrow_mut();
         l.durable_offset = l.written_offset;
+    }
+
+    /// Descriptors of this process open on files under `dir` with O_DSYNC set.
+    fn dsync_fds_under(dir: &Path) -> usize {
+        let dir = std::fs::canonicalize(dir).unwrap();
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|target| target.starts_with(&dir)))
+            .filter(|e| {
+                let info = std::fs::read_to_string(format!(
+                    "/proc/self/fdinfo/{}",
+                    e.file_name().to_string_lossy()
+                ))
+                .unwrap_or_default();
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| i64::from_str_radix(f.trim(), 8).ok())
+                    .is_some_and(|flags| flags & libc::O_DSYNC as i64 != 0)
+            })
+            .count()
+    }
+
+    /// A durable write goes through an O_DSYNC descriptor and makes the log durable up to its
+    /// end, but only when the log was durable up to where it starts: after a plain write, an
+    /// fdatasync is still owed. What it wrote reads back after a reopen.
+    #[test]
+    fn durable_writes_count_only_from_a_durable_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let cfg = LogConfig::default();
+            let log = open_log(&path, &cfg, true).await;
+            assert_eq!(dsync_fds_under(&path), 0);
+            append_n(&log, 3).await;
+            PartitionLog::write_all_durable(&log).await.unwrap();
+            {
+                let l = log.borrow();
+                assert_eq!((l.written_offset, l.durable_offset), (12, 12));
+                assert_eq!(l.synced_bytes, l.written_bytes);
+                assert!(l.files_to_sync().is_empty());
+            }
+            assert_eq!(dsync_fds_under(&path), 1);
+            append_n(&log, 2).await;
+            PartitionLog::write_all(&log).await.unwrap();
+            append_n(&log, 2).await;
+            PartitionLog::write_all_durable(&log).await.unwrap();
+            {
+                let l = log.borrow();
+                assert_eq!((l.written_offset, l.durable_offset), (28, 12));
+                assert!(l.synced_bytes < l.written_bytes);
+                assert_eq!(l.files_to_sync().len(), 1);
+            }
+            flush(&log).await;
+            drop(log);
+            let log = open_log(&path, &cfg, false).await;
+            assert_eq!(log.borrow().log_end_offset, 28);
+        });
     }
 
     /// A lone large batch that owns its buffer is stamped there (same memory, no copy); one

@@ -1478,9 +1478,9 @@ impl Shard {
         for p in &parts {
             p.in_dirty.set(false);
         }
-        if durable_writes() {
+        if write_tasks() {
             for p in parts {
-                self.spawn_write(p, sync);
+                self.spawn_write(p, sync && durable_writes());
             }
             // Partitions written without O_DSYNC before (acks=1 data that an acks=all
             // producer now waits on) still need their fdatasync.
@@ -2442,10 +2442,19 @@ impl Shard {
     }
 }
 
-/// Whether a write round that producers wait on for durability writes through O_DSYNC
-/// descriptors (`PartitionLog::write_all_durable`) instead of writing and then fdatasyncing.
-/// `WEIR_WRITE_DSYNC=0` turns it off (for A/B measurements).
+/// `WEIR_WRITE_DSYNC`, for A/B measurements: unset, the flusher writes each partition in its
+/// own task (`Shard::spawn_write`) and through O_DSYNC when a producer waits for durability;
+/// `tasks`: own tasks, then fdatasync rounds; `0`: rounds of writes awaited together, then
+/// fdatasync rounds (before session 13).
+fn write_mode() -> &'static str {
+    static MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MODE.get_or_init(|| std::env::var("WEIR_WRITE_DSYNC").unwrap_or_default())
+}
+
+fn write_tasks() -> bool {
+    write_mode() != "0"
+}
+
 fn durable_writes() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("WEIR_WRITE_DSYNC").map_or(true, |v| v != "0"))
+    write_tasks() && write_mode() != "tasks"
 }

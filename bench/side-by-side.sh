@@ -64,7 +64,7 @@ k = lambda x: f"{x / 1000:.0f}k" if x < 1e6 else f"{x / 1e6:.2f}M"
 us = lambda x: f"{x:.2f}"
 head = ["workload (1 partition, kcat)"]
 for l in labels:
-    head += [f"{l} write msgs/s", f"{l} write CPU us/msg", f"{l} read msgs/s", f"{l} read CPU us/msg", f"{l} peak RSS MB"]
+    head += [f"{l} write msgs/s", f"{l} write CPU us/msg", f"kcat CPU share ({l} write)", f"{l} read msgs/s", f"{l} read CPU us/msg", f"{l} peak RSS MB"]
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 for (n, size, acks, linger, batch), by in rows.items():
@@ -72,6 +72,7 @@ for (n, size, acks, linger, batch), by in rows.items():
     for l in labels:
         runs = by.get(l, [])
         line += [cell(runs, "write_msgs_s", k), cell(runs, "write_broker_cpu_us_per_msg", us),
+                 cell([r for r in runs if "write_client_cpu_share" in r], "write_client_cpu_share", us),
                  cell(runs, "read_msgs_s", k), cell(runs, "read_broker_cpu_us_per_msg", us),
                  cell(runs, "peak_rss_mb", lambda x: f"{x:.0f}")]
     print("| " + " | ".join(line) + " |")

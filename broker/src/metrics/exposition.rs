@@ -227,9 +227,11 @@ impl Collector for Scrape {
 
         // Storage.
         let mut fsync = HistogramSum::default();
+        let mut durable = HistogramSum::default();
         let mut commit = HistogramSum::default();
         for s in &m.shards {
             s.fsync.add_to(&mut fsync);
+            s.durable_write.add_to(&mut durable);
             s.group_commit_bytes.add_to(&mut commit);
         }
         histogram(
@@ -237,6 +239,12 @@ impl Collector for Scrape {
             "weir_fdatasync_duration_seconds",
             "fdatasync latency of log segment files.",
             [(Labels::new(), fsync)],
+        )?;
+        histogram(
+            &mut enc,
+            "weir_durable_write_duration_seconds",
+            "Latency of a partition's writes through O_DSYNC (its write and its sync in one operation each; what acks=all producers wait for instead of a separate fdatasync).",
+            [(Labels::new(), durable)],
         )?;
         let mut stages: Vec<(Labels, HistogramSum)> = super::Stage::ALL
             .iter()

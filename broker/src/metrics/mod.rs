@@ -212,6 +212,8 @@ pub struct ShardMetrics {
     /// [api]: request latency, frame read to response ready.
     latency: Box<[Histogram]>,
     pub fsync: Histogram,
+    /// Writes through O_DSYNC (`Shard::spawn_write`): a partition's write and its sync.
+    pub durable_write: Histogram,
     pub group_commit_bytes: Histogram,
     /// [stage]: produce stage latency (`Stage`).
     pub stages: Box<[Histogram]>,
@@ -243,6 +245,7 @@ impl ShardMetrics {
                 .map(|_| Histogram::new(&LATENCY_BUCKETS_S))
                 .collect(),
             fsync: Histogram::new(&LATENCY_BUCKETS_S),
+            durable_write: Histogram::new(&LATENCY_BUCKETS_S),
             group_commit_bytes: Histogram::new(&BYTES_BUCKETS),
             stages: Stage::ALL
                 .iter()
@@ -336,6 +339,11 @@ pub fn request_latency(api: i16, elapsed: Duration) {
 
 pub fn fsync_latency(elapsed: Duration) {
     with(|m| m.fsync.observe(elapsed.as_secs_f64()));
+}
+
+/// A partition's pending batches were written through O_DSYNC and made durable in `elapsed`.
+pub fn durable_write_latency(elapsed: Duration) {
+    with(|m| m.durable_write.observe(elapsed.as_secs_f64()));
 }
 
 /// A produce request spent `elapsed` in `stage`.

@@ -461,9 +461,18 @@ pub fn run(config: Config) -> Result<()> {
             life.clone(),
             metrics.clone(),
         );
-        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("weir-shard-{i}"))
-            .io_memory(io_memory)
+            .io_memory(io_memory);
+        // For benchmarks only: shards poll this long before parking (REPORT.md, session 13:
+        // +9% on the canonical run, +25% broker CPU per record side by side; off by default).
+        if let Some(us) = std::env::var("WEIR_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            builder = builder.spin_before_park(std::time::Duration::from_micros(us));
+        }
+        let h = builder
             .spawn(move || async move {
                 shard_main(
                     config,

@@ -1356,8 +1356,9 @@ impl Shard {
     /// `sync` also fdatasynced. All requests waiting on this shard share the flusher's next
     /// round. A partition that fails or stalls (disk full) answers KAFKA_STORAGE_ERROR at once.
     async fn wait_stored(&self, waits: &[(Rc<Partition>, i64)], sync: bool) -> Result<(), i16> {
-        // Bounded: every flusher round notifies `flushed`, and each round either stores the
-        // waited-for bytes or marks their partition failed or stalled.
+        // Bounded: every partition write and every sync round notifies `flushed`, and each
+        // either stores the waited-for bytes or marks their partition failed or stalled; a
+        // waiter still short of its offset asks for another write or sync.
         loop {
             let l = self.flushed.listen();
             let mut all = true;
@@ -1398,7 +1399,19 @@ impl Shard {
     /// covers every dirty partition of the shard; requests that arrive during a round share the
     /// next one.
     pub async fn flusher(self: Rc<Self>) {
+        // When the partitions stalled on a full disk are next retried: every
+        // `STALL_RETRY_INTERVAL`, also while other partitions keep the flusher busy.
+        let mut next_retry: Option<Instant> = None;
         loop {
+            if self.stalled.borrow().is_empty() {
+                next_retry = None;
+            } else {
+                let due = *next_retry.get_or_insert_with(|| Instant::now() + STALL_RETRY_INTERVAL);
+                if Instant::now() >= due {
+                    next_retry = None;
+                    self.retry_stalled().await;
+                }
+            }
             while self.dirty.borrow().is_empty() && !self.sync_requested.get() {
                 let l = self.flush_wanted.listen();
                 if !self.dirty.borrow().is_empty() || self.sync_requested.get() {
@@ -1410,8 +1423,12 @@ impl Shard {
                 if self.stalled.borrow().is_empty() {
                     l.await;
                 } else {
-                    let retry = glommio::timer::sleep(STALL_RETRY_INTERVAL);
+                    let due =
+                        *next_retry.get_or_insert_with(|| Instant::now() + STALL_RETRY_INTERVAL);
+                    let retry =
+                        glommio::timer::sleep(due.saturating_duration_since(Instant::now()));
                     if let Either::Right(_) = select(l, Box::pin(retry)).await {
+                        next_retry = None;
                         self.retry_stalled().await;
                     }
                 }

@@ -7,6 +7,8 @@
 //! inherit from this test process.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weir_tests::raw::Conn;
@@ -128,5 +130,49 @@ fn injected_storage_faults() {
         "acknowledged kept: end {end}"
     );
     produce_ok(&mut conn, "c", 5);
+    drop(conn);
+    drop(b);
+
+    // A full disk under one partition while another partition of the same shard takes steady
+    // traffic: the stalled one is still retried every second (the flusher never idles here),
+    // and takes appends again soon after space is back.
+    let b = Broker::start(1);
+    admin::create(&b, "full", 1, 1, &[]).unwrap();
+    admin::create(&b, "busy", 1, 1, &[]).unwrap();
+    let mut conn = Conn::new(&b.bootstrap());
+    produce_ok(&mut conn, "full", 5);
+    rules(&file, "write enospc full-0\n");
+    assert_eq!(
+        conn.produce("full", 0, -1, -1, -1, 3).0,
+        KAFKA_STORAGE_ERROR
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, bootstrap) = (stop.clone(), b.bootstrap());
+        std::thread::spawn(move || {
+            let mut conn = Conn::new(&bootstrap);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(conn.produce("busy", 0, -1, -1, -1, 3).0, 0);
+                n += 1;
+            }
+            n
+        })
+    };
+    rules(&file, "");
+    let t0 = Instant::now();
+    let back = eventually(Duration::from_secs(15), || {
+        conn.produce("full", 0, -1, -1, -1, 3).0 == 0
+    });
+    stop.store(true, Ordering::Relaxed);
+    let busy_produces = busy.join().unwrap();
+    assert!(
+        back,
+        "the stalled partition was never retried while {busy_produces} produces kept the shard busy"
+    );
+    eprintln!(
+        "stalled partition back after {:?}, {busy_produces} produces to the busy one meanwhile",
+        t0.elapsed()
+    );
     std::env::remove_var("WEIR_FAULTS_FILE");
 }

@@ -344,19 +344,43 @@ impl SegmentFile {
     ///
     /// Fault injection sees both operations: a `write` fault applies as to `write_at`; a
     /// `sync` fault applies after a plain write, as it would to the fdatasync that follows.
+    ///
+    /// If the O_DSYNC descriptor cannot be opened (no descriptors left, say), the write is done
+    /// through the ordinary descriptor followed by an fdatasync: slower, same guarantee.
     pub async fn write_durable_at(&self, buf: DmaBuffer, pos: u64) -> io::Result<usize> {
         let wf = fault(Op::Write, &self.path);
         let sf = fault(Op::Sync, &self.path);
         if wf.is_some() || sf.is_some() {
             let n = self.write_with_fault(wf, buf, pos).await?;
-            if let Some(f) = sf {
-                injected(f, Op::Sync, &self.path)?;
-                crash_after(sf, Op::Sync, &self.path);
-            }
+            self.sync_after_plain_write(sf).await?;
             return Ok(n);
         }
-        let f = self.dsync_file().await?;
-        f.write_at(buf, pos).await.map_err(io_err)
+        match self.dsync_file().await {
+            Ok(f) => f.write_at(buf, pos).await.map_err(io_err),
+            Err(e) => {
+                tracing::warn!(file = %self.path.display(), "no O_DSYNC descriptor, writing then fdatasyncing: {e}");
+                let n = self.file.write_at(buf, pos).await.map_err(io_err)?;
+                self.sync_after_plain_write(None).await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// The fdatasync that makes a plain write stand for a durable one, with the injector's
+    /// `sync` fault `f` applied to it. Its errors are never retryable, as for any fdatasync
+    /// (the partition goes offline): the kernel may have dropped what it failed to write.
+    async fn sync_after_plain_write(&self, f: Option<Fault>) -> io::Result<()> {
+        let never_retried = |e: io::Error| io::Error::other(format!("fdatasync: {e}"));
+        if let Some(f) = f {
+            injected(f, Op::Sync, &self.path).map_err(never_retried)?;
+        }
+        self.file
+            .fdatasync()
+            .await
+            .map_err(io_err)
+            .map_err(never_retried)?;
+        crash_after(f, Op::Sync, &self.path);
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -438,7 +462,8 @@ impl SegmentFile {
         }
     }
 
-    /// Reserves disk space up to `size` bytes without changing the file size.
+    /// Reserves disk space up to `size` bytes (fallocate mode 0: the file size grows to `size`
+    /// if it was smaller).
     pub async fn pre_allocate(&self, size: u64) -> io::Result<()> {
         let f = fault(Op::Allocate, &self.path);
         if let Some(f) = f {

@@ -247,6 +247,20 @@ fn fetch_sessions_by_topic_id() {
     assert_eq!(parts(&r), vec![(id, 0, 0, 5, 1)]);
 }
 
+/// Produces `n` records to partition 0 of `topic` at a leader learned from another broker's
+/// metadata. That broker can know the leader before the leader itself has applied its
+/// election; until then the leader answers NOT_LEADER_OR_FOLLOWER (6) and appends nothing, and
+/// a client retries. Returns the first other answer.
+fn produce_to_new_leader(conn: &mut Conn, topic: &str, n: usize) -> i16 {
+    let mut code = NOT_LEADER_OR_FOLLOWER;
+    let answered = eventually(Duration::from_secs(30), || {
+        code = conn.produce(topic, 0, -1, -1, -1, n).0;
+        code != NOT_LEADER_OR_FOLLOWER
+    });
+    assert!(answered, "the leader of {topic} never took the produce");
+    code
+}
+
 /// OffsetForLeaderEpoch (the check consumers make after a leader change) on a 3-broker
 /// cluster: records written under one leader, the leader stopped, more records under the next
 /// one. The new leader answers the old epoch with the offset where the new one began, the new
@@ -275,17 +289,7 @@ fn offset_for_leader_epoch_across_a_leader_change() {
     }));
     let (old_leader, old_epoch, _) = first.unwrap();
     let mut conn = Conn::new(&c.node(old_leader as usize).bootstrap());
-    // Node 0 can learn the leader before the leader itself has applied its election: until
-    // then it answers NOT_LEADER_OR_FOLLOWER (6) and appends nothing, and a client retries.
-    let mut code = -1;
-    assert!(
-        eventually(Duration::from_secs(30), || {
-            code = conn.produce("ofle", 0, -1, -1, -1, 3).0;
-            code != 6
-        }),
-        "the leader never took the produce"
-    );
-    assert_eq!(code, 0);
+    assert_eq!(produce_to_new_leader(&mut conn, "ofle", 3), 0);
 
     assert!(c.stop(old_leader as usize), "controlled stop");
     let other = (0..3).find(|&i| i as i32 != old_leader).unwrap();
@@ -611,7 +615,7 @@ fn leader_discovery_from_a_broker_that_does_not_lead() {
 
     // The leader itself serves the record by id.
     let mut lc = Conn::new(&c.node(leader as usize).bootstrap());
-    assert_eq!(lc.produce("kip951", 0, -1, -1, -1, 3).0, 0);
+    assert_eq!(produce_to_new_leader(&mut lc, "kip951", 3), 0);
     let r = fetch(&mut lc, 17, (0, -1), &[(id, &[(0, 0)])], &[], 0);
     assert_eq!(parts(&r), vec![(id, 0, 0, 3, 3)]);
 }

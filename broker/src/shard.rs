@@ -1452,7 +1452,7 @@ impl Shard {
     async fn retry_stalled(&self) {
         let parts: Vec<Rc<Partition>> = std::mem::take(&mut *self.stalled.borrow_mut());
         for p in &parts {
-            self.write_partition(p, false).await;
+            self.write_partition(p).await;
             if !p.stalled.get() && !p.failed.get() && !p.deleted.get() {
                 tracing::info!(topic = %p.topic, partition = p.index, "disk space is back: partition takes appends again");
             }
@@ -1507,7 +1507,7 @@ impl Shard {
             return;
         }
         let wrote = !parts.is_empty();
-        let writes = parts.iter().map(|p| self.write_partition(p, false));
+        let writes = parts.iter().map(|p| self.write_partition(p));
         futures::future::join_all(writes).await;
         for p in parts {
             if !p.in_unsynced.replace(true) {
@@ -1601,15 +1601,15 @@ impl Shard {
         }
     }
 
-    /// Writes what `p` has pending. With `durable` (a producer waits for an fdatasync), the
-    /// writes go through the O_DSYNC descriptor and make the partition durable as they
-    /// complete, so its sync that follows has nothing left to do.
-    async fn write_partition(&self, p: &Rc<Partition>, durable: bool) {
+    /// Writes what `p` has pending, without O_DSYNC (an fdatasync round covers it).
+    async fn write_partition(&self, p: &Rc<Partition>) {
         let _permit = p.io_lock.acquire_permit(1).await;
-        self.write_locked(p, durable).await;
+        self.write_locked(p, false).await;
     }
 
-    /// `write_partition` with the partition's I/O lock held by the caller.
+    /// Writes what `p` has pending; the caller holds the partition's I/O lock. With `durable`
+    /// (a producer waits for an fdatasync), the writes go through the O_DSYNC descriptor and
+    /// make the partition durable as they complete, so its sync has nothing left to do.
     async fn write_locked(&self, p: &Rc<Partition>, durable: bool) {
         if p.deleted.get() || p.failed.get() {
             return;
@@ -1712,7 +1712,7 @@ impl Shard {
         for p in &parts {
             p.in_dirty.set(false);
         }
-        futures::future::join_all(parts.iter().map(|p| self.write_partition(p, false))).await;
+        futures::future::join_all(parts.iter().map(|p| self.write_partition(p))).await;
         for p in parts {
             if !p.in_unsynced.replace(true) {
                 self.unsynced.borrow_mut().push(p);

@@ -348,39 +348,24 @@ impl SegmentFile {
     /// If the O_DSYNC descriptor cannot be opened (no descriptors left, say), the write is done
     /// through the ordinary descriptor followed by an fdatasync: slower, same guarantee.
     pub async fn write_durable_at(&self, buf: DmaBuffer, pos: u64) -> io::Result<usize> {
-        let wf = fault(Op::Write, &self.path);
-        let sf = fault(Op::Sync, &self.path);
-        if wf.is_some() || sf.is_some() {
-            let n = self.write_with_fault(wf, buf, pos).await?;
-            self.sync_after_plain_write(sf).await?;
-            return Ok(n);
-        }
-        match self.dsync_file().await {
-            Ok(f) => f.write_at(buf, pos).await.map_err(io_err),
-            Err(e) => {
-                tracing::warn!(file = %self.path.display(), "no O_DSYNC descriptor, writing then fdatasyncing: {e}");
-                let n = self.file.write_at(buf, pos).await.map_err(io_err)?;
-                self.sync_after_plain_write(None).await?;
-                Ok(n)
+        let faulted =
+            fault(Op::Write, &self.path).is_some() || fault(Op::Sync, &self.path).is_some();
+        if !faulted {
+            match self.dsync_file().await {
+                Ok(f) => return f.write_at(buf, pos).await.map_err(io_err),
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), "no O_DSYNC descriptor, writing then fdatasyncing: {e}")
+                }
             }
         }
-    }
-
-    /// The fdatasync that makes a plain write stand for a durable one, with the injector's
-    /// `sync` fault `f` applied to it. Its errors are never retryable, as for any fdatasync
-    /// (the partition goes offline): the kernel may have dropped what it failed to write.
-    async fn sync_after_plain_write(&self, f: Option<Fault>) -> io::Result<()> {
-        let never_retried = |e: io::Error| io::Error::other(format!("fdatasync: {e}"));
-        if let Some(f) = f {
-            injected(f, Op::Sync, &self.path).map_err(never_retried)?;
-        }
-        self.file
-            .fdatasync()
+        // The plain write and the fdatasync that makes it stand for a durable one, each with
+        // its faults. A failed fdatasync is never retried (the partition goes offline): the
+        // kernel may have dropped what it failed to write.
+        let n = self.write_at(buf, pos).await?;
+        self.fdatasync()
             .await
-            .map_err(io_err)
-            .map_err(never_retried)?;
-        crash_after(f, Op::Sync, &self.path);
-        Ok(())
+            .map_err(|e| io::Error::other(format!("fdatasync: {e}")))?;
+        Ok(n)
     }
 
     pub fn path(&self) -> &Path {

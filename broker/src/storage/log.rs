@@ -225,6 +225,9 @@ pub struct PartitionLog {
     /// Compacted logs: where the part the cleaner has not cleaned yet begins
     /// (`compact::CHECKPOINT_FILE`).
     cleaned_offset: i64,
+    /// `discard_pending` ran (the partition is deleted or offline): nothing is queued or written
+    /// any more, and a write that was in flight then and fails drops its batches.
+    discarded: bool,
 }
 
 impl PartitionLog {
@@ -304,6 +307,7 @@ impl PartitionLog {
             synced_bytes: 0,
             ongoing: BTreeMap::new(),
             cleaned_offset: super::compact::read_checkpoint(&dir).unwrap_or(0),
+            discarded: false,
             instance: NEXT_INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             read_hints: std::cell::Cell::new([NO_HINT; READ_HINTS]),
             read_hint_next: std::cell::Cell::new(0),
@@ -1091,6 +1095,9 @@ impl PartitionLog {
     /// advances the durable offset, provided the log was durable up to where it starts
     /// (otherwise an fdatasync still covers the earlier writes).
     pub fn take_write(&mut self, durable: bool) -> Option<PendingWrite> {
+        if self.discarded {
+            return None;
+        }
         let durable = durable && self.durable_offset >= self.written_offset;
         let seg = self.segments.values_mut().find(|s| !s.pending.is_empty())?;
         let start = seg.written - seg.tail_block.len() as u64;
@@ -1145,6 +1152,7 @@ impl PartitionLog {
     /// Drops every unwritten batch of a log that is being deleted, releasing them from the
     /// shard's ledger. Returns the bytes released.
     pub fn discard_pending(&mut self) -> u64 {
+        self.discarded = true;
         let mut released = 0;
         for seg in self.segments.values_mut() {
             released += seg.pending_bytes;
@@ -1220,13 +1228,18 @@ impl PartitionLog {
             .segments
             .get_mut(&w.segment_base)
             .expect("a segment with a write in flight is not removed");
+        debug_assert!(seg.tail_block.is_empty());
+        seg.tail_block = w.head;
+        if self.discarded {
+            // The discard settled this log's share of the ledger; the batches were never
+            // acknowledged (acks wait for the write) and go nowhere now.
+            return;
+        }
         for c in w.chunks.into_iter().rev() {
             seg.pending.push_front(c);
         }
         seg.pending_bytes += w.bytes as u64;
         self.ledger.add(w.bytes as u64);
-        debug_assert!(seg.tail_block.is_empty());
-        seg.tail_block = w.head;
     }
 
     /// Closes the active segment (after writing what is pending), opens a new active segment
@@ -2868,6 +2881,43 @@ mod tests {
                 assert_eq!(ledger.get(), 0, "round {round}: ledger leaked");
             }
             log.borrow_mut().discard_pending();
+            assert_eq!(ledger.get(), 0);
+        });
+    }
+
+    /// A write in flight when its log is discarded (the partition deleted, or taken offline by a
+    /// failed sync) and that then fails must not put its bytes back in the ledger: the discard
+    /// already settled the log's share, and nobody would release them again (the shard's
+    /// backpressure budget shrank for good; debug builds failed the ledger check).
+    #[test]
+    fn a_failed_write_after_a_discard_leaves_the_ledger_balanced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0");
+        run(move || async move {
+            let ledger: Rc<PendingLedger> = Default::default();
+            let log = Rc::new(RefCell::new(
+                PartitionLog::open(path.clone(), LogConfig::default(), 0, true, ledger.clone())
+                    .await
+                    .unwrap(),
+            ));
+            append_n(&log, 50).await;
+            // `write_all_with`'s steps, with the discard landing while the write is in flight
+            // and the write then failing.
+            let w = log.borrow_mut().take_write(false).expect("pending batches");
+            append_n(&log, 5).await;
+            assert_eq!(ledger.get(), log.borrow().pending_bytes());
+            log.borrow_mut().discard_pending();
+            assert_eq!(ledger.get(), 0);
+            log.borrow_mut().abort_write(w);
+            assert_eq!(
+                log.borrow().pending_bytes(),
+                0,
+                "a discarded log took batches back"
+            );
+            assert_eq!(ledger.get(), 0, "ledger leaked the aborted write's bytes");
+            // And nothing is written to a discarded log's files any more.
+            assert!(log.borrow_mut().take_write(false).is_none());
+            PartitionLog::write_all(&log).await.unwrap();
             assert_eq!(ledger.get(), 0);
         });
     }

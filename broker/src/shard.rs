@@ -1199,7 +1199,7 @@ impl Shard {
             for (base, last, bytes) in batches {
                 records += (last - base + 1) as u64;
                 size += bytes.len() as u64;
-                cache.insert(&mut pc, CachedBatch { base, last, bytes });
+                cache.insert(&mut pc, CachedBatch::new(base, last, bytes));
                 n += 1;
             }
         }
@@ -1218,7 +1218,7 @@ impl Shard {
         self.flush_wanted.notify(1);
     }
 
-    /// Moves `p`'s newly written batches into the eviction FIFO and evicts down to the limit.
+    /// Moves `p`'s newly written batches into the eviction queue and evicts down to the limit.
     fn admit_written(&self, p: &Rc<Partition>) {
         let written = p.log.borrow().written_offset;
         self.cache
@@ -1237,7 +1237,7 @@ impl Shard {
                 None => Evicted::Gone,
                 Some(p) => {
                     let popped = p.cache.borrow_mut().pop_front_if(base);
-                    debug_assert!(popped, "the FIFO front is its partition's oldest batch");
+                    debug_assert!(popped, "the oldest queued batch is its partition's front");
                     Evicted::Dropped
                 }
             });

@@ -1,13 +1,21 @@
 //! The shard's cache of recent record batches, used instead of the kernel page cache (our files
 //! are O_DIRECT). Each partition keeps a contiguous suffix of its log in memory. A batch not yet
-//! written to disk is the only copy: it is cached at append but enters the shard's eviction FIFO
-//! only once written (`admit_written`), so eviction never meets a batch it must keep and a
+//! written to disk is the only copy: it is cached at append but enters the shard's eviction
+//! queue only once written (`admit_written`), so eviction never meets a batch it must keep and a
 //! partition whose writes stall cannot stop eviction of the others. Written batches are evicted
-//! from the FIFO's front while they and the unwritten ones exceed the shard's share of
+//! oldest append first while they and the unwritten ones exceed the shard's share of
 //! `--cache-bytes`; unwritten ones are bounded by the shard's pending-bytes backpressure (a
 //! quarter of the share, at least 8 MiB), so together they stay within the share.
+//!
+//! Append order, not write order: each partition's write is its own task, so a slow write lets
+//! other partitions' later batches be written (and admitted) first. Evicted in write order, the
+//! slow partition's batches would then stay cached for a whole turn of the cache, each holding
+//! its arena chunk (`storage/arena.rs`) while the chunk's other batches were long gone: the
+//! arena measured cache + 8 MiB in CI. Evicted in append order, they are the next to go once
+//! written, and chunks free in the order they were filled.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use bytes::Bytes;
 
@@ -16,14 +24,27 @@ pub struct CachedBatch {
     pub base: i64,
     pub last: i64,
     pub bytes: Bytes,
+    /// The shard's append sequence number (`ShardCache::insert`): the eviction order.
+    seq: u64,
+}
+
+impl CachedBatch {
+    pub fn new(base: i64, last: i64, bytes: Bytes) -> CachedBatch {
+        CachedBatch {
+            base,
+            last,
+            bytes,
+            seq: 0,
+        }
+    }
 }
 
 /// One partition's cached suffix of the log: batches in offset order, no gaps.
 #[derive(Default)]
 pub struct PartitionCache {
     batches: VecDeque<CachedBatch>,
-    /// The first offset not yet handed to the shard's eviction FIFO (every batch below it that
-    /// is still cached is in the FIFO; batches from it on are unwritten).
+    /// The first offset not yet handed to the shard's eviction queue (every batch below it that
+    /// is still cached is in the queue; batches from it on are unwritten).
     admitted_end: Option<i64>,
 }
 
@@ -79,7 +100,7 @@ impl PartitionCache {
         self.batches.front().map(|b| b.base)
     }
 
-    /// Bytes of cached batches not yet admitted to the FIFO (unwritten).
+    /// Bytes of cached batches not yet admitted to the eviction queue (unwritten).
     pub fn unadmitted_bytes(&self) -> usize {
         let from = self.admitted_end.unwrap_or(i64::MIN);
         let i = self.batches.partition_point(|b| b.base < from);
@@ -88,11 +109,11 @@ impl PartitionCache {
 }
 
 /// What one cached batch costs besides its bytes, counted against the cache's limit: its
-/// `CachedBatch` (48 bytes) in a VecDeque that may be twice the size it needs, its FIFO entry
-/// (24 bytes, the same), and the shared header behind its `Bytes` with its allocation (about
-/// 48). So `--cache-bytes` bounds the cache's bookkeeping too: with the 2 KB batches of many
+/// `CachedBatch` (56 bytes) in a VecDeque that may be twice the size it needs, its eviction
+/// queue entry (32 bytes, the same), and the shared header behind its `Bytes` with its
+/// allocation (about 48). So `--cache-bytes` bounds the cache's bookkeeping too: with the 2 KB batches of many
 /// small producers that is 9% of the cache, which was memory outside the limit.
-pub const BATCH_OVERHEAD_BYTES: usize = 192;
+pub const BATCH_OVERHEAD_BYTES: usize = 224;
 
 /// The bytes a cached batch of `len` bytes counts for.
 fn cost(len: usize) -> usize {
@@ -102,13 +123,17 @@ fn cost(len: usize) -> usize {
 /// Shard-wide accounting and eviction order.
 pub struct ShardCache {
     pub limit_bytes: usize,
-    /// Bytes of the written batches in the FIFO, each with BATCH_OVERHEAD_BYTES.
+    /// Bytes of the written batches in the eviction queue, each with BATCH_OVERHEAD_BYTES.
     pub bytes: usize,
-    /// (partition id, batch base offset, cost) of written batches, in write order.
-    fifo: VecDeque<(u64, i64, usize)>,
+    /// (append sequence number, partition id, batch base offset, cost) of written batches,
+    /// oldest append first. Within a partition, sequence numbers grow with offsets, so its
+    /// entry that comes out first is always its front cached batch.
+    queue: BinaryHeap<Reverse<(u64, u64, i64, usize)>>,
+    /// The sequence number of the next inserted batch.
+    next_seq: u64,
 }
 
-/// What happened to the front FIFO entry during eviction.
+/// What happened to the oldest queued batch during eviction.
 pub enum Evicted {
     /// The partition is gone: the entry just leaves the accounting.
     Gone,
@@ -121,13 +146,16 @@ impl ShardCache {
         ShardCache {
             limit_bytes,
             bytes: 0,
-            fifo: VecDeque::new(),
+            queue: BinaryHeap::new(),
+            next_seq: 0,
         }
     }
 
-    /// Caches a just-appended (unwritten) batch in its partition; it joins the FIFO when
-    /// written.
-    pub fn insert(&mut self, cache: &mut PartitionCache, b: CachedBatch) {
+    /// Caches a just-appended (unwritten) batch in its partition; it joins the eviction queue
+    /// when written.
+    pub fn insert(&mut self, cache: &mut PartitionCache, mut b: CachedBatch) {
+        b.seq = self.next_seq;
+        self.next_seq += 1;
         if cache.admitted_end.is_none() {
             cache.admitted_end = Some(b.base);
         }
@@ -135,7 +163,7 @@ impl ShardCache {
     }
 
     /// Hands the partition's cached batches that are now written (below `written_offset`) to
-    /// the eviction FIFO. O(batches admitted).
+    /// the eviction queue. O(batches admitted x log(queue length)).
     pub fn admit_written(
         &mut self,
         partition_id: u64,
@@ -152,18 +180,18 @@ impl ShardCache {
                 break;
             }
             self.bytes += cost(b.bytes.len());
-            self.fifo
-                .push_back((partition_id, b.base, cost(b.bytes.len())));
+            self.queue
+                .push(Reverse((b.seq, partition_id, b.base, cost(b.bytes.len()))));
             end = b.last + 1;
         }
         cache.admitted_end = Some(end);
     }
 
-    /// Drops a partition's cached batches and their FIFO entries (its log was truncated).
-    /// O(FIFO length); truncation is rare.
+    /// Drops a partition's cached batches and their queue entries (its log was truncated).
+    /// O(queue length); truncation is rare.
     pub fn forget(&mut self, partition_id: u64, cache: &mut PartitionCache) {
         let mut released = 0;
-        self.fifo.retain(|&(pid, _, len)| {
+        self.queue.retain(|&Reverse((_, pid, _, len))| {
             if pid == partition_id {
                 released += len;
                 false
@@ -175,16 +203,16 @@ impl ShardCache {
         *cache = PartitionCache::default();
     }
 
-    /// Evicts from the front while the written batches and `unwritten_bytes` (the shard's
-    /// unwritten batches, also cached) exceed the limit; `evict_one(partition, base)` drops
-    /// one batch. Bounded by the FIFO's length.
+    /// Evicts the oldest appended written batches while they and `unwritten_bytes` (the
+    /// shard's unwritten batches, also cached) exceed the limit; `evict_one(partition, base)`
+    /// drops one batch. Bounded by the queue's length.
     pub fn evict(
         &mut self,
         unwritten_bytes: usize,
         mut evict_one: impl FnMut(u64, i64) -> Evicted,
     ) {
         while self.bytes + unwritten_bytes > self.limit_bytes {
-            let Some((pid, base, len)) = self.fifo.pop_front() else {
+            let Some(Reverse((_, pid, base, len))) = self.queue.pop() else {
                 return;
             };
             match evict_one(pid, base) {
@@ -200,11 +228,7 @@ mod tests {
     use super::*;
 
     fn b(base: i64, n: i64, len: usize) -> CachedBatch {
-        CachedBatch {
-            base,
-            last: base + n - 1,
-            bytes: Bytes::from(vec![0u8; len]),
-        }
+        CachedBatch::new(base, base + n - 1, Bytes::from(vec![0u8; len]))
     }
 
     #[test]
@@ -225,7 +249,7 @@ mod tests {
         );
         assert_eq!(p.read(40, 1000).len(), 0);
         assert_eq!(p.start(40), 0);
-        // Nothing written: nothing is in the FIFO, nothing can be evicted.
+        // Nothing written: nothing is in the eviction queue, nothing can be evicted.
         assert_eq!(shard.bytes, 0);
         assert_eq!(p.unadmitted_bytes(), 400);
         let drop_front = |p: &mut PartitionCache, base: i64| {
@@ -258,5 +282,37 @@ mod tests {
         shard.limit_bytes = 0;
         shard.evict(0, |_, _| Evicted::Gone);
         assert_eq!(shard.bytes, 0);
+    }
+
+    /// A partition whose write completed late still has its batches evicted in the order they
+    /// were appended, before other partitions' later batches that were written first (in write
+    /// order they outlived those by a whole turn of the cache, pinning their arena chunks).
+    #[test]
+    fn eviction_follows_append_order_across_partitions() {
+        let c = cost(100);
+        let mut shard = ShardCache::new(100 * c);
+        let (mut slow, mut fast) = (PartitionCache::default(), PartitionCache::default());
+        // Appended alternately: slow 0, fast 0, slow 10, fast 10, ...
+        for i in 0..4 {
+            shard.insert(&mut slow, b(i * 10, 10, 100));
+            shard.insert(&mut fast, b(i * 10, 10, 100));
+        }
+        // The fast partition's write completes first, the slow one's after it.
+        shard.admit_written(2, &mut fast, 40);
+        shard.admit_written(1, &mut slow, 40);
+        let mut order = Vec::new();
+        shard.limit_bytes = 4 * c;
+        shard.evict(0, |pid, base| {
+            let p = if pid == 1 { &mut slow } else { &mut fast };
+            assert!(
+                p.pop_front_if(base),
+                "the oldest queued batch is its partition's front"
+            );
+            order.push((pid, base));
+            Evicted::Dropped
+        });
+        assert_eq!(order, vec![(1, 0), (2, 0), (1, 10), (2, 10)]);
+        assert_eq!(shard.bytes, 4 * c);
+        assert_eq!((slow.start(40), fast.start(40)), (20, 20));
     }
 }

@@ -1174,7 +1174,9 @@ impl Shard {
     /// meanwhile. False when the roll failed (the partition is marked failed).
     async fn roll_for(&self, p: &Rc<Partition>, incoming: u64) -> bool {
         let _permit = p.io_lock.acquire_permit(1).await;
-        if p.deleted.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
+        // A partition that failed while this waited for the lock is not rolled (its unwritten
+        // batches were discarded): the caller's append sees it offline.
+        if p.deleted.get() || p.failed.get() || !p.log.borrow().needs_roll(incoming, now_ms()) {
             return true;
         }
         let r = PartitionLog::roll(&p.log).await;
@@ -1477,11 +1479,21 @@ impl Shard {
             self.flush_wanted.notify(1);
         } else {
             tracing::error!(topic = %p.topic, partition = p.index, "{what} failed, partition offline: {e:#}");
-            p.failed.set(true);
-            // Nothing pending was acknowledged (acks=1 and acks=all wait for the write), and
-            // the partition takes no more writes: release its share of the shard's budget.
-            p.log.borrow_mut().discard_pending();
+            self.take_offline(p);
         }
+    }
+
+    /// A partition whose write or sync failed for good: it takes no more appends or reads.
+    /// Nothing unwritten was acknowledged (acks=1 and acks=all wait for the write), so its
+    /// unwritten batches are released from the shard's budget, and its cached batches (which
+    /// no fetch will read: they answer KAFKA_STORAGE_ERROR) from the cache, unwritten ones
+    /// included, which the cache's accounting never counted.
+    fn take_offline(&self, p: &Rc<Partition>) {
+        p.failed.set(true);
+        p.log.borrow_mut().discard_pending();
+        self.cache
+            .borrow_mut()
+            .forget(p.id, &mut p.cache.borrow_mut());
     }
 
     /// One round of the flusher: writes every dirty partition, then, when a producer waits
@@ -1683,8 +1695,7 @@ impl Shard {
             if let Err(e) = f.fdatasync().await {
                 // fdatasync errors are never retried (the kernel may have dropped the data).
                 tracing::error!(topic = %p.topic, partition = p.index, "fdatasync failed, partition offline: {e:#}");
-                p.failed.set(true);
-                p.log.borrow_mut().discard_pending();
+                self.take_offline(p);
                 return 0;
             }
             crate::metrics::fsync_latency(started.elapsed());

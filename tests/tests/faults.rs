@@ -49,11 +49,31 @@ fn injected_storage_faults() {
     admin::create(&b, "good", 1, 1, &[]).unwrap();
     let mut conn = Conn::new(&b.bootstrap());
     let before = produce_ok(&mut conn, "bad", 20);
+    // The shard's cache bytes (the gauge is sampled every second).
+    let cache_bytes = |b: &Broker| -> f64 {
+        b.scrape()
+            .1
+            .lines()
+            .filter(|l| l.starts_with("weir_cache_bytes{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || cache_bytes(&b) > 0.0),
+        "bad's written batches are cached"
+    );
     rules(&file, "write eio bad-0\n");
     let t0 = Instant::now();
     assert_eq!(conn.produce("bad", 0, -1, -1, -1, 3).0, KAFKA_STORAGE_ERROR);
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert_eq!(conn.fetch("bad", 0, 0, 0, 1).0, KAFKA_STORAGE_ERROR);
+    // No fetch reads an offline partition's batches: they leave the cache (they used to stay
+    // cached, and its unwritten ones outside the cache's accounting, for as long as it ran).
+    assert!(
+        eventually(Duration::from_secs(5), || cache_bytes(&b) == 0.0),
+        "an offline partition's batches stay cached: {} bytes",
+        cache_bytes(&b)
+    );
     produce_ok(&mut conn, "good", 20);
     rules(&file, "");
     // EIO is not retried: offline until restart.

@@ -58,7 +58,8 @@ impl PartitionCache {
             .unwrap_or(log_end_offset)
     }
 
-    pub fn push(&mut self, b: CachedBatch) {
+    /// Only through `ShardCache::insert`, which gives the batch its append sequence number.
+    fn push(&mut self, b: CachedBatch) {
         debug_assert!(
             self.batches.back().is_none_or(|l| l.last + 1 == b.base),
             "cache must stay contiguous"
@@ -112,7 +113,7 @@ impl PartitionCache {
 /// `CachedBatch` (56 bytes) in a VecDeque that may be twice the size it needs, its eviction
 /// queue entry (32 bytes, the same), and the shared header behind its `Bytes` with its
 /// allocation (about 48). So `--cache-bytes` bounds the cache's bookkeeping too: with the 2 KB batches of many
-/// small producers that is 9% of the cache, which was memory outside the limit.
+/// small producers that is 10% of the cache, which was memory outside the limit.
 pub const BATCH_OVERHEAD_BYTES: usize = 224;
 
 /// The bytes a cached batch of `len` bytes counts for.

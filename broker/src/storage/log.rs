@@ -1248,6 +1248,11 @@ impl PartitionLog {
     /// queued there during the seal's awaits would never be written, while the new segment
     /// began after its offsets).
     pub async fn roll(log: &std::cell::RefCell<PartitionLog>) -> Result<()> {
+        if log.borrow().discarded {
+            // Its unwritten batches were dropped: sealing would cut the segment at a size that
+            // counts them, and a clean reopen would serve that unwritten range as batches.
+            anyhow::bail!("the log was taken offline: not rolled");
+        }
         log.borrow_mut().rolling = true;
         let r = PartitionLog::roll_frozen(log).await;
         log.borrow_mut().rolling = false;
@@ -2919,6 +2924,11 @@ mod tests {
             assert!(log.borrow_mut().take_write(false).is_none());
             PartitionLog::write_all(&log).await.unwrap();
             assert_eq!(ledger.get(), 0);
+            // Nor is it rolled: sealing would cut the segment at a size that counts the
+            // dropped batches, and a clean reopen would read that range as batches.
+            let segments = log.borrow().segments.len();
+            assert!(PartitionLog::roll(&log).await.is_err());
+            assert_eq!(log.borrow().segments.len(), segments);
         });
     }
 

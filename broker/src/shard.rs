@@ -26,7 +26,7 @@ use crate::kafka::errors::*;
 use crate::metrics::Stage;
 use crate::replication::ReplicaState;
 use crate::storage::batch::{BatchInfo, Header};
-use crate::storage::cache::{CachedBatch, Evicted, PartitionCache, ShardCache};
+use crate::storage::cache::{Evicted, PartitionCache, ShardCache};
 use crate::storage::log::{self, blocking, now_ms, AppendError, PartitionLog, PendingLedger};
 
 /// Unwritten bytes a shard holds before appends wait for the flusher (backpressure): a quarter
@@ -1201,7 +1201,7 @@ impl Shard {
             for (base, last, bytes) in batches {
                 records += (last - base + 1) as u64;
                 size += bytes.len() as u64;
-                cache.insert(&mut pc, CachedBatch::new(base, last, bytes));
+                cache.insert(&mut pc, base, last, bytes);
                 n += 1;
             }
         }

@@ -28,17 +28,6 @@ pub struct CachedBatch {
     seq: u64,
 }
 
-impl CachedBatch {
-    pub fn new(base: i64, last: i64, bytes: Bytes) -> CachedBatch {
-        CachedBatch {
-            base,
-            last,
-            bytes,
-            seq: 0,
-        }
-    }
-}
-
 /// One partition's cached suffix of the log: batches in offset order, no gaps.
 #[derive(Default)]
 pub struct PartitionCache {
@@ -112,8 +101,8 @@ impl PartitionCache {
 /// What one cached batch costs besides its bytes, counted against the cache's limit: its
 /// `CachedBatch` (56 bytes) in a VecDeque that may be twice the size it needs, its eviction
 /// queue entry (32 bytes, the same), and the shared header behind its `Bytes` with its
-/// allocation (about 48). So `--cache-bytes` bounds the cache's bookkeeping too: with the 2 KB batches of many
-/// small producers that is 10% of the cache, which was memory outside the limit.
+/// allocation (about 48). So `--cache-bytes` bounds the cache's bookkeeping too: with the 2 KB
+/// batches of many small producers that is 10% of the cache, which was memory outside the limit.
 pub const BATCH_OVERHEAD_BYTES: usize = 224;
 
 /// The bytes a cached batch of `len` bytes counts for.
@@ -152,10 +141,15 @@ impl ShardCache {
         }
     }
 
-    /// Caches a just-appended (unwritten) batch in its partition; it joins the eviction queue
-    /// when written.
-    pub fn insert(&mut self, cache: &mut PartitionCache, mut b: CachedBatch) {
-        b.seq = self.next_seq;
+    /// Caches a just-appended (unwritten) batch, offsets `base..=last`, in its partition; it
+    /// joins the eviction queue when written.
+    pub fn insert(&mut self, cache: &mut PartitionCache, base: i64, last: i64, bytes: Bytes) {
+        let b = CachedBatch {
+            base,
+            last,
+            bytes,
+            seq: self.next_seq,
+        };
         self.next_seq += 1;
         if cache.admitted_end.is_none() {
             cache.admitted_end = Some(b.base);
@@ -228,8 +222,9 @@ impl ShardCache {
 mod tests {
     use super::*;
 
-    fn b(base: i64, n: i64, len: usize) -> CachedBatch {
-        CachedBatch::new(base, base + n - 1, Bytes::from(vec![0u8; len]))
+    /// Caches a batch of `n` offsets from `base`, `len` bytes.
+    fn insert(shard: &mut ShardCache, p: &mut PartitionCache, base: i64, n: i64, len: usize) {
+        shard.insert(p, base, base + n - 1, Bytes::from(vec![0u8; len]));
     }
 
     #[test]
@@ -239,7 +234,7 @@ mod tests {
         let mut shard = ShardCache::new(2 * c + c / 2);
         let mut p = PartitionCache::default();
         for i in 0..4 {
-            shard.insert(&mut p, b(i * 10, 10, 100));
+            insert(&mut shard, &mut p, i * 10, 10, 100);
         }
         assert_eq!(p.read(15, 200).len(), 2);
         assert_eq!(p.read(15, 150).len(), 1);
@@ -295,8 +290,8 @@ mod tests {
         let (mut slow, mut fast) = (PartitionCache::default(), PartitionCache::default());
         // Appended alternately: slow 0, fast 0, slow 10, fast 10, ...
         for i in 0..4 {
-            shard.insert(&mut slow, b(i * 10, 10, 100));
-            shard.insert(&mut fast, b(i * 10, 10, 100));
+            insert(&mut shard, &mut slow, i * 10, 10, 100);
+            insert(&mut shard, &mut fast, i * 10, 10, 100);
         }
         // The fast partition's write completes first, the slow one's after it.
         shard.admit_written(2, &mut fast, 40);

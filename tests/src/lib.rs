@@ -167,6 +167,20 @@ impl Broker {
         http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics")
     }
 
+    /// The sum of the broker's samples named `name` over all their label sets (0 when there
+    /// is none), from one scrape. Panics when the endpoint does not answer 200.
+    pub fn metric(&self, name: &str) -> f64 {
+        let (status, body) = self.scrape();
+        assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+        body.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                (rest.starts_with('{') || rest.starts_with(' ')).then_some(rest)
+            })
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// (Re)starts the broker process on the same port and data directory.
     pub fn restart(&mut self) {
         self.spawn();

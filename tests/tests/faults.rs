@@ -50,14 +50,7 @@ fn injected_storage_faults() {
     let mut conn = Conn::new(&b.bootstrap());
     let before = produce_ok(&mut conn, "bad", 20);
     // The shard's cache bytes (the gauge is sampled every second).
-    let cache_bytes = |b: &Broker| -> f64 {
-        b.scrape()
-            .1
-            .lines()
-            .filter(|l| l.starts_with("weir_cache_bytes{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let cache_bytes = |b: &Broker| b.metric("weir_cache_bytes");
     assert!(
         eventually(Duration::from_secs(5), || cache_bytes(&b) > 0.0),
         "bad's written batches are cached"

@@ -1327,7 +1327,8 @@ pub struct ClusterConfig {
     pub auto_leader_rebalance: bool,
     /// `leader.imbalance.check.interval.seconds`.
     pub leader_imbalance_check_interval_s: u64,
-    /// `leader.imbalance.per.broker.percentage`.
+    /// `leader.imbalance.per.broker.percentage`: accepted and described, unused (as in Kafka's
+    /// KRaft controller, every partition whose preferred replica can lead moves back).
     pub leader_imbalance_per_broker_percentage: u32,
 }
 

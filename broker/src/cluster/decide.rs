@@ -531,6 +531,12 @@ fn find_partition<'a>(
     Some((t, p))
 }
 
+/// A preferred election can make `want` the leader of `p`: it is registered, unfenced and in
+/// the ISR.
+fn can_lead(img: &ClusterImage, p: &ClusterPartition, want: BrokerId) -> bool {
+    img.brokers.get(&want).is_some_and(|b| !b.fenced) && p.isr.contains(&want)
+}
+
 /// ElectLeaders: moves each partition's leadership to its preferred replica (the first) when
 /// that replica is live and in the ISR. Answers per partition: NONE, ELECTION_NOT_NEEDED (it
 /// leads already), PREFERRED_LEADER_NOT_AVAILABLE, UNKNOWN_TOPIC_OR_PARTITION. Unclean
@@ -570,8 +576,7 @@ pub fn elect_leaders(
             answers.push(Ok((*partition, ELECTION_NOT_NEEDED)));
             continue;
         }
-        let live = img.brokers.get(&want).is_some_and(|b| !b.fenced);
-        if !live || !p.isr.contains(&want) {
+        if !can_lead(img, p, want) {
             answers.push(Ok((*partition, PREFERRED_LEADER_NOT_AVAILABLE)));
             continue;
         }
@@ -606,8 +611,7 @@ pub fn leader_imbalance(img: &ClusterImage) -> Vec<(String, i32)> {
             let Some(&want) = p.replicas.first() else {
                 continue;
             };
-            let live = img.brokers.get(&want).is_some_and(|b| !b.fenced);
-            if p.leader != want && live && p.isr.contains(&want) {
+            if p.leader != want && can_lead(img, p, want) {
                 out.push((name.clone(), i as i32));
                 if out.len() == MAX_ELECTIONS_PER_BALANCE {
                     return out;
